@@ -1,0 +1,372 @@
+//! `fluxfit generate`: text to image, once or in the reference's interactive loop.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use fluxfit::candle_core::{DType, Device};
+use fluxfit::image::{next_free_path, save, to_rgb8, Format};
+use fluxfit::noise::NoiseKind;
+use fluxfit::pipeline::{Event, LoadOptions, Model, Text2Image};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::source::ModelArgs;
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// What to draw.
+    #[arg(
+        long,
+        default_value = "a photo of a forest with mist swirling around the tree trunks"
+    )]
+    pub prompt: String,
+    /// Image width in pixels, floored to a multiple of 16 [default: 1360, 256 for tiny].
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Image height in pixels, floored to a multiple of 16 [default: 768, 256 for tiny].
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Denoising steps [default: the variant's: 4 schnell, 50 dev, 30 kontext].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Distilled guidance strength [default: the variant's]; schnell ignores it.
+    #[arg(long)]
+    pub guidance: Option<f32>,
+    /// Noise seed [default: random, printed and recorded in the image].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// T5 sequence length [default: the variant's: 256 schnell, 512 dev, 128 fill].
+    #[arg(long)]
+    pub t5_tokens: Option<usize>,
+    /// Compute precision [default: f32 on the CPU, bf16 on a GPU].
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
+    /// cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Noise as torch 2.6.0 draws it in bf16 (the reference's images), or torch's f32 `randn`.
+    #[arg(long, value_enum, default_value = "bf16")]
+    pub noise: NoiseArg,
+    /// Attention query-chunk length (bounds the score buffer); 0 = unchunked.
+    #[arg(long, default_value_t = fluxfit::model::attention::DEFAULT_CHUNK)]
+    pub attn_chunk: usize,
+    /// Output file (.png, or .jpg/.jpeg); an existing file is never replaced: the next free name is used.
+    #[arg(long, default_value = "fluxfit.png")]
+    pub out: PathBuf,
+    /// Allow sides above 4096 pixels.
+    #[arg(long)]
+    pub allow_large: bool,
+    /// Interactive: prompts from stdin, with /w /h /s /g /n /q commands (/help lists them).
+    #[arg(long = "loop")]
+    pub interactive: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum NoiseArg {
+    Bf16,
+    F32,
+}
+
+pub fn parse_device(s: &str) -> Result<Device> {
+    let dev = match s {
+        "cpu" => Device::Cpu,
+        "metal" => Device::new_metal(0).context("--device metal")?,
+        _ => match s.strip_prefix("cuda") {
+            Some("") => Device::new_cuda(0).context("--device cuda")?,
+            Some(n) => {
+                let idx: usize = n
+                    .strip_prefix(':')
+                    .and_then(|n| n.parse().ok())
+                    .with_context(|| format!("--device {s}: expected cuda or cuda:N"))?;
+                Device::new_cuda(idx).with_context(|| format!("--device {s}"))?
+            }
+            None => bail!("--device {s}: expected cpu, cuda, cuda:N or metal"),
+        },
+    };
+    Ok(dev)
+}
+
+/// Floors a side to a multiple of 16 as the reference does, saying so when it changes.
+fn floor16(name: &str, v: usize, quiet: bool) -> usize {
+    let f = v / 16 * 16;
+    if f != v && !quiet {
+        eprintln!("{name} {v} floored to {f} (a multiple of 16)");
+    }
+    f
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    // 32 bits: torch seeds its CPU generator with the low 32 bits only.
+    h.finish() & 0xFFFF_FFFF
+}
+
+/// Fails early, before any compute, if the output cannot be written.
+fn check_output(path: &Path) -> Result<()> {
+    Format::from_path(path)?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "output {}: folder {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
+    let probe = dir.join(format!(".fluxfit-write-test-{}", std::process::id()));
+    std::fs::File::create(&probe).with_context(|| {
+        format!(
+            "output {}: folder {} is not writable",
+            path.display(),
+            dir.display()
+        )
+    })?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    check_output(&args.out)?;
+    let device = parse_device(&args.device)?;
+    let dtype = match args.dtype {
+        Some(DtypeArg::F32) => DType::F32,
+        Some(DtypeArg::Bf16) => DType::BF16,
+        Some(DtypeArg::F16) => DType::F16,
+        None if device.is_cpu() => DType::F32,
+        None => DType::BF16,
+    };
+    let options = LoadOptions {
+        device,
+        dtype,
+        attn_chunk: (args.attn_chunk > 0).then_some(args.attn_chunk),
+        variant: None,
+    };
+    let model = args.model.load(options)?;
+    let v = model.variant;
+    let tiny = model.name.starts_with("tiny");
+    let side_default = if tiny { (256, 256) } else { (1360, 768) };
+    let mut req = Text2Image {
+        prompt: args.prompt.clone(),
+        width: floor16("width", args.width.unwrap_or(side_default.0), args.quiet),
+        height: floor16("height", args.height.unwrap_or(side_default.1), args.quiet),
+        steps: args.steps.unwrap_or(v.default_steps()),
+        guidance: args.guidance.unwrap_or(v.default_guidance()),
+        seed: 0,
+        t5_tokens: args.t5_tokens.unwrap_or(v.t5_tokens()),
+        noise: match args.noise {
+            NoiseArg::Bf16 => NoiseKind::TorchBf16,
+            NoiseArg::F32 => NoiseKind::TorchF32,
+        },
+    };
+    if !args.interactive {
+        req.seed = args.seed.unwrap_or_else(random_seed);
+        req.validate(args.allow_large)?;
+        return generate_one(&model, &req, &args).map(|_| ());
+    }
+    interactive(&model, req, args)
+}
+
+fn generate_one(model: &Model, req: &Text2Image, args: &GenerateArgs) -> Result<PathBuf> {
+    if !args.quiet {
+        eprintln!(
+            "{} | {}x{} | {} steps | guidance {} | seed {} | {:?} on {:?}",
+            model.name,
+            req.width,
+            req.height,
+            req.steps,
+            req.guidance,
+            req.seed,
+            model.dtype(),
+            model.device()
+        );
+    }
+    let start = Instant::now();
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        let b = ProgressBar::new(req.steps as u64);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{msg:>8} [{bar:30}] {pos}/{len} steps  {per_sec}  eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        b
+    };
+    let out = model.text_to_image(req, &mut |e| match e {
+        Event::Phase(p) => bar.set_message(p),
+        Event::Step { step, .. } => bar.set_position(step as u64),
+    })?;
+    bar.finish_and_clear();
+    let rgb = to_rgb8(&out.image)?;
+    let path = next_free_path(&args.out);
+    if path != args.out && !args.quiet {
+        eprintln!(
+            "{} exists; writing {} instead",
+            args.out.display(),
+            path.display()
+        );
+    }
+    save(&rgb, &path, &metadata(model, req))?;
+    println!(
+        "wrote {} ({}x{}, seed {}) in {:.1}s",
+        path.display(),
+        rgb.width,
+        rgb.height,
+        req.seed,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(path)
+}
+
+/// PNG text chunks: one per field, plus A1111's `parameters` line that many tools read.
+pub fn metadata(model: &Model, req: &Text2Image) -> Vec<(String, String)> {
+    let dtype = format!("{:?}", model.dtype()).to_lowercase();
+    let mut m: Vec<(String, String)> = vec![
+        ("prompt".into(), req.prompt.clone()),
+        ("seed".into(), req.seed.to_string()),
+        ("steps".into(), req.steps.to_string()),
+        ("guidance".into(), req.guidance.to_string()),
+        ("width".into(), req.width.to_string()),
+        ("height".into(), req.height.to_string()),
+        ("model".into(), model.name.clone()),
+        ("variant".into(), model.variant.name().into()),
+        ("dtype".into(), dtype),
+        ("t5_tokens".into(), req.t5_tokens.to_string()),
+        (
+            "noise".into(),
+            match req.noise {
+                NoiseKind::TorchBf16 => "torch-2.6-bf16".into(),
+                NoiseKind::TorchF32 => "torch-f32".into(),
+            },
+        ),
+        ("software".into(), format!("fluxfit {}", fluxfit::version())),
+    ];
+    m.push((
+        "parameters".into(),
+        format!(
+            "{}\nSteps: {}, Sampler: Euler, Schedule: {}, Distilled CFG Scale: {}, Seed: {}, Size: {}x{}, Model: {}, Version: fluxfit {}",
+            req.prompt,
+            req.steps,
+            if model.variant.shift_schedule() { "flux-shift" } else { "linear" },
+            req.guidance,
+            req.seed,
+            req.width,
+            req.height,
+            model.variant.name(),
+            fluxfit::version()
+        ),
+    ));
+    m
+}
+
+const LOOP_HELP: &str = "Enter a prompt to generate (empty: repeat the last one), or a command:
+  /w <px>    width (floored to a multiple of 16)
+  /h <px>    height (floored to a multiple of 16)
+  /s <seed>  seed of the next image (otherwise random)
+  /g <x>     guidance
+  /n <steps> steps
+  /help      this text
+  /q         quit";
+
+/// The reference's `--loop`: settings persist, the seed is reset after each image.
+fn interactive(model: &Model, mut req: Text2Image, args: GenerateArgs) -> Result<()> {
+    let stdin = std::io::stdin();
+    let mut next_seed = args.seed;
+    let mut prompt = req.prompt.clone();
+    eprintln!("{LOOP_HELP}");
+    loop {
+        eprint!("> ");
+        std::io::stderr().flush().ok();
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let line = line.trim();
+        if let Some(cmd) = line.strip_prefix('/') {
+            let (name, value) = cmd.split_once(' ').unwrap_or((cmd, ""));
+            let value = value.trim();
+            let num = |what: &str| -> Option<f64> {
+                let n = value.parse::<f64>().ok();
+                if n.is_none() {
+                    eprintln!("/{name} needs a number for {what}; got `{value}`");
+                }
+                n
+            };
+            match name {
+                "q" => return Ok(()),
+                "w" => {
+                    if let Some(n) = num("the width") {
+                        req.width = floor16("width", n as usize, false);
+                        eprintln!(
+                            "{}x{} ({:.2} MP)",
+                            req.width,
+                            req.height,
+                            (req.width * req.height) as f64 / 1e6
+                        );
+                    }
+                }
+                "h" => {
+                    if let Some(n) = num("the height") {
+                        req.height = floor16("height", n as usize, false);
+                        eprintln!(
+                            "{}x{} ({:.2} MP)",
+                            req.width,
+                            req.height,
+                            (req.width * req.height) as f64 / 1e6
+                        );
+                    }
+                }
+                "s" => next_seed = num("the seed").map(|n| n as u64),
+                "g" => {
+                    if let Some(n) = num("the guidance") {
+                        req.guidance = n as f32;
+                    }
+                }
+                "n" => {
+                    if let Some(n) = num("the steps") {
+                        req.steps = n as usize;
+                    }
+                }
+                _ => eprintln!("{LOOP_HELP}"),
+            }
+            continue;
+        }
+        if !line.is_empty() {
+            prompt = line.to_string();
+        }
+        req.prompt = prompt.clone();
+        req.seed = next_seed.take().unwrap_or_else(random_seed);
+        if let Err(e) = req.validate(args.allow_large) {
+            eprintln!("error: {e}");
+            continue;
+        }
+        if let Err(e) = generate_one(model, &req, &args) {
+            eprintln!("error: {e:#}");
+        }
+    }
+}

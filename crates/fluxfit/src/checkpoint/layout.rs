@@ -1,0 +1,223 @@
+//! Finding a model's parts on disk: BFL single files (`flux1-*.safetensors`, `ae.safetensors`)
+//! and HF/diffusers snapshots (`model_index.json`, `transformer/`, `vae/`, `text_encoder/`,
+//! `text_encoder_2/`, `tokenizer/`, `tokenizer_2/`), sharded or not.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::diffusers;
+use super::safetensors::SafetensorsFile;
+use super::store::TensorStore;
+use crate::error::{Error, Result};
+
+/// Prefixes some single-file distributions put before the canonical names.
+const FLOW_PREFIXES: &[&str] = &["model.diffusion_model."];
+const AE_PREFIXES: &[&str] = &["first_stage_model.", "vae."];
+const CLIP_PREFIXES: &[&str] = &["text_model."];
+
+/// Where each part of a model lives. `None`: not found there (the caller may supply it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelPaths {
+    pub flow: Option<PathBuf>,
+    pub ae: Option<PathBuf>,
+    pub t5: Option<PathBuf>,
+    pub clip: Option<PathBuf>,
+    pub t5_tokenizer: Option<PathBuf>,
+    pub clip_tokenizer: Option<PathBuf>,
+}
+
+impl ModelPaths {
+    /// Resolves a model folder of either layout (the official FLUX.1 repos hold both).
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such folder"),
+            ));
+        }
+        let sub = |name: &str| Some(dir.join(name)).filter(|p| p.is_dir());
+        let bfl_flow = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                n.starts_with("flux1-") && n.ends_with(".safetensors") && !n.contains("lora")
+            })
+            .min();
+        let paths = Self {
+            flow: bfl_flow.or_else(|| sub("transformer")),
+            ae: Some(dir.join("ae.safetensors"))
+                .filter(|p| p.is_file())
+                .or_else(|| sub("vae")),
+            t5: sub("text_encoder_2"),
+            clip: sub("text_encoder"),
+            t5_tokenizer: sub("tokenizer_2"),
+            clip_tokenizer: sub("tokenizer"),
+        };
+        if paths.flow.is_none() && paths.ae.is_none() {
+            return Err(Error::Layout {
+                path: dir.to_path_buf(),
+                message: "neither a diffusers snapshot (model_index.json, transformer/, vae/, \
+                          text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/) nor a BFL folder \
+                          (flux1-*.safetensors and ae.safetensors)"
+                    .into(),
+            });
+        }
+        Ok(paths)
+    }
+}
+
+/// The safetensors files of a checkpoint given as a file or a folder (a sharded folder is read
+/// through its `*.safetensors.index.json`, and every shard it names must be there).
+pub fn safetensors_files(path: &Path) -> Result<Vec<Arc<SafetensorsFile>>> {
+    if path.is_file() {
+        return Ok(vec![SafetensorsFile::open(path)?]);
+    }
+    if !path.is_dir() {
+        return Err(Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+        ));
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| Error::io(path, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    if let Some(index) = entries
+        .iter()
+        .find(|p| p.to_string_lossy().ends_with(".safetensors.index.json"))
+    {
+        let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Layout {
+            path: index.clone(),
+            message: format!("not valid JSON: {e}"),
+        })?;
+        let mut shards: Vec<String> = json["weight_map"]
+            .as_object()
+            .ok_or_else(|| Error::Layout {
+                path: index.clone(),
+                message: "no `weight_map` object".into(),
+            })?
+            .values()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect();
+        shards.sort();
+        shards.dedup();
+        let missing: Vec<&String> = shards.iter().filter(|s| !path.join(s).is_file()).collect();
+        if !missing.is_empty() {
+            return Err(Error::Layout {
+                path: path.to_path_buf(),
+                message: format!(
+                    "the index {} names shards that are not here: {missing:?} (download incomplete?)",
+                    index.display()
+                ),
+            });
+        }
+        return shards
+            .iter()
+            .map(|s| SafetensorsFile::open(path.join(s)))
+            .collect();
+    }
+    let files: Vec<&PathBuf> = entries
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    if files.is_empty() {
+        return Err(Error::Layout {
+            path: path.to_path_buf(),
+            message: "no .safetensors file in this folder".into(),
+        });
+    }
+    files.into_iter().map(SafetensorsFile::open).collect()
+}
+
+fn is_diffusers_flow(files: &[Arc<SafetensorsFile>]) -> bool {
+    files
+        .iter()
+        .any(|f| f.tensors().contains_key("x_embedder.weight"))
+}
+
+/// The flow transformer's weights under canonical BFL names, whatever the layout.
+pub fn open_flow(path: &Path) -> Result<TensorStore> {
+    let path = if path.join("transformer").is_dir() {
+        path.join("transformer")
+    } else {
+        path.to_path_buf()
+    };
+    let files = safetensors_files(&path)?;
+    if is_diffusers_flow(&files) {
+        diffusers::flow_store(path, files)
+    } else {
+        let store = TensorStore::from_files(path.clone(), files, FLOW_PREFIXES);
+        if !store.contains("img_in.weight") {
+            return Err(Error::Layout {
+                path,
+                message: "no `img_in.weight` (BFL) or `x_embedder.weight` (diffusers): not a FLUX flow model".into(),
+            });
+        }
+        Ok(store)
+    }
+}
+
+/// The autoencoder's weights under canonical LDM names.
+pub fn open_ae(path: &Path) -> Result<TensorStore> {
+    let path = if path.join("vae").is_dir() {
+        path.join("vae")
+    } else {
+        path.to_path_buf()
+    };
+    let files = safetensors_files(&path)?;
+    let diffusers_names = files.iter().any(|f| {
+        f.tensors()
+            .keys()
+            .any(|k| k.contains("down_blocks") || k.contains("up_blocks"))
+    });
+    if diffusers_names {
+        diffusers::vae_store(path, files)
+    } else {
+        let store = TensorStore::from_files(path.clone(), files, AE_PREFIXES);
+        if !store.contains("decoder.conv_in.weight") {
+            return Err(Error::Layout {
+                path,
+                message: "no `decoder.conv_in.weight`: not a FLUX autoencoder".into(),
+            });
+        }
+        Ok(store)
+    }
+}
+
+/// T5 encoder weights (HF transformers names).
+pub fn open_t5(path: &Path) -> Result<TensorStore> {
+    let store = TensorStore::from_files(path, safetensors_files(path)?, &[]);
+    if !store.contains("shared.weight") && !store.contains("encoder.embed_tokens.weight") {
+        return Err(Error::Layout {
+            path: path.to_path_buf(),
+            message: "no `shared.weight` or `encoder.embed_tokens.weight`: not a T5 encoder".into(),
+        });
+    }
+    Ok(store)
+}
+
+/// CLIP text weights, `text_model.` prefix removed.
+pub fn open_clip(path: &Path) -> Result<TensorStore> {
+    let store = TensorStore::from_files(path, safetensors_files(path)?, CLIP_PREFIXES);
+    if !store.contains("embeddings.token_embedding.weight") {
+        return Err(Error::Layout {
+            path: path.to_path_buf(),
+            message: "no `text_model.embeddings.token_embedding.weight`: not a CLIP text model"
+                .into(),
+        });
+    }
+    Ok(store)
+}
+
+/// A folder's `config.json`, if any.
+pub fn config_json(path: &Path) -> Option<PathBuf> {
+    let p = if path.is_dir() {
+        path.join("config.json")
+    } else {
+        path.with_file_name("config.json")
+    };
+    p.is_file().then_some(p)
+}

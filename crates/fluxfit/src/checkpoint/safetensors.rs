@@ -1,0 +1,228 @@
+//! A memory-mapped safetensors file: the one home of its weights (DESIGN principle 2).
+//!
+//! We parse the header ourselves so that a truncated or corrupt file is reported with its path
+//! and what is wrong, before any tensor is touched.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+
+use crate::error::{Error, Result};
+
+/// Where one tensor lives inside its file.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    /// Byte range relative to the start of the data section.
+    pub start: usize,
+    pub end: usize,
+}
+
+impl TensorInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn nbytes(&self) -> usize {
+        self.end - self.start
+    }
+}
+
+/// The bytes behind a file: a memory map, or a buffer for models made in process (the built-in
+/// tiny model), which then is their one home.
+#[derive(Debug)]
+enum Backing {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Backing {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Backing::Mapped(m) => m,
+            Backing::Owned(v) => v,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct SafetensorsFile {
+    path: PathBuf,
+    mmap: Backing,
+    data_start: usize,
+    tensors: BTreeMap<String, TensorInfo>,
+    metadata: BTreeMap<String, String>,
+}
+
+fn dtype_from_str(s: &str) -> Option<DType> {
+    Some(match s {
+        "F32" => DType::F32,
+        "BF16" => DType::BF16,
+        "F16" => DType::F16,
+        "F64" => DType::F64,
+        "I64" => DType::I64,
+        "U8" => DType::U8,
+        "U32" => DType::U32,
+        _ => return None,
+    })
+}
+
+impl SafetensorsFile {
+    pub fn open(path: impl AsRef<Path>) -> Result<Arc<Self>> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        // SAFETY: the map is read-only; a checkpoint modified while we run is outside our contract,
+        // as for every program that maps model weights.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        Self::parse(path, Backing::Mapped(mmap))
+    }
+
+    /// A safetensors image held in memory; `label` stands for the path in messages.
+    pub fn from_bytes(label: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<Arc<Self>> {
+        Self::parse(label.into(), Backing::Owned(bytes))
+    }
+
+    fn parse(path: PathBuf, mmap: Backing) -> Result<Arc<Self>> {
+        let corrupt = |reason: String| Error::CorruptCheckpoint {
+            path: path.clone(),
+            reason,
+        };
+        if mmap.len() < 8 {
+            return Err(corrupt(format!("only {} bytes long", mmap.len())));
+        }
+        let header_len = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes")) as usize;
+        if header_len > mmap.len() - 8 || header_len > 100 << 20 {
+            return Err(corrupt(format!(
+                "header claims {header_len} bytes but the file has {}",
+                mmap.len()
+            )));
+        }
+        let header: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&mmap[8..8 + header_len])
+                .map_err(|e| corrupt(format!("header is not valid JSON: {e}")))?;
+        let data_start = 8 + header_len;
+        let data_len = mmap.len() - data_start;
+        let mut tensors = BTreeMap::new();
+        let mut metadata = BTreeMap::new();
+        for (name, value) in header {
+            if name == "__metadata__" {
+                if let Some(map) = value.as_object() {
+                    for (k, v) in map {
+                        metadata.insert(k.clone(), v.as_str().unwrap_or_default().to_string());
+                    }
+                }
+                continue;
+            }
+            let entry: RawEntry = serde_json::from_value(value)
+                .map_err(|e| corrupt(format!("entry `{name}`: {e}")))?;
+            let dtype = dtype_from_str(&entry.dtype).ok_or_else(|| Error::UnsupportedDtype {
+                path: path.clone(),
+                key: name.clone(),
+                dtype: entry.dtype.clone(),
+            })?;
+            let [start, end] = entry.data_offsets;
+            let numel: usize = entry.shape.iter().product();
+            if end < start || end > data_len {
+                return Err(corrupt(format!(
+                    "tensor `{name}` ends at byte {end} but the data section has {data_len} bytes (file truncated?)"
+                )));
+            }
+            if numel * dtype.size_in_bytes() != end - start {
+                return Err(corrupt(format!(
+                    "tensor `{name}` of shape {:?} and dtype {} should take {} bytes, takes {}",
+                    entry.shape,
+                    entry.dtype,
+                    numel * dtype.size_in_bytes(),
+                    end - start
+                )));
+            }
+            tensors.insert(
+                name,
+                TensorInfo {
+                    dtype,
+                    shape: entry.shape,
+                    start,
+                    end,
+                },
+            );
+        }
+        Ok(Arc::new(Self {
+            path,
+            mmap,
+            data_start,
+            tensors,
+            metadata,
+        }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn tensors(&self) -> &BTreeMap<String, TensorInfo> {
+        &self.tensors
+    }
+
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// The raw bytes of a tensor, straight from the map (no copy).
+    pub fn bytes(&self, info: &TensorInfo) -> &[u8] {
+        &self.mmap[self.data_start + info.start..self.data_start + info.end]
+    }
+
+    /// Materialise one tensor on `device`: the only place bytes leave the map.
+    pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let info = self.tensors.get(name).ok_or_else(|| Error::MissingKey {
+            path: self.path.clone(),
+            key: name.to_string(),
+            hint: String::new(),
+        })?;
+        Ok(Tensor::from_raw_buffer(
+            self.bytes(info),
+            info.dtype,
+            &info.shape,
+            device,
+        )?)
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct RawEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [usize; 2],
+}
+
+/// Serialises f32 tensors `(name, shape, values)` as a safetensors image.
+pub fn serialize_f32(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0;
+    for (name, shape, values) in tensors {
+        let len = values.len() * 4;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + len]}),
+        );
+        offset += len;
+    }
+    let mut head = serde_json::Value::Object(header).to_string().into_bytes();
+    while !head.len().is_multiple_of(8) {
+        head.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + head.len() + offset);
+    out.extend_from_slice(&(head.len() as u64).to_le_bytes());
+    out.extend_from_slice(&head);
+    for (_, _, values) in tensors {
+        for v in values {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    out
+}

@@ -1,0 +1,70 @@
+//! Typed errors of the library. Every message names the file, key, shape or value at fault and,
+//! where we know it, what would fix it: the CLI prints them as they are.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path}: not a valid safetensors file ({reason}); the download may be truncated or corrupt: delete it and fetch it again")]
+    CorruptCheckpoint { path: PathBuf, reason: String },
+
+    #[error("{path}: missing tensor `{key}`{hint}")]
+    MissingKey {
+        path: PathBuf,
+        key: String,
+        hint: String,
+    },
+
+    #[error("{path}: tensor `{key}` has shape {found:?}, expected {expected:?}{hint}")]
+    WrongShape {
+        path: PathBuf,
+        key: String,
+        // Boxed slices keep `Error` small enough to return cheaply.
+        expected: Box<[usize]>,
+        found: Box<[usize]>,
+        hint: String,
+    },
+
+    #[error("{path}: tensor `{key}` has dtype {dtype}, which fluxfit cannot read (supported: F32, BF16, F16)")]
+    UnsupportedDtype {
+        path: PathBuf,
+        key: String,
+        dtype: String,
+    },
+
+    #[error("{path}: {message}")]
+    Layout { path: PathBuf, message: String },
+
+    #[error("tokenizer {path}: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+
+    #[error("output {path}: {message}")]
+    Output { path: PathBuf, message: String },
+
+    #[error("{0}")]
+    Config(String),
+
+    #[error("compute: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! fluxfit: FLUX.1 text-to-image (and image-conditioned) generation that fits the memory you have.
+//!
+//! The library computes; the `fluxfit` binary parses flags and writes files. See DESIGN.md in the
+//! shared folder for the architecture: one network, many plans; weights have one home.
+
+pub mod checkpoint;
+pub mod error;
+pub mod image;
+pub mod memory;
+pub mod model;
+pub mod noise;
+pub mod pipeline;
+pub mod sampling;
+pub mod tokenizer;
+pub mod variant;
+
+pub use error::{Error, Result};
+// Re-exported so the binary and users name the same tensor and device types.
+pub use candle_core;
+
+/// The crate version, recorded in every image's metadata.
+pub fn version() -> &'static str {
+    env!("CARGO_PKG_VERSION")
+}

@@ -1,0 +1,3 @@
+//! Where every byte lives: residency of weights (and, later, the ledger and the planner).
+
+pub mod residency;

@@ -1,0 +1,434 @@
+//! The CLIP text tower (transformers' `CLIPTextModel`, no projection), which gives FLUX its
+//! pooled `vec`: the final-norm hidden state at the end-of-text token.
+//!
+//! Pre-norm transformer with learned absolute positions and a causal mask; no padding mask (the
+//! reference passes none, and causality already keeps pads from reaching earlier tokens).
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use super::t5::{count_blocks, dims, ids_tensor, token_rows};
+use crate::checkpoint::store::TensorStore;
+use crate::error::{Error, Result};
+use crate::memory::residency::{StageSpec, StageWeights, Weights};
+use crate::model::ops;
+
+/// The MLP's activation (`hidden_act`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClipActivation {
+    /// `x·σ(1.702·x)`: OpenAI's CLIP models.
+    QuickGelu,
+    /// Exact (erf) GELU: OpenCLIP's larger towers.
+    Gelu,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClipConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub max_position_embeddings: usize,
+    pub activation: ClipActivation,
+    pub layer_norm_eps: f64,
+    /// 2 in configs written before transformers PR #24773 (the real CLIP-L's): pooling then takes
+    /// the position of the largest id, which is where the tokenizer puts end-of-text.
+    pub eos_token_id: u32,
+}
+
+/// Every published CLIP text tower uses 64-wide heads; shapes alone do not record the count.
+const HEAD_DIM: usize = 64;
+/// The argmax pooling rule's marker value (see [`ClipConfig::eos_token_id`]).
+const LEGACY_EOS: u32 = 2;
+
+const TOKEN_EMBEDDING: &str = "embeddings.token_embedding.weight";
+const POSITION_EMBEDDING: &str = "embeddings.position_embedding.weight";
+
+impl ClipConfig {
+    /// openai/clip-vit-large-patch14's text tower, FLUX's CLIP-L.
+    pub fn vit_l_14() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_layers: 12,
+            num_heads: 12,
+            max_position_embeddings: 77,
+            activation: ClipActivation::QuickGelu,
+            layer_norm_eps: 1e-5,
+            eos_token_id: LEGACY_EOS,
+        }
+    }
+
+    fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_heads
+    }
+
+    /// The configuration of the checkpoint in `store` (canonical keys: no `text_model.` prefix):
+    /// from `config_json` when given, else from the shapes with CLIP-L's choices for what they do
+    /// not record (64-wide heads, quick GELU, ε 1e-5, argmax pooling). Every tensor is then
+    /// checked against it, naming the key at fault.
+    pub fn from_store(store: &TensorStore, config_json: Option<&Path>) -> Result<Self> {
+        let config = match config_json {
+            Some(path) => Self::from_json(path)?,
+            None => Self::from_shapes(store)?,
+        };
+        config.check(store)?;
+        Ok(config)
+    }
+
+    fn from_shapes(store: &TensorStore) -> Result<Self> {
+        let [vocab_size, hidden_size] = dims::<2>(store, TOKEN_EMBEDDING)?;
+        let [max_position_embeddings, _] = dims::<2>(store, POSITION_EMBEDDING)?;
+        let [intermediate_size, _] = dims::<2>(store, "encoder.layers.0.mlp.fc1.weight")?;
+        if hidden_size % HEAD_DIM != 0 {
+            return Err(Error::Config(format!(
+                "{}: CLIP width {hidden_size} is not a multiple of {HEAD_DIM}, so the number of \
+                 attention heads cannot be inferred from the shapes; pass the model's config.json",
+                store.origin().display()
+            )));
+        }
+        Ok(Self {
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_layers: count_blocks(store, "encoder.layers."),
+            num_heads: hidden_size / HEAD_DIM,
+            max_position_embeddings,
+            activation: ClipActivation::QuickGelu,
+            layer_norm_eps: 1e-5,
+            eos_token_id: LEGACY_EOS,
+        })
+    }
+
+    /// Reads an HF `config.json`: a `CLIPTextConfig`, or a full `CLIPConfig` whose `text_config`
+    /// is used; transformers' defaults fill absent fields.
+    pub fn from_json(path: &Path) -> Result<Self> {
+        let bad = |msg: String| Error::Config(format!("{}: {msg}", path.display()));
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let mut value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not a CLIP config.json: {e}")))?;
+        if let Some(inner) = value.get_mut("text_config").map(serde_json::Value::take) {
+            value = inner;
+        }
+        let json: ClipJson = serde_json::from_value(value)
+            .map_err(|e| bad(format!("not a CLIP text config: {e}")))?;
+        if let Some(t) = json
+            .model_type
+            .as_deref()
+            .filter(|t| !matches!(*t, "clip_text_model" | "clip"))
+        {
+            return Err(bad(format!(
+                "model_type is `{t}`, expected `clip_text_model`"
+            )));
+        }
+        let activation = match json.hidden_act.as_str() {
+            "quick_gelu" => ClipActivation::QuickGelu,
+            "gelu" => ClipActivation::Gelu,
+            other => {
+                return Err(bad(format!(
+                    "hidden_act `{other}` is not supported (CLIP uses `quick_gelu` or `gelu`)"
+                )))
+            }
+        };
+        Ok(Self {
+            vocab_size: json.vocab_size,
+            hidden_size: json.hidden_size,
+            intermediate_size: json.intermediate_size,
+            num_layers: json.num_hidden_layers,
+            num_heads: json.num_attention_heads,
+            max_position_embeddings: json.max_position_embeddings,
+            activation,
+            layer_norm_eps: json.layer_norm_eps,
+            eos_token_id: json.eos_token_id,
+        })
+    }
+
+    /// Every tensor with the shape this configuration implies, in execution order.
+    pub fn expected_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let mut out = vec![
+            (TOKEN_EMBEDDING.to_string(), vec![self.vocab_size, h]),
+            (
+                POSITION_EMBEDDING.to_string(),
+                vec![self.max_position_embeddings, h],
+            ),
+        ];
+        let linear = |out: &mut Vec<_>, name: String, rows, cols| {
+            out.push((format!("{name}.weight"), vec![rows, cols]));
+            out.push((format!("{name}.bias"), vec![rows]));
+        };
+        let norm = |out: &mut Vec<_>, name: String| {
+            out.push((format!("{name}.weight"), vec![h]));
+            out.push((format!("{name}.bias"), vec![h]));
+        };
+        for l in 0..self.num_layers {
+            let p = layer_stage(l);
+            norm(&mut out, format!("{p}.layer_norm1"));
+            for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+                linear(&mut out, format!("{p}.self_attn.{proj}"), h, h);
+            }
+            norm(&mut out, format!("{p}.layer_norm2"));
+            linear(&mut out, format!("{p}.mlp.fc1"), i, h);
+            linear(&mut out, format!("{p}.mlp.fc2"), h, i);
+        }
+        norm(&mut out, "final_layer_norm".to_string());
+        out
+    }
+
+    /// Checks `store` holds exactly this text tower: every tensor with its shape, no extra layers.
+    pub fn check(&self, store: &TensorStore) -> Result<()> {
+        if self.num_heads == 0 || !self.hidden_size.is_multiple_of(self.num_heads) || self.num_layers == 0 {
+            return Err(Error::Config(format!(
+                "CLIP config: width {} must split evenly into {} heads, over at least one layer (has {})",
+                self.hidden_size, self.num_heads, self.num_layers
+            )));
+        }
+        let hint = format!(
+            " (CLIP text: width {}, MLP {}, vocab {}, {} positions)",
+            self.hidden_size, self.intermediate_size, self.vocab_size, self.max_position_embeddings
+        );
+        for (key, shape) in self.expected_shapes() {
+            store.expect_shape(&key, &shape, &hint)?;
+        }
+        let found = count_blocks(store, "encoder.layers.");
+        if found != self.num_layers {
+            return Err(Error::Layout {
+                path: store.origin().to_path_buf(),
+                message: format!(
+                    "the checkpoint has {found} CLIP encoder layers, the configuration {}",
+                    self.num_layers
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// transformers' `CLIPTextConfig` fields and defaults (those the text tower uses).
+#[derive(Deserialize)]
+#[serde(default)]
+struct ClipJson {
+    model_type: Option<String>,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    max_position_embeddings: usize,
+    hidden_act: String,
+    layer_norm_eps: f64,
+    eos_token_id: u32,
+}
+
+impl Default for ClipJson {
+    fn default() -> Self {
+        Self {
+            model_type: None,
+            vocab_size: 49408,
+            hidden_size: 512,
+            intermediate_size: 2048,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            max_position_embeddings: 77,
+            hidden_act: "quick_gelu".to_string(),
+            layer_norm_eps: 1e-5,
+            eos_token_id: 49407,
+        }
+    }
+}
+
+fn layer_stage(i: usize) -> String {
+    format!("encoder.layers.{i}")
+}
+
+/// Where each row's end-of-text token is, the position whose hidden state is pooled.
+/// Ties take the first position, as `torch.argmax` does.
+pub fn eos_positions(rows: &[Vec<u32>], eos_token_id: u32) -> Vec<usize> {
+    let first_max = |row: &[u32], key: &dyn Fn(u32) -> u32| {
+        let best = row.iter().map(|&id| key(id)).max().unwrap_or(0);
+        row.iter().position(|&id| key(id) == best).unwrap_or(0)
+    };
+    rows.iter()
+        .map(|row| {
+            if eos_token_id == LEGACY_EOS {
+                first_max(row, &|id| id)
+            } else {
+                first_max(row, &|id| u32::from(id == eos_token_id))
+            }
+        })
+        .collect()
+}
+
+/// Additive causal mask `[L, L]` in f32: 0 on and below the diagonal, −∞ above.
+fn causal_mask(len: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..len)
+        .flat_map(|q| (0..len).map(move |k| if k > q { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (len, len), device)?)
+}
+
+pub struct ClipTextModel {
+    config: ClipConfig,
+}
+
+impl ClipTextModel {
+    pub fn new(config: ClipConfig) -> Self {
+        Self { config }
+    }
+
+    pub fn config(&self) -> &ClipConfig {
+        &self.config
+    }
+
+    /// Embeddings, layers, final norm: the order `forward` asks for them. The embedding stage
+    /// names its two tables so that a stored `position_ids` buffer is not loaded.
+    pub fn stages(&self) -> Vec<StageSpec> {
+        let mut stages = vec![StageSpec::groups(
+            "embeddings",
+            &[
+                "embeddings.token_embedding",
+                "embeddings.position_embedding",
+            ],
+        )];
+        stages.extend((0..self.config.num_layers).map(|i| StageSpec::under(layer_stage(i))));
+        stages.push(StageSpec::under("final_layer_norm"));
+        stages
+    }
+
+    /// `input_ids` `[B, L]` → (`last_hidden_state` `[B, L, H]`, `pooler_output` `[B, H]`), in
+    /// the weights' dtype.
+    pub fn forward(&self, w: &dyn Weights, input_ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let c = &self.config;
+        let rows = token_rows(input_ids, c.vocab_size)?;
+        let ids = ids_tensor(&rows, w.device())?;
+        let len = ids.dim(1)?;
+        if len > c.max_position_embeddings {
+            return Err(Error::InvalidRequest(format!(
+                "{len} CLIP tokens exceed its {} positions",
+                c.max_position_embeddings
+            )));
+        }
+        let mut h = self.embed(&*w.stage("embeddings")?, &ids)?;
+        let mask = causal_mask(len, w.device())?;
+        for i in 0..c.num_layers {
+            h = self.layer(&*w.stage(&layer_stage(i))?, &h, &mask)?;
+        }
+        let last = self.norm(&*w.stage("final_layer_norm")?, "", &h)?;
+        let pooled = pool(&last, &eos_positions(&rows, c.eos_token_id))?;
+        Ok((last, pooled))
+    }
+
+    /// Token embedding plus the learned embedding of positions 0..L.
+    fn embed(&self, stage: &StageWeights, ids: &Tensor) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let tokens = stage
+            .get(TOKEN_EMBEDDING)?
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, l, self.config.hidden_size))?;
+        let positions = stage.get(POSITION_EMBEDDING)?.narrow(0, 0, l)?;
+        Ok(tokens.broadcast_add(&positions)?)
+    }
+
+    fn norm(&self, s: &StageWeights, name: &str, x: &Tensor) -> Result<Tensor> {
+        let w = s.get(&format!("{name}weight"))?;
+        let b = s.get(&format!("{name}bias"))?;
+        ops::layer_norm(x, &w, &b, self.config.layer_norm_eps)
+    }
+
+    /// Pre-norm: `h + attn(ln1(h))`, then `h + mlp(ln2(h))`.
+    fn layer(&self, s: &StageWeights, h: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let x = self.norm(s, "layer_norm1.", h)?;
+        let h = (h + self.self_attention(s, &x, mask)?)?;
+        let x = self.norm(s, "layer_norm2.", &h)?;
+        Ok((&h + self.mlp(s, &x)?)?)
+    }
+
+    fn linear(&self, s: &StageWeights, name: &str, x: &Tensor) -> Result<Tensor> {
+        let w = s.get(&format!("{name}.weight"))?;
+        let b = s.get(&format!("{name}.bias"))?;
+        ops::linear(x, &w, Some(&b))
+    }
+
+    /// Causal softmax(q·kᵀ/√d)·v per head; scores in the compute dtype, softmax in f32.
+    fn self_attention(&self, s: &StageWeights, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, l, h) = x.dims3()?;
+        let q = self.split_heads(&self.linear(s, "self_attn.q_proj", x)?)?;
+        let k = self.split_heads(&self.linear(s, "self_attn.k_proj", x)?)?;
+        let v = self.split_heads(&self.linear(s, "self_attn.v_proj", x)?)?;
+        let scale = 1.0 / (self.config.head_dim() as f64).sqrt();
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+        let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
+        self.linear(s, "self_attn.out_proj", &out)
+    }
+
+    /// `[B, L, H]` → `[B, heads, L, head_dim]`.
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        let (n, d) = (self.config.num_heads, self.config.head_dim());
+        Ok(x.reshape((b, l, n, d))?.transpose(1, 2)?.contiguous()?)
+    }
+
+    fn mlp(&self, s: &StageWeights, x: &Tensor) -> Result<Tensor> {
+        let x = self.linear(s, "mlp.fc1", x)?;
+        let x = match self.config.activation {
+            ClipActivation::QuickGelu => quick_gelu(&x)?,
+            ClipActivation::Gelu => x.gelu_erf()?,
+        };
+        self.linear(s, "mlp.fc2", &x)
+    }
+}
+
+/// `x·σ(1.702·x)`, the sigmoid approximation of GELU that OpenAI's CLIP was trained with.
+fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    Ok((x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)
+}
+
+/// Row `positions[b]` of each batch element of `hidden` `[B, L, H]` → `[B, H]`.
+fn pool(hidden: &Tensor, positions: &[usize]) -> Result<Tensor> {
+    let (b, l, h) = hidden.dims3()?;
+    let flat: Vec<u32> = positions
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| (i * l + p) as u32)
+        .collect();
+    let index = Tensor::from_vec(flat, b, hidden.device())?;
+    Ok(hidden.reshape((b * l, h))?.index_select(&index, 0)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pooling_position_follows_the_eos_rule() {
+        // BOS 49406, text, EOS 49407 padded with EOS (the CLIP-L tokenizer pads with EOS).
+        let rows = vec![
+            vec![49406, 320, 1125, 49407, 49407, 49407],
+            vec![49406, 49407, 0, 0, 0, 0],
+        ];
+        assert_eq!(eos_positions(&rows, LEGACY_EOS), vec![3, 1]);
+        assert_eq!(eos_positions(&rows, 49407), vec![3, 1]);
+        // Argmax of the ids differs from the first EOS once an added token outranks it.
+        let added = vec![vec![49406, 49410, 49407, 0]];
+        assert_eq!(eos_positions(&added, LEGACY_EOS), vec![1]);
+        assert_eq!(eos_positions(&added, 49407), vec![2]);
+        // No EOS at all: torch's argmax over all-false picks position 0.
+        assert_eq!(eos_positions(&[vec![5, 6, 7]], 49407), vec![0]);
+    }
+
+    #[test]
+    fn vit_l_14_shapes_total_its_parameter_count() {
+        let params: usize = ClipConfig::vit_l_14()
+            .expected_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        assert_eq!(params, 123_060_480);
+    }
+}

@@ -1,0 +1,422 @@
+//! The FLUX rectified-flow transformer: embedders, double-stream blocks, single-stream blocks and
+//! the final layer (spec §2.1). Each block is a small function that reads like the paper; weights
+//! come per stage from the residency seam.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::checkpoint::store::TensorStore;
+use crate::error::{Error, Result};
+use crate::memory::residency::{StageSpec, StageWeights, Weights};
+use crate::model::attention::{apply_rope, attention, rope_angles};
+use crate::model::ops::{gelu_tanh, layer_norm_plain, linear, modulate, rms_norm, silu};
+
+const LN_EPS: f64 = 1e-6;
+const TIME_DIM: usize = 256;
+
+/// Shapes of a flow model. Real checkpoints and tiny test ones differ only in these numbers.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct FlowConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub vec_in_dim: usize,
+    pub context_in_dim: usize,
+    pub hidden_size: usize,
+    pub mlp_hidden: usize,
+    pub num_heads: usize,
+    pub depth: usize,
+    pub depth_single: usize,
+    pub axes_dim: Vec<usize>,
+    pub theta: f64,
+    pub qkv_bias: bool,
+    pub guidance_embed: bool,
+}
+
+impl FlowConfig {
+    /// FLUX.1-dev (and krea, kontext): spec §1.1.
+    pub fn dev() -> Self {
+        Self {
+            in_channels: 64,
+            out_channels: 64,
+            vec_in_dim: 768,
+            context_in_dim: 4096,
+            hidden_size: 3072,
+            mlp_hidden: 12288,
+            num_heads: 24,
+            depth: 19,
+            depth_single: 38,
+            axes_dim: vec![16, 56, 56],
+            theta: 10_000.0,
+            qkv_bias: true,
+            guidance_embed: true,
+        }
+    }
+
+    pub fn schnell() -> Self {
+        Self {
+            guidance_embed: false,
+            ..Self::dev()
+        }
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_heads
+    }
+
+    /// The RoPE split of a head: the reference's [16, 56, 56] for 128, scaled the same way
+    /// (1/8, 7/16, 7/16) for other head sizes, which is what our tiny models use.
+    pub fn default_axes(head_dim: usize) -> Result<Vec<usize>> {
+        let a0 = head_dim / 8;
+        let a1 = head_dim * 7 / 16;
+        if !a0.is_multiple_of(2) || !a1.is_multiple_of(2) || a0 + 2 * a1 != head_dim {
+            return Err(Error::Config(format!(
+                "head dim {head_dim} has no default RoPE split; give axes_dims_rope in the transformer's config.json"
+            )));
+        }
+        Ok(vec![a0, a1, a1])
+    }
+
+    /// Reads the configuration off a checkpoint's own shapes (canonical BFL keys).
+    pub fn from_store(store: &TensorStore) -> Result<Self> {
+        let img_in = store.shape("img_in.weight")?;
+        if img_in.len() != 2 {
+            return Err(Error::Config(format!(
+                "{}: `img_in.weight` should be 2-D, is {img_in:?}",
+                store.origin().display()
+            )));
+        }
+        let (hidden_size, in_channels) = (img_in[0], img_in[1]);
+        let head_dim = store.shape("double_blocks.0.img_attn.norm.query_norm.scale")?[0];
+        let count = |prefix: &str| {
+            let mut n = 0;
+            while store.contains(&format!("{prefix}.{n}.norm.query_norm.scale"))
+                || store.contains(&format!("{prefix}.{n}.img_attn.norm.query_norm.scale"))
+            {
+                n += 1;
+            }
+            n
+        };
+        if head_dim == 0 || hidden_size % head_dim != 0 {
+            return Err(Error::Config(format!(
+                "{}: hidden size {hidden_size} is not a multiple of the QK-norm size {head_dim}",
+                store.origin().display()
+            )));
+        }
+        let cfg = Self {
+            in_channels,
+            out_channels: store.shape("final_layer.linear.weight")?[0],
+            vec_in_dim: store.shape("vector_in.in_layer.weight")?[1],
+            context_in_dim: store.shape("txt_in.weight")?[1],
+            hidden_size,
+            mlp_hidden: store.shape("double_blocks.0.img_mlp.0.weight")?[0],
+            num_heads: hidden_size / head_dim,
+            depth: count("double_blocks"),
+            depth_single: count("single_blocks"),
+            axes_dim: Self::default_axes(head_dim)?,
+            theta: 10_000.0,
+            qkv_bias: store.contains("double_blocks.0.img_attn.qkv.bias"),
+            guidance_embed: store.contains("guidance_in.in_layer.weight"),
+        };
+        Ok(cfg)
+    }
+
+    /// Every tensor the network reads, with its shape: used to validate a checkpoint before a
+    /// run and, for the real models, to plan without weights.
+    pub fn expected_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, m) = (self.hidden_size, self.mlp_hidden);
+        let d = self.head_dim();
+        let mut out: Vec<(String, Vec<usize>)> = Vec::new();
+        let mut lin = |name: String, o: usize, i: usize, bias: bool| {
+            out.push((format!("{name}.weight"), vec![o, i]));
+            if bias {
+                out.push((format!("{name}.bias"), vec![o]));
+            }
+        };
+        lin("img_in".into(), h, self.in_channels, true);
+        lin("time_in.in_layer".into(), h, TIME_DIM, true);
+        lin("time_in.out_layer".into(), h, h, true);
+        lin("vector_in.in_layer".into(), h, self.vec_in_dim, true);
+        lin("vector_in.out_layer".into(), h, h, true);
+        if self.guidance_embed {
+            lin("guidance_in.in_layer".into(), h, TIME_DIM, true);
+            lin("guidance_in.out_layer".into(), h, h, true);
+        }
+        lin("txt_in".into(), h, self.context_in_dim, true);
+        for i in 0..self.depth {
+            for s in ["img", "txt"] {
+                let p = format!("double_blocks.{i}.{s}");
+                lin(format!("{p}_mod.lin"), 6 * h, h, true);
+                lin(format!("{p}_attn.qkv"), 3 * h, h, self.qkv_bias);
+                lin(format!("{p}_attn.proj"), h, h, true);
+                lin(format!("{p}_mlp.0"), m, h, true);
+                lin(format!("{p}_mlp.2"), h, m, true);
+            }
+        }
+        for i in 0..self.depth_single {
+            let p = format!("single_blocks.{i}");
+            lin(format!("{p}.linear1"), 3 * h + m, h, true);
+            lin(format!("{p}.linear2"), h, h + m, true);
+            lin(format!("{p}.modulation.lin"), 3 * h, h, true);
+        }
+        lin("final_layer.linear".into(), self.out_channels, h, true);
+        lin("final_layer.adaLN_modulation.1".into(), 2 * h, h, true);
+        for i in 0..self.depth {
+            for s in ["img", "txt"] {
+                for n in ["query_norm", "key_norm"] {
+                    out.push((
+                        format!("double_blocks.{i}.{s}_attn.norm.{n}.scale"),
+                        vec![d],
+                    ));
+                }
+            }
+        }
+        for i in 0..self.depth_single {
+            for n in ["query_norm", "key_norm"] {
+                out.push((format!("single_blocks.{i}.norm.{n}.scale"), vec![d]));
+            }
+        }
+        out
+    }
+
+    /// Checks that `store` holds every tensor with the right shape.
+    pub fn validate(&self, store: &TensorStore) -> Result<()> {
+        for (key, shape) in self.expected_shapes() {
+            if !store.contains(&key) {
+                return Err(store.missing(&key));
+            }
+            store.expect_shape(&key, &shape, "")?;
+        }
+        Ok(())
+    }
+}
+
+/// The network: configuration only; see the module doc.
+#[derive(Debug, Clone)]
+pub struct Flux {
+    pub config: FlowConfig,
+    /// Query-chunk length of attention; None = unchunked.
+    pub attn_chunk: Option<usize>,
+}
+
+/// Inputs of one forward pass (spec §2.1 `Flux.forward`).
+pub struct FlowInputs<'a> {
+    /// `[B, L_img, in_channels]`
+    pub img: &'a Tensor,
+    /// `[B, L_img, 3]` f32
+    pub img_ids: &'a Tensor,
+    /// `[B, L_txt, context_in_dim]`
+    pub txt: &'a Tensor,
+    /// `[B, L_txt, 3]` f32
+    pub txt_ids: &'a Tensor,
+    /// `[B]`, in [0, 1]
+    pub timesteps: &'a Tensor,
+    /// `[B, vec_in_dim]` (CLIP pooled)
+    pub y: &'a Tensor,
+    /// `[B]`, required by guidance-distilled models
+    pub guidance: Option<&'a Tensor>,
+}
+
+impl Flux {
+    pub fn new(config: FlowConfig, attn_chunk: Option<usize>) -> Self {
+        Self { config, attn_chunk }
+    }
+
+    /// Stages in execution order.
+    pub fn stages(&self) -> Vec<StageSpec> {
+        let mut s = vec![StageSpec::groups(
+            "embed",
+            &["img_in", "time_in", "vector_in", "guidance_in", "txt_in"],
+        )];
+        s.extend((0..self.config.depth).map(|i| StageSpec::under(format!("double_blocks.{i}"))));
+        s.extend(
+            (0..self.config.depth_single).map(|i| StageSpec::under(format!("single_blocks.{i}"))),
+        );
+        s.push(StageSpec::under("final_layer"));
+        s
+    }
+
+    pub fn forward(&self, w: &dyn Weights, inp: &FlowInputs) -> Result<Tensor> {
+        let cfg = &self.config;
+        let dtype = w.dtype();
+        let emb = w.stage("embed")?;
+        let img = linear_of(&emb, "img_in", &inp.img.to_dtype(dtype)?)?;
+        let txt = linear_of(&emb, "txt_in", &inp.txt.to_dtype(dtype)?)?;
+
+        let mut vec = mlp_embedder(&emb, "time_in", &timestep_embedding(inp.timesteps, dtype)?)?;
+        if cfg.guidance_embed {
+            let g = inp.guidance.ok_or_else(|| {
+                Error::InvalidRequest(
+                    "this model is guidance-distilled (it has guidance_in) and needs a guidance value"
+                        .into(),
+                )
+            })?;
+            vec = (vec + mlp_embedder(&emb, "guidance_in", &timestep_embedding(g, dtype)?)?)?;
+        }
+        vec = (vec + mlp_embedder(&emb, "vector_in", &inp.y.to_dtype(dtype)?)?)?;
+        drop(emb);
+
+        let ids = Tensor::cat(&[inp.txt_ids, inp.img_ids], 1)?;
+        let pe = rope_angles(&ids, &cfg.axes_dim, cfg.theta, w.device())?;
+
+        let (mut img, mut txt) = (img, txt);
+        for i in 0..cfg.depth {
+            let b = w.stage(&format!("double_blocks.{i}"))?;
+            (img, txt) = self.double_block(&b, &img, &txt, &vec, &pe)?;
+        }
+        let l_txt = txt.dim(1)?;
+        let l_img = img.dim(1)?;
+        let mut x = Tensor::cat(&[&txt, &img], 1)?;
+        for i in 0..cfg.depth_single {
+            let b = w.stage(&format!("single_blocks.{i}"))?;
+            x = self.single_block(&b, &x, &vec, &pe)?;
+        }
+        let x = x.narrow(1, l_txt, l_img)?;
+
+        let f = w.stage("final_layer")?;
+        let m = linear_of(&f, "adaLN_modulation.1", &silu(&vec)?)?.unsqueeze(1)?;
+        let (shift, scale) = (
+            m.narrow(D::Minus1, 0, cfg.hidden_size)?,
+            m.narrow(D::Minus1, cfg.hidden_size, cfg.hidden_size)?,
+        );
+        linear_of(
+            &f,
+            "linear",
+            &modulate(&layer_norm_plain(&x, LN_EPS)?, &shift, &scale)?,
+        )
+    }
+
+    fn double_block(
+        &self,
+        b: &StageWeights,
+        img: &Tensor,
+        txt: &Tensor,
+        vec: &Tensor,
+        pe: &(Tensor, Tensor),
+    ) -> Result<(Tensor, Tensor)> {
+        let im = modulation(b, "img_mod.lin", vec, 6)?;
+        let tm = modulation(b, "txt_mod.lin", vec, 6)?;
+        let (iq, ik, iv) = self.qkv(
+            b,
+            "img_attn",
+            &modulate(&layer_norm_plain(img, LN_EPS)?, &im[0], &im[1])?,
+        )?;
+        let (tq, tk, tv) = self.qkv(
+            b,
+            "txt_attn",
+            &modulate(&layer_norm_plain(txt, LN_EPS)?, &tm[0], &tm[1])?,
+        )?;
+        let q = Tensor::cat(&[tq, iq], 2)?;
+        let k = Tensor::cat(&[tk, ik], 2)?;
+        let v = Tensor::cat(&[tv, iv], 2)?;
+        let a = self.attend(&q, &k, &v, pe)?;
+        let l_txt = txt.dim(1)?;
+        let txt_a = a.narrow(1, 0, l_txt)?;
+        let img_a = a.narrow(1, l_txt, img.dim(1)?)?;
+
+        let stream = |x: &Tensor, attn: &Tensor, m: &[Tensor], s: &str| -> Result<Tensor> {
+            let x = (x + m[2].broadcast_mul(&linear_of(b, &format!("{s}_attn.proj"), attn)?)?)?;
+            let h = modulate(&layer_norm_plain(&x, LN_EPS)?, &m[3], &m[4])?;
+            let h = linear_of(b, &format!("{s}_mlp.0"), &h)?;
+            let h = linear_of(b, &format!("{s}_mlp.2"), &gelu_tanh(&h)?)?;
+            Ok((x + m[5].broadcast_mul(&h)?)?)
+        };
+        Ok((
+            stream(img, &img_a, &im, "img")?,
+            stream(txt, &txt_a, &tm, "txt")?,
+        ))
+    }
+
+    fn single_block(
+        &self,
+        b: &StageWeights,
+        x: &Tensor,
+        vec: &Tensor,
+        pe: &(Tensor, Tensor),
+    ) -> Result<Tensor> {
+        let h = self.config.hidden_size;
+        let m = modulation(b, "modulation.lin", vec, 3)?;
+        let x_mod = modulate(&layer_norm_plain(x, LN_EPS)?, &m[0], &m[1])?;
+        let lin1 = linear_of(b, "linear1", &x_mod)?;
+        let qkv = lin1.narrow(D::Minus1, 0, 3 * h)?;
+        let mlp = lin1.narrow(D::Minus1, 3 * h, self.config.mlp_hidden)?;
+        let (q, k, v) = self.split_heads(&qkv)?;
+        let (q, k) = qk_norm(b, "norm", &q, &k, &v)?;
+        let a = self.attend(&q, &k, &v, pe)?;
+        let out = linear_of(
+            b,
+            "linear2",
+            &Tensor::cat(&[a, gelu_tanh(&mlp)?], D::Minus1)?,
+        )?;
+        Ok((x + m[2].broadcast_mul(&out)?)?)
+    }
+
+    /// `qkv` projection, head split and QK-norm of one stream.
+    fn qkv(&self, b: &StageWeights, prefix: &str, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let qkv = linear_of(b, &format!("{prefix}.qkv"), x)?;
+        let (q, k, v) = self.split_heads(&qkv)?;
+        let (q, k) = qk_norm(b, &format!("{prefix}.norm"), &q, &k, &v)?;
+        Ok((q, k, v))
+    }
+
+    /// `[B, L, 3·H]` read as (3, heads, head_dim) → three `[B, heads, L, head_dim]`.
+    fn split_heads(&self, qkv: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, l, _) = qkv.dims3()?;
+        let nh = self.config.num_heads;
+        let d = self.config.head_dim();
+        let t = qkv.reshape((b, l, 3, nh, d))?.permute((2, 0, 3, 1, 4))?;
+        Ok((t.get(0)?, t.get(1)?, t.get(2)?))
+    }
+
+    /// RoPE on q and k, attention, heads merged back: `[B, L, H]`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, pe: &(Tensor, Tensor)) -> Result<Tensor> {
+        let q = apply_rope(q, &pe.0, &pe.1)?;
+        let k = apply_rope(k, &pe.0, &pe.1)?;
+        let a = attention(&q, &k, v, self.attn_chunk)?;
+        let (b, nh, l, d) = a.dims4()?;
+        Ok(a.transpose(1, 2)?.reshape((b, l, nh * d))?)
+    }
+}
+
+fn linear_of(s: &StageWeights, name: &str, x: &Tensor) -> Result<Tensor> {
+    let w = s.get(&format!("{name}.weight"))?;
+    let b = s.get_opt(&format!("{name}.bias"));
+    linear(x, &w, b.as_ref())
+}
+
+/// in_layer → SiLU → out_layer.
+fn mlp_embedder(s: &StageWeights, name: &str, x: &Tensor) -> Result<Tensor> {
+    let h = linear_of(s, &format!("{name}.in_layer"), x)?;
+    linear_of(s, &format!("{name}.out_layer"), &silu(&h)?)
+}
+
+/// `lin(SiLU(vec))` split into `k` chunks `[B, 1, H]`, ordered shift, scale, gate (, shift, scale, gate).
+fn modulation(s: &StageWeights, name: &str, vec: &Tensor, k: usize) -> Result<Vec<Tensor>> {
+    let m = linear_of(s, name, &silu(vec)?)?.unsqueeze(1)?;
+    Ok(m.chunk(k, D::Minus1)?)
+}
+
+/// RMS-normalises q and k (f32 math), cast to v's dtype as the reference does.
+fn qk_norm(
+    s: &StageWeights,
+    prefix: &str,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let q = rms_norm(q, &s.get(&format!("{prefix}.query_norm.scale"))?, 1e-6)?;
+    let k = rms_norm(k, &s.get(&format!("{prefix}.key_norm.scale"))?, 1e-6)?;
+    Ok((q.to_dtype(v.dtype())?, k.to_dtype(v.dtype())?))
+}
+
+/// Sinusoidal embedding of t·1000, 256 dims, cosines first (spec §2.1).
+pub fn timestep_embedding(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    let half = TIME_DIM / 2;
+    let device = t.device();
+    let freqs: Vec<f32> = (0..half)
+        // f32 arithmetic in the reference's order, so arguments up to 1000 agree to the last bit.
+        .map(|k| ((-(10_000f64.ln()) as f32) * k as f32 / half as f32).exp())
+        .collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), &Device::Cpu)?.to_device(device)?;
+    let t = (t.to_dtype(DType::F32)? * 1000.0)?;
+    let args = t.unsqueeze(1)?.broadcast_mul(&freqs)?;
+    Ok(Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)?.to_dtype(dtype)?)
+}

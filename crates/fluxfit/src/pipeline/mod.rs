@@ -1,0 +1,8 @@
+//! Models assembled from their parts, and what they are asked to do.
+
+pub mod model;
+pub mod text2image;
+pub mod tiny;
+
+pub use model::{LoadOptions, Model, ModelSources};
+pub use text2image::{Event, Generated, Text2Image};

@@ -1,0 +1,192 @@
+//! Sampling as pure functions (spec §3): latent geometry, packing, position ids, the timestep
+//! schedule and the Euler loop on the predicted velocity. Floating-point steps follow the
+//! reference's order and precision so schedules agree to the last bit.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::Result;
+use crate::noise::{torch_randn, NoiseKind};
+
+/// Latent channels of the FLUX autoencoder.
+pub const LATENT_CHANNELS: usize = 16;
+
+/// Latent height and width for an image: 2·⌈px/16⌉ (the 2×2 packing needs even sides).
+pub fn latent_hw(height: usize, width: usize) -> (usize, usize) {
+    (2 * height.div_ceil(16), 2 * width.div_ceil(16))
+}
+
+/// Image tokens of a `height`×`width` image.
+pub fn image_seq_len(height: usize, width: usize) -> usize {
+    let (h, w) = latent_hw(height, width);
+    (h / 2) * (w / 2)
+}
+
+/// Initial noise `[n, 16, h, w]` as the reference draws it for `seed`, in f32.
+pub fn noise(
+    n: usize,
+    height: usize,
+    width: usize,
+    seed: u64,
+    kind: NoiseKind,
+    device: &Device,
+) -> Result<Tensor> {
+    let (h, w) = latent_hw(height, width);
+    let numel = n * LATENT_CHANNELS * h * w;
+    let v = torch_randn(seed, numel, kind);
+    Ok(Tensor::from_vec(v, (n, LATENT_CHANNELS, h, w), &Device::Cpu)?.to_device(device)?)
+}
+
+/// "b c (h 2) (w 2) -> b (h w) (c 2 2)": channel-major, then the row, then the column of the patch.
+pub fn pack(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    Ok(x.reshape((b, c, h / 2, 2, w / 2, 2))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .reshape((b, (h / 2) * (w / 2), c * 4))?)
+}
+
+/// Inverse of [`pack`] for a latent of `lat_h`×`lat_w`.
+pub fn unpack(x: &Tensor, lat_h: usize, lat_w: usize) -> Result<Tensor> {
+    let (b, _, f) = x.dims3()?;
+    let c = f / 4;
+    Ok(x.reshape((b, lat_h / 2, lat_w / 2, c, 2, 2))?
+        .permute((0, 3, 1, 4, 2, 5))?
+        .reshape((b, c, lat_h, lat_w))?)
+}
+
+/// Position ids `[b, (lat_h/2)·(lat_w/2), 3]` = (axis0, row, col), row-major. Generated images use
+/// axis0 = 0; Kontext's conditioning tokens use 1.
+pub fn image_ids(
+    b: usize,
+    lat_h: usize,
+    lat_w: usize,
+    axis0: f32,
+    device: &Device,
+) -> Result<Tensor> {
+    let (h, w) = (lat_h / 2, lat_w / 2);
+    let mut v = Vec::with_capacity(h * w * 3);
+    for r in 0..h {
+        for c in 0..w {
+            v.extend_from_slice(&[axis0, r as f32, c as f32]);
+        }
+    }
+    let ids = Tensor::from_vec(v, (1, h * w, 3), device)?;
+    Ok(ids.repeat((b, 1, 1))?)
+}
+
+/// Text tokens all sit at position zero.
+pub fn text_ids(b: usize, len: usize, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::zeros((b, len, 3), DType::F32, device)?)
+}
+
+/// `torch.linspace` in f32: the first half counts up from `start`, the second down from `end`.
+pub fn linspace(start: f32, end: f32, steps: usize) -> Vec<f32> {
+    if steps == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (steps - 1) as f32;
+    let halfway = steps / 2;
+    (0..steps)
+        .map(|i| {
+            if i < halfway {
+                start + step * i as f32
+            } else {
+                end - step * (steps - i - 1) as f32
+            }
+        })
+        .collect()
+}
+
+/// μ(L) through (256, 0.5) and (4096, 1.15), in f64 as Python computes it.
+pub fn shift_mu(image_seq_len: usize) -> f64 {
+    let (x1, y1, x2, y2) = (256.0, 0.5, 4096.0, 1.15);
+    let m = (y2 - y1) / (x2 - x1);
+    let b = y1 - m * x1;
+    m * image_seq_len as f64 + b
+}
+
+/// e^μ / (e^μ + 1/t − 1), in f32 as the reference evaluates it on a tensor; t = 0 stays 0.
+pub fn time_shift(mu: f64, t: f32) -> f32 {
+    let e = mu.exp() as f32;
+    e / (e + (1.0 / t - 1.0))
+}
+
+/// The `steps + 1` timesteps from 1 to 0, shifted towards 1 for larger images unless `shift` is
+/// off (schnell).
+pub fn schedule(steps: usize, image_seq_len: usize, shift: bool) -> Vec<f32> {
+    let t = linspace(1.0, 0.0, steps + 1);
+    if !shift {
+        return t;
+    }
+    let mu = shift_mu(image_seq_len);
+    t.into_iter().map(|t| time_shift(mu, t)).collect()
+}
+
+/// Euler integration of the flow: x ← x + (t_prev − t_curr)·v(x, t_curr) over consecutive
+/// timesteps. `velocity` is the model; `on_step(i, n)` is called after each step.
+pub fn denoise(
+    mut x: Tensor,
+    timesteps: &[f32],
+    mut velocity: impl FnMut(&Tensor, f32) -> Result<Tensor>,
+    mut on_step: impl FnMut(usize, usize),
+) -> Result<Tensor> {
+    let n = timesteps.len().saturating_sub(1);
+    for (i, pair) in timesteps.windows(2).enumerate() {
+        let (t_curr, t_prev) = (pair[0], pair[1]);
+        let v = velocity(&x, t_curr)?;
+        // Python subtracts the two floats in f64, then the tensor op rounds the factor to f32.
+        let dt = (t_prev as f64 - t_curr as f64) as f32;
+        let step = (v.to_dtype(x.dtype())? * dt as f64)?;
+        x = (x + step)?;
+        on_step(i + 1, n);
+    }
+    Ok(x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schnell_schedule_is_linear() {
+        assert_eq!(schedule(4, 4096, false), vec![1.0, 0.75, 0.5, 0.25, 0.0]);
+    }
+
+    #[test]
+    fn shift_mu_matches_spec_examples() {
+        assert!((shift_mu(4080) - 1.1473).abs() < 1e-4);
+        assert!((shift_mu(4096) - 1.15).abs() < 1e-9);
+    }
+
+    #[test]
+    fn shifted_schedule_keeps_endpoints() {
+        let s = schedule(10, 1024, true);
+        assert_eq!(s[0], 1.0);
+        assert_eq!(*s.last().unwrap(), 0.0);
+        assert!(s.windows(2).all(|w| w[0] > w[1]));
+    }
+
+    #[test]
+    fn pack_unpack_roundtrip_and_order() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::arange(0f32, 16.0 * 4.0 * 6.0, &dev)?.reshape((1, 16, 4, 6))?;
+        let p = pack(&x)?;
+        assert_eq!(p.dims(), &[1, 6, 64]);
+        // token 0, features: channel 0's 2×2 patch first: (0,0), (0,1), (1,0), (1,1).
+        let row: Vec<f32> = p.get(0)?.get(0)?.to_vec1()?;
+        assert_eq!(&row[..5], &[0.0, 1.0, 6.0, 7.0, 24.0]);
+        let u = unpack(&p, 4, 6)?;
+        let diff = (&u - &x)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn image_ids_are_row_major() -> Result<()> {
+        let ids = image_ids(1, 4, 6, 0.0, &Device::Cpu)?;
+        let v: Vec<Vec<f32>> = ids.get(0)?.to_vec2()?;
+        assert_eq!(v.len(), 6);
+        assert_eq!(v[1], vec![0.0, 0.0, 1.0]);
+        assert_eq!(v[3], vec![0.0, 1.0, 0.0]);
+        Ok(())
+    }
+}
