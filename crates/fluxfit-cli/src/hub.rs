@@ -754,7 +754,12 @@ fn classify(s: &Settings, repo_id: &str, e: HFError, what: String) -> Failure {
     let refused = |status: u16, code: Option<&str>, server: Option<&str>| {
         let gated = code == Some("GatedRepo");
         let detail = match server {
-            Some(m) if !m.is_empty() => format!("the Hub answered {status}: {m}"),
+            Some(m) if !m.trim().is_empty() => {
+                format!(
+                    "the Hub answered {status}: {}",
+                    m.trim().trim_end_matches('.')
+                )
+            }
             _ => format!("the Hub answered {status}"),
         };
         if code == Some("RepoNotFound") {
@@ -777,10 +782,12 @@ fn classify(s: &Settings, repo_id: &str, e: HFError, what: String) -> Failure {
             context.server_message.as_deref(),
         ),
         HFError::Http { context } if context.status.is_server_error() => {
-            Failure::Network(anyhow!(e).context(what))
+            Failure::Network(anyhow!("{what}: {e}"))
         }
+        // reqwest's chain repeats the URL at each level; the innermost cause is the news.
         HFError::Request { .. } | HFError::RateLimited { .. } | HFError::Xet { .. } => {
-            Failure::Network(anyhow!(e).context(what))
+            let root = anyhow!(e);
+            Failure::Network(anyhow!("{what} at {}: {}", s.endpoint, root.root_cause()))
         }
         HFError::RepoNotFound { .. } => Failure::Fatal(anyhow!(
             "{what}: no repo {repo_id} on {} (check the id; a private repo needs HF_TOKEN)",
@@ -888,7 +895,10 @@ mod tests {
             ("text_encoder/model.safetensors", b"clip"),
             ("text_encoder/pytorch_model.bin", b"pickle"),
             ("text_encoder_2/config.json", b"{}"),
-            ("text_encoder_2/model.safetensors.index.json", index.as_bytes()),
+            (
+                "text_encoder_2/model.safetensors.index.json",
+                index.as_bytes(),
+            ),
             ("text_encoder_2/model-00001-of-00002.safetensors", b"t5a"),
             ("text_encoder_2/model-00002-of-00002.safetensors", b"t5b"),
             ("tokenizer/vocab.json", b"{}"),
@@ -900,7 +910,10 @@ mod tests {
             ("tokenizer_2/tokenizer_config.json", b"{}"),
             ("tokenizer_2/special_tokens_map.json", b"{}"),
             ("transformer/config.json", b"{}"),
-            ("transformer/diffusion_pytorch_model.safetensors", b"dup flow"),
+            (
+                "transformer/diffusion_pytorch_model.safetensors",
+                b"dup flow",
+            ),
             ("vae/config.json", b"{}"),
             ("vae/diffusion_pytorch_model.safetensors", b"dup ae"),
         ]
@@ -976,8 +989,13 @@ mod tests {
             .filter(|(p, _)| !p.starts_with("tokenizer/") && p != "ae.safetensors")
             .map(|(p, c)| (p, c.len() as u64))
             .collect();
-        let e = select(&listed, &Wanted::flux(FLOW)).unwrap_err().to_string();
-        assert!(e.contains("ae.safetensors") && e.contains("tokenizer/"), "{e}");
+        let e = select(&listed, &Wanted::flux(FLOW))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ae.safetensors") && e.contains("tokenizer/"),
+            "{e}"
+        );
         assert!(!e.contains("tokenizer_2"), "{e}");
     }
 
@@ -994,7 +1012,10 @@ mod tests {
         std::fs::remove_file(repo_dir(tmp.path(), REPO).join("refs/main")).unwrap();
         assert_eq!(offline(tmp.path(), &w).unwrap(), snap);
         let e = format!("{:#}", rev("v2").unwrap_err());
-        assert!(e.contains("no snapshot for revision `v2`") && e.contains(SHA), "{e}");
+        assert!(
+            e.contains("no snapshot for revision `v2`") && e.contains(SHA),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1013,7 +1034,10 @@ mod tests {
             })
             .collect();
         let snap = fake_cache(tmp.path(), &files);
-        let e = format!("{:#}", offline(tmp.path(), &Wanted::flux(FLOW)).unwrap_err());
+        let e = format!(
+            "{:#}",
+            offline(tmp.path(), &Wanted::flux(FLOW)).unwrap_err()
+        );
         for expect in [
             &format!("Missing from {}:", snap.display()),
             &format!("  - {FLOW}\n"),
@@ -1043,7 +1067,10 @@ mod tests {
             .filter(|(p, _)| p != shard)
             .collect();
         fake_cache(tmp.path(), &files);
-        let e = format!("{:#}", offline(tmp.path(), &Wanted::flux(FLOW)).unwrap_err());
+        let e = format!(
+            "{:#}",
+            offline(tmp.path(), &Wanted::flux(FLOW)).unwrap_err()
+        );
         assert!(
             e.contains(&format!(
                 "  - {shard} (a shard named in text_encoder_2/model.safetensors.index.json)"
@@ -1072,7 +1099,10 @@ mod tests {
             "{",
         )
         .unwrap();
-        let e = format!("{:#}", offline(tmp.path(), &Wanted::flux(FLOW)).unwrap_err());
+        let e = format!(
+            "{:#}",
+            offline(tmp.path(), &Wanted::flux(FLOW)).unwrap_err()
+        );
         for expect in [
             "  - ae.safetensors (a link to a blob that is gone)",
             "  - tokenizer/vocab.json (a link to a blob that is gone)",
@@ -1085,7 +1115,10 @@ mod tests {
     #[test]
     fn never_cached_repo_is_a_clear_error() {
         let tmp = tempfile::tempdir().unwrap();
-        let e = format!("{:#}", offline(tmp.path(), &Wanted::flux(FLOW)).unwrap_err());
+        let e = format!(
+            "{:#}",
+            offline(tmp.path(), &Wanted::flux(FLOW)).unwrap_err()
+        );
         assert!(
             e.starts_with(&format!("{REPO} is not in the Hugging Face cache")),
             "{e}"
@@ -1101,7 +1134,10 @@ mod tests {
         );
         // A repo folder with no snapshot in it.
         std::fs::create_dir_all(repo_dir(tmp.path(), REPO).join("refs")).unwrap();
-        let e = format!("{:#}", offline(tmp.path(), &Wanted::flux(FLOW)).unwrap_err());
+        let e = format!(
+            "{:#}",
+            offline(tmp.path(), &Wanted::flux(FLOW)).unwrap_err()
+        );
         assert!(e.contains("holds no snapshot"), "{e}");
     }
 
@@ -1121,17 +1157,30 @@ mod tests {
         assert_eq!(s.endpoint, "https://huggingface.co");
         let s = env(&[("HOME", "/h"), ("XDG_CACHE_HOME", "/x")]);
         assert_eq!(s.cache_dir, Path::new("/x/huggingface/hub"));
-        let s = env(&[("HOME", "/h"), ("XDG_CACHE_HOME", "/x"), ("HF_HOME", "~/hf")]);
+        let s = env(&[
+            ("HOME", "/h"),
+            ("XDG_CACHE_HOME", "/x"),
+            ("HF_HOME", "~/hf"),
+        ]);
         assert_eq!(s.cache_dir, Path::new("/h/hf/hub"));
         let s = env(&[("HF_HOME", "/hf"), ("HUGGINGFACE_HUB_CACHE", "/old")]);
         assert_eq!(s.cache_dir, Path::new("/old"));
         let s = env(&[("HUGGINGFACE_HUB_CACHE", "/old"), ("HF_HUB_CACHE", "/c")]);
         assert_eq!(s.cache_dir, Path::new("/c"));
-        for (v, offline) in [("1", true), ("TRUE", true), ("yes", true), ("0", false), ("", false)] {
+        for (v, offline) in [
+            ("1", true),
+            ("TRUE", true),
+            ("yes", true),
+            ("0", false),
+            ("", false),
+        ] {
             assert_eq!(env(&[("HF_HUB_OFFLINE", v)]).offline, offline, "{v}");
         }
         let s = env(&[("HF_TOKEN", "hf_x"), ("HF_ENDPOINT", "http://e/")]);
-        assert_eq!((s.token.as_deref(), s.endpoint.as_str()), (Some("hf_x"), "http://e"));
+        assert_eq!(
+            (s.token.as_deref(), s.endpoint.as_str()),
+            (Some("hf_x"), "http://e")
+        );
         let s = env(&[("HF_TOKEN", "hf_x"), ("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")]);
         assert_eq!(s.token, None);
         let tmp = tempfile::tempdir().unwrap();
@@ -1175,7 +1224,8 @@ mod tests {
             let thread_log = log.clone();
             std::thread::spawn(move || {
                 for stream in listener.incoming().flatten() {
-                    let (files, refused, log) = (files.clone(), refused.clone(), thread_log.clone());
+                    let (files, refused, log) =
+                        (files.clone(), refused.clone(), thread_log.clone());
                     std::thread::spawn(move || serve(stream, &files, &refused, gated, &log));
                 }
             });
@@ -1184,7 +1234,10 @@ mod tests {
 
         fn downloads(&self) -> Vec<String> {
             let log = self.log.lock().unwrap();
-            log.iter().filter(|l| l.starts_with("GET /org/flux/resolve/")).cloned().collect()
+            log.iter()
+                .filter(|l| l.starts_with("GET /org/flux/resolve/"))
+                .cloned()
+                .collect()
         }
     }
 
@@ -1214,42 +1267,47 @@ mod tests {
 
         let json = |v: serde_json::Value| (200, vec![], v.to_string().into_bytes());
         let resolve = format!("/org/flux/resolve/{SHA}/");
-        let (status, headers, body): (u16, Vec<(&str, String)>, Vec<u8>) =
-            if path == "/api/models/org/flux/revision/main" {
-                let gated = if gated { serde_json::json!("manual") } else { serde_json::json!(false) };
-                json(serde_json::json!({"id": REPO, "sha": SHA, "gated": gated}))
-            } else if path == format!("/api/models/org/flux/tree/{SHA}") {
-                let list: Vec<_> = files
+        let (status, headers, body): (u16, Vec<(&str, String)>, Vec<u8>) = if path
+            == "/api/models/org/flux/revision/main"
+        {
+            let gated = if gated {
+                serde_json::json!("manual")
+            } else {
+                serde_json::json!(false)
+            };
+            json(serde_json::json!({"id": REPO, "sha": SHA, "gated": gated}))
+        } else if path == format!("/api/models/org/flux/tree/{SHA}") {
+            let list: Vec<_> = files
                     .iter()
                     .map(|(p, c)| serde_json::json!({"type": "file", "oid": "x", "size": c.len(), "path": p}))
                     .collect();
-                json(serde_json::Value::Array(list))
-            } else if let Some(file) = path.strip_prefix(&resolve) {
-                match files.iter().position(|(p, _)| p == file) {
-                    Some(_) if refused.iter().any(|r| r == file) => (
-                        401,
-                        vec![
-                            ("X-Error-Code", "GatedRepo".to_string()),
-                            (
-                                "X-Error-Message",
-                                "Access to model org/flux is restricted.".to_string(),
-                            ),
-                        ],
-                        br#"{"error": "Access to model org/flux is restricted."}"#.to_vec(),
-                    ),
-                    Some(i) => (
-                        200,
-                        vec![
-                            ("ETag", format!("\"etag{i}\"")),
-                            ("X-Repo-Commit", SHA.to_string()),
-                        ],
-                        files[i].1.clone(),
-                    ),
-                    None => (404, vec![("X-Error-Code", "EntryNotFound".into())], vec![]),
-                }
-            } else {
-                (404, vec![("X-Error-Code", "RepoNotFound".into())], vec![])
-            };
+            json(serde_json::Value::Array(list))
+        } else if let Some(file) = path.strip_prefix(&resolve) {
+            match files.iter().position(|(p, _)| p == file) {
+                Some(_) if refused.iter().any(|r| r == file) => (
+                    401,
+                    vec![
+                        ("X-Error-Code", "GatedRepo".to_string()),
+                        (
+                            "X-Error-Message",
+                            "Access to model org/flux is restricted.".to_string(),
+                        ),
+                    ],
+                    br#"{"error": "Access to model org/flux is restricted."}"#.to_vec(),
+                ),
+                Some(i) => (
+                    200,
+                    vec![
+                        ("ETag", format!("\"etag{i}\"")),
+                        ("X-Repo-Commit", SHA.to_string()),
+                    ],
+                    files[i].1.clone(),
+                ),
+                None => (404, vec![("X-Error-Code", "EntryNotFound".into())], vec![]),
+            }
+        } else {
+            (404, vec![("X-Error-Code", "RepoNotFound".into())], vec![])
+        };
         let mut head = format!(
             "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n",
             body.len()
@@ -1283,7 +1341,10 @@ mod tests {
         let snap = snapshot_with(&s, REPO, None, &w).unwrap();
         let repo = repo_dir(tmp.path(), REPO);
         assert_eq!(snap, repo.join("snapshots").join(SHA));
-        assert_eq!(std::fs::read_to_string(repo.join("refs/main")).unwrap(), SHA);
+        assert_eq!(
+            std::fs::read_to_string(repo.join("refs/main")).unwrap(),
+            SHA
+        );
         for (rel, content) in wanted_files() {
             assert_eq!(std::fs::read(snap.join(&rel)).unwrap(), content, "{rel}");
             #[cfg(unix)]
@@ -1355,10 +1416,22 @@ mod tests {
         let hub = FakeHub::start(files, &[], false);
         let tmp = tempfile::tempdir().unwrap();
         let s = online(tmp.path(), &hub.url, None);
-        let e = format!("{:#}", snapshot_with(&s, REPO, None, &Wanted::flux(FLOW)).unwrap_err());
-        assert!(e.contains("the repo lacks what fluxfit needs: ae.safetensors"), "{e}");
-        let e = format!("{:#}", snapshot_with(&s, "org/other", None, &Wanted::flux(FLOW)).unwrap_err());
-        assert!(e.contains("No such repo, or it is private") || e.contains("no repo org/other"), "{e}");
+        let e = format!(
+            "{:#}",
+            snapshot_with(&s, REPO, None, &Wanted::flux(FLOW)).unwrap_err()
+        );
+        assert!(
+            e.contains("the repo lacks what fluxfit needs: ae.safetensors"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            snapshot_with(&s, "org/other", None, &Wanted::flux(FLOW)).unwrap_err()
+        );
+        assert!(
+            e.contains("No such repo, or it is private") || e.contains("no repo org/other"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1374,32 +1447,17 @@ mod tests {
         let e = format!("{:#}", snapshot_with(&s, REPO, None, &w).unwrap_err());
         assert!(e.contains("the Hub could not be reached"), "{e}");
         assert!(e.contains("not in the Hugging Face cache"), "{e}");
-        let files: Vec<_> = wanted_files().into_iter().filter(|(p, _)| p != FLOW).collect();
+        let files: Vec<_> = wanted_files()
+            .into_iter()
+            .filter(|(p, _)| p != FLOW)
+            .collect();
         let snap = fake_cache(tmp.path(), &files);
         let e = format!("{:#}", snapshot_with(&s, REPO, None, &w).unwrap_err());
-        assert!(e.contains(&format!("  - {FLOW}\n")) && e.contains("network is back"), "{e}");
+        assert!(
+            e.contains(&format!("  - {FLOW}\n")) && e.contains("network is back"),
+            "{e}"
+        );
         std::fs::write(snap.join(FLOW), "flow").unwrap();
         assert_eq!(snapshot_with(&s, REPO, None, &w).unwrap(), snap);
-    }
-
-    #[test]
-    fn zz_show_messages() {
-        let endpoint = {
-            let l = TcpListener::bind("127.0.0.1:0").unwrap();
-            format!("http://{}", l.local_addr().unwrap())
-        };
-        let tmp = tempfile::tempdir().unwrap();
-        let s = online(tmp.path(), &endpoint, None);
-        let w = Wanted::flux(FLOW);
-        let files: Vec<_> = wanted_files().into_iter().filter(|(p, _)| p != FLOW && !p.starts_with("tokenizer/")).collect();
-        fake_cache(tmp.path(), &files);
-        eprintln!("=====\n{:#}", snapshot_with(&s, REPO, None, &w).unwrap_err());
-        let mut s2 = s.clone(); s2.offline = true;
-        eprintln!("=====\n{:#}", snapshot_with(&s2, "org/nothere", Some("v1"), &w).unwrap_err());
-        let hub = FakeHub::start(repo_files(), &[FLOW], false);
-        let s3 = online(tmp.path(), &hub.url, None);
-        eprintln!("=====\n{:#}", snapshot_with(&s3, REPO, None, &w).unwrap_err());
-        eprintln!("=====\n{:?}", snapshot_with(&s3, "org/zzz", None, &w).unwrap_err());
-        panic!();
     }
 }

@@ -104,10 +104,11 @@ pub fn shift_mu(image_seq_len: usize) -> f64 {
     m * image_seq_len as f64 + b
 }
 
-/// e^μ / (e^μ + 1/t − 1), in f32 as the reference evaluates it on a tensor; t = 0 stays 0.
+/// e^μ / (e^μ + 1/t − 1), in f32 as the reference evaluates it on a tensor (torch turns
+/// `scalar / tensor` into `tensor.reciprocal() * scalar`); t = 0 stays 0.
 pub fn time_shift(mu: f64, t: f32) -> f32 {
     let e = mu.exp() as f32;
-    e / (e + (1.0 / t - 1.0))
+    (1.0 / (e + (1.0 / t - 1.0))) * e
 }
 
 /// The `steps + 1` timesteps from 1 to 0, shifted towards 1 for larger images unless `shift` is

@@ -210,7 +210,7 @@ fn vae_rename(name: &str, levels: usize) -> Option<(String, bool)> {
                 let (j, inner) = r.split_once('.')?;
                 plain(format!("{group}.{level}.block.{j}.{}", vae_inner(inner)?))
             } else {
-                let s = r.strip_prefix(&format!("{sampler}s.0.conv."))?;
+                let s = r.strip_prefix(&format!("{sampler}rs.0.conv."))?;
                 plain(format!("{group}.{level}.{sampler}.conv.{s}"))
             }
         }

@@ -181,7 +181,10 @@ impl ClipConfig {
 
     /// Checks `store` holds exactly this text tower: every tensor with its shape, no extra layers.
     pub fn check(&self, store: &TensorStore) -> Result<()> {
-        if self.num_heads == 0 || !self.hidden_size.is_multiple_of(self.num_heads) || self.num_layers == 0 {
+        if self.num_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_heads)
+            || self.num_layers == 0
+        {
             return Err(Error::Config(format!(
                 "CLIP config: width {} must split evenly into {} heads, over at least one layer (has {})",
                 self.hidden_size, self.num_heads, self.num_layers

@@ -105,11 +105,23 @@ impl Model {
         req: &Text2Image,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Generated> {
-        let dev = self.device().clone();
-        let dtype = self.dtype();
         on_event(Event::Phase("encode"));
         let (txt, vec) = self.encode_text(&req.prompt, req.t5_tokens)?;
+        self.image_from_embeddings(req, &txt, &vec, on_event)
+    }
 
+    /// Denoise and decode for already encoded text (`req.prompt` is not read).
+    pub fn image_from_embeddings(
+        &self,
+        req: &Text2Image,
+        txt: &Tensor,
+        vec: &Tensor,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Generated> {
+        let dev = self.device().clone();
+        let dtype = self.dtype();
+        let txt = txt.to_dtype(dtype)?;
+        let vec = vec.to_dtype(dtype)?;
         on_event(Event::Phase("denoise"));
         let (lat_h, lat_w) = sampling::latent_hw(req.height, req.width);
         let x = sampling::noise(1, req.height, req.width, req.seed, req.noise, &dev)?

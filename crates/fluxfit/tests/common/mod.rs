@@ -1,0 +1,91 @@
+//! Shared helpers of the parity tests: fixture paths, golden tensors, error measures.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use fluxfit::checkpoint::layout::ModelPaths;
+use fluxfit::checkpoint::safetensors::SafetensorsFile;
+use fluxfit::pipeline::{LoadOptions, Model, ModelSources};
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// A golden tensor as f32 on the CPU.
+pub fn golden(file: &str, name: &str) -> Tensor {
+    let f = SafetensorsFile::open(fixtures().join("golden").join(file)).expect("golden file");
+    f.load(name, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{file}: {e}"))
+        .to_dtype(DType::F32)
+        .expect("f32")
+}
+
+pub fn golden_json(file: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixtures().join("golden").join(file)).expect("golden json");
+    serde_json::from_str(&text).expect("valid json")
+}
+
+/// Largest absolute difference.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Largest absolute value (to state tolerances relative to the signal).
+pub fn max_abs(a: &Tensor) -> f32 {
+    a.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// The tiny dev model from BFL single files (text encoders from the diffusers folders, as the
+/// BFL repos ship them).
+pub fn bfl_sources(flow: &str) -> ModelSources {
+    let d = fixtures().join("tiny-diffusers");
+    ModelSources::resolve(
+        None,
+        ModelPaths {
+            flow: Some(fixtures().join("tiny-bfl").join(flow)),
+            ae: Some(fixtures().join("tiny-bfl/ae.safetensors")),
+            t5: Some(d.join("text_encoder_2")),
+            clip: Some(d.join("text_encoder")),
+            ..Default::default()
+        },
+    )
+    .expect("BFL fixture sources")
+}
+
+pub fn diffusers_sources() -> ModelSources {
+    ModelSources::resolve(
+        Some(&fixtures().join("tiny-diffusers")),
+        ModelPaths::default(),
+    )
+    .expect("diffusers fixture sources")
+}
+
+pub fn load(src: &ModelSources, chunk: Option<usize>) -> Model {
+    Model::load(
+        src,
+        "fixture",
+        LoadOptions {
+            attn_chunk: chunk,
+            ..Default::default()
+        },
+    )
+    .expect("fixture model loads")
+}
