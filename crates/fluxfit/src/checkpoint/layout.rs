@@ -189,7 +189,11 @@ pub fn open_ae(path: &Path) -> Result<TensorStore> {
 
 /// T5 encoder weights (HF transformers names).
 pub fn open_t5(path: &Path) -> Result<TensorStore> {
-    let store = TensorStore::from_files(path, safetensors_files(path)?, &[]);
+    let mut store = TensorStore::from_files(path, safetensors_files(path)?, &[]);
+    // Some exports store the embedding twice (tied); keep one, or it is materialised twice.
+    if store.contains("shared.weight") {
+        store.remove("encoder.embed_tokens.weight");
+    }
     if !store.contains("shared.weight") && !store.contains("encoder.embed_tokens.weight") {
         return Err(Error::Layout {
             path: path.to_path_buf(),

@@ -32,9 +32,14 @@ pub fn layer_norm_plain(x: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// LayerNorm with weight and bias (CLIP).
+/// The affine part is applied in f32 before rounding back, as torch's fused kernel does.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    let y = layer_norm_plain(x, eps)?;
-    Ok(y.broadcast_mul(w)?.broadcast_add(b)?)
+    let y = layer_norm_plain(&x.to_dtype(DType::F32)?, eps)?;
+    let w = w.to_dtype(DType::F32)?;
+    let b = b.to_dtype(DType::F32)?;
+    Ok(y.broadcast_mul(&w)?
+        .broadcast_add(&b)?
+        .to_dtype(x.dtype())?)
 }
 
 /// RMSNorm computed in f32 then cast back, times `scale` (the reference's QK-norm).

@@ -214,15 +214,23 @@ impl Model {
             )));
         }
         let o = &options;
-        let resident = |store: TensorStore, stages| {
+        // candle's CPU backend has no bf16/f16 convolution: the VAE computes in f32 there (it is
+        // small; the reference keeps its weights in f32 too).
+        let ae_dtype = if o.device.is_cpu() {
+            DType::F32
+        } else {
+            o.dtype
+        };
+        let resident_as = |store: TensorStore, stages, dtype| {
             Residency::new(
                 Arc::new(store),
                 stages,
                 o.device.clone(),
-                o.dtype,
+                dtype,
                 Placement::Resident,
             )
         };
+        let resident = |store: TensorStore, stages| resident_as(store, stages, o.dtype);
         let flow = Flux::new(flow_cfg, o.attn_chunk);
         let ae = AutoEncoder::new(ae_cfg, o.attn_chunk);
         let t5 = T5Encoder::new(t5_cfg);
@@ -237,7 +245,7 @@ impl Model {
                 net: flow,
             },
             ae: Component {
-                weights: resident(stores.ae, ae_stages),
+                weights: resident_as(stores.ae, ae_stages, ae_dtype),
                 net: ae,
             },
             t5: Component {
