@@ -131,9 +131,13 @@ fn check_output(path: &Path) -> Result<()> {
     };
     if !dir.is_dir() {
         bail!(
-            "output {}: folder {} does not exist",
+            "output {}: {}",
             path.display(),
-            dir.display()
+            if dir.exists() {
+                format!("{} is not a folder", dir.display())
+            } else {
+                format!("folder {} does not exist", dir.display())
+            }
         );
     }
     let probe = dir.join(format!(".fluxfit-write-test-{}", std::process::id()));

@@ -7,11 +7,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
+    // The I/O error is part of the message, not a `source`: printers that walk the chain
+    // (anyhow's `{:#}`) would otherwise repeat it.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
     #[error("{path}: not a valid safetensors file ({reason}); the download may be truncated or corrupt: delete it and fetch it again")]
@@ -32,6 +33,14 @@ pub enum Error {
         expected: Box<[usize]>,
         found: Box<[usize]>,
         hint: String,
+    },
+
+    #[error("{path}: tensor `{key}` has shape {found:?}, expected a {rank}-D tensor")]
+    WrongRank {
+        path: PathBuf,
+        key: String,
+        rank: usize,
+        found: Box<[usize]>,
     },
 
     #[error("{path}: tensor `{key}` has dtype {dtype}, which fluxfit cannot read (supported: F32, BF16, F16)")]
@@ -64,7 +73,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 }

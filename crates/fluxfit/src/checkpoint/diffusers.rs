@@ -106,10 +106,20 @@ pub fn flow_store(origin: PathBuf, files: Vec<Arc<SafetensorsFile>>) -> Result<T
         }
     }
     let concat = |store: &mut TensorStore, key: String, parts: Vec<String>| -> Result<()> {
-        let srcs: Option<Vec<Source>> = parts.iter().map(|p| store.stored(p)).collect();
-        if let Some(parts) = srcs {
-            store.insert(key, Source::Concat { parts, dim: 0 })?;
+        let srcs: Vec<Option<Source>> = parts.iter().map(|p| store.stored(p)).collect();
+        if srcs.iter().all(Option::is_none) {
+            return Ok(());
         }
+        // Some parts but not all: name the stored tensor that is missing, not only `key`.
+        if let Some(i) = srcs.iter().position(Option::is_none) {
+            return Err(Error::MissingKey {
+                path: store.origin().to_path_buf(),
+                key: parts[i].clone(),
+                hint: format!(" (one of the {} tensors joined into `{key}`)", parts.len()),
+            });
+        }
+        let parts = srcs.into_iter().flatten().collect();
+        store.insert(key, Source::Concat { parts, dim: 0 })?;
         Ok(())
     };
     let count = |prefix: &str| {

@@ -2,5 +2,6 @@
 
 pub mod diffusers;
 pub mod layout;
+pub mod manifest;
 pub mod safetensors;
 pub mod store;

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
@@ -57,6 +58,8 @@ pub struct SafetensorsFile {
     data_start: usize,
     tensors: BTreeMap<String, TensorInfo>,
     metadata: BTreeMap<String, String>,
+    /// Bytes copied out of the map so far (what `load` read), for tests and reports.
+    bytes_read: AtomicUsize,
 }
 
 fn dtype_from_str(s: &str) -> Option<DType> {
@@ -157,6 +160,7 @@ impl SafetensorsFile {
             data_start,
             tensors,
             metadata,
+            bytes_read: AtomicUsize::new(0),
         }))
     }
 
@@ -172,6 +176,11 @@ impl SafetensorsFile {
         &self.metadata
     }
 
+    /// Bytes copied out of the map by [`SafetensorsFile::load`] since the file was opened.
+    pub fn bytes_read(&self) -> usize {
+        self.bytes_read.load(Ordering::Relaxed)
+    }
+
     /// The raw bytes of a tensor, straight from the map (no copy).
     pub fn bytes(&self, info: &TensorInfo) -> &[u8] {
         &self.mmap[self.data_start + info.start..self.data_start + info.end]
@@ -184,6 +193,7 @@ impl SafetensorsFile {
             key: name.to_string(),
             hint: String::new(),
         })?;
+        self.bytes_read.fetch_add(info.nbytes(), Ordering::Relaxed);
         Ok(Tensor::from_raw_buffer(
             self.bytes(info),
             info.dtype,
@@ -200,14 +210,14 @@ struct RawEntry {
     data_offsets: [usize; 2],
 }
 
-/// Serialises f32 tensors `(name, shape, values)` as a safetensors image.
-pub fn serialize_f32(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
+/// The header (length prefix included) of a safetensors image of f32 tensors stored in order.
+fn f32_header<'a>(tensors: impl Iterator<Item = (&'a str, &'a [usize])>) -> (Vec<u8>, usize) {
     let mut header = serde_json::Map::new();
     let mut offset = 0;
-    for (name, shape, values) in tensors {
-        let len = values.len() * 4;
+    for (name, shape) in tensors {
+        let len = shape.iter().product::<usize>() * 4;
         header.insert(
-            name.clone(),
+            name.to_string(),
             serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + len]}),
         );
         offset += len;
@@ -216,13 +226,47 @@ pub fn serialize_f32(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
     while !head.len().is_multiple_of(8) {
         head.push(b' ');
     }
-    let mut out = Vec::with_capacity(8 + head.len() + offset);
+    let mut out = Vec::with_capacity(8 + head.len());
     out.extend_from_slice(&(head.len() as u64).to_le_bytes());
     out.extend_from_slice(&head);
+    (out, offset)
+}
+
+/// Serialises f32 tensors `(name, shape, values)` as a safetensors image.
+pub fn serialize_f32(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
+    let (mut out, data) = f32_header(tensors.iter().map(|(n, s, _)| (n.as_str(), s.as_slice())));
+    out.reserve(data);
     for (_, _, values) in tensors {
         for v in values {
             out.extend_from_slice(&v.to_le_bytes());
         }
     }
     out
+}
+
+/// Writes f32 tensors to a safetensors file one at a time, asking `values` for each: the
+/// process never holds more than one tensor (for models made in process and then mapped).
+pub fn write_f32(
+    path: &Path,
+    shapes: &[(String, Vec<usize>)],
+    mut values: impl FnMut(&str, &[usize]) -> Vec<f32>,
+) -> Result<()> {
+    use std::io::Write;
+    let io = |e| Error::io(path, e);
+    let (head, _) = f32_header(shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())));
+    let mut f = std::io::BufWriter::new(File::create(path).map_err(io)?);
+    f.write_all(&head).map_err(io)?;
+    for (name, shape) in shapes {
+        let v = values(name, shape);
+        if v.len() != shape.iter().product::<usize>() {
+            return Err(Error::Config(format!(
+                "{}: {} values for `{name}` of shape {shape:?}",
+                path.display(),
+                v.len()
+            )));
+        }
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        f.write_all(&bytes).map_err(io)?;
+    }
+    f.flush().map_err(io)
 }

@@ -187,6 +187,12 @@ impl TensorStore {
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     }
 
+    /// Whether `key` is a stored tensor read as is (no recipe): loading it in its storage dtype
+    /// on the CPU makes exactly one buffer.
+    pub fn is_direct(&self, key: &str) -> bool {
+        matches!(self.keys.get(key), Some((Source::File { .. }, _)))
+    }
+
     fn build(&self, source: &Source) -> Result<Tensor> {
         Ok(match source {
             Source::File { file, name } => self.files[*file].load(name, &Device::Cpu)?,
@@ -209,6 +215,19 @@ impl TensorStore {
         })
     }
 
+    /// The stored name a recipe reads (its first file tensor), for messages.
+    fn source_name(source: &Source) -> String {
+        match source {
+            Source::File { name, .. } => format!("`{name}`"),
+            Source::Concat { parts, .. } => parts
+                .first()
+                .map_or_else(|| "(nothing)".into(), Self::source_name),
+            Source::SwapHalves { inner, .. } | Source::Reshape { inner, .. } => {
+                Self::source_name(inner)
+            }
+        }
+    }
+
     fn info_of(&self, source: &Source) -> Result<KeyInfo> {
         match source {
             Source::File { file, name } => {
@@ -228,6 +247,25 @@ impl TensorStore {
                     .iter()
                     .map(|p| self.info_of(p))
                     .collect::<Result<Vec<_>>>()?;
+                // Parts must agree in every dimension but `dim`, or the concatenation fails
+                // mid-run (or indexes out of bounds here).
+                let fits = |i: &KeyInfo| {
+                    i.shape.len() == infos[0].shape.len()
+                        && *dim < i.shape.len()
+                        && (0..i.shape.len()).all(|d| d == *dim || i.shape[d] == infos[0].shape[d])
+                };
+                if infos.is_empty() || !infos.iter().all(fits) {
+                    let parts: Vec<String> = parts
+                        .iter()
+                        .zip(&infos)
+                        .map(|(p, i)| format!("{} {:?}", Self::source_name(p), i.shape))
+                        .collect();
+                    return Err(Error::Config(format!(
+                        "{}: cannot join tensors of these shapes along dimension {dim}: {}",
+                        self.origin.display(),
+                        parts.join(", ")
+                    )));
+                }
                 let mut shape = infos[0].shape.clone();
                 shape[*dim] = infos.iter().map(|i| i.shape[*dim]).sum();
                 Ok(KeyInfo {

@@ -109,3 +109,123 @@ impl Plan {
         }
     }
 }
+
+/// Streaming defaults: one stage per group, two groups held (the one computing and the one
+/// being prefetched).
+pub const DEFAULT_STREAM_GROUP: usize = 1;
+pub const DEFAULT_STREAM_WINDOW: usize = 2;
+
+/// The grammar of `--plan`, for help texts and error messages.
+pub const PLAN_SPEC_HELP: &str = "comma-separated items applied in order over `resident`: \
+a preset `resident` | `phase` | `stream[:GROUP[:WINDOW]]` (flow and T5 streamed GROUP blocks at a \
+time with WINDOW groups held, default 1:2; CLIP and VAE per phase) | `t5-cpu` (T5 on the CPU), \
+or COMPONENT=PLACEMENT with COMPONENT t5|clip|flow|vae and PLACEMENT \
+resident|phase|stream[:GROUP[:WINDOW]]|cpu; e.g. `stream:2:3,t5=cpu`";
+
+impl Placement {
+    /// `resident`, `phase`, `stream[:GROUP[:WINDOW]]` or `cpu`.
+    pub fn parse(s: &str) -> crate::Result<Self> {
+        let bad = |why: String| crate::Error::InvalidRequest(format!("plan placement `{s}`: {why}"));
+        let mut parts = s.split(':');
+        let head = parts.next().unwrap_or_default();
+        let rest: Vec<&str> = parts.collect();
+        let placement = match head {
+            "resident" => Placement::Resident,
+            "phase" => Placement::Phase,
+            "cpu" => Placement::Cpu,
+            "stream" => {
+                if rest.len() > 2 {
+                    return Err(bad("expected stream[:GROUP[:WINDOW]]".into()));
+                }
+                let num = |i: usize, default: usize, what: &str| -> crate::Result<usize> {
+                    match rest.get(i) {
+                        None => Ok(default),
+                        Some(v) => match v.parse::<usize>() {
+                            Ok(n) if n >= 1 => Ok(n),
+                            _ => Err(bad(format!("{what} `{v}` is not a whole number of at least 1"))),
+                        },
+                    }
+                };
+                Placement::Stream {
+                    group: num(0, DEFAULT_STREAM_GROUP, "GROUP")?,
+                    window: num(1, DEFAULT_STREAM_WINDOW, "WINDOW")?,
+                }
+            }
+            _ => {
+                return Err(bad(
+                    "expected resident, phase, stream[:GROUP[:WINDOW]] or cpu".into(),
+                ))
+            }
+        };
+        if !matches!(placement, Placement::Stream { .. }) && !rest.is_empty() {
+            return Err(bad(format!("`{head}` takes no parameters")));
+        }
+        Ok(placement)
+    }
+
+    /// The inverse of [`Placement::parse`].
+    pub fn spec(&self) -> String {
+        match self {
+            Placement::Resident => "resident".into(),
+            Placement::Phase => "phase".into(),
+            Placement::Stream { group, window } => format!("stream:{group}:{window}"),
+            Placement::Cpu => "cpu".into(),
+        }
+    }
+}
+
+impl Plan {
+    /// This plan with the items of `spec` applied in order (grammar: [`PLAN_SPEC_HELP`]).
+    /// Presets replace placements only; dtypes, attention chunk and VAE tile are kept.
+    pub fn with_spec(&self, spec: &str) -> crate::Result<Plan> {
+        let mut plan = self.clone();
+        let set = |plan: &mut Plan, kinds: &[ComponentKind], p: Placement| {
+            for k in kinds {
+                plan.component_mut(*k).placement = p;
+            }
+        };
+        use ComponentKind::*;
+        for item in spec.split(',').map(str::trim) {
+            if item.is_empty() {
+                continue;
+            }
+            if let Some((comp, placement)) = item.split_once('=') {
+                let kind = ComponentKind::ALL
+                    .into_iter()
+                    .find(|k| k.name() == comp.trim())
+                    .ok_or_else(|| {
+                        crate::Error::InvalidRequest(format!(
+                            "plan item `{item}`: unknown component `{comp}` (expected t5, clip, flow or vae)"
+                        ))
+                    })?;
+                set(&mut plan, &[kind], Placement::parse(placement.trim())?);
+                continue;
+            }
+            match item {
+                "resident" => set(&mut plan, &ComponentKind::ALL, Placement::Resident),
+                "phase" => set(&mut plan, &ComponentKind::ALL, Placement::Phase),
+                "t5-cpu" => set(&mut plan, &[T5], Placement::Cpu),
+                s if s == "stream" || s.starts_with("stream:") => {
+                    set(&mut plan, &[T5, Flow], Placement::parse(s)?);
+                    set(&mut plan, &[Clip, Vae], Placement::Phase);
+                }
+                _ => {
+                    return Err(crate::Error::InvalidRequest(format!(
+                        "plan item `{item}` is not understood; --plan takes {PLAN_SPEC_HELP}"
+                    )))
+                }
+            }
+        }
+        Ok(plan)
+    }
+
+    /// The placements as a spec that [`Plan::with_spec`] reads back:
+    /// `t5=cpu,clip=phase,flow=stream:1:2,vae=phase`. Recorded in image metadata.
+    pub fn spec(&self) -> String {
+        ComponentKind::ALL
+            .iter()
+            .map(|k| format!("{}={}", k.name(), self.component(*k).placement.spec()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}

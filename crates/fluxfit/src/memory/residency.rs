@@ -4,12 +4,34 @@
 //! that stage's tensors on its compute device in its compute dtype. Whether they were resident all
 //! along, brought in for the phase or streamed with the next stage prefetched is the plan's
 //! business; the network code is the same under every plan.
+//!
+//! - `Resident`: a stage is materialised on first use and kept for the session.
+//! - `Phase`: the same, but [`Residency::release`] (called by the pipeline at the end of the
+//!   component's phase) drops everything.
+//! - `Stream { group, window }`: the stages, in [`Residency::stages`] order, form groups of
+//!   `group`; at most `window` groups are held, counting the one being prefetched. When the
+//!   network first asks for a stage of group g, g is taken (waiting for its prefetch if one is in
+//!   flight), the least recently used groups are dropped to make room, and the materialisation of
+//!   the next group (after the last: the group the pass started with, for the next pass) is
+//!   handed to a background thread, so that copying it out of the memory map and converting its
+//!   dtype overlap g's compute. With `window` 1 there is no room for a prefetch: streaming is
+//!   then synchronous.
+//! - `Cpu`: weights on the CPU and the network computes there (phase-scoped, like `Phase`); the
+//!   pipeline moves inputs to [`Weights::device`] and outputs back.
+//!
+//! Every stage's bytes are taken from the [`Ledger`] before they are allocated and given back
+//! when the stage's tensors are gone, wherever the last reference to them was dropped.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::ledger::{Entry, Kind, Ledger};
+pub use super::plan::Placement;
 use crate::checkpoint::store::TensorStore;
 use crate::error::{Error, Result};
 
@@ -70,8 +92,11 @@ impl StageSpec {
 pub struct StageWeights {
     name: String,
     root: String,
+    // Declared before `entry`: fields drop in order, so the tensors are freed before the
+    // ledger is told.
     tensors: HashMap<String, Tensor>,
     bytes: usize,
+    _entry: Option<Entry>,
 }
 
 impl StageWeights {
@@ -105,24 +130,168 @@ pub trait Weights {
     fn dtype(&self) -> DType;
 }
 
-/// How a component's weights are held.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Placement {
-    /// Materialised on first use and kept until the component is dropped.
-    Resident,
-}
-
-/// A component's weights under a plan: the store they come from, the stages networks ask for.
-pub struct Residency {
+/// What the residency and its prefetch thread share.
+struct Shared {
+    component: &'static str,
     store: Arc<TensorStore>,
     stages: Vec<StageSpec>,
     device: Device,
     dtype: DType,
+    ledger: Arc<Ledger>,
+    /// Bumped by `release`: queued prefetches of an older generation are skipped.
+    generation: AtomicU64,
+}
+
+impl Shared {
+    /// Device bytes of stage `idx` in the compute dtype.
+    fn stage_bytes(&self, idx: usize) -> usize {
+        self.stages[idx]
+            .keys(&self.store)
+            .into_iter()
+            .filter_map(|k| self.store.info(k).ok())
+            .map(|i| i.shape.iter().product::<usize>() * self.dtype.size_in_bytes())
+            .sum()
+    }
+
+    /// Copies one stage out of the memory map into owned tensors on the device, converting the
+    /// dtype on the way: reads this stage's bytes and no other's.
+    fn materialise(&self, idx: usize) -> Result<StageWeights> {
+        let spec = &self.stages[idx];
+        let keys = spec.keys(&self.store);
+        let mut bytes = 0;
+        let mut staging = 0;
+        for key in &keys {
+            let info = self.store.info(key)?;
+            bytes += info.shape.iter().product::<usize>() * self.dtype.size_in_bytes();
+            // A tensor that is not stored as is in the compute dtype is built on the host first.
+            let direct = self.store.is_direct(key) && info.dtype == self.dtype;
+            if !direct || !self.device.is_cpu() {
+                staging = staging.max(info.nbytes());
+            }
+        }
+        let owner = format!("{}/{}", self.component, spec.name);
+        let entry = self
+            .ledger
+            .take(self.component, owner, Kind::Weights, bytes, &self.device);
+        let staging = (staging > 0).then(|| {
+            self.ledger.take(
+                self.component,
+                format!("{}/staging", self.component),
+                Kind::Workspace,
+                staging,
+                &Device::Cpu,
+            )
+        });
+        let mut tensors = HashMap::with_capacity(keys.len());
+        for key in keys {
+            tensors.insert(key.clone(), self.store.load(key, &self.device, self.dtype)?);
+        }
+        drop(staging);
+        Ok(StageWeights {
+            name: spec.name.clone(),
+            root: spec.root.clone(),
+            tensors,
+            bytes,
+            _entry: Some(entry),
+        })
+    }
+
+    fn group_range(&self, g: usize, group: usize) -> std::ops::Range<usize> {
+        g * group..((g + 1) * group).min(self.stages.len())
+    }
+
+    fn materialise_group(&self, g: usize, group: usize) -> Result<Vec<StageWeights>> {
+        self.group_range(g, group)
+            .map(|i| self.materialise(i))
+            .collect()
+    }
+}
+
+type Reply = Option<Result<Vec<StageWeights>>>;
+
+struct Job {
+    group: usize,
+    generation: u64,
+    reply: Sender<Reply>,
+}
+
+/// The background thread that materialises prefetched groups.
+struct Worker {
+    jobs: Option<Sender<Job>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    fn spawn(shared: Arc<Shared>, group: usize) -> Option<Self> {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let handle = std::thread::Builder::new()
+            .name(format!("fluxfit-prefetch-{}", shared.component))
+            .spawn(move || {
+                for job in queue {
+                    let out = (job.generation == shared.generation.load(SeqCst))
+                        .then(|| shared.materialise_group(job.group, group));
+                    // A receiver gone means nobody wants the group: dropping it gives it back.
+                    let _ = job.reply.send(out);
+                }
+            })
+            .ok()?;
+        Some(Self {
+            jobs: Some(jobs),
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+type Group = (usize, Vec<Arc<StageWeights>>);
+
+#[derive(Default)]
+struct State {
+    /// Resident, Phase and Cpu: stages by index.
+    held: HashMap<usize, Arc<StageWeights>>,
+    /// Stream: held groups, least recently entered first.
+    groups: VecDeque<Group>,
+    /// Stream: the group being prefetched.
+    pending: Option<(usize, Receiver<Reply>)>,
+    /// Stream: the group the network is in, and the one this pass started with.
+    current: Option<usize>,
+    start: Option<usize>,
+    /// Stream: the network came back to `start` after a pass, so passes repeat (the flow model
+    /// runs once per step) and the end of a pass prefetches the start of the next.
+    repeats: bool,
+    stats: StreamStats,
+}
+
+/// How a streamed component's groups arrived, since the residency was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamStats {
+    /// Groups materialised on the network's thread because no prefetch had them.
+    pub synchronous: usize,
+    /// Groups the network took from a prefetch.
+    pub prefetched: usize,
+    /// Prefetches issued.
+    pub issued: usize,
+}
+
+/// A component's weights under a plan: the store they come from, the stages networks ask for.
+pub struct Residency {
+    shared: Arc<Shared>,
+    index: HashMap<String, usize>,
     placement: Placement,
-    held: Mutex<HashMap<String, Arc<StageWeights>>>,
+    state: Mutex<State>,
+    worker: Mutex<Option<Worker>>,
 }
 
 impl Residency {
+    /// A residency with a ledger of its own (component name `weights`).
     pub fn new(
         store: Arc<TensorStore>,
         stages: Vec<StageSpec>,
@@ -130,87 +299,281 @@ impl Residency {
         dtype: DType,
         placement: Placement,
     ) -> Self {
+        let ledger = Ledger::new(device.clone());
+        Self::in_ledger(ledger, "weights", store, stages, device, dtype, placement)
+    }
+
+    /// A residency reporting to `ledger` under `component` (`flow`, `t5`, ...). A `Cpu`
+    /// placement puts the weights on the CPU whatever `device` is.
+    pub fn in_ledger(
+        ledger: Arc<Ledger>,
+        component: &'static str,
+        store: Arc<TensorStore>,
+        stages: Vec<StageSpec>,
+        device: Device,
+        dtype: DType,
+        placement: Placement,
+    ) -> Self {
+        let device = match placement {
+            Placement::Cpu => Device::Cpu,
+            _ => device,
+        };
+        let placement = match placement {
+            Placement::Stream { group, window } => Placement::Stream {
+                group: group.max(1),
+                window: window.max(1),
+            },
+            p => p,
+        };
+        let index = stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.clone(), i))
+            .collect();
         Self {
-            store,
-            stages,
-            device,
-            dtype,
+            shared: Arc::new(Shared {
+                component,
+                store,
+                stages,
+                device,
+                dtype,
+                ledger,
+                generation: AtomicU64::new(0),
+            }),
+            index,
             placement,
-            held: Mutex::new(HashMap::new()),
+            state: Mutex::new(State::default()),
+            worker: Mutex::new(None),
         }
     }
 
     pub fn store(&self) -> &TensorStore {
-        &self.store
+        &self.shared.store
+    }
+
+    /// The store, shared (to build this component's residency under another plan).
+    pub fn store_arc(&self) -> Arc<TensorStore> {
+        self.shared.store.clone()
     }
 
     pub fn stages(&self) -> &[StageSpec] {
-        &self.stages
+        &self.shared.stages
     }
 
     pub fn placement(&self) -> Placement {
         self.placement
     }
 
-    /// Bytes currently held on the compute device.
+    pub fn component(&self) -> &'static str {
+        self.shared.component
+    }
+
+    pub fn ledger(&self) -> &Arc<Ledger> {
+        &self.shared.ledger
+    }
+
+    /// Device bytes of each stage in the compute dtype, in stage order.
+    pub fn stage_bytes(&self) -> Vec<usize> {
+        (0..self.shared.stages.len())
+            .map(|i| self.shared.stage_bytes(i))
+            .collect()
+    }
+
+    /// Device bytes of each streaming group of `group` stages.
+    pub fn group_bytes(&self, group: usize) -> Vec<usize> {
+        self.stage_bytes()
+            .chunks(group.max(1))
+            .map(|c| c.iter().sum())
+            .collect()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Bytes currently held on the device by this residency (a prefetch in flight excluded).
     pub fn held_bytes(&self) -> usize {
-        self.held
-            .lock()
-            .expect("residency lock")
-            .values()
-            .map(|s| s.bytes)
-            .sum()
+        let st = self.lock();
+        st.held.values().map(|s| s.bytes).sum::<usize>()
+            + st
+                .groups
+                .iter()
+                .flat_map(|(_, g)| g.iter())
+                .map(|s| s.bytes)
+                .sum::<usize>()
     }
 
-    /// Drops every held stage (end of the component's phase).
+    /// End of the component's phase: everything but resident weights is dropped, including a
+    /// prefetch in flight (waited for, so that its bytes are gone when this returns).
     pub fn release(&self) {
-        self.held.lock().expect("residency lock").clear();
+        if self.placement == Placement::Resident {
+            return;
+        }
+        self.drop_all();
     }
 
-    fn materialise(&self, spec: &StageSpec) -> Result<StageWeights> {
-        let mut tensors = HashMap::new();
-        let mut bytes = 0;
-        for key in spec.keys(&self.store) {
-            let t = self.store.load(key, &self.device, self.dtype)?;
-            bytes += t.elem_count() * t.dtype().size_in_bytes();
-            tensors.insert(key.clone(), t);
+    /// Drops every held stage, whatever the placement.
+    pub fn drop_all(&self) {
+        self.shared.generation.fetch_add(1, SeqCst);
+        let mut st = self.lock();
+        if let Some((_, rx)) = st.pending.take() {
+            let _ = rx.recv();
         }
-        Ok(StageWeights {
-            name: spec.name.clone(),
-            root: spec.root.clone(),
-            tensors,
-            bytes,
+        let stats = st.stats;
+        *st = State {
+            stats,
+            ..State::default()
+        };
+    }
+
+    /// How the groups of a streamed component arrived so far.
+    pub fn stream_stats(&self) -> StreamStats {
+        self.lock().stats
+    }
+
+    fn spec_index(&self, name: &str) -> Result<usize> {
+        self.index.get(name).copied().ok_or_else(|| {
+            Error::Config(format!(
+                "{} has no stage named `{name}`",
+                self.shared.component
+            ))
         })
+    }
+
+    fn stream_stage(&self, idx: usize, group: usize, window: usize) -> Result<Arc<StageWeights>> {
+        let g = idx / group;
+        let mut st = self.lock();
+        if st.current != Some(g) || !st.groups.iter().any(|(h, _)| *h == g) {
+            self.enter(&mut st, g, group, window)?;
+        }
+        let (_, stages) = st
+            .groups
+            .iter()
+            .find(|(h, _)| *h == g)
+            .expect("the entered group is held");
+        Ok(stages[idx - g * group].clone())
+    }
+
+    /// Drops the least recently entered groups other than `keep` until at most `limit` are
+    /// held or in flight.
+    fn evict(st: &mut State, limit: usize, keep: usize) {
+        while st.groups.len() + usize::from(st.pending.is_some()) > limit {
+            match st.groups.iter().position(|(h, _)| *h != keep) {
+                Some(pos) => drop(st.groups.remove(pos)),
+                None => break,
+            }
+        }
+    }
+
+    /// Waits for the prefetch in flight; `None` if it was skipped or its thread is gone.
+    fn wait(&self, rx: Receiver<Reply>) -> Option<Result<Vec<StageWeights>>> {
+        rx.recv().ok().flatten()
+    }
+
+    fn enter(&self, st: &mut State, g: usize, group: usize, window: usize) -> Result<()> {
+        let shared = &self.shared;
+        let ngroups = shared.stages.len().div_ceil(group);
+        if st.current.is_some() && st.start == Some(g) {
+            st.repeats = true;
+        }
+        st.start.get_or_insert(g);
+        if let Some(pos) = st.groups.iter().position(|(h, _)| *h == g) {
+            let entry = st.groups.remove(pos).expect("position is in range");
+            st.groups.push_back(entry);
+        } else {
+            let mut got = None;
+            if let Some((h, rx)) = st.pending.take() {
+                let r = self.wait(rx);
+                if h == g {
+                    got = r;
+                } else if let Some(Ok(stages)) = r {
+                    // Not the group asked for (the network skipped one): keep it as the oldest.
+                    st.groups
+                        .push_front((h, stages.into_iter().map(Arc::new).collect()));
+                }
+            }
+            let stages = match got {
+                Some(r) => {
+                    st.stats.prefetched += 1;
+                    r?
+                }
+                None => {
+                    Self::evict(st, window.saturating_sub(1), g);
+                    st.stats.synchronous += 1;
+                    shared.materialise_group(g, group)?
+                }
+            };
+            st.groups
+                .push_back((g, stages.into_iter().map(Arc::new).collect()));
+        }
+        st.current = Some(g);
+
+        // Prefetch what comes next: the following group or, after the last one when passes
+        // repeat, the group this pass started with.
+        let next = if g + 1 < ngroups {
+            Some(g + 1)
+        } else if st.repeats {
+            st.start
+        } else {
+            None
+        };
+        let next = next.filter(|n| *n != g && !st.groups.iter().any(|(h, _)| h == n));
+        if let (Some(next), true) = (next, window >= 2) {
+            Self::evict(st, window - 1, g);
+            if let Some(jobs) = self.worker_jobs(group) {
+                let (reply, rx) = mpsc::channel();
+                let job = Job {
+                    group: next,
+                    generation: shared.generation.load(SeqCst),
+                    reply,
+                };
+                if jobs.send(job).is_ok() {
+                    st.pending = Some((next, rx));
+                    st.stats.issued += 1;
+                }
+            }
+        }
+        Self::evict(st, window, g);
+        Ok(())
+    }
+
+    /// The prefetch thread's queue, started on first use; `None` if no thread can be started
+    /// (streaming then stays correct, only synchronous).
+    fn worker_jobs(&self, group: usize) -> Option<Sender<Job>> {
+        let mut w = self.worker.lock().unwrap_or_else(|e| e.into_inner());
+        if w.is_none() {
+            *w = Worker::spawn(self.shared.clone(), group);
+        }
+        w.as_ref().and_then(|w| w.jobs.clone())
+    }
+}
+
+impl Drop for Residency {
+    fn drop(&mut self) {
+        self.drop_all();
     }
 }
 
 impl Weights for Residency {
     fn stage(&self, name: &str) -> Result<Arc<StageWeights>> {
-        if let Some(s) = self.held.lock().expect("residency lock").get(name) {
+        let idx = self.spec_index(name)?;
+        if let Placement::Stream { group, window } = self.placement {
+            return self.stream_stage(idx, group, window);
+        }
+        let mut st = self.lock();
+        if let Some(s) = st.held.get(&idx) {
             return Ok(s.clone());
         }
-        let spec = self
-            .stages
-            .iter()
-            .find(|s| s.name == name)
-            .ok_or_else(|| Error::Config(format!("no stage named `{name}`")))?;
-        let stage = Arc::new(self.materialise(spec)?);
-        match self.placement {
-            Placement::Resident => {
-                self.held
-                    .lock()
-                    .expect("residency lock")
-                    .insert(name.to_string(), stage.clone());
-            }
-        }
+        let stage = Arc::new(self.shared.materialise(idx)?);
+        st.held.insert(idx, stage.clone());
         Ok(stage)
     }
 
     fn device(&self) -> &Device {
-        &self.device
+        &self.shared.device
     }
 
     fn dtype(&self) -> DType {
-        self.dtype
+        self.shared.dtype
     }
 }

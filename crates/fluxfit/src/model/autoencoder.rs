@@ -7,6 +7,7 @@ use crate::checkpoint::store::TensorStore;
 use crate::error::{Error, Result};
 use crate::memory::residency::{StageSpec, StageWeights, Weights};
 use crate::model::attention::attention;
+use crate::model::t5::dims;
 
 const NORM_GROUPS: usize = 32;
 const NORM_EPS: f64 = 1e-6;
@@ -41,17 +42,17 @@ impl AutoEncoderConfig {
     /// Reads the configuration off the checkpoint's shapes (canonical LDM keys); the latent
     /// scale and shift are FLUX's.
     pub fn from_store(store: &TensorStore) -> Result<Self> {
-        let conv_in = store.shape("encoder.conv_in.weight")?;
+        let conv_in = dims::<4>(store, "encoder.conv_in.weight")?;
         let ch = conv_in[0];
         let mut ch_mult = Vec::new();
         while store.contains(&format!(
             "encoder.down.{}.block.0.conv1.weight",
             ch_mult.len()
         )) {
-            let out = store.shape(&format!(
-                "encoder.down.{}.block.0.conv1.weight",
-                ch_mult.len()
-            ))?[0];
+            let out = dims::<4>(
+                store,
+                &format!("encoder.down.{}.block.0.conv1.weight", ch_mult.len()),
+            )?[0];
             ch_mult.push(out / ch.max(1));
         }
         let mut num_res_blocks = 0;
@@ -69,10 +70,10 @@ impl AutoEncoderConfig {
         Ok(Self {
             in_channels: conv_in[1],
             ch,
-            out_ch: store.shape("decoder.conv_out.weight")?[0],
+            out_ch: dims::<4>(store, "decoder.conv_out.weight")?[0],
             ch_mult,
             num_res_blocks,
-            z_channels: store.shape("decoder.conv_in.weight")?[1],
+            z_channels: dims::<4>(store, "decoder.conv_in.weight")?[1],
             ..Self::flux()
         })
     }

@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::memory::residency::{StageSpec, StageWeights, Weights};
 use crate::model::attention::{apply_rope, attention, rope_angles};
 use crate::model::ops::{gelu_tanh, layer_norm_plain, linear, modulate, rms_norm, silu};
+use crate::model::t5::dims;
 
 const LN_EPS: f64 = 1e-6;
 const TIME_DIM: usize = 256;
@@ -85,7 +86,8 @@ impl FlowConfig {
             )));
         }
         let (hidden_size, in_channels) = (img_in[0], img_in[1]);
-        let head_dim = store.shape("double_blocks.0.img_attn.norm.query_norm.scale")?[0];
+        const QK_NORM: &str = "double_blocks.0.img_attn.norm.query_norm.scale";
+        let [head_dim] = dims::<1>(store, QK_NORM)?;
         let count = |prefix: &str| {
             let mut n = 0;
             while store.contains(&format!("{prefix}.{n}.norm.query_norm.scale"))
@@ -103,15 +105,17 @@ impl FlowConfig {
         }
         let cfg = Self {
             in_channels,
-            out_channels: store.shape("final_layer.linear.weight")?[0],
-            vec_in_dim: store.shape("vector_in.in_layer.weight")?[1],
-            context_in_dim: store.shape("txt_in.weight")?[1],
+            out_channels: dims::<2>(store, "final_layer.linear.weight")?[0],
+            vec_in_dim: dims::<2>(store, "vector_in.in_layer.weight")?[1],
+            context_in_dim: dims::<2>(store, "txt_in.weight")?[1],
             hidden_size,
-            mlp_hidden: store.shape("double_blocks.0.img_mlp.0.weight")?[0],
+            mlp_hidden: dims::<2>(store, "double_blocks.0.img_mlp.0.weight")?[0],
             num_heads: hidden_size / head_dim,
             depth: count("double_blocks"),
             depth_single: count("single_blocks"),
-            axes_dim: Self::default_axes(head_dim)?,
+            axes_dim: Self::default_axes(head_dim).map_err(|e| {
+                Error::Config(format!("{}: {e} (`{QK_NORM}`)", store.origin().display()))
+            })?,
             theta: 10_000.0,
             qkv_bias: store.contains("double_blocks.0.img_attn.qkv.bias"),
             guidance_embed: store.contains("guidance_in.in_layer.weight"),

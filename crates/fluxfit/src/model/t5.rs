@@ -276,12 +276,11 @@ fn missing_embedding(store: &TensorStore) -> Error {
 /// The shape of `key`, which must have rank `N`.
 pub(crate) fn dims<const N: usize>(store: &TensorStore, key: &str) -> Result<[usize; N]> {
     let shape = store.shape(key)?;
-    shape.try_into().map_err(|_| Error::WrongShape {
+    shape.try_into().map_err(|_| Error::WrongRank {
         path: store.origin().to_path_buf(),
         key: key.to_string(),
-        expected: vec![0; N].into(),
+        rank: N,
         found: shape.into(),
-        hint: format!(" (expected a rank-{N} tensor)"),
     })
 }
 

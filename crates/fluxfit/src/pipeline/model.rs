@@ -9,7 +9,9 @@ use candle_core::{DType, Device};
 use crate::checkpoint::layout::{self, ModelPaths};
 use crate::checkpoint::store::TensorStore;
 use crate::error::{Error, Result};
-use crate::memory::residency::{Placement, Residency};
+use crate::memory::ledger::Ledger;
+use crate::memory::plan::{ComponentKind, Placement, Plan};
+use crate::memory::residency::{Residency, StageSpec};
 use crate::model::autoencoder::{AutoEncoder, AutoEncoderConfig};
 use crate::model::clip::{ClipConfig, ClipTextModel};
 use crate::model::flow::{FlowConfig, Flux};
@@ -139,6 +141,10 @@ pub struct Model {
     pub t5_tokenizer: T5Tokenizer,
     pub clip_tokenizer: ClipTokenizer,
     pub options: LoadOptions,
+    /// Where each component's weights live; see [`Model::set_plan`].
+    plan: Plan,
+    /// Device bytes by owner, shared by the four residencies.
+    ledger: Arc<Ledger>,
 }
 
 /// Checkpoint stores of the four components, before configuration.
@@ -213,53 +219,107 @@ impl Model {
                 flow_cfg.vec_in_dim
             )));
         }
-        let o = &options;
-        // candle's CPU backend has no bf16/f16 convolution: the VAE computes in f32 there (it is
-        // small; the reference keeps its weights in f32 too).
-        let ae_dtype = if o.device.is_cpu() {
-            DType::F32
-        } else {
-            o.dtype
-        };
-        let resident_as = |store: TensorStore, stages, dtype| {
-            Residency::new(
-                Arc::new(store),
-                stages,
-                o.device.clone(),
-                dtype,
-                Placement::Resident,
-            )
-        };
-        let resident = |store: TensorStore, stages| resident_as(store, stages, o.dtype);
-        let flow = Flux::new(flow_cfg, o.attn_chunk);
-        let ae = AutoEncoder::new(ae_cfg, o.attn_chunk);
+        let plan = Plan::resident(options.dtype, options.attn_chunk);
+        let ledger = Ledger::new(options.device.clone());
+        let flow = Flux::new(flow_cfg, options.attn_chunk);
+        let ae = AutoEncoder::new(ae_cfg, options.attn_chunk);
         let t5 = T5Encoder::new(t5_cfg);
         let clip = ClipTextModel::new(clip_cfg);
         let mut ae_stages = ae.encoder_stages();
         ae_stages.extend(ae.decoder_stages());
+        let weights = |kind, store: TensorStore, stages| {
+            residency(&ledger, &options.device, &plan, kind, Arc::new(store), stages)
+        };
         Ok(Self {
             name: name.to_string(),
             variant,
             flow: Component {
-                weights: resident(stores.flow, flow.stages()),
+                weights: weights(ComponentKind::Flow, stores.flow, flow.stages()),
                 net: flow,
             },
             ae: Component {
-                weights: resident_as(stores.ae, ae_stages, ae_dtype),
+                weights: weights(ComponentKind::Vae, stores.ae, ae_stages),
                 net: ae,
             },
             t5: Component {
-                weights: resident(stores.t5, t5.stages()),
+                weights: weights(ComponentKind::T5, stores.t5, t5.stages()),
                 net: t5,
             },
             clip: Component {
-                weights: resident(stores.clip, clip.stages()),
+                weights: weights(ComponentKind::Clip, stores.clip, clip.stages()),
                 net: clip,
             },
             t5_tokenizer,
             clip_tokenizer,
             options,
+            plan,
+            ledger,
         })
+    }
+
+    /// The plan the next run executes.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Runs under `plan` from now on. Every weight held under the previous plan is dropped;
+    /// nothing is loaded until a network asks for it.
+    pub fn set_plan(&mut self, plan: Plan) {
+        self.flow.net.attn_chunk = plan.attn_chunk;
+        self.ae.net.attn_chunk = plan.attn_chunk;
+        let dev = self.options.device.clone();
+        let mut ae_stages = self.ae.net.encoder_stages();
+        ae_stages.extend(self.ae.net.decoder_stages());
+        let l = &self.ledger;
+        self.flow.weights = residency(
+            l,
+            &dev,
+            &plan,
+            ComponentKind::Flow,
+            self.flow.weights.store_arc(),
+            self.flow.net.stages(),
+        );
+        self.ae.weights = residency(
+            l,
+            &dev,
+            &plan,
+            ComponentKind::Vae,
+            self.ae.weights.store_arc(),
+            ae_stages,
+        );
+        self.t5.weights = residency(
+            l,
+            &dev,
+            &plan,
+            ComponentKind::T5,
+            self.t5.weights.store_arc(),
+            self.t5.net.stages(),
+        );
+        self.clip.weights = residency(
+            l,
+            &dev,
+            &plan,
+            ComponentKind::Clip,
+            self.clip.weights.store_arc(),
+            self.clip.net.stages(),
+        );
+        self.plan = plan;
+    }
+
+    /// The ledger every component's weights are accounted in; its last report describes the
+    /// last run.
+    pub fn ledger(&self) -> &Arc<Ledger> {
+        &self.ledger
+    }
+
+    /// A component's weights.
+    pub fn weights(&self, kind: ComponentKind) -> &Residency {
+        match kind {
+            ComponentKind::T5 => &self.t5.weights,
+            ComponentKind::Clip => &self.clip.weights,
+            ComponentKind::Flow => &self.flow.weights,
+            ComponentKind::Vae => &self.ae.weights,
+        }
     }
 
     pub fn device(&self) -> &Device {
@@ -269,4 +329,33 @@ impl Model {
     pub fn dtype(&self) -> DType {
         self.options.dtype
     }
+}
+
+/// A component's residency under `plan`. A `Cpu` placement computes on the CPU; candle's CPU
+/// backend has no bf16/f16 convolution, so a VAE computing on the CPU does so in f32 (it is
+/// small; the reference keeps its weights in f32 too).
+fn residency(
+    ledger: &Arc<Ledger>,
+    device: &Device,
+    plan: &Plan,
+    kind: ComponentKind,
+    store: Arc<TensorStore>,
+    stages: Vec<StageSpec>,
+) -> Residency {
+    let cp = plan.component(kind);
+    let on_cpu = device.is_cpu() || cp.placement == Placement::Cpu;
+    let dtype = if kind == ComponentKind::Vae && on_cpu {
+        DType::F32
+    } else {
+        cp.compute
+    };
+    Residency::in_ledger(
+        ledger.clone(),
+        kind.name(),
+        store,
+        stages,
+        device.clone(),
+        dtype,
+        cp.placement,
+    )
 }

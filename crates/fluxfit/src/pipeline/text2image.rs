@@ -5,6 +5,8 @@ use candle_core::{DType, Tensor};
 
 use super::model::Model;
 use crate::error::{Error, Result};
+use crate::memory::ledger::MemoryReport;
+use crate::memory::residency::{Residency, Weights};
 use crate::model::flow::FlowInputs;
 use crate::noise::NoiseKind;
 use crate::sampling;
@@ -76,6 +78,8 @@ pub struct Generated {
     /// Decoded image `[1, 3, H, W]` (f32, not clamped), H and W rounded up to multiples of 16.
     pub image: Tensor,
     pub timesteps: Vec<f32>,
+    /// What the run held on the compute device, per phase.
+    pub memory: MemoryReport,
 }
 
 /// Rounds through bf16 as the reference's embedders do with the encoders' outputs.
@@ -84,19 +88,42 @@ fn through_bf16(t: &Tensor, dtype: DType) -> Result<Tensor> {
 }
 
 impl Model {
-    /// T5 sequence `[1, L, d]` and CLIP pooled vector `[1, d]`, rounded through bf16.
+    /// Runs `f` as phase `name` of the current run: the ledger's figures are kept per phase, and
+    /// the phase's components are released at its end (which drops all but resident weights),
+    /// whether `f` succeeded or not.
+    fn phase<T>(
+        &self,
+        name: &'static str,
+        components: &[&Residency],
+        on_event: &mut dyn FnMut(Event),
+        f: impl FnOnce(&mut dyn FnMut(Event)) -> Result<T>,
+    ) -> Result<T> {
+        on_event(Event::Phase(name));
+        self.ledger().begin_phase(name);
+        let out = f(on_event);
+        for c in components {
+            c.release();
+        }
+        self.ledger().end_phase();
+        out
+    }
+
+    /// T5 sequence `[1, L, d]` and CLIP pooled vector `[1, d]`, rounded through bf16, on the
+    /// compute device (the encoders may compute elsewhere under a `cpu` placement).
     pub fn encode_text(&self, prompt: &str, t5_tokens: usize) -> Result<(Tensor, Tensor)> {
         let dev = self.device();
+        let t5 = &self.t5.weights;
         let ids = self.t5_tokenizer.encode(prompt, t5_tokens)?;
-        let ids = Tensor::from_vec(ids, (1, t5_tokens), dev)?;
-        let txt = self.t5.net.forward(&self.t5.weights, &ids)?;
+        let ids = Tensor::from_vec(ids, (1, t5_tokens), t5.device())?;
+        let txt = self.t5.net.forward(t5, &ids)?;
+        let clip = &self.clip.weights;
         let ids = self.clip_tokenizer.encode(prompt, 77)?;
         let n = ids.len();
-        let ids = Tensor::from_vec(ids, (1, n), dev)?;
-        let (_, pooled) = self.clip.net.forward(&self.clip.weights, &ids)?;
+        let ids = Tensor::from_vec(ids, (1, n), clip.device())?;
+        let (_, pooled) = self.clip.net.forward(clip, &ids)?;
         Ok((
-            through_bf16(&txt, self.dtype())?,
-            through_bf16(&pooled, self.dtype())?,
+            through_bf16(&txt, self.dtype())?.to_device(dev)?,
+            through_bf16(&pooled, self.dtype())?.to_device(dev)?,
         ))
     }
 
@@ -105,9 +132,14 @@ impl Model {
         req: &Text2Image,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Generated> {
-        on_event(Event::Phase("encode"));
-        let (txt, vec) = self.encode_text(&req.prompt, req.t5_tokens)?;
-        self.image_from_embeddings(req, &txt, &vec, on_event)
+        self.ledger().begin_run();
+        let encoders = [&self.t5.weights, &self.clip.weights];
+        let encoded = self.phase("encode", &encoders, on_event, |_| {
+            self.encode_text(&req.prompt, req.t5_tokens)
+        });
+        let out = encoded.and_then(|(txt, vec)| self.denoise_decode(req, &txt, &vec, on_event));
+        let memory = self.ledger().end_run();
+        out.map(|g| Generated { memory, ..g })
     }
 
     /// Denoise and decode for already encoded text (`req.prompt` is not read).
@@ -118,50 +150,83 @@ impl Model {
         vec: &Tensor,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Generated> {
+        self.ledger().begin_run();
+        let out = self.denoise_decode(req, txt, vec, on_event);
+        let memory = self.ledger().end_run();
+        out.map(|g| Generated { memory, ..g })
+    }
+
+    /// The denoise and decode phases; the memory report is filled in by the caller.
+    fn denoise_decode(
+        &self,
+        req: &Text2Image,
+        txt: &Tensor,
+        vec: &Tensor,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Generated> {
         let dev = self.device().clone();
         let dtype = self.dtype();
-        let txt = txt.to_dtype(dtype)?;
-        let vec = vec.to_dtype(dtype)?;
-        on_event(Event::Phase("denoise"));
+        let txt = txt.to_dtype(dtype)?.to_device(&dev)?;
+        let vec = vec.to_dtype(dtype)?.to_device(&dev)?;
         let (lat_h, lat_w) = sampling::latent_hw(req.height, req.width);
-        let x = sampling::noise(1, req.height, req.width, req.seed, req.noise, &dev)?
-            .to_dtype(dtype)?;
-        let img = sampling::pack(&x)?;
-        let img_ids = sampling::image_ids(1, lat_h, lat_w, 0.0, &dev)?;
-        let txt_ids = sampling::text_ids(1, txt.dim(1)?, &dev)?;
-        let timesteps = sampling::schedule(req.steps, img.dim(1)?, self.variant.shift_schedule());
-        let guidance = Tensor::new(&[req.guidance], &dev)?.to_dtype(dtype)?;
         let flow = &self.flow;
-        let velocity = |x: &Tensor, t: f32| -> Result<Tensor> {
-            let t = Tensor::new(&[t], &dev)?.to_dtype(dtype)?;
-            flow.net.forward(
-                &flow.weights,
-                &FlowInputs {
-                    img: x,
-                    img_ids: &img_ids,
-                    txt: &txt,
-                    txt_ids: &txt_ids,
-                    timesteps: &t,
-                    y: &vec,
-                    guidance: flow.net.config.guidance_embed.then_some(&guidance),
-                },
-            )
-        };
-        let x = sampling::denoise(img, &timesteps, velocity, |step, total| {
-            on_event(Event::Step { step, total })
+        let (x, timesteps) = self.phase("denoise", &[&flow.weights], on_event, |on_event| {
+            let x = sampling::noise(1, req.height, req.width, req.seed, req.noise, &dev)?
+                .to_dtype(dtype)?;
+            let img = sampling::pack(&x)?;
+            let img_ids = sampling::image_ids(1, lat_h, lat_w, 0.0, &dev)?;
+            let txt_ids = sampling::text_ids(1, txt.dim(1)?, &dev)?;
+            let timesteps =
+                sampling::schedule(req.steps, img.dim(1)?, self.variant.shift_schedule());
+            let guidance = Tensor::new(&[req.guidance], &dev)?.to_dtype(dtype)?;
+            // Under a `cpu` placement the flow computes on the CPU: its inputs go there and
+            // its velocity comes back.
+            let wdev = flow.weights.device().clone();
+            let to_w = |t: &Tensor| t.to_device(&wdev);
+            let (img_ids_w, txt_w, txt_ids_w, vec_w, guidance_w) = (
+                to_w(&img_ids)?,
+                to_w(&txt)?,
+                to_w(&txt_ids)?,
+                to_w(&vec)?,
+                to_w(&guidance)?,
+            );
+            let velocity = |x: &Tensor, t: f32| -> Result<Tensor> {
+                let t = Tensor::new(&[t], &wdev)?.to_dtype(dtype)?;
+                let v = flow.net.forward(
+                    &flow.weights,
+                    &FlowInputs {
+                        img: &x.to_device(&wdev)?,
+                        img_ids: &img_ids_w,
+                        txt: &txt_w,
+                        txt_ids: &txt_ids_w,
+                        timesteps: &t,
+                        y: &vec_w,
+                        guidance: flow.net.config.guidance_embed.then_some(&guidance_w),
+                    },
+                )?;
+                Ok(v.to_device(&dev)?)
+            };
+            let x = sampling::denoise(img, &timesteps, velocity, |step, total| {
+                on_event(Event::Step { step, total })
+            })?;
+            Ok((x, timesteps))
         })?;
 
-        on_event(Event::Phase("decode"));
-        let latents = sampling::unpack(&x.to_dtype(DType::F32)?, lat_h, lat_w)?;
-        let image = self
-            .ae
-            .net
-            .decode(&self.ae.weights, &latents)?
-            .to_dtype(DType::F32)?;
+        let ae = &self.ae;
+        let (latents, image) = self.phase("decode", &[&ae.weights], on_event, |_| {
+            let latents = sampling::unpack(&x.to_dtype(DType::F32)?, lat_h, lat_w)?;
+            let image = ae
+                .net
+                .decode(&ae.weights, &latents.to_device(ae.weights.device())?)?
+                .to_dtype(DType::F32)?
+                .to_device(&dev)?;
+            Ok((latents, image))
+        })?;
         Ok(Generated {
             latents,
             image,
             timesteps,
+            memory: MemoryReport::default(),
         })
     }
 }

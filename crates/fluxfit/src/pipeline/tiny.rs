@@ -1,8 +1,10 @@
 //! The built-in tiny FLUX family: the real architecture at toy width, weights generated
 //! deterministically in process, so the whole pipeline runs in seconds with no download.
 
+use std::path::Path;
+
 use super::model::{LoadOptions, Model, Stores};
-use crate::checkpoint::safetensors::{serialize_f32, SafetensorsFile};
+use crate::checkpoint::safetensors::{serialize_f32, write_f32, SafetensorsFile};
 use crate::checkpoint::store::TensorStore;
 use crate::error::Result;
 use crate::model::autoencoder::AutoEncoderConfig;
@@ -118,33 +120,103 @@ fn store(label: &str, shapes: Vec<(String, Vec<usize>)>) -> Result<TensorStore> 
     ))
 }
 
+/// The same weights as [`store`], written to `dir/{label}.safetensors` tensor by tensor and
+/// memory-mapped: the file is then their one home, as for a downloaded checkpoint.
+fn file_store(dir: &Path, label: &str, shapes: Vec<(String, Vec<usize>)>) -> Result<TensorStore> {
+    let path = dir.join(format!("{label}.safetensors"));
+    write_f32(&path, &shapes, |name, shape| {
+        init(&format!("{label}/{name}"), shape)
+    })?;
+    let file = SafetensorsFile::open(&path)?;
+    Ok(TensorStore::from_files(path, vec![file], &[]))
+}
+
+/// The shapes of a built-in model's four components: the tiny defaults, or other sizes for
+/// tests and benchmarks (the text encoders stay tiny; the flow model reads their width).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TinyConfigs {
+    pub variant: Variant,
+    pub flow: FlowConfig,
+    pub ae: AutoEncoderConfig,
+    pub t5: T5Config,
+    pub clip: ClipConfig,
+}
+
+impl TinyConfigs {
+    /// The tiny model of `variant`'s shape.
+    pub fn tiny(variant: Variant) -> Result<Self> {
+        let t5_tok = T5Tokenizer::from_bytes(T5_TOKENIZER)?;
+        Ok(Self {
+            variant,
+            flow: flow_config(variant),
+            ae: ae_config(),
+            t5: t5_config(t5_tok.vocab_size()),
+            clip: clip_config(),
+        })
+    }
+
+    /// A flow model of width `hidden` (MLP 4×, heads of 64, or 2 heads below 128) with `depth`
+    /// double and `depth_single` single blocks; the other components tiny. Flow weights take
+    /// about `(36 depth + 15 depth_single) hidden²` f32 values.
+    pub fn sized(
+        variant: Variant,
+        hidden: usize,
+        depth: usize,
+        depth_single: usize,
+    ) -> Result<Self> {
+        let mut c = Self::tiny(variant)?;
+        let heads = if hidden >= 128 { hidden / 64 } else { 2 };
+        c.flow = FlowConfig {
+            hidden_size: hidden,
+            mlp_hidden: 4 * hidden,
+            num_heads: heads,
+            depth,
+            depth_single,
+            axes_dim: FlowConfig::default_axes(hidden / heads)?,
+            ..c.flow
+        };
+        Ok(c)
+    }
+}
+
 /// The tiny model of `variant`'s shape (default schnell: 4 steps, no guidance).
 pub fn load(options: LoadOptions) -> Result<Model> {
     let variant = options.variant.unwrap_or(Variant::Schnell);
+    load_with(&TinyConfigs::tiny(variant)?, None, options)
+}
+
+/// A built-in model of the given shapes, weights generated deterministically (each tensor's
+/// values depend only on its name and shape). With `dir`, the weights are written there as
+/// safetensors files and memory-mapped, as real checkpoints are; without, they live in memory.
+pub fn load_with(configs: &TinyConfigs, dir: Option<&Path>, options: LoadOptions) -> Result<Model> {
+    let variant = configs.variant;
     let t5_tok = T5Tokenizer::from_bytes(T5_TOKENIZER)?;
     let clip_tok = ClipTokenizer::from_open_clip_bpe_gz(CLIP_BPE)?;
-    let t5 = t5_config(t5_tok.vocab_size());
-    let clip = clip_config();
+    let make = |label: &str, shapes| match dir {
+        Some(d) => file_store(d, label, shapes),
+        None => store(label, shapes),
+    };
     let stores = Stores {
-        flow: store("flow", flow_config(variant).expected_shapes())?,
-        ae: store("ae", ae_config().expected_shapes())?,
-        t5: store("t5", t5.expected_shapes())?,
-        clip: store("clip", clip.expected_shapes())?,
+        flow: make("flow", configs.flow.expected_shapes())?,
+        ae: make("ae", configs.ae.expected_shapes())?,
+        t5: make("t5", configs.t5.expected_shapes())?,
+        clip: make("clip", configs.clip.expected_shapes())?,
         t5_config: None,
         clip_config: None,
-        t5_known: Some(t5),
-        clip_known: Some(clip),
+        t5_known: Some(configs.t5.clone()),
+        clip_known: Some(configs.clip.clone()),
     };
     let options = LoadOptions {
         variant: Some(variant),
         ..options
     };
-    Model::from_stores(
-        &format!("tiny ({variant})"),
-        "tiny",
-        stores,
-        t5_tok,
-        clip_tok,
-        options,
-    )
+    let name = if configs.flow == flow_config(variant) {
+        format!("tiny ({variant})")
+    } else {
+        format!(
+            "tiny ({variant}, flow {}×{}+{})",
+            configs.flow.hidden_size, configs.flow.depth, configs.flow.depth_single
+        )
+    };
+    Model::from_stores(&name, "tiny", stores, t5_tok, clip_tok, options)
 }

@@ -1,0 +1,547 @@
+//! The `fluxfit` binary as users run it: outputs, metadata, the interactive loop, both checkpoint
+//! layouts, and bad input (a clear error naming what is at fault, a non-zero exit, no panic).
+//!
+//! Images are tiny (64×64, 1–2 steps) so the whole file runs in seconds.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use fluxfit::image::png_text;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn bfl_flow() -> PathBuf {
+    fixtures().join("tiny-bfl/flux1-tiny-dev.safetensors")
+}
+
+/// `--ae`, `--t5`, `--clip` of the tiny fixtures (BFL autoencoder, diffusers text encoders).
+fn parts() -> Vec<String> {
+    let f = fixtures();
+    [
+        ("--ae", f.join("tiny-bfl/ae.safetensors")),
+        ("--t5", f.join("tiny-diffusers/text_encoder_2")),
+        ("--clip", f.join("tiny-diffusers/text_encoder")),
+    ]
+    .into_iter()
+    .flat_map(|(flag, p)| [flag.to_string(), p.display().to_string()])
+    .collect()
+}
+
+/// Small and fast unless a test overrides a flag (clap refuses repeats, so callers that set
+/// one of these build their own list).
+const SMALL: &[&str] = &["--width", "64", "--height", "64", "--steps", "2"];
+
+fn fluxfit(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fluxfit"));
+    cmd.current_dir(dir)
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("run fluxfit");
+    {
+        let mut pipe = child.stdin.take().expect("stdin");
+        if let Some(text) = stdin {
+            pipe.write_all(text.as_bytes()).expect("write stdin");
+        }
+    }
+    child.wait_with_output().expect("fluxfit output")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs `fluxfit generate ARGS` and expects success.
+fn generate(dir: &Path, args: &[&str]) -> Output {
+    generate_stdin(dir, args, None)
+}
+
+fn generate_stdin(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut all = vec!["generate"];
+    all.extend_from_slice(args);
+    let o = fluxfit(dir, &all, stdin);
+    assert!(
+        o.status.success(),
+        "fluxfit {all:?} failed:\n{}",
+        stderr(&o)
+    );
+    o
+}
+
+/// Runs `fluxfit generate ARGS`, expects a clean failure and returns stderr, which must name
+/// every one of `names`.
+#[track_caller]
+fn fails(dir: &Path, args: &[&str], names: &[&str]) -> String {
+    let mut all = vec!["generate"];
+    all.extend_from_slice(args);
+    let o = fluxfit(dir, &all, None);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "fluxfit {all:?} succeeded:\n{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "fluxfit {all:?} panicked:\n{err}"
+    );
+    assert!(
+        err.contains("error"),
+        "fluxfit {all:?}: no error line:\n{err}"
+    );
+    for name in names {
+        assert!(
+            err.contains(name),
+            "fluxfit {all:?}: stderr does not name `{name}`:\n{err}"
+        );
+    }
+    err
+}
+
+fn text(path: &Path) -> Vec<(String, String)> {
+    png_text(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn chunk(chunks: &[(String, String)], key: &str) -> String {
+    chunks
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| panic!("no `{key}` text chunk in {chunks:?}"))
+}
+
+/// (width, height, RGB bytes) of a PNG.
+fn pixels(path: &Path) -> (u32, u32, Vec<u8>) {
+    let file = std::fs::File::open(path).expect("png");
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .expect("png header");
+    let mut buf = vec![0; reader.output_buffer_size().expect("size")];
+    let info = reader.next_frame(&mut buf).expect("png frame");
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, buf)
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Acceptance
+
+#[test]
+fn png_records_the_request_and_is_never_overwritten() {
+    let dir = tempdir();
+    let d = dir.path();
+    let args = [
+        SMALL,
+        &[
+            "--model",
+            "tiny",
+            "--prompt",
+            "a red fox in the snow",
+            "--seed",
+            "42",
+            "--guidance",
+            "3.5",
+            "--out",
+            "x.png",
+        ],
+    ]
+    .concat();
+    let o = generate(d, &args);
+    let x = d.join("x.png");
+    assert!(
+        x.is_file(),
+        "stdout: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let chunks = text(&x);
+    assert_eq!(chunk(&chunks, "prompt"), "a red fox in the snow");
+    assert_eq!(chunk(&chunks, "seed"), "42");
+    assert_eq!(chunk(&chunks, "steps"), "2");
+    assert_eq!(chunk(&chunks, "guidance"), "3.5");
+    assert_eq!(chunk(&chunks, "width"), "64");
+    assert_eq!(chunk(&chunks, "height"), "64");
+    assert!(chunk(&chunks, "model").starts_with("tiny"), "{chunks:?}");
+    assert_eq!(chunk(&chunks, "dtype"), "f32");
+    assert_eq!(
+        chunk(&chunks, "software"),
+        format!("fluxfit {}", fluxfit::version())
+    );
+    let params = chunk(&chunks, "parameters");
+    assert!(params.starts_with("a red fox in the snow\n"), "{params}");
+    for part in [
+        "Steps: 2",
+        "Seed: 42",
+        "Size: 64x64",
+        "Distilled CFG Scale: 3.5",
+    ] {
+        assert!(params.contains(part), "`{part}` not in {params}");
+    }
+    let (w, h, first) = pixels(&x);
+    assert_eq!((w, h), (64, 64));
+
+    // The same --out again: x-1.png, x.png untouched; the same seed gives the same pixels.
+    let before = std::fs::read(&x).unwrap();
+    let o = generate(d, &args);
+    assert!(stderr(&o).contains("x-1.png"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&x).unwrap(), before, "x.png was rewritten");
+    let x1 = d.join("x-1.png");
+    assert_eq!(pixels(&x1).2, first, "same seed, different pixels");
+
+    // A different seed: different pixels.
+    let mut other = args.clone();
+    let i = other.iter().position(|a| *a == "42").unwrap();
+    other[i] = "43";
+    generate(d, &other);
+    let x2 = d.join("x-2.png");
+    assert_eq!(chunk(&text(&x2), "seed"), "43");
+    assert_ne!(pixels(&x2).2, first, "seeds 42 and 43 gave the same pixels");
+}
+
+#[test]
+fn jpeg_output() {
+    let dir = tempdir();
+    generate(
+        dir.path(),
+        &[SMALL, &["-q", "--seed", "1", "--out", "y.jpg"]].concat(),
+    );
+    let bytes = std::fs::read(dir.path().join("y.jpg")).expect("y.jpg");
+    assert_eq!(&bytes[..3], &[0xFF, 0xD8, 0xFF], "not a JPEG");
+}
+
+#[test]
+fn sides_are_floored_to_multiples_of_16_and_said_so() {
+    let dir = tempdir();
+    let o = generate(
+        dir.path(),
+        &[
+            "--width", "72", "--height", "64", "--steps", "1", "--seed", "1", "--out", "f.png",
+        ],
+    );
+    let err = stderr(&o);
+    assert!(err.contains("width 72 floored to 64"), "{err}");
+    let f = dir.path().join("f.png");
+    assert_eq!(chunk(&text(&f), "width"), "64");
+    assert_eq!(pixels(&f).0, 64);
+}
+
+#[test]
+fn interactive_loop_reads_commands_from_stdin() {
+    let dir = tempdir();
+    generate_stdin(
+        dir.path(),
+        &["--loop", "--height", "64", "--steps", "1", "--out", "l.png"],
+        Some("/w 128\n/s 5\nfirst prompt\n/q\n"),
+    );
+    let pngs: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .collect();
+    assert_eq!(pngs, vec![dir.path().join("l.png")], "one image expected");
+    let chunks = text(&pngs[0]);
+    assert_eq!(chunk(&chunks, "width"), "128");
+    assert_eq!(chunk(&chunks, "seed"), "5");
+    assert_eq!(chunk(&chunks, "prompt"), "first prompt");
+    assert_eq!(pixels(&pngs[0]).0, 128);
+}
+
+#[test]
+fn f32_noise_differs_from_the_default() {
+    let dir = tempdir();
+    let d = dir.path();
+    generate(
+        d,
+        &[SMALL, &["-q", "--seed", "3", "--out", "a.png"]].concat(),
+    );
+    generate(
+        d,
+        &[
+            SMALL,
+            &["-q", "--seed", "3", "--noise", "f32", "--out", "b.png"],
+        ]
+        .concat(),
+    );
+    assert_eq!(chunk(&text(&d.join("b.png")), "noise"), "torch-f32");
+    assert_ne!(pixels(&d.join("a.png")).2, pixels(&d.join("b.png")).2);
+}
+
+#[test]
+fn bfl_files_and_diffusers_folder_give_the_same_pixels() {
+    let dir = tempdir();
+    let d = dir.path();
+    let common = [SMALL, &["-q", "--seed", "11", "--prompt", "a tiny test"]].concat();
+    let flow = s(&bfl_flow());
+    let mut bfl: Vec<&str> = common.clone();
+    bfl.extend(["--flow", &flow]);
+    let parts = parts();
+    bfl.extend(parts.iter().map(String::as_str));
+    bfl.extend(["--out", "bfl.png"]);
+    generate(d, &bfl);
+    let folder = s(&fixtures().join("tiny-diffusers"));
+    let mut diffusers = common.clone();
+    diffusers.extend(["--model", &folder, "--out", "diffusers.png"]);
+    generate(d, &diffusers);
+    let (a, b) = (d.join("bfl.png"), d.join("diffusers.png"));
+    assert_eq!(chunk(&text(&a), "variant"), "flux-dev");
+    assert_eq!(chunk(&text(&b), "variant"), "flux-dev");
+    assert_eq!(pixels(&a), pixels(&b), "the two layouts disagree");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad input
+
+/// `--flow FLOW --ae … --t5 … --clip …` plus small sizes.
+fn with_flow(flow: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = vec!["--flow".into(), s(flow)];
+    v.extend(parts());
+    v.extend(SMALL.iter().map(|a| a.to_string()));
+    v.extend(extra.iter().map(|a| a.to_string()));
+    v
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Rewrites the header of a safetensors file (data section kept as is).
+fn edit_header(
+    src: &Path,
+    dst: &Path,
+    edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+) {
+    let bytes = std::fs::read(src).expect("fixture");
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).expect("fixture header");
+    edit(&mut header);
+    let mut head = serde_json::to_vec(&header).unwrap();
+    head.resize(head.len().div_ceil(8) * 8, b' ');
+    let mut out = (head.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(dst, out).expect("write edited copy");
+}
+
+#[test]
+fn missing_checkpoint_file() {
+    let dir = tempdir();
+    let missing = dir.path().join("flux1-missing.safetensors");
+    fails(
+        dir.path(),
+        &strs(&with_flow(&missing, &[])),
+        &[&s(&missing)],
+    );
+}
+
+#[test]
+fn truncated_checkpoint() {
+    let dir = tempdir();
+    let bytes = std::fs::read(bfl_flow()).unwrap();
+    let cut = dir.path().join("flux1-cut-dev.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    fails(
+        dir.path(),
+        &strs(&with_flow(&cut, &[])),
+        &[&s(&cut), "truncated"],
+    );
+}
+
+#[test]
+fn corrupt_header() {
+    let dir = tempdir();
+    let bad = dir.path().join("flux1-garbage-dev.safetensors");
+    let garbage: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&bad, garbage).unwrap();
+    fails(
+        dir.path(),
+        &strs(&with_flow(&bad, &[])),
+        &[&s(&bad), "corrupt"],
+    );
+    // A plausible length but a header that is not JSON.
+    let mut bytes = 16u64.to_le_bytes().to_vec();
+    bytes.extend_from_slice(b"this is not json and some data");
+    let bad = dir.path().join("flux1-notjson-dev.safetensors");
+    std::fs::write(&bad, bytes).unwrap();
+    fails(
+        dir.path(),
+        &strs(&with_flow(&bad, &[])),
+        &[&s(&bad), "JSON"],
+    );
+}
+
+#[test]
+fn checkpoint_missing_a_key() {
+    let dir = tempdir();
+    let key = "double_blocks.0.img_attn.proj.weight";
+    let copy = dir.path().join("flux1-nokey-dev.safetensors");
+    edit_header(&bfl_flow(), &copy, |h| {
+        h.remove(key).expect("fixture has the key");
+    });
+    fails(dir.path(), &strs(&with_flow(&copy, &[])), &[key, &s(&copy)]);
+}
+
+#[test]
+fn checkpoint_with_a_wrong_shape() {
+    let dir = tempdir();
+    let key = "double_blocks.0.img_attn.proj.weight";
+    let copy = dir.path().join("flux1-shape-dev.safetensors");
+    edit_header(&bfl_flow(), &copy, |h| {
+        assert_eq!(h[key]["shape"], serde_json::json!([64, 64]));
+        h[key]["shape"] = serde_json::json!([32, 128]);
+    });
+    fails(
+        dir.path(),
+        &strs(&with_flow(&copy, &[])),
+        &[key, "[32, 128]", "[64, 64]"],
+    );
+    // A tensor of the wrong rank among those the configuration is read from.
+    let key = "txt_in.weight";
+    let copy = dir.path().join("flux1-rank-dev.safetensors");
+    edit_header(&bfl_flow(), &copy, |h| {
+        h[key]["shape"] = serde_json::json!([2048]);
+    });
+    fails(
+        dir.path(),
+        &strs(&with_flow(&copy, &[])),
+        &[key, "[2048]", "2-D"],
+    );
+}
+
+#[test]
+fn variant_that_does_not_fit_the_checkpoint() {
+    let dir = tempdir();
+    fails(
+        dir.path(),
+        &strs(&with_flow(&bfl_flow(), &["--variant", "flux-dev-fill"])),
+        &["flux-dev-fill", "fits flux-dev"],
+    );
+    fails(
+        dir.path(),
+        &strs(&with_flow(&bfl_flow(), &["--variant", "flux-pro"])),
+        &["flux-pro", "flux-schnell"],
+    );
+}
+
+#[test]
+fn folder_of_neither_layout() {
+    let dir = tempdir();
+    let empty = dir.path().join("not-a-model");
+    std::fs::create_dir(&empty).unwrap();
+    std::fs::write(empty.join("readme.txt"), "hello").unwrap();
+    fails(
+        dir.path(),
+        &["--model", &s(&empty)],
+        &[
+            &s(&empty),
+            "model_index.json",
+            "transformer/",
+            "flux1-*.safetensors",
+            "ae.safetensors",
+        ],
+    );
+}
+
+#[test]
+fn sizes_out_of_range() {
+    let dir = tempdir();
+    let d = dir.path();
+    fails(d, &["--width", "32", "--height", "64"], &["width 32", "64"]);
+    fails(
+        d,
+        &["--width", "64", "--height", "5000"],
+        &["height 5000", "4096", "--allow-large"],
+    );
+    // --allow-large lets 5000 through validation: the request then fails on the next check
+    // (T5 tokens), before any compute, which keeps this test fast.
+    let err = fails(
+        d,
+        &[
+            "--width",
+            "64",
+            "--height",
+            "5000",
+            "--allow-large",
+            "--t5-tokens",
+            "0",
+        ],
+        &["t5 tokens"],
+    );
+    assert!(!err.contains("4096"), "{err}");
+    fails(
+        d,
+        &["--width", "64", "--height", "64", "--steps", "0"],
+        &["steps"],
+    );
+}
+
+#[test]
+fn unwritable_output() {
+    let dir = tempdir();
+    let d = dir.path();
+    let nowhere = d.join("no-such-folder/x.png");
+    fails(
+        d,
+        &[SMALL, &["--out", &s(&nowhere)]].concat(),
+        &[&s(&nowhere), "does not exist"],
+    );
+    // A regular file standing where the folder should be (chmod does not stop root).
+    let file = d.join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let under_file = file.join("x.png");
+    fails(
+        d,
+        &[SMALL, &["--out", &s(&under_file)]].concat(),
+        &[&s(&under_file), "not a folder"],
+    );
+    fails(
+        d,
+        &[SMALL, &["--out", "x.gif"]].concat(),
+        &["x.gif", ".gif"],
+    );
+    assert!(
+        std::fs::read_dir(d).unwrap().count() == 1,
+        "something was written"
+    );
+}
+
+#[test]
+fn unknown_device() {
+    let dir = tempdir();
+    fails(
+        dir.path(),
+        &[SMALL, &["--device", "tpu"]].concat(),
+        &["tpu"],
+    );
+    fails(
+        dir.path(),
+        &[SMALL, &["--device", "cuda:x"]].concat(),
+        &["cuda:x"],
+    );
+}
+
+#[test]
+fn unknown_model() {
+    let dir = tempdir();
+    fails(
+        dir.path(),
+        &["--model", "not-a-model"],
+        &["not-a-model", "flux-dev"],
+    );
+    fails(
+        dir.path(),
+        &["--model", "./missing-folder"],
+        &["./missing-folder"],
+    );
+    let flow = s(&bfl_flow());
+    fails(dir.path(), &["--model", &flow], &[&flow, "--flow"]);
+}
