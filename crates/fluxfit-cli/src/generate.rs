@@ -8,6 +8,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use fluxfit::candle_core::{DType, Device};
 use fluxfit::image::{next_free_path, save, to_rgb8, Format};
+use fluxfit::memory::ledger::MemoryReport;
+use fluxfit::memory::plan::Plan;
 use fluxfit::noise::NoiseKind;
 use fluxfit::pipeline::{Event, LoadOptions, Model, Text2Image};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -54,6 +56,27 @@ pub struct GenerateArgs {
     /// Attention query-chunk length (bounds the score buffer); 0 = unchunked.
     #[arg(long, default_value_t = fluxfit::model::attention::DEFAULT_CHUNK)]
     pub attn_chunk: usize,
+    /// Where each component's weights live [default: resident]. Presets: `resident`, `phase`
+    /// (each component on the device only during its phase), `stream[:GROUP[:WINDOW]]` (flow
+    /// and T5 stream GROUP blocks at a time, WINDOW groups held, next group prefetched; default
+    /// 1:2), `t5-cpu`; or per component, e.g. `phase,flow=stream:2:3,t5=cpu`.
+    #[arg(long, value_name = "SPEC")]
+    pub plan: Option<String>,
+    // --vram (planner) begin
+    /// Device memory budget, e.g. 12GB, 11.5GiB, 8000MB (binary units: a "12 GB" card has 12
+    /// GiB), or `auto` (free GPU memory from nvidia-smi; available RAM on the CPU): runs the
+    /// fastest plan predicted to fit (see `fluxfit plan`). A request no plan fits is refused
+    /// before anything is downloaded or loaded, with the nearest alternatives.
+    #[arg(long, value_name = "BUDGET", conflicts_with = "plan")]
+    pub vram: Option<String>,
+    // --vram (planner) end
+    /// After the run, print what each phase held on the compute device: weights (from the
+    /// ledger), activations and total peak (measured on the CPU).
+    #[arg(long)]
+    pub report_memory: bool,
+    /// With --report-memory: print the report as one JSON object on stdout instead of a table.
+    #[arg(long, requires = "report_memory")]
+    pub json: bool,
     /// Output file (.png, or .jpg/.jpeg); an existing file is never replaced: the next free name is used.
     #[arg(long, default_value = "fluxfit.png")]
     pub out: PathBuf,
@@ -168,7 +191,32 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         attn_chunk: (args.attn_chunk > 0).then_some(args.attn_chunk),
         variant: None,
     };
-    let model = args.model.load(options)?;
+    let attn_chunk = options.attn_chunk;
+    // --vram (planner) begin: a published variant is planned from its built-in manifest before
+    // anything is downloaded or loaded; another model once its headers are open.
+    let vram = args.vram.as_deref().map(|budget| crate::plan::VramRequest {
+        vram: budget,
+        device: &options.device,
+        dtype,
+        attn_chunk,
+        width: args.width,
+        height: args.height,
+        steps: args.steps,
+        t5_tokens: args.t5_tokens,
+        quiet: args.quiet,
+    });
+    let early = match &vram {
+        Some(r) => crate::plan::vram_plan_before_load(&args.model, r)?,
+        None => None,
+    };
+    let mut model = args.model.load(options.clone())?;
+    let plan = match (&vram, early) {
+        (_, Some(p)) => p,
+        (Some(r), None) => crate::plan::vram_plan_for_model(&model, r)?,
+        (None, None) => choose_plan(&args, dtype, attn_chunk)?,
+    };
+    // --vram (planner) end
+    model.set_plan(plan);
     let v = model.variant;
     let tiny = model.name.starts_with("tiny");
     let side_default = if tiny { (256, 256) } else { (1360, 768) };
@@ -193,10 +241,33 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     interactive(&model, req, args)
 }
 
+/// The plan this run executes: `--plan` over all-resident.
+// The planner's `--vram` picks a `Plan` here too; whatever is chosen, the engine executes it.
+fn choose_plan(args: &GenerateArgs, dtype: DType, attn_chunk: Option<usize>) -> Result<Plan> {
+    let base = Plan::resident(dtype, attn_chunk);
+    match &args.plan {
+        Some(spec) => base
+            .with_spec(spec)
+            .with_context(|| format!("--plan {spec}")),
+        None => Ok(base),
+    }
+}
+
+fn report_memory(report: &MemoryReport, model: &Model, args: &GenerateArgs) -> Result<()> {
+    if args.json {
+        let v = serde_json::json!({ "plan": model.plan().spec(), "memory": report });
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        println!("plan {}", model.plan().spec());
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
 fn generate_one(model: &Model, req: &Text2Image, args: &GenerateArgs) -> Result<PathBuf> {
     if !args.quiet {
         eprintln!(
-            "{} | {}x{} | {} steps | guidance {} | seed {} | {:?} on {:?}",
+            "{} | {}x{} | {} steps | guidance {} | seed {} | {:?} on {:?} | plan {}",
             model.name,
             req.width,
             req.height,
@@ -204,7 +275,8 @@ fn generate_one(model: &Model, req: &Text2Image, args: &GenerateArgs) -> Result<
             req.guidance,
             req.seed,
             model.dtype(),
-            model.device()
+            model.device(),
+            model.plan().spec()
         );
     }
     let start = Instant::now();
@@ -244,6 +316,9 @@ fn generate_one(model: &Model, req: &Text2Image, args: &GenerateArgs) -> Result<
         req.seed,
         start.elapsed().as_secs_f64()
     );
+    if args.report_memory {
+        report_memory(&out.memory, model, args)?;
+    }
     Ok(path)
 }
 
@@ -261,6 +336,7 @@ pub fn metadata(model: &Model, req: &Text2Image) -> Vec<(String, String)> {
         ("variant".into(), model.variant.name().into()),
         ("dtype".into(), dtype),
         ("t5_tokens".into(), req.t5_tokens.to_string()),
+        ("plan".into(), model.plan().spec()),
         (
             "noise".into(),
             match req.noise {

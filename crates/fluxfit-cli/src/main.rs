@@ -1,13 +1,22 @@
 //! The `fluxfit` command: parses flags, calls the library, shows progress, writes files.
 
+mod bench;
+mod bench_quant;
 mod generate;
 #[cfg(feature = "hub")]
 mod hub;
+mod plan;
+mod quantize;
 mod source;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+/// Counts heap bytes: on the CPU, the compute device's memory, measured per phase by the ledger
+/// (`generate --report-memory`, `bench`).
+#[global_allocator]
+static ALLOC: fluxfit::memory::alloc::CountingAlloc = fluxfit::memory::alloc::CountingAlloc;
 
 #[derive(Parser)]
 #[command(
@@ -24,12 +33,28 @@ struct Cli {
 enum Command {
     /// Text to image.
     Generate(generate::GenerateArgs),
+    /// Time and measured peak memory of each residency plan at several resolutions, on a
+    /// mid-size built-in model (CPU).
+    Bench(bench::BenchArgs),
+    /// Which residency plans fit a memory budget for a request, predicted without weights:
+    /// peak per phase, time relative to all-resident, the fastest that fits.
+    Plan(plan::PlanArgs),
+    /// Write a flow model or T5 encoder as GGUF in a quantized storage type (q8_0 … q2_k),
+    /// tensor by tensor.
+    Quantize(quantize::QuantizeArgs),
+    /// Storage types on a mid-size built-in flow model (CPU): bits per weight, error against
+    /// f32, forward time resident and streamed, quantized matmul against dequantize + matmul.
+    BenchQuant(bench_quant::BenchQuantArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Plan(args) => plan::run(args),
+        Command::Quantize(args) => quantize::run(args),
+        Command::BenchQuant(args) => bench_quant::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

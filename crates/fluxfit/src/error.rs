@@ -18,6 +18,9 @@ pub enum Error {
     #[error("{path}: not a valid safetensors file ({reason}); the download may be truncated or corrupt: delete it and fetch it again")]
     CorruptCheckpoint { path: PathBuf, reason: String },
 
+    #[error("{path}: not a valid GGUF file ({reason}); the download may be truncated or corrupt: delete it and fetch it again")]
+    CorruptGguf { path: PathBuf, reason: String },
+
     #[error("{path}: missing tensor `{key}`{hint}")]
     MissingKey {
         path: PathBuf,
@@ -43,7 +46,7 @@ pub enum Error {
         found: Box<[usize]>,
     },
 
-    #[error("{path}: tensor `{key}` has dtype {dtype}, which fluxfit cannot read (supported: F32, BF16, F16)")]
+    #[error("{path}: tensor `{key}` has dtype {dtype}, which fluxfit cannot read (supported: F32, BF16, F16, F8_E4M3, F8_E5M2)")]
     UnsupportedDtype {
         path: PathBuf,
         key: String,

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::diffusers;
+use super::gguf::{self, GgufFile};
 use super::safetensors::SafetensorsFile;
 use super::store::TensorStore;
 use crate::error::{Error, Result};
@@ -138,16 +139,54 @@ fn is_diffusers_flow(files: &[Arc<SafetensorsFile>]) -> bool {
         .any(|f| f.tensors().contains_key("x_embedder.weight"))
 }
 
-/// The flow transformer's weights under canonical BFL names, whatever the layout.
+/// A GGUF file's architecture must be one of `allowed` (or unstated).
+fn check_arch(file: &GgufFile, allowed: &[&str], what: &str) -> Result<()> {
+    match file.architecture() {
+        Some(a) if !allowed.contains(&a) => Err(Error::Layout {
+            path: file.path().to_path_buf(),
+            message: format!(
+                "a GGUF of architecture `{a}`, not {what} (general.architecture {})",
+                allowed.join(" or ")
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// A FLUX flow model in GGUF (BFL names, as city96's `flux1-*-Q*.gguf`).
+fn gguf_flow(path: &Path) -> Result<TensorStore> {
+    let file = GgufFile::open(path)?;
+    check_arch(&file, &["flux"], "a FLUX flow model")?;
+    let store = TensorStore::from_gguf(path, file, |name| {
+        let key = FLOW_PREFIXES
+            .iter()
+            .find_map(|p| name.strip_prefix(p))
+            .unwrap_or(name);
+        Some(key.to_string())
+    })?;
+    if !store.contains("img_in.weight") {
+        return Err(Error::Layout {
+            path: path.to_path_buf(),
+            message: "no `img_in.weight`: not a FLUX flow model in BFL names".into(),
+        });
+    }
+    Ok(store)
+}
+
+/// The flow transformer's weights under canonical BFL names, whatever the layout (BFL or
+/// diffusers safetensors, bf16/f16/f32/fp8 with or without scales, or GGUF).
 pub fn open_flow(path: &Path) -> Result<TensorStore> {
+    if gguf::is_gguf(path) {
+        return gguf_flow(path);
+    }
     let path = if path.join("transformer").is_dir() {
         path.join("transformer")
     } else {
         path.to_path_buf()
     };
     let files = safetensors_files(&path)?;
-    if is_diffusers_flow(&files) {
-        diffusers::flow_store(path, files)
+    let mut store = if is_diffusers_flow(&files) {
+        diffusers::flow_store(path, files)?
     } else {
         let store = TensorStore::from_files(path.clone(), files, FLOW_PREFIXES);
         if !store.contains("img_in.weight") {
@@ -156,8 +195,10 @@ pub fn open_flow(path: &Path) -> Result<TensorStore> {
                 message: "no `img_in.weight` (BFL) or `x_embedder.weight` (diffusers): not a FLUX flow model".into(),
             });
         }
-        Ok(store)
-    }
+        store
+    };
+    store.attach_fp8_scales()?;
+    Ok(store)
 }
 
 /// The autoencoder's weights under canonical LDM names.
@@ -173,8 +214,8 @@ pub fn open_ae(path: &Path) -> Result<TensorStore> {
             .keys()
             .any(|k| k.contains("down_blocks") || k.contains("up_blocks"))
     });
-    if diffusers_names {
-        diffusers::vae_store(path, files)
+    let mut store = if diffusers_names {
+        diffusers::vae_store(path, files)?
     } else {
         let store = TensorStore::from_files(path.clone(), files, AE_PREFIXES);
         if !store.contains("decoder.conv_in.weight") {
@@ -183,13 +224,39 @@ pub fn open_ae(path: &Path) -> Result<TensorStore> {
                 message: "no `decoder.conv_in.weight`: not a FLUX autoencoder".into(),
             });
         }
-        Ok(store)
-    }
+        store
+    };
+    store.attach_fp8_scales()?;
+    Ok(store)
 }
 
-/// T5 encoder weights (HF transformers names).
+/// A T5 encoder in GGUF: llama.cpp names (`enc.blk.N.attn_q.weight`, city96's
+/// `t5-v1_1-xxl-encoder-Q*.gguf`) mapped to transformers', or transformers names as they are.
+fn gguf_t5(path: &Path) -> Result<TensorStore> {
+    let file = GgufFile::open(path)?;
+    check_arch(&file, &["t5", "t5encoder"], "a T5 encoder")?;
+    let names = file.tensors();
+    let llama =
+        names.contains_key("token_embd.weight") || names.keys().any(|n| n.starts_with("enc.blk."));
+    let gated = names.keys().any(|n| n.contains(".ffn_gate."));
+    TensorStore::from_gguf(path, file.clone(), |name| {
+        if llama {
+            gguf::t5_canonical(name, gated)
+        } else {
+            Some(name.to_string())
+        }
+    })
+}
+
+/// T5 encoder weights (HF transformers names), from safetensors or GGUF.
 pub fn open_t5(path: &Path) -> Result<TensorStore> {
-    let mut store = TensorStore::from_files(path, safetensors_files(path)?, &[]);
+    let mut store = if gguf::is_gguf(path) {
+        gguf_t5(path)?
+    } else {
+        let mut store = TensorStore::from_files(path, safetensors_files(path)?, &[]);
+        store.attach_fp8_scales()?;
+        store
+    };
     // Some exports store the embedding twice (tied); keep one, or it is materialised twice.
     if store.contains("shared.weight") {
         store.remove("encoder.embed_tokens.weight");
@@ -205,7 +272,8 @@ pub fn open_t5(path: &Path) -> Result<TensorStore> {
 
 /// CLIP text weights, `text_model.` prefix removed.
 pub fn open_clip(path: &Path) -> Result<TensorStore> {
-    let store = TensorStore::from_files(path, safetensors_files(path)?, CLIP_PREFIXES);
+    let mut store = TensorStore::from_files(path, safetensors_files(path)?, CLIP_PREFIXES);
+    store.attach_fp8_scales()?;
     if !store.contains("embeddings.token_embedding.weight") {
         return Err(Error::Layout {
             path: path.to_path_buf(),

@@ -163,7 +163,10 @@ impl Manifest {
 
     /// Elements of the largest tensor of a stage.
     pub fn stage_largest(&self, spec: &StageSpec) -> usize {
-        self.stage_entries(spec).map(Entry::numel).max().unwrap_or(0)
+        self.stage_entries(spec)
+            .map(Entry::numel)
+            .max()
+            .unwrap_or(0)
     }
 }
 

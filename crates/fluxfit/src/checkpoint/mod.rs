@@ -1,7 +1,9 @@
 //! Where weights come from: memory-mapped safetensors and the key layouts of published checkpoints.
 
 pub mod diffusers;
+pub mod gguf;
 pub mod layout;
 pub mod manifest;
+pub mod quantize;
 pub mod safetensors;
 pub mod store;

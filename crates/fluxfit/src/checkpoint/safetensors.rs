@@ -17,7 +17,10 @@ use crate::error::{Error, Result};
 /// Where one tensor lives inside its file.
 #[derive(Debug, Clone)]
 pub struct TensorInfo {
+    /// What the bytes are; `U8` for `F8_E5M2`, which candle has no type for (see `fp8_e5m2`).
     pub dtype: DType,
+    /// Stored as fp8 e5m2: read as F16 (an e5m2 byte is the high byte of an f16).
+    pub fp8_e5m2: bool,
     pub shape: Vec<usize>,
     /// Byte range relative to the start of the data section.
     pub start: usize,
@@ -71,6 +74,8 @@ fn dtype_from_str(s: &str) -> Option<DType> {
         "I64" => DType::I64,
         "U8" => DType::U8,
         "U32" => DType::U32,
+        "F8_E4M3" => DType::F8E4M3,
+        "F8_E5M2" => DType::U8,
         _ => return None,
     })
 }
@@ -148,6 +153,7 @@ impl SafetensorsFile {
                 name,
                 TensorInfo {
                     dtype,
+                    fp8_e5m2: entry.dtype == "F8_E5M2",
                     shape: entry.shape,
                     start,
                     end,
@@ -186,7 +192,8 @@ impl SafetensorsFile {
         &self.mmap[self.data_start + info.start..self.data_start + info.end]
     }
 
-    /// Materialise one tensor on `device`: the only place bytes leave the map.
+    /// Materialise one tensor on `device`: the only place bytes leave the map. fp8 tensors come
+    /// out widened (e4m3 to F32, e5m2 to F16), as candle cannot compute in fp8 on the CPU.
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
         let info = self.tensors.get(name).ok_or_else(|| Error::MissingKey {
             path: self.path.clone(),
@@ -194,6 +201,21 @@ impl SafetensorsFile {
             hint: String::new(),
         })?;
         self.bytes_read.fetch_add(info.nbytes(), Ordering::Relaxed);
+        if info.fp8_e5m2 {
+            let halves: Vec<half::f16> = self
+                .bytes(info)
+                .iter()
+                .map(|b| half::f16::from_bits(u16::from(*b) << 8))
+                .collect();
+            return Ok(Tensor::from_vec(halves, info.shape.as_slice(), device)?);
+        }
+        if info.dtype == DType::F8E4M3 {
+            // Decoded through a table (candle's own decode of each byte): element-wise
+            // conversion is several times slower, and this runs for every streamed stage.
+            let lut = e4m3_table();
+            let values: Vec<f32> = self.bytes(info).iter().map(|b| lut[*b as usize]).collect();
+            return Ok(Tensor::from_vec(values, info.shape.as_slice(), device)?);
+        }
         Ok(Tensor::from_raw_buffer(
             self.bytes(info),
             info.dtype,
@@ -201,6 +223,21 @@ impl SafetensorsFile {
             device,
         )?)
     }
+}
+
+/// The f32 value of every fp8 e4m3fn byte, as candle decodes it.
+fn e4m3_table() -> &'static [f32; 256] {
+    static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let bytes: Vec<u8> = (0..=255).collect();
+        let values = Tensor::from_raw_buffer(&bytes, DType::F8E4M3, &[256], &Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("decoding 256 fp8 values on the CPU");
+        let mut table = [0f32; 256];
+        table.copy_from_slice(&values);
+        table
+    })
 }
 
 #[derive(serde::Deserialize)]

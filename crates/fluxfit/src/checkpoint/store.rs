@@ -8,8 +8,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
+use super::gguf::{self, GgufFile};
 use super::safetensors::SafetensorsFile;
 use crate::error::{Error, Result};
 
@@ -18,6 +20,15 @@ use crate::error::{Error, Result};
 pub enum Source {
     /// A tensor stored as is.
     File { file: usize, name: String },
+    /// A tensor of a GGUF file (index into [`TensorStore::gguf_files`]), dequantized to F32
+    /// unless stored as F32/F16/BF16.
+    Gguf { file: usize, name: String },
+    /// A low-precision tensor times its scale (fp8 checkpoints with per-tensor or per-channel
+    /// scales: `weight.float() * scale`, broadcast), computed in F32.
+    Scaled {
+        inner: Box<Source>,
+        scale: Box<Source>,
+    },
     /// Several stored tensors concatenated (diffusers keeps q, k, v apart; BFL fuses them).
     Concat { parts: Vec<Source>, dim: usize },
     /// The two halves of a tensor exchanged (diffusers orders the final modulation scale, shift).
@@ -32,13 +43,30 @@ pub enum Source {
 #[derive(Debug, Clone)]
 pub struct KeyInfo {
     pub shape: Vec<usize>,
-    /// Storage dtype: what the bytes in the file are.
+    /// Storage dtype: what the bytes in the file are; for GGUF block types (see `ggml`), F32,
+    /// what they are read as.
     pub dtype: DType,
+    /// The GGUF storage type of a tensor from a GGUF file.
+    pub ggml: Option<GgmlDType>,
 }
 
 impl KeyInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Bytes of the tensor as read from storage, before conversion to the compute dtype
+    /// (`numel × dtype`; for GGUF block types, the dequantized F32 tensor).
     pub fn nbytes(&self) -> usize {
-        self.shape.iter().product::<usize>() * self.dtype.size_in_bytes()
+        self.numel() * self.dtype.size_in_bytes()
+    }
+
+    /// Bytes the tensor takes in its file.
+    pub fn stored_bytes(&self) -> usize {
+        match self.ggml {
+            Some(t) => gguf::type_bytes(t, self.numel()),
+            None => self.nbytes(),
+        }
     }
 }
 
@@ -47,6 +75,7 @@ pub struct TensorStore {
     /// What the user pointed at (file or folder): named in every error.
     origin: PathBuf,
     files: Vec<Arc<SafetensorsFile>>,
+    ggufs: Vec<Arc<GgufFile>>,
     keys: BTreeMap<String, (Source, KeyInfo)>,
 }
 
@@ -55,6 +84,7 @@ impl TensorStore {
         Self {
             origin: origin.into(),
             files: Vec::new(),
+            ggufs: Vec::new(),
             keys: BTreeMap::new(),
         }
     }
@@ -87,6 +117,28 @@ impl TensorStore {
         store
     }
 
+    /// Every tensor of a GGUF file whose name `rename` maps to a canonical key.
+    pub fn from_gguf(
+        origin: impl Into<PathBuf>,
+        file: Arc<GgufFile>,
+        rename: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self> {
+        let mut store = Self::new(origin);
+        let idx = store.add_gguf(file.clone());
+        for name in file.tensors().keys() {
+            if let Some(key) = rename(name) {
+                store.insert(
+                    key,
+                    Source::Gguf {
+                        file: idx,
+                        name: name.clone(),
+                    },
+                )?;
+            }
+        }
+        Ok(store)
+    }
+
     pub fn origin(&self) -> &Path {
         &self.origin
     }
@@ -98,6 +150,105 @@ impl TensorStore {
     pub fn add_file(&mut self, file: Arc<SafetensorsFile>) -> usize {
         self.files.push(file);
         self.files.len() - 1
+    }
+
+    pub fn gguf_files(&self) -> &[Arc<GgufFile>] {
+        &self.ggufs
+    }
+
+    pub fn add_gguf(&mut self, file: Arc<GgufFile>) -> usize {
+        self.ggufs.push(file);
+        self.ggufs.len() - 1
+    }
+
+    /// The source of a key (its recipe).
+    pub fn source(&self, key: &str) -> Result<&Source> {
+        self.keys
+            .get(key)
+            .map(|(s, _)| s)
+            .ok_or_else(|| self.missing(key))
+    }
+
+    /// The stored GGUF tensor a key reads as is (type and bytes, straight from the map), if
+    /// it is one: lets a re-quantisation to the same type copy it bit for bit.
+    pub fn gguf_raw(&self, key: &str) -> Option<(GgmlDType, &[u8])> {
+        match self.keys.get(key) {
+            Some((Source::Gguf { file, name }, info)) => {
+                let (t, bytes) = self.ggufs[*file].raw(name).ok()?;
+                (t.shape == info.shape).then_some((t.ggml, bytes))
+            }
+            _ => None,
+        }
+    }
+
+    /// Attaches fp8 scales: every stored fp8 `X.weight` with a companion scale tensor
+    /// (`X.scale_weight`, ComfyUI's scaled-fp8 checkpoints; `X.weight_scale`, ComfyUI's newer
+    /// quantized layout and compressed-tensors/ModelOpt exports) is read as `weight × scale`,
+    /// and the scales and other quantisation side tensors (`scale_input`, `input_scale`,
+    /// `comfy_quant`, the `scaled_fp8` marker) are dropped from the keys. Works through any
+    /// recipe (diffusers' joined q/k/v are scaled part by part).
+    pub fn attach_fp8_scales(&mut self) -> Result<()> {
+        let keys: Vec<String> = self.keys.keys().cloned().collect();
+        for key in keys {
+            let (src, _) = &self.keys[&key];
+            let scaled = self.with_scales(src.clone());
+            if let Some(scaled) = scaled {
+                self.insert(key, scaled)?;
+            }
+        }
+        const SIDE: &[&str] = &[
+            ".scale_weight",
+            ".weight_scale",
+            ".scale_input",
+            ".input_scale",
+            ".comfy_quant",
+        ];
+        self.keys
+            .retain(|k, _| k != "scaled_fp8" && !SIDE.iter().any(|s| k.ends_with(s)));
+        Ok(())
+    }
+
+    /// `src` with scales attached to its fp8 leaves; `None` if it has none.
+    fn with_scales(&self, src: Source) -> Option<Source> {
+        match src {
+            Source::File { file, ref name } => {
+                let f = &self.files[file];
+                let info = f.tensors().get(name)?;
+                let fp8 = info.dtype == DType::F8E4M3 || info.fp8_e5m2;
+                let stem = name.strip_suffix(".weight")?;
+                let scale = ["scale_weight", "weight_scale"]
+                    .iter()
+                    .map(|s| format!("{stem}.{s}"))
+                    .find(|s| f.tensors().contains_key(s))?;
+                fp8.then(|| Source::Scaled {
+                    inner: Box::new(src.clone()),
+                    scale: Box::new(Source::File { file, name: scale }),
+                })
+            }
+            Source::Concat { parts, dim } => {
+                let scaled: Vec<Option<Source>> =
+                    parts.iter().map(|p| self.with_scales(p.clone())).collect();
+                scaled.iter().any(Option::is_some).then(|| Source::Concat {
+                    parts: scaled
+                        .into_iter()
+                        .zip(parts)
+                        .map(|(s, p)| s.unwrap_or(p))
+                        .collect(),
+                    dim,
+                })
+            }
+            Source::SwapHalves { inner, dim } => {
+                self.with_scales(*inner).map(|i| Source::SwapHalves {
+                    inner: Box::new(i),
+                    dim,
+                })
+            }
+            Source::Reshape { inner, shape } => self.with_scales(*inner).map(|i| Source::Reshape {
+                inner: Box::new(i),
+                shape,
+            }),
+            Source::Gguf { .. } | Source::Scaled { .. } => None,
+        }
     }
 
     /// Registers a canonical key; its shape and dtype are derived from the recipe now, so that
@@ -196,6 +347,21 @@ impl TensorStore {
     fn build(&self, source: &Source) -> Result<Tensor> {
         Ok(match source {
             Source::File { file, name } => self.files[*file].load(name, &Device::Cpu)?,
+            Source::Gguf { file, name } => self.ggufs[*file].load(name)?,
+            Source::Scaled { inner, scale } => {
+                let w = self.build(inner)?.to_dtype(DType::F32)?;
+                let s = self.build(scale)?.to_dtype(DType::F32)?;
+                scale_weight(&w, &s).map_err(|e| {
+                    Error::Config(format!(
+                        "{}: cannot apply the scale {} of shape {:?} to {} of shape {:?}: {e}",
+                        self.origin.display(),
+                        Self::source_name(scale),
+                        s.dims(),
+                        Self::source_name(inner),
+                        w.dims()
+                    ))
+                })?
+            }
             Source::Concat { parts, dim } => {
                 let parts = parts
                     .iter()
@@ -218,13 +384,13 @@ impl TensorStore {
     /// The stored name a recipe reads (its first file tensor), for messages.
     fn source_name(source: &Source) -> String {
         match source {
-            Source::File { name, .. } => format!("`{name}`"),
+            Source::File { name, .. } | Source::Gguf { name, .. } => format!("`{name}`"),
             Source::Concat { parts, .. } => parts
                 .first()
                 .map_or_else(|| "(nothing)".into(), Self::source_name),
-            Source::SwapHalves { inner, .. } | Source::Reshape { inner, .. } => {
-                Self::source_name(inner)
-            }
+            Source::SwapHalves { inner, .. }
+            | Source::Reshape { inner, .. }
+            | Source::Scaled { inner, .. } => Self::source_name(inner),
         }
     }
 
@@ -240,8 +406,23 @@ impl TensorStore {
                 Ok(KeyInfo {
                     shape: t.shape.clone(),
                     dtype: t.dtype,
+                    ggml: None,
                 })
             }
+            Source::Gguf { file, name } => {
+                let f = &self.ggufs[*file];
+                let t = f.tensors().get(name).ok_or_else(|| Error::MissingKey {
+                    path: f.path().to_path_buf(),
+                    key: name.clone(),
+                    hint: String::new(),
+                })?;
+                Ok(KeyInfo {
+                    shape: t.shape.clone(),
+                    dtype: t.dtype(),
+                    ggml: Some(t.ggml),
+                })
+            }
+            Source::Scaled { inner, .. } => self.info_of(inner),
             Source::Concat { parts, dim } => {
                 let infos = parts
                     .iter()
@@ -271,6 +452,7 @@ impl TensorStore {
                 Ok(KeyInfo {
                     shape,
                     dtype: infos[0].dtype,
+                    ggml: infos[0].ggml,
                 })
             }
             Source::SwapHalves { inner, .. } => self.info_of(inner),
@@ -285,9 +467,48 @@ impl TensorStore {
                 }
                 Ok(KeyInfo {
                     shape: shape.clone(),
-                    dtype: info.dtype,
+                    ..info
                 })
             }
         }
     }
+}
+
+/// `w × s` for a per-tensor scale (one element), a per-output-channel scale (`[out]` or
+/// `[out, 1]`) or a block scale (`[⌈out/b⌉, ⌈in/b⌉]`, each element covering a b×b tile).
+fn scale_weight(w: &Tensor, s: &Tensor) -> candle_core::Result<Tensor> {
+    if s.elem_count() == 1 {
+        let s = s.flatten_all()?.to_vec1::<f32>()?[0];
+        return w.affine(s as f64, 0.0);
+    }
+    let dims = w.dims();
+    if dims.is_empty() {
+        candle_core::bail!("a scalar weight with {} scales", s.elem_count());
+    }
+    let out = dims[0];
+    if s.elem_count() == out && (s.rank() == 1 || s.dims()[1..].iter().all(|d| *d == 1)) {
+        let mut shape = vec![1; dims.len()];
+        shape[0] = out;
+        return w.broadcast_mul(&s.reshape(shape)?);
+    }
+    if dims.len() == 2 && s.rank() == 2 {
+        let (rows, cols) = (dims[0], dims[1]);
+        let (sr, sc) = (s.dims()[0], s.dims()[1]);
+        // Square blocks, 128 the usual size; the scale grid's shape tells which.
+        let fits = |b: usize| sr == rows.div_ceil(b) && sc == cols.div_ceil(b);
+        if let Some(b) = [128, 64, 256, 32, 512, 16].into_iter().find(|b| fits(*b)) {
+            let full = tiles(s, b)?.narrow(0, 0, rows)?.narrow(1, 0, cols)?;
+            return w.mul(&full);
+        }
+    }
+    candle_core::bail!("no per-tensor, per-channel or block layout fits")
+}
+
+/// Repeats each element of a 2-D tensor into a `b × b` tile.
+fn tiles(s: &Tensor, b: usize) -> candle_core::Result<Tensor> {
+    let (r, c) = s.dims2()?;
+    s.reshape((r, 1, c, 1))?
+        .broadcast_as((r, b, c, b))?
+        .contiguous()?
+        .reshape((r * b, c * b))
 }

@@ -99,7 +99,11 @@ impl MemoryReport {
                 .map(|(c, b)| format!("{c} {}", mib(*b)))
                 .collect();
             if !parts.is_empty() {
-                s += &format!("{:<8} weights peak by component: {}\n", "", parts.join(", "));
+                s += &format!(
+                    "{:<8} weights peak by component: {}\n",
+                    "",
+                    parts.join(", ")
+                );
             }
             if p.host_weights_peak > 0 {
                 s += &format!(

@@ -4,4 +4,5 @@
 pub mod alloc;
 pub mod ledger;
 pub mod plan;
+pub mod planner;
 pub mod residency;

@@ -125,7 +125,8 @@ resident|phase|stream[:GROUP[:WINDOW]]|cpu; e.g. `stream:2:3,t5=cpu`";
 impl Placement {
     /// `resident`, `phase`, `stream[:GROUP[:WINDOW]]` or `cpu`.
     pub fn parse(s: &str) -> crate::Result<Self> {
-        let bad = |why: String| crate::Error::InvalidRequest(format!("plan placement `{s}`: {why}"));
+        let bad =
+            |why: String| crate::Error::InvalidRequest(format!("plan placement `{s}`: {why}"));
         let mut parts = s.split(':');
         let head = parts.next().unwrap_or_default();
         let rest: Vec<&str> = parts.collect();
@@ -142,7 +143,9 @@ impl Placement {
                         None => Ok(default),
                         Some(v) => match v.parse::<usize>() {
                             Ok(n) if n >= 1 => Ok(n),
-                            _ => Err(bad(format!("{what} `{v}` is not a whole number of at least 1"))),
+                            _ => Err(bad(format!(
+                                "{what} `{v}` is not a whole number of at least 1"
+                            ))),
                         },
                     }
                 };

@@ -267,18 +267,21 @@ struct State {
     /// Stream: the network came back to `start` after a pass, so passes repeat (the flow model
     /// runs once per step) and the end of a pass prefetches the start of the next.
     repeats: bool,
-    stats: StreamStats,
+    stats: LoadStats,
 }
 
-/// How a streamed component's groups arrived, since the residency was made.
+/// How a component's weights arrived, since the residency was made.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct StreamStats {
-    /// Groups materialised on the network's thread because no prefetch had them.
+pub struct LoadStats {
+    /// Stages (streamed: groups) materialised on the network's thread, no prefetch having them.
     pub synchronous: usize,
     /// Groups the network took from a prefetch.
     pub prefetched: usize,
     /// Prefetches issued.
     pub issued: usize,
+    /// Time the network spent waiting for weights (prefetches not yet done, and synchronous
+    /// loads): what prefetching did not hide.
+    pub waited: std::time::Duration,
 }
 
 /// A component's weights under a plan: the store they come from, the stages networks ask for.
@@ -395,8 +398,7 @@ impl Residency {
     pub fn held_bytes(&self) -> usize {
         let st = self.lock();
         st.held.values().map(|s| s.bytes).sum::<usize>()
-            + st
-                .groups
+            + st.groups
                 .iter()
                 .flat_map(|(_, g)| g.iter())
                 .map(|s| s.bytes)
@@ -426,8 +428,8 @@ impl Residency {
         };
     }
 
-    /// How the groups of a streamed component arrived so far.
-    pub fn stream_stats(&self) -> StreamStats {
+    /// How this component's weights arrived so far.
+    pub fn load_stats(&self) -> LoadStats {
         self.lock().stats
     }
 
@@ -481,6 +483,7 @@ impl Residency {
             let entry = st.groups.remove(pos).expect("position is in range");
             st.groups.push_back(entry);
         } else {
+            let t0 = std::time::Instant::now();
             let mut got = None;
             if let Some((h, rx)) = st.pending.take() {
                 let r = self.wait(rx);
@@ -505,6 +508,7 @@ impl Residency {
             };
             st.groups
                 .push_back((g, stages.into_iter().map(Arc::new).collect()));
+            st.stats.waited += t0.elapsed();
         }
         st.current = Some(g);
 
@@ -564,8 +568,11 @@ impl Weights for Residency {
         if let Some(s) = st.held.get(&idx) {
             return Ok(s.clone());
         }
+        let t0 = std::time::Instant::now();
         let stage = Arc::new(self.shared.materialise(idx)?);
         st.held.insert(idx, stage.clone());
+        st.stats.synchronous += 1;
+        st.stats.waited += t0.elapsed();
         Ok(stage)
     }
 

@@ -228,7 +228,14 @@ impl Model {
         let mut ae_stages = ae.encoder_stages();
         ae_stages.extend(ae.decoder_stages());
         let weights = |kind, store: TensorStore, stages| {
-            residency(&ledger, &options.device, &plan, kind, Arc::new(store), stages)
+            residency(
+                &ledger,
+                &options.device,
+                &plan,
+                kind,
+                Arc::new(store),
+                stages,
+            )
         };
         Ok(Self {
             name: name.to_string(),

@@ -29,6 +29,7 @@ fn rope_angles(s: &Sim, l: usize, axes: &[usize]) -> (T, T) {
 }
 
 /// `model::flow::Flux::forward` for batch 1.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn flow_forward(
     s: &Sim,
     w: &ShadowWeights,
@@ -171,8 +172,8 @@ impl FlowNet<'_> {
         (img_out, txt_out)
     }
 
-    /// The `stream` closure of `Flux::double_block`.
-    fn stream(&self, x: &T, l: usize, attn: &T) -> T {
+    /// The `stream` closure of `Flux::double_block` (the residual input `_x` only sets sizes).
+    fn stream(&self, _x: &T, l: usize, attn: &T) -> T {
         let s = self.s;
         let (h, m, dt) = (self.cfg.hidden_size, self.cfg.mlp_hidden, self.dt);
         let x2 = {
@@ -223,7 +224,11 @@ impl FlowNet<'_> {
         let mlp = lin1.part(l * m, false);
         // `split_heads` reshapes a strided narrow of lin1: a copy of the q, k, v columns.
         let cp = s.ew(l * 3 * h, dt);
-        let (q, k, v) = (cp.part(l * h, false), cp.part(l * h, false), cp.part(l * h, false));
+        let (q, k, v) = (
+            cp.part(l * h, false),
+            cp.part(l * h, false),
+            cp.part(l * h, false),
+        );
         drop(cp);
         let (q2, k2) = self.qk_norm(&q, &k);
         let a = self.attend(&q2, &k2, &v, l);
@@ -453,7 +458,12 @@ impl Vae<'_> {
 /// `model::t5::T5Encoder::forward` for batch 1: `[L, d_model]`.
 pub(crate) fn t5_forward(s: &Sim, w: &ShadowWeights, cfg: &T5Config, l: usize) -> T {
     let dt = w.dtype;
-    let (d, inner, ff, nh) = (cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff, cfg.num_heads);
+    let (d, inner, ff, nh) = (
+        cfg.d_model,
+        cfg.num_heads * cfg.d_kv,
+        cfg.d_ff,
+        cfg.num_heads,
+    );
     let emb = w.stage(s, "shared");
     let mut h = s.ew(l * d, dt);
     drop(emb);
@@ -495,7 +505,7 @@ pub(crate) fn t5_forward(s: &Sim, w: &ShadowWeights, cfg: &T5Config, l: usize) -
                 let (q, k, v) = (proj(), proj(), proj());
                 let scores = {
                     let kt = s.ew(l * inner, dt);
-                    let mm = s.mm(nh * l, l, cfg.d_kv, dt);
+                    let mm = s.bmm(nh, l, l, cfg.d_kv, dt);
                     let sb = s.ew(nh * l * l, dt);
                     drop(mm);
                     drop(kt);
@@ -510,7 +520,7 @@ pub(crate) fn t5_forward(s: &Sim, w: &ShadowWeights, cfg: &T5Config, l: usize) -
                     p
                 };
                 let out = {
-                    let mo = s.mm(nh * l, cfg.d_kv, l, dt);
+                    let mo = s.bmm(nh, l, cfg.d_kv, l, dt);
                     let tr = s.ew(l * inner, dt);
                     drop(mo);
                     tr
@@ -597,7 +607,7 @@ pub(crate) fn clip_forward(s: &Sim, w: &ShadowWeights, cfg: &ClipConfig, l: usiz
                 let (q, k, v) = (proj(), proj(), proj());
                 let scores = {
                     let kt = s.ew(l * hd, dt);
-                    let mm = s.mm(nh * l, l, hd / nh, dt);
+                    let mm = s.bmm(nh, l, l, hd / nh, dt);
                     let sc = s.ew(nh * l * l, dt);
                     drop(mm);
                     drop(kt);
@@ -618,7 +628,7 @@ pub(crate) fn clip_forward(s: &Sim, w: &ShadowWeights, cfg: &ClipConfig, l: usiz
                 };
                 let scores = (scores, masked);
                 let out = {
-                    let mo = s.mm(nh * l, hd / nh, l, dt);
+                    let mo = s.bmm(nh, l, hd / nh, l, dt);
                     let tr = s.ew(l * hd, dt);
                     drop(mo);
                     tr
@@ -668,6 +678,8 @@ pub(crate) struct PipelineShape<'a> {
     /// The compute dtype of the pipeline (`LoadOptions::dtype`): latents and embeddings.
     pub dtype: DType,
     pub attn_chunk: Option<usize>,
+    /// VAE tile side in pixels (None: the whole image at once).
+    pub vae_tile: Option<usize>,
     /// A conditioning image is VAE-encoded in the encode phase (fill, canny, depth, kontext).
     pub image_input: bool,
     /// Extra image tokens the flow model sees (kontext's conditioning image).
@@ -747,13 +759,8 @@ pub(crate) fn pipeline(s: &Sim, p: &PipelineShape, w: &PipelineWeights) -> Vec<P
     s.begin_phase("denoise");
     let x = {
         let noise = {
-            let host = s.on_host(true, || s.act(zc * lat_h * lat_w, F32));
-            let d = if s.cfg.host_is_device {
-                host
-            } else {
-                drop(host);
-                s.act(zc * lat_h * lat_w, F32)
-            };
+            // Drawn on the host and copied over (the host vector is a few MiB: not counted).
+            let d = s.act(zc * lat_h * lat_w, F32);
             let c = s.cast(&d, dt);
             drop(d);
             c
@@ -770,16 +777,7 @@ pub(crate) fn pipeline(s: &Sim, p: &PipelineShape, w: &PipelineWeights) -> Vec<P
                     Some(_) => s.ew(li * p.flow.in_channels, dt),
                     None => x.clone(),
                 };
-                let v = flow_forward(
-                    s,
-                    &w.flow,
-                    p.flow,
-                    p.attn_chunk,
-                    &input,
-                    li,
-                    &txt,
-                    lt,
-                );
+                let v = flow_forward(s, &w.flow, p.flow, p.attn_chunk, &input, li, &txt, lt);
                 drop(input);
                 v
             });
@@ -814,9 +812,26 @@ pub(crate) fn pipeline(s: &Sim, p: &PipelineShape, w: &PipelineWeights) -> Vec<P
             } else {
                 latents.clone()
             };
-            let img = vae.decode(&w.vae, &z, lat_h, lat_w);
-            let f = s.cast(&img, F32);
-            drop((img, z));
+            let f = match p.vae_tile {
+                // Tiled decoding (not in the pipeline yet): the image is assembled tile by
+                // tile, each tile decoded as a whole image of the tile's size.
+                Some(t) if t < p.width.max(p.height) => {
+                    let full = s.act(3 * p.height * p.width, F32);
+                    let (th, tw) = (t.min(p.height) / 8, t.min(p.width) / 8);
+                    let zt = s.act(zc * th * tw, F32);
+                    let img = vae.decode(&w.vae, &zt, th, tw);
+                    let f = s.cast(&img, F32);
+                    drop((f, img, zt));
+                    full
+                }
+                _ => {
+                    let img = vae.decode(&w.vae, &z, lat_h, lat_w);
+                    let f = s.cast(&img, F32);
+                    drop(img);
+                    f
+                }
+            };
+            drop(z);
             if s.host_side() {
                 s.act_on_device(f.n, F32)
             } else {

@@ -103,6 +103,8 @@ impl Drop for Blk {
 /// A shadow tensor: element count, dtype, contiguity, and a shared storage block.
 #[derive(Clone)]
 pub(crate) struct T {
+    /// Held for its `Drop`: the last handle frees the bytes.
+    #[allow(dead_code)]
     blk: Rc<Blk>,
     pub n: usize,
     pub dt: DType,
@@ -137,6 +139,8 @@ pub struct Segment {
     /// Computed on the host while the compute device is another one.
     pub host: bool,
     pub flops: f64,
+    /// Of which: convolutions.
+    pub conv_flops: f64,
     /// Bytes written and read by non-matmul ops.
     pub traffic: f64,
     /// Weight bytes brought to the device before this stage can compute.
@@ -302,26 +306,25 @@ impl Sim {
         self.act(n, dt)
     }
 
-    /// `[m, k] × [k, n]` (batched: m counts all rows).
+    /// `[m, k] × [k, n]`.
     pub fn mm(&self, m: usize, n: usize, k: usize, dt: DType) -> T {
-        self.seg().flops += 2.0 * m as f64 * n as f64 * k as f64;
+        self.bmm(1, m, n, k, dt)
+    }
+
+    /// `b` matmuls `[m, k] × [k, n]`.
+    pub fn bmm(&self, b: usize, m: usize, n: usize, k: usize, dt: DType) -> T {
+        self.seg().flops += 2.0 * (b * m) as f64 * n as f64 * k as f64;
+        let out = self.act(b * m * n, dt);
         if self.cpu_side() {
-            // gemm's packing buffer of the right-hand side, freed when the call returns.
-            let ws = (k * n * dt.size_in_bytes()).min(self.cfg.gemm_workspace);
-            let out = self.act(m * n, dt);
-            self.transient(ws);
-            return out;
+            self.transient(gemm_packing(m, n, k, dt.size_in_bytes()).min(self.cfg.gemm_workspace));
         }
-        self.act(m * n, dt)
+        out
     }
 
     /// `to_dtype`: a view when the dtype is the same.
     pub fn cast(&self, x: &T, dt: DType) -> T {
         if x.dt == dt {
-            T {
-                dt,
-                ..x.clone()
-            }
+            T { dt, ..x.clone() }
         } else {
             self.ew(x.n, dt)
         }
@@ -464,7 +467,7 @@ impl Sim {
                 } else {
                     self.ew(heads * c * d, dt)
                 };
-                let mm = self.mm(heads * c, lk, d, dt);
+                let mm = self.bmm(heads, c, lk, d, dt);
                 let s2 = self.ew(heads * c * lk, dt);
                 drop(mm);
                 drop(qc);
@@ -480,7 +483,7 @@ impl Sim {
             };
             let out = {
                 let vc = self.cont(v);
-                let out = self.mm(heads * c, d, lk, dt);
+                let out = self.bmm(heads, c, d, lk, dt);
                 drop(vc);
                 out
             };
@@ -549,7 +552,14 @@ impl Sim {
     ) -> T {
         let dt = x.dt;
         let es = dt.size_in_bytes();
-        self.seg().flops += 2.0 * (c_out * c_in * k * k) as f64 * hw_out as f64;
+        let f = 2.0 * (c_out * c_in * k * k) as f64 * hw_out as f64;
+        {
+            let mut seg = self.seg();
+            seg.flops += f;
+            seg.conv_flops += f;
+            // The im2col matrix is written and read once.
+            seg.traffic += 2.0 * (hw_out * k * k * c_in * es) as f64;
+        }
         let y = match (self.cfg.conv, self.cpu_side()) {
             (_, true) | (ConvImpl::CpuTiled { .. }, false) => {
                 let threads = match self.cfg.conv {
@@ -559,7 +569,10 @@ impl Sim {
                 if k == 1 && stride1_pad_ok {
                     let dst = self.act(c_out * hw_out, dt);
                     let inp = self.work(c_in * hw_in * es);
-                    let res = self.mm(c_out, hw_out, c_in, dt);
+                    let res = self.act(c_out * hw_out, dt);
+                    self.transient(
+                        gemm_packing(c_out, hw_out, c_in, es).min(self.cfg.gemm_workspace),
+                    );
                     drop(res);
                     drop(inp);
                     dst
@@ -587,6 +600,23 @@ impl Sim {
         let o = self.ew(c_out * hw_out, dt);
         drop(y);
         o
+    }
+}
+
+/// The packing buffer the `gemm` crate allocates for one row-major `[m, k] × [k, n]` product
+/// (freed when the call returns). gemm computes the transposed product, so the output's columns
+/// `n` are its rows: with more than 128 micro-rows (2048) it packs the other operand, `kc × m`
+/// values; with at most two register blocks (256) it pre-packs `kc × n`; in between nothing.
+/// `kc` is the depth split into panels of at most 1024 (the L1-derived panel depth of a 48 KiB,
+/// 12-way L1; 512 on 32 KiB, 8-way ones, where this overestimates).
+pub(crate) fn gemm_packing(m: usize, n: usize, k: usize, es: usize) -> usize {
+    let kc = k.div_ceil(k.div_ceil(1024).max(1));
+    if n > 2048 {
+        kc * m * es
+    } else if n <= 256 {
+        kc * n * es
+    } else {
+        0
     }
 }
 
@@ -657,7 +687,11 @@ impl ShadowWeights {
 
     fn materialise(&self, sim: &Sim, range: std::ops::Range<usize>, prefetch: bool) -> T {
         let bytes: usize = self.stages[range.clone()].iter().map(|s| s.bytes).sum();
-        let staging = self.stages[range].iter().map(|s| s.staging).max().unwrap_or(0);
+        let staging = self.stages[range]
+            .iter()
+            .map(|s| s.staging)
+            .max()
+            .unwrap_or(0);
         let w = sim.weights(bytes);
         // The storage-dtype copy of the largest tensor, on the heap while it is converted.
         if staging > 0 && (sim.cfg.host_is_device || sim.host_side()) {

@@ -1,0 +1,378 @@
+//! `fluxfit bench-quant`: storage types on a mid-size built-in flow model (CPU): bytes per
+//! weight, the flow output's error against f32, forward time resident and streamed relative to
+//! f32, and, per type, candle's quantized matmul against dequantize + f32 matmul.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use fluxfit::candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use fluxfit::candle_core::{DType, Device, Module, Tensor};
+use fluxfit::checkpoint::gguf;
+use fluxfit::checkpoint::layout::open_flow;
+use fluxfit::checkpoint::quantize::{self, QuantSpec};
+use fluxfit::checkpoint::store::TensorStore;
+use fluxfit::memory::residency::{Placement, Residency};
+use fluxfit::model::flow::{FlowConfig, FlowInputs, Flux};
+use fluxfit::model::ops::linear;
+use fluxfit::noise::{torch_randn, NoiseKind};
+use fluxfit::pipeline::tiny::{self, TinyConfigs};
+use fluxfit::pipeline::LoadOptions;
+use fluxfit::variant::Variant;
+
+#[derive(Args, Debug)]
+pub struct BenchQuantArgs {
+    /// Flow model width (MLP 4×, heads of 64); a multiple of 256 so that every K-quant applies.
+    #[arg(long, default_value_t = 512)]
+    pub hidden: usize,
+    /// Double-stream blocks.
+    #[arg(long, default_value_t = 2)]
+    pub depth: usize,
+    /// Single-stream blocks.
+    #[arg(long, default_value_t = 4)]
+    pub depth_single: usize,
+    /// Image tokens per forward (a square number); 64 text tokens are added.
+    #[arg(long, default_value_t = 256)]
+    pub tokens: usize,
+    /// Timed runs per measurement; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Storage types, comma-separated (`fp8` is e4m3 with a per-tensor scale, ComfyUI's layout).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "bf16,f16,fp8,q8_0,q6_k,q5_k,q5_0,q4_k,q4_0,q3_k,q2_k"
+    )]
+    pub types: Vec<String>,
+    /// Keep the model and its quantized copies in this folder (default: a temporary one).
+    #[arg(long)]
+    pub dir: Option<std::path::PathBuf>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn time<T>(repeat: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
+    let mut t = Vec::new();
+    for _ in 0..repeat.max(1) {
+        let s = Instant::now();
+        f()?;
+        t.push(s.elapsed().as_secs_f64());
+    }
+    Ok(median(t))
+}
+
+struct Inputs {
+    img: Tensor,
+    img_ids: Tensor,
+    txt: Tensor,
+    txt_ids: Tensor,
+    t: Tensor,
+    y: Tensor,
+    g: Tensor,
+}
+
+fn inputs(cfg: &FlowConfig, tokens: usize) -> Result<Inputs> {
+    let side = (tokens as f64).sqrt() as usize;
+    if side * side != tokens {
+        bail!("--tokens {tokens}: must be a square number");
+    }
+    let dev = Device::Cpu;
+    let randn = |seed: u64, shape: &[usize]| -> Result<Tensor> {
+        let n = shape.iter().product();
+        Ok(Tensor::from_vec(
+            torch_randn(seed, n, NoiseKind::TorchF32),
+            shape,
+            &dev,
+        )?)
+    };
+    Ok(Inputs {
+        img: randn(1, &[1, tokens, cfg.in_channels])?,
+        img_ids: fluxfit::sampling::image_ids(1, 2 * side, 2 * side, 0.0, &dev)?,
+        txt: randn(2, &[1, 64, cfg.context_in_dim])?,
+        txt_ids: fluxfit::sampling::text_ids(1, 64, &dev)?,
+        t: Tensor::new(&[0.7f32], &dev)?,
+        y: randn(3, &[1, cfg.vec_in_dim])?,
+        g: Tensor::new(&[3.5f32], &dev)?,
+    })
+}
+
+/// One configuration's numbers.
+struct Row {
+    name: String,
+    bits: f64,
+    err: f32,
+    load: f64,
+    resident: f64,
+    stream: f64,
+}
+
+fn measure(
+    name: &str,
+    store: TensorStore,
+    flux: &Flux,
+    inp: &Inputs,
+    want: Option<&Tensor>,
+    repeat: usize,
+) -> Result<(Row, Tensor)> {
+    let params: usize = store
+        .keys()
+        .map(|k| store.info(k).map_or(0, |i| i.numel()))
+        .sum();
+    let stored: usize = store
+        .keys()
+        .map(|k| store.info(k).map_or(0, |i| i.stored_bytes()))
+        .sum();
+    // Every tensor once out of the map into f32: the per-stage conversion cost.
+    let load = time(repeat, || {
+        for k in store.keys() {
+            store.load(k, &Device::Cpu, DType::F32)?;
+        }
+        Ok(())
+    })?;
+    let store = Arc::new(store);
+    let run = |w: &Residency| -> Result<Tensor> {
+        Ok(flux.forward(
+            w,
+            &FlowInputs {
+                img: &inp.img,
+                img_ids: &inp.img_ids,
+                txt: &inp.txt,
+                txt_ids: &inp.txt_ids,
+                timesteps: &inp.t,
+                y: &inp.y,
+                guidance: flux.config.guidance_embed.then_some(&inp.g),
+            },
+        )?)
+    };
+    let resident = Residency::new(
+        store.clone(),
+        flux.stages(),
+        Device::Cpu,
+        DType::F32,
+        Placement::Resident,
+    );
+    let out = run(&resident)?;
+    let t_res = time(repeat, || run(&resident))?;
+    drop(resident);
+    let streamed = Residency::new(
+        store,
+        flux.stages(),
+        Device::Cpu,
+        DType::F32,
+        Placement::Stream {
+            group: 1,
+            window: 2,
+        },
+    );
+    run(&streamed)?;
+    let t_stream = time(repeat, || run(&streamed))?;
+    let err = match want {
+        Some(w) => {
+            let num = (&out - w)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
+            let den = w.sqr()?.sum_all()?.to_scalar::<f32>()?;
+            (num / den).sqrt()
+        }
+        None => 0.0,
+    };
+    Ok((
+        Row {
+            name: name.to_string(),
+            bits: 8.0 * stored as f64 / params as f64,
+            err,
+            load,
+            resident: t_res,
+            stream: t_stream,
+        },
+        out,
+    ))
+}
+
+/// The flow model in ComfyUI's scaled-fp8 layout (e4m3 matrices with `scale_weight`).
+fn write_fp8(store: &TensorStore, path: &std::path::Path) -> Result<()> {
+    let mut tensors = std::collections::HashMap::new();
+    for key in store.keys() {
+        let w = store.load(key, &Device::Cpu, DType::F32)?;
+        if w.rank() == 2 {
+            let s = w.abs()?.max_all()?.to_scalar::<f32>()? / 448.0;
+            tensors.insert(key.clone(), (w / s as f64)?.to_dtype(DType::F8E4M3)?);
+            let stem = key.strip_suffix(".weight").unwrap_or(key);
+            tensors.insert(
+                format!("{stem}.scale_weight"),
+                Tensor::new(s, &Device::Cpu)?,
+            );
+        } else {
+            tensors.insert(key.clone(), w);
+        }
+    }
+    fluxfit::candle_core::safetensors::save(&tensors, path)?;
+    Ok(())
+}
+
+pub fn run(args: BenchQuantArgs) -> Result<()> {
+    let tmp;
+    let dir = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| d.display().to_string())?;
+            d.clone()
+        }
+        None => {
+            tmp = std::env::temp_dir().join(format!("fluxfit-bench-quant-{}", std::process::id()));
+            std::fs::create_dir_all(&tmp)?;
+            tmp.clone()
+        }
+    };
+    let result = bench(&args, &dir);
+    if args.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+/// File sizes of the published FLUX.1-dev flow model and T5-XXL encoder in each type, under
+/// `fluxfit quantize`'s default rules (from their manifests, no weights needed).
+fn published_sizes(types: &[String]) -> Result<()> {
+    use fluxfit::checkpoint::manifest::Manifest;
+    use fluxfit::checkpoint::quantize::Component;
+    let size = |m: &Manifest, c: Component, t: GgmlDType| -> Result<(f64, f64)> {
+        let shapes = m.entries.iter().map(|e| (e.name.clone(), e.shape.clone()));
+        let plan = quantize::plan_shapes(shapes, c, &QuantSpec::new(t))
+            .map_err(|k| anyhow::anyhow!("no GGUF name for `{k}`"))?;
+        let bytes: usize = plan.iter().map(|c| c.nbytes()).sum();
+        Ok((bytes as f64 / 1e9, 8.0 * bytes as f64 / m.params() as f64))
+    };
+    let (flow, t5) = (Manifest::flow(Variant::Dev), Manifest::t5_xxl());
+    println!(
+        "
+| type | FLUX.1-dev flow | bits/weight | T5-XXL encoder |"
+    );
+    println!("|---|---|---|---|");
+    for t in std::iter::once("f32").chain(types.iter().map(String::as_str)) {
+        let Ok(ggml) = gguf::parse_type(t) else {
+            continue;
+        };
+        let (f, bits) = size(&flow, Component::Flow, ggml)?;
+        let (e, _) = size(&t5, Component::T5, ggml)?;
+        println!("| {t} | {f:.2} GB | {bits:.2} | {e:.2} GB |");
+    }
+    Ok(())
+}
+
+fn bench(args: &BenchQuantArgs, dir: &std::path::Path) -> Result<()> {
+    let src = dir.join("flow.safetensors");
+    if !src.exists() {
+        let configs = TinyConfigs::sized(Variant::Dev, args.hidden, args.depth, args.depth_single)?;
+        drop(tiny::load_with(
+            &configs,
+            Some(dir),
+            LoadOptions::default(),
+        )?);
+    }
+    let store = open_flow(&src)?;
+    let flux = Flux::new(FlowConfig::from_store(&store)?, None);
+    let inp = inputs(&flux.config, args.tokens)?;
+    let params: usize = store
+        .keys()
+        .map(|k| store.info(k).map_or(0, |i| i.numel()))
+        .sum();
+    eprintln!(
+        "flow model: hidden {}, {}+{} blocks, {:.1} M parameters; {} image + 64 text tokens; \
+         CPU, {} threads, median of {}",
+        flux.config.hidden_size,
+        flux.config.depth,
+        flux.config.depth_single,
+        params as f64 / 1e6,
+        args.tokens,
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        args.repeat
+    );
+
+    let (base, want) = measure("f32", open_flow(&src)?, &flux, &inp, None, args.repeat)?;
+    let mut rows = vec![base];
+    for t in &args.types {
+        let (path, secs) = if t == "fp8" {
+            let p = dir.join("flow-fp8.safetensors");
+            let s = Instant::now();
+            if !p.exists() {
+                write_fp8(&store, &p)?;
+            }
+            (p, s.elapsed().as_secs_f64())
+        } else {
+            let ggml = gguf::parse_type(t)?;
+            let p = dir.join(format!("flow-{t}.gguf"));
+            let s = Instant::now();
+            if !p.exists() {
+                quantize::quantize_store(&store, &QuantSpec::new(ggml), &p)?;
+            }
+            (p, s.elapsed().as_secs_f64())
+        };
+        eprintln!("{t}: written in {secs:.1} s");
+        let (row, _) = measure(t, open_flow(&path)?, &flux, &inp, Some(&want), args.repeat)?;
+        rows.push(row);
+    }
+
+    let b = &rows[0];
+    println!("| storage | bits/weight | flow rel. error | f32 materialise | resident forward | streamed forward |");
+    println!("|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {:.2} | {:.1e} | {:.2}× ({:.0} ms) | {:.2}× | {:.2}× |",
+            r.name,
+            r.bits,
+            r.err,
+            r.load / b.load,
+            r.load * 1e3,
+            r.resident / b.resident,
+            r.stream / b.stream
+        );
+    }
+    println!(
+        "\nf32 baseline: resident forward {:.0} ms, streamed (stream:1:2) {:.0} ms",
+        b.resident * 1e3,
+        b.stream * 1e3
+    );
+
+    // One matrix of the MLP (4h × h) applied to the forward's tokens.
+    let (h, m) = (flux.config.hidden_size, flux.config.mlp_hidden);
+    let rows_x = args.tokens + 64;
+    let w = Tensor::from_vec(
+        torch_randn(11, m * h, NoiseKind::TorchF32),
+        (m, h),
+        &Device::Cpu,
+    )?;
+    let x = Tensor::from_vec(
+        torch_randn(12, rows_x * h, NoiseKind::TorchF32),
+        (rows_x, h),
+        &Device::Cpu,
+    )?;
+    let reps = args.repeat.max(3);
+    let dense = time(reps, || Ok(linear(&x, &w, None)?))?;
+    println!(
+        "\nmatmul [{rows_x}×{h}]·[{m}×{h}]ᵀ: f32 {:.2} ms",
+        dense * 1e3
+    );
+    println!("| type | QMatMul | dequantize | dequantize + f32 matmul |");
+    println!("|---|---|---|---|");
+    for t in &args.types {
+        let Ok(ggml) = gguf::parse_type(t) else {
+            continue;
+        };
+        if matches!(ggml, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            continue;
+        }
+        let q = Arc::new(QTensor::quantize(&w, ggml)?);
+        let mm = QMatMul::from_arc(q.clone())?;
+        let qmm = time(reps, || Ok(mm.forward(&x)?))?;
+        let deq = time(reps, || Ok(q.dequantize(&Device::Cpu)?))?;
+        println!(
+            "| {t} | {:.2}× | {:.2}× | {:.2}× |",
+            qmm / dense,
+            deq / dense,
+            (deq + dense) / dense
+        );
+    }
+    published_sizes(&args.types)
+}

@@ -1,0 +1,1005 @@
+//! The planner: for a model, a request and a plan, the peak bytes each phase needs on the
+//! compute device and the time it takes; over a list of candidate plans, the fastest one that
+//! fits a budget, or, when none fits, the nearest requests and plans that would.
+//!
+//! # The model
+//!
+//! `peak(plan) = max over phases [weights held + activations + workspace]` (weights held:
+//! resident ones, this phase's, a stream window in flight), each term obtained by a shadow execution of the pipeline ([`sim`]): the
+//! networks' code replayed over sizes instead of tensors, with candle's allocation behaviour
+//! (every op allocates its output; `contiguous`, strided `reshape` and `cat` copy; views share
+//! storage; Rust drops temporaries at the end of the statement and locals at the end of the
+//! scope) and the residency's rules (resident / phase / stream with its window and prefetch /
+//! cpu). Weights per stage come from manifests (names, shapes, storage dtypes) of the real
+//! checkpoints or from a checkpoint's headers, converted to the compute dtype.
+//!
+//! Time per stage is `max(compute, prefetch)` plus any synchronous transfer, where
+//! compute = FLOPs / matmul rate + elementwise traffic / bandwidth and transfers are weight
+//! bytes over the link; the denoising pass is simulated twice (the first pays the loads of
+//! resident and per-phase weights, the second is the steady state) and multiplied out over the
+//! steps.
+
+mod device;
+mod shadow;
+mod sim;
+
+use candle_core::DType;
+
+pub use device::{available_ram, ram, DeviceKind, DeviceProfile, HostProfile};
+pub use sim::{ConvImpl, Segment};
+
+use crate::checkpoint::manifest::Manifest;
+use crate::error::{Error, Result};
+use crate::memory::plan::{ComponentKind, ComponentPlan, Placement, Plan};
+use crate::memory::residency::StageSpec;
+use crate::model::autoencoder::{AutoEncoder, AutoEncoderConfig};
+use crate::model::clip::{ClipConfig, ClipTextModel};
+use crate::model::flow::{FlowConfig, Flux};
+use crate::model::t5::{T5Config, T5Encoder};
+use crate::variant::Variant;
+use shadow::{PipelineShape, PipelineWeights};
+use sim::{ShadowWeights, Sim, StageCost};
+
+pub const PHASES: [&str; 3] = ["encode", "denoise", "decode"];
+
+/// What the planner knows of a model: the four configurations and their checkpoints' manifests.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub name: String,
+    pub variant: Variant,
+    pub flow: FlowConfig,
+    pub ae: AutoEncoderConfig,
+    pub t5: T5Config,
+    pub clip: ClipConfig,
+    pub flow_manifest: Manifest,
+    pub ae_manifest: Manifest,
+    pub t5_manifest: Manifest,
+    pub clip_manifest: Manifest,
+}
+
+impl ModelSpec {
+    /// A published FLUX.1 variant, from the built-in manifests: no file needed.
+    pub fn published(variant: Variant) -> Self {
+        Self {
+            name: variant.name().to_string(),
+            variant,
+            flow: variant.flow_config(),
+            ae: AutoEncoderConfig::flux(),
+            t5: T5Config::xxl(),
+            clip: ClipConfig::vit_l_14(),
+            flow_manifest: Manifest::flow(variant),
+            ae_manifest: Manifest::ae(),
+            t5_manifest: Manifest::t5_xxl(),
+            clip_manifest: Manifest::clip_l(),
+        }
+    }
+
+    /// A loaded model (configurations read off its checkpoints, manifests from their headers).
+    pub fn from_model(model: &crate::pipeline::Model) -> Self {
+        Self {
+            name: model.name.clone(),
+            variant: model.variant,
+            flow: model.flow.net.config.clone(),
+            ae: model.ae.net.config.clone(),
+            t5: model.t5.net.config().clone(),
+            clip: model.clip.net.config().clone(),
+            flow_manifest: Manifest::from_store(ComponentKind::Flow, model.flow.weights.store()),
+            ae_manifest: Manifest::from_store(ComponentKind::Vae, model.ae.weights.store()),
+            t5_manifest: Manifest::from_store(ComponentKind::T5, model.t5.weights.store()),
+            clip_manifest: Manifest::from_store(ComponentKind::Clip, model.clip.weights.store()),
+        }
+    }
+
+    /// A model of these configurations stored in `dtype` (the built-in tiny family: f32).
+    pub fn from_configs(
+        name: &str,
+        variant: Variant,
+        flow: FlowConfig,
+        ae: AutoEncoderConfig,
+        t5: T5Config,
+        clip: ClipConfig,
+        dtype: DType,
+    ) -> Self {
+        let m = |kind, shapes| Manifest::from_shapes(kind, name, shapes, dtype);
+        Self {
+            name: name.to_string(),
+            variant,
+            flow_manifest: m(ComponentKind::Flow, flow.expected_shapes()),
+            ae_manifest: m(ComponentKind::Vae, ae.expected_shapes()),
+            t5_manifest: m(ComponentKind::T5, t5.expected_shapes()),
+            clip_manifest: m(ComponentKind::Clip, clip.expected_shapes()),
+            flow,
+            ae,
+            t5,
+            clip,
+        }
+    }
+
+    pub fn manifest(&self, kind: ComponentKind) -> &Manifest {
+        match kind {
+            ComponentKind::T5 => &self.t5_manifest,
+            ComponentKind::Clip => &self.clip_manifest,
+            ComponentKind::Flow => &self.flow_manifest,
+            ComponentKind::Vae => &self.ae_manifest,
+        }
+    }
+
+    /// The stages a component's network asks for, in order (as the pipeline builds them).
+    pub fn stages(&self, kind: ComponentKind) -> Vec<StageSpec> {
+        match kind {
+            ComponentKind::T5 => T5Encoder::new(self.t5.clone()).stages(),
+            ComponentKind::Clip => ClipTextModel::new(self.clip.clone()).stages(),
+            ComponentKind::Flow => Flux::new(self.flow.clone(), None).stages(),
+            ComponentKind::Vae => {
+                let ae = AutoEncoder::new(self.ae.clone(), None);
+                let mut s = ae.encoder_stages();
+                s.extend(ae.decoder_stages());
+                s
+            }
+        }
+    }
+
+    /// Bytes of a component's weights in `dtype`.
+    pub fn bytes_as(&self, kind: ComponentKind, dtype: DType) -> u64 {
+        (self.manifest(kind).params() * dtype.size_in_bytes()) as u64
+    }
+
+    /// Per stage: device bytes in `dtype`, and the host staging while it is converted (the
+    /// largest tensor not stored in `dtype`, as the residency takes it).
+    fn stage_costs(&self, kind: ComponentKind, dtype: DType, cpu: bool) -> Vec<StageCost> {
+        let m = self.manifest(kind);
+        self.stages(kind)
+            .iter()
+            .map(|spec| {
+                let entries: Vec<_> = m.stage_entries(spec).collect();
+                StageCost {
+                    name: spec.name.clone(),
+                    bytes: entries
+                        .iter()
+                        .map(|e| e.numel() * dtype.size_in_bytes())
+                        .sum(),
+                    staging: entries
+                        .iter()
+                        .filter(|e| !cpu || e.dtype != dtype)
+                        .map(|e| e.nbytes())
+                        .max()
+                        .unwrap_or(0),
+                }
+            })
+            .collect()
+    }
+}
+
+/// What is asked: the image and the text length. How it runs is the [`Plan`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Request {
+    pub width: usize,
+    pub height: usize,
+    pub t5_tokens: usize,
+    pub steps: usize,
+    /// A conditioning image is encoded (fill, canny, depth, kontext; img2img).
+    pub image_input: bool,
+}
+
+impl Request {
+    /// The reference's defaults for `variant` at `width` × `height` (text to image).
+    pub fn new(variant: Variant, width: usize, height: usize) -> Self {
+        Self {
+            width,
+            height,
+            t5_tokens: variant.t5_tokens(),
+            steps: variant.default_steps(),
+            image_input: false,
+        }
+    }
+
+    /// Image tokens of the flow model (a kontext conditioning image adds as many again).
+    pub fn image_tokens(&self, variant: Variant) -> usize {
+        let l = crate::sampling::image_seq_len(self.height, self.width);
+        if self.image_input && variant == Variant::DevKontext {
+            2 * l
+        } else {
+            l
+        }
+    }
+}
+
+/// One phase's prediction. Bytes on the compute device unless said otherwise.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PhasePrediction {
+    pub phase: &'static str,
+    /// The largest total: weights + activations + workspace at the same moment.
+    pub total: u64,
+    /// Weights held at that moment (resident, this phase's, a stream window in flight).
+    pub weights: u64,
+    pub activations: u64,
+    /// Buffers of kernels (convolution im2col, matmul packing, staging of a conversion).
+    pub workspace: u64,
+    /// Largest weights held at any moment of the phase.
+    pub weights_peak: u64,
+    /// Host memory of components computing on the CPU while the device is a GPU.
+    pub host: u64,
+    pub time_s: f64,
+    /// Of which: weights brought over the link before they could be used.
+    pub transfer_s: f64,
+}
+
+/// A plan's prediction for a request.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Prediction {
+    /// Short name (`phase+t5cpu`, `stream 1×2`).
+    pub label: String,
+    /// The placements in `--plan` syntax.
+    pub spec: String,
+    #[serde(skip)]
+    pub plan: Plan,
+    pub phases: Vec<PhasePrediction>,
+    /// Largest phase total.
+    pub peak: u64,
+    /// Largest host memory of cpu-placed components.
+    pub host_peak: u64,
+    /// One image, loads included.
+    pub time_s: f64,
+    /// Each further image of a session (resident weights already loaded).
+    pub warm_time_s: f64,
+}
+
+impl Prediction {
+    pub fn phase(&self, name: &str) -> Option<&PhasePrediction> {
+        self.phases.iter().find(|p| p.phase == name)
+    }
+}
+
+/// The dtype a component computes in under `plan` on `device`, as `pipeline::model` decides it:
+/// the VAE computes in f32 wherever it runs on the CPU (candle has no half-precision CPU conv).
+pub fn effective_dtype(plan: &Plan, kind: ComponentKind, device: &DeviceProfile) -> DType {
+    let cp = plan.component(kind);
+    let on_cpu = device.is_cpu() || cp.placement == Placement::Cpu;
+    if kind == ComponentKind::Vae && on_cpu {
+        DType::F32
+    } else {
+        cp.compute
+    }
+}
+
+/// Predicts the peak bytes per phase and the time of `plan` for `req`.
+pub fn predict(
+    model: &ModelSpec,
+    req: &Request,
+    plan: &Plan,
+    device: &DeviceProfile,
+) -> Prediction {
+    let sim = Sim::new(device.sim_config());
+    let weights = |kind: ComponentKind| {
+        let dtype = effective_dtype(plan, kind, device);
+        let cpu = device.is_cpu() || plan.component(kind).placement == Placement::Cpu;
+        ShadowWeights::new(
+            kind,
+            plan.component(kind).placement,
+            dtype,
+            model.stage_costs(kind, dtype, cpu),
+        )
+    };
+    let w = PipelineWeights {
+        t5: weights(ComponentKind::T5),
+        clip: weights(ComponentKind::Clip),
+        flow: weights(ComponentKind::Flow),
+        vae: weights(ComponentKind::Vae),
+    };
+    let li = crate::sampling::image_seq_len(req.height, req.width);
+    let shape = PipelineShape {
+        flow: &model.flow,
+        ae: &model.ae,
+        t5: &model.t5,
+        clip: &model.clip,
+        width: req.width,
+        height: req.height,
+        t5_tokens: req.t5_tokens,
+        dtype: plan.flow.compute,
+        attn_chunk: plan.attn_chunk,
+        vae_tile: plan.vae_tile,
+        image_input: req.image_input,
+        extra_img_tokens: req.image_tokens(model.variant) - li,
+        passes: 2.min(req.steps.max(1)),
+    };
+    let stats = shadow::pipeline(&sim, &shape, &w);
+    let mut phases = Vec::new();
+    let (mut time, mut warm) = (0.0, 0.0);
+    for st in &stats {
+        let (t, transfer, resident_loads) = phase_time(st, req.steps, device, plan, model);
+        time += t;
+        warm += t - resident_loads;
+        phases.push(PhasePrediction {
+            phase: st.name,
+            total: st.peak,
+            weights: st.at_peak[0],
+            activations: st.at_peak[1],
+            workspace: st.at_peak[2],
+            weights_peak: st.weights_peak,
+            host: st.host_peak,
+            time_s: t,
+            transfer_s: transfer,
+        });
+    }
+    Prediction {
+        label: label(plan),
+        spec: plan.spec(),
+        plan: plan.clone(),
+        peak: phases.iter().map(|p| p.total).max().unwrap_or(0),
+        host_peak: phases.iter().map(|p| p.host).max().unwrap_or(0),
+        phases,
+        time_s: time,
+        warm_time_s: warm,
+    }
+}
+
+/// (time, of which synchronous transfers, of which loads of resident weights) of a phase.
+fn phase_time(
+    st: &sim::PhaseStat,
+    steps: usize,
+    device: &DeviceProfile,
+    plan: &Plan,
+    model: &ModelSpec,
+) -> (f64, f64, f64) {
+    let _ = model;
+    let seg_time = |s: &Segment| -> (f64, f64, f64) {
+        let (rate, bw, conv) = match (s.host, s.component) {
+            (true, _) => (
+                device.host.f32_flops,
+                device.host.bandwidth,
+                device::CPU_CONV_EFFICIENCY,
+            ),
+            (false, Some(c)) => (
+                device.flops(effective_dtype(plan, c, device)),
+                device.bandwidth,
+                device.conv_efficiency,
+            ),
+            (false, None) => (
+                device.flops(plan.flow.compute),
+                device.bandwidth,
+                device.conv_efficiency,
+            ),
+        };
+        let compute =
+            (s.flops - s.conv_flops) / rate + s.conv_flops / (rate * conv) + s.traffic / bw;
+        let sync = s.sync_bytes / device.link;
+        let prefetch = s.async_bytes / device.link;
+        let resident = match s.component {
+            Some(c) if plan.component(c).placement == Placement::Resident => sync,
+            _ => 0.0,
+        };
+        let t = if device.copy_overlap {
+            sync + compute.max(prefetch)
+        } else {
+            sync + compute + prefetch
+        };
+        (
+            t,
+            sync + if device.copy_overlap { 0.0 } else { prefetch },
+            resident,
+        )
+    };
+    // The flow model's segments repeat once per pass; the first pass loads, the last is the
+    // steady state that the remaining steps repeat.
+    let flow_segs: Vec<&Segment> = st
+        .segments
+        .iter()
+        .filter(|s| s.component == Some(ComponentKind::Flow))
+        .collect();
+    let other: Vec<&Segment> = st
+        .segments
+        .iter()
+        .filter(|s| s.component != Some(ComponentKind::Flow))
+        .collect();
+    let (mut t, mut tr, mut res) = (0.0, 0.0, 0.0);
+    for s in other {
+        let (a, b, c) = seg_time(s);
+        t += a;
+        tr += b;
+        res += c;
+    }
+    if !flow_segs.is_empty() {
+        let passes = st.passes.max(1);
+        let per = flow_segs.len() / passes;
+        let pass = |i: usize| -> (f64, f64, f64) {
+            flow_segs[i * per..(i + 1) * per]
+                .iter()
+                .map(|s| seg_time(s))
+                .fold((0.0, 0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2))
+        };
+        let first = pass(0);
+        let steady = pass(passes - 1);
+        let rest = steps.saturating_sub(1) as f64;
+        t += first.0 + rest * steady.0;
+        tr += first.1 + rest * steady.1;
+        res += first.2;
+    }
+    (t, tr, res)
+}
+
+/// A short name for a plan: its placements, the attention chunk and VAE tile when set.
+pub fn label(plan: &Plan) -> String {
+    let p = |k: ComponentKind| plan.component(k).placement;
+    use ComponentKind::*;
+    let all_same = |pl: Placement| ComponentKind::ALL.iter().all(|k| p(*k) == pl);
+    let mut s = if all_same(Placement::Resident) {
+        "resident".to_string()
+    } else if all_same(Placement::Phase) {
+        "phase".to_string()
+    } else {
+        let name = |pl: Placement| match pl {
+            Placement::Resident => "resident".to_string(),
+            Placement::Phase => "phase".to_string(),
+            Placement::Stream { group, window } => format!("stream {group}×{window}"),
+            Placement::Cpu => "cpu".to_string(),
+        };
+        let mut parts = vec![format!("flow {}", name(p(Flow)))];
+        if p(T5) != Placement::Phase {
+            parts.push(format!("t5 {}", name(p(T5))));
+        }
+        for k in [Clip, Vae] {
+            if p(k) != Placement::Phase {
+                parts.push(format!("{} {}", k.name(), name(p(k))));
+            }
+        }
+        parts.join(", ")
+    };
+    if let Some(t) = plan.vae_tile {
+        s += &format!(", vae tile {t}");
+    }
+    s
+}
+
+/// A plan the planner considers, and what it waits for if it cannot run yet.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub plan: Plan,
+    /// A feature this plan needs that fluxfit does not have yet (`None`: runnable now).
+    pub needs: Option<&'static str>,
+}
+
+/// The plans worth considering, fastest first in intent: everything resident; per phase (the
+/// reference's `--offload`, improved); T5 on the CPU; the flow model streamed in groups of 4, 2
+/// and 1 blocks with the next group prefetched; T5 streamed too; the smallest: synchronous
+/// streaming of single blocks with a short attention chunk. `dtype` is the compute dtype (bf16
+/// on a GPU, f32 on the CPU); T5 on the CPU computes in f32 there.
+pub fn candidates(
+    device: &DeviceProfile,
+    dtype: DType,
+    attn_chunk: Option<usize>,
+) -> Vec<Candidate> {
+    let base = Plan::resident(dtype, attn_chunk);
+    let with = |spec: &str| -> Plan {
+        let mut p = base.with_spec(spec).expect("built-in plan specs parse");
+        if p.t5.placement == Placement::Cpu {
+            p.t5.compute = DType::F32;
+        }
+        p
+    };
+    let mut out: Vec<Candidate> = Vec::new();
+    let mut add = |p: Plan, needs: Option<&'static str>| {
+        if !out.iter().any(|c| c.plan == p) {
+            out.push(Candidate { plan: p, needs });
+        }
+    };
+    add(with("resident"), None);
+    add(with("phase"), None);
+    add(with("phase,flow=resident,vae=resident"), None);
+    let cpu_t5 = !device.is_cpu();
+    if cpu_t5 {
+        add(with("phase,t5=cpu"), None);
+    }
+    for g in [4, 2, 1] {
+        add(with(&format!("phase,flow=stream:{g}:2")), None);
+        if cpu_t5 {
+            add(with(&format!("phase,flow=stream:{g}:2,t5=cpu")), None);
+        }
+    }
+    add(with("stream:1:2"), None);
+    let mut min = with("stream:1:1");
+    min.attn_chunk = Some(attn_chunk.map_or(256, |c| c.min(256)));
+    add(min.clone(), None);
+    // Tiled VAE decoding bounds the decode phase (issue 5); listed so the planner can say
+    // what it would buy.
+    let mut tiled = with("stream:1:2");
+    tiled.vae_tile = Some(512);
+    add(tiled, Some("tiled VAE decoding"));
+    out
+}
+
+/// A budget: device bytes available to fluxfit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Budget {
+    pub bytes: u64,
+}
+
+impl Budget {
+    /// Whether a prediction fits, with the device's reserve.
+    pub fn fits(&self, p: &Prediction, device: &DeviceProfile) -> bool {
+        p.peak + device.reserve <= self.bytes
+    }
+}
+
+/// Parses `12GB`, `12G`, `12GiB`, `11.5 GB`, `8000MB`, `512MiB`, a plain number of bytes.
+/// Sizes are binary (1 GB = 2³⁰ bytes), as cards are sold and `nvidia-smi` counts: a "12 GB"
+/// card has 12 GiB.
+pub fn parse_bytes(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| {
+        Error::InvalidRequest(format!(
+            "`{s}` is not a size; write it like 12GB, 11.5GiB, 8000MB or 512MiB"
+        ))
+    })?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => {
+            return Err(Error::InvalidRequest(format!(
+                "`{s}`: unknown unit `{other}` (use B, KB, MB, GB or TB; all binary)"
+            )))
+        }
+    };
+    Ok((value * mult as f64) as u64)
+}
+
+/// `bytes` as GiB with one decimal (`11.4 GiB`), or MiB below 1 GiB.
+pub fn format_bytes(bytes: u64) -> String {
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    if gib >= 1.0 {
+        format!("{gib:.1} GiB")
+    } else {
+        format!("{:.0} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
+}
+
+/// Every candidate's prediction for one request, and the choice for a budget.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PlanTable {
+    pub model: String,
+    pub device: String,
+    pub request: Request,
+    pub rows: Vec<Row>,
+    /// Time of the all-resident plan (the reference for `relative`).
+    pub resident_time_s: f64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Row {
+    pub prediction: Prediction,
+    /// Time relative to all-resident.
+    pub relative: f64,
+    pub needs: Option<&'static str>,
+}
+
+impl PlanTable {
+    pub fn new(
+        model: &ModelSpec,
+        req: &Request,
+        device: &DeviceProfile,
+        candidates: &[Candidate],
+    ) -> Self {
+        let preds: Vec<(Prediction, Option<&'static str>)> = candidates
+            .iter()
+            .map(|c| (predict(model, req, &c.plan, device), c.needs))
+            .collect();
+        let resident_time_s = preds
+            .iter()
+            .find(|(p, _)| p.label == "resident")
+            .map_or(preds[0].0.time_s, |(p, _)| p.time_s);
+        Self {
+            model: model.name.clone(),
+            device: device.description.clone(),
+            request: req.clone(),
+            rows: preds
+                .into_iter()
+                .map(|(prediction, needs)| Row {
+                    relative: prediction.time_s / resident_time_s,
+                    prediction,
+                    needs,
+                })
+                .collect(),
+            resident_time_s,
+        }
+    }
+
+    /// The fastest runnable plan that fits the budget (and the host's RAM, where known).
+    pub fn fastest_fitting(&self, budget: Budget, device: &DeviceProfile) -> Option<&Row> {
+        self.rows
+            .iter()
+            .filter(|r| r.needs.is_none() && budget.fits(&r.prediction, device))
+            .filter(|r| {
+                device.is_cpu()
+                    || device
+                        .host
+                        .memory
+                        .is_none_or(|m| r.prediction.host_peak <= m)
+            })
+            .min_by(|a, b| {
+                a.prediction
+                    .time_s
+                    .total_cmp(&b.prediction.time_s)
+                    .then(
+                        a.prediction
+                            .warm_time_s
+                            .total_cmp(&b.prediction.warm_time_s),
+                    )
+                    .then(a.prediction.peak.cmp(&b.prediction.peak))
+            })
+    }
+
+    /// The smallest runnable plan (the faster of equal peaks).
+    pub fn smallest(&self) -> Option<&Row> {
+        self.rows
+            .iter()
+            .filter(|r| r.needs.is_none())
+            .min_by(|a, b| {
+                a.prediction
+                    .peak
+                    .cmp(&b.prediction.peak)
+                    .then(a.prediction.time_s.total_cmp(&b.prediction.time_s))
+            })
+    }
+}
+
+/// Something that would fit when the request as asked does not.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Alternative {
+    pub description: String,
+    pub peak: u64,
+    /// What it waits for, if fluxfit cannot do it yet.
+    pub needs: Option<&'static str>,
+}
+
+/// The nearest feasible alternatives for a request no runnable plan fits: the largest size of
+/// the same aspect ratio that fits, T5 on the CPU, fewer T5 tokens, and the plans that need a
+/// feature fluxfit does not have yet (tiled VAE, quantized weights).
+pub fn alternatives(
+    model: &ModelSpec,
+    req: &Request,
+    device: &DeviceProfile,
+    cands: &[Candidate],
+    budget: Budget,
+) -> Vec<Alternative> {
+    let mut out = Vec::new();
+    let runnable: Vec<&Candidate> = cands.iter().filter(|c| c.needs.is_none()).collect();
+    let best = |r: &Request| -> Option<Prediction> {
+        runnable
+            .iter()
+            .map(|c| predict(model, r, &c.plan, device))
+            .filter(|p| budget.fits(p, device))
+            .min_by(|a, b| a.time_s.total_cmp(&b.time_s))
+    };
+    // The largest size of this aspect ratio that fits, sides multiples of 16.
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    let sized = |f: f64| -> Request {
+        let side = |v: usize| (((v as f64 * f) as usize) / 16 * 16).max(64);
+        Request {
+            width: side(req.width),
+            height: side(req.height),
+            ..req.clone()
+        }
+    };
+    if best(&sized(0.0)).is_some() {
+        for _ in 0..8 {
+            let mid = (lo + hi) / 2.0;
+            if best(&sized(mid)).is_some() {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        let r = sized(lo);
+        if let Some(p) = best(&r) {
+            out.push(Alternative {
+                description: format!(
+                    "{}x{} (the largest of this aspect ratio that fits) with plan `{}`",
+                    r.width, r.height, p.label
+                ),
+                peak: p.peak,
+                needs: None,
+            });
+        }
+    }
+    if req.t5_tokens > 128 {
+        let r = Request {
+            t5_tokens: 128,
+            ..req.clone()
+        };
+        if let Some(p) = best(&r) {
+            out.push(Alternative {
+                description: format!("--t5-tokens 128 with plan `{}`", p.label),
+                peak: p.peak,
+                needs: None,
+            });
+        }
+    }
+    for c in cands.iter().filter(|c| c.needs.is_some()) {
+        let p = predict(model, req, &c.plan, device);
+        if budget.fits(&p, device) {
+            out.push(Alternative {
+                description: format!("plan `{}`", p.label),
+                peak: p.peak,
+                needs: c.needs,
+            });
+        }
+    }
+    // Quantized flow weights: the smallest plan with the flow model held in 8 and 4 bits on
+    // the device. (Quantized *storage* alone does not help here: it is dequantized to the
+    // compute dtype on the way to the device.)
+    if let Some(smallest) = runnable
+        .iter()
+        .map(|c| predict(model, req, &c.plan, device))
+        .min_by_key(|p| p.peak)
+    {
+        // Only the denoise phase's weights shrink; the other phases stay as they are.
+        let dtype = smallest.plan.flow.compute;
+        for (bits, name) in [(8.5, "8-bit (q8_0/fp8)"), (4.5, "4-bit (q4)")] {
+            let peak = smallest
+                .phases
+                .iter()
+                .map(|ph| {
+                    if ph.phase == "denoise" {
+                        let saved =
+                            ph.weights as f64 * (1.0 - bits / (8.0 * dtype.size_in_bytes() as f64));
+                        ph.total.saturating_sub(saved as u64)
+                    } else {
+                        ph.total
+                    }
+                })
+                .max()
+                .unwrap_or(0);
+            if peak + device.reserve <= budget.bytes {
+                out.push(Alternative {
+                    description: format!(
+                        "{name} flow weights kept quantized on the device, with plan `{}`",
+                        smallest.label
+                    ),
+                    peak,
+                    needs: Some("quantized matmuls (weights quantized on the device)"),
+                });
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// A plan from placements per component, for callers that build plans by hand.
+pub fn plan_of(
+    dtype: DType,
+    attn_chunk: Option<usize>,
+    placements: [(ComponentKind, Placement); 4],
+) -> Plan {
+    let mut p = Plan::resident(dtype, attn_chunk);
+    for (k, pl) in placements {
+        *p.component_mut(k) = ComponentPlan {
+            placement: pl,
+            compute: if pl == Placement::Cpu {
+                DType::F32
+            } else {
+                dtype
+            },
+        };
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn gpu() -> DeviceProfile {
+        let mut d = DeviceProfile::generic_cuda(Some(24 * GIB));
+        d.host = HostProfile {
+            f32_flops: 200e9,
+            bandwidth: 20e9,
+            threads: 8,
+            memory: Some(64 * GIB),
+        };
+        d
+    }
+
+    fn plan(spec: &str) -> Plan {
+        let mut p = Plan::resident(DType::BF16, Some(1024))
+            .with_spec(spec)
+            .unwrap();
+        if p.t5.placement == Placement::Cpu {
+            p.t5.compute = DType::F32;
+        }
+        p
+    }
+
+    #[test]
+    fn sizes_parse_in_binary_units() {
+        assert_eq!(parse_bytes("12GB").unwrap(), 12 * GIB);
+        assert_eq!(parse_bytes("12 GiB").unwrap(), 12 * GIB);
+        assert_eq!(parse_bytes("11.5G").unwrap(), 23 * GIB / 2);
+        assert_eq!(parse_bytes("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("1000").unwrap(), 1000);
+        assert!(parse_bytes("twelve").is_err());
+        assert!(parse_bytes("12 parsecs").is_err());
+    }
+
+    #[test]
+    fn resident_holds_every_weight_and_phase_only_its_own() {
+        let m = ModelSpec::published(Variant::Dev);
+        let req = Request::new(Variant::Dev, 1024, 1024);
+        let d = gpu();
+        let all: u64 = ComponentKind::ALL
+            .iter()
+            .map(|k| m.bytes_as(*k, DType::BF16))
+            .sum();
+        let r = predict(&m, &req, &plan("resident"), &d);
+        // The decode phase of a resident run holds everything but the VAE encoder.
+        let enc = {
+            let ae = AutoEncoder::new(m.ae.clone(), None);
+            ae.encoder_stages()
+                .iter()
+                .map(|s| m.ae_manifest.stage_numel(s) as u64 * 2)
+                .sum::<u64>()
+        };
+        assert_eq!(r.phase("decode").unwrap().weights_peak, all - enc);
+        assert!(r.peak >= all - enc);
+        let p = predict(&m, &req, &plan("phase"), &d);
+        let flow = m.bytes_as(ComponentKind::Flow, DType::BF16);
+        assert_eq!(p.phase("denoise").unwrap().weights_peak, flow);
+        // 23.80 GB of flow weights plus activations: the reference's offload does not fit 24 GiB.
+        assert!(p.peak + d.reserve > 24 * GIB);
+    }
+
+    #[test]
+    fn a_stream_window_bounds_the_weights_in_flight() {
+        let m = ModelSpec::published(Variant::Dev);
+        let req = Request::new(Variant::Dev, 1024, 1024);
+        let stages: Vec<u64> = m
+            .stages(ComponentKind::Flow)
+            .iter()
+            .map(|s| m.flow_manifest.stage_numel(s) as u64 * 2)
+            .collect();
+        for (g, w) in [(1, 1), (1, 2), (2, 2), (4, 2), (2, 3)] {
+            let p = predict(
+                &m,
+                &req,
+                &plan(&format!("phase,flow=stream:{g}:{w}")),
+                &gpu(),
+            );
+            let groups: Vec<u64> = stages.chunks(g).map(|c| c.iter().sum()).collect();
+            let mut sorted = groups.clone();
+            sorted.sort_unstable_by(|a, b| b.cmp(a));
+            let bound: u64 = sorted.iter().take(w).sum();
+            let d = p.phase("denoise").unwrap();
+            assert!(
+                d.weights_peak <= bound,
+                "{g}x{w}: {} > {bound}",
+                d.weights_peak
+            );
+            // Two double blocks (340 M parameters each) are in flight with 1×2.
+            if (g, w) == (1, 2) {
+                assert_eq!(d.weights_peak, 2 * 339_831_296 * 2);
+            }
+        }
+    }
+
+    #[test]
+    fn activations_follow_the_spec_scale() {
+        let m = ModelSpec::published(Variant::Dev);
+        let d = gpu();
+        // Spec §5: the single-block linear1 output alone is 198 MB at 1024² (L = 4608) and
+        // 66 MB at 512² (L = 1536); the denoise activations hold it and more.
+        for (side, lin1) in [(1024, 198_180_864u64), (512, 66_060_288)] {
+            let p = predict(
+                &m,
+                &Request::new(Variant::Dev, side, side),
+                &plan("phase"),
+                &d,
+            );
+            let a = p.phase("denoise").unwrap().activations;
+            assert!(a > lin1 && a < 20 * lin1, "{side}: {a}");
+        }
+        // The CUDA decoder's im2col of the full-resolution 256-channel conv: 9·256·H·W bf16.
+        let p = predict(
+            &m,
+            &Request::new(Variant::Dev, 1024, 1024),
+            &plan("phase"),
+            &d,
+        );
+        let dec = p.phase("decode").unwrap();
+        assert!(dec.workspace >= 9 * 256 * 1024 * 1024 * 2, "{dec:?}");
+        // T5 at 512 tokens: 64 heads of 512² scores in f32 for the softmax.
+        let enc = p.phase("encode").unwrap();
+        assert!(enc.activations > 64 * 512 * 512 * 4);
+    }
+
+    #[test]
+    fn peaks_grow_with_resolution_under_every_plan() {
+        let m = ModelSpec::published(Variant::Schnell);
+        let d = gpu();
+        for c in candidates(&d, DType::BF16, Some(1024)) {
+            let mut last = 0;
+            for side in [256, 512, 768, 1024, 1536] {
+                let p = predict(&m, &Request::new(Variant::Schnell, side, side), &c.plan, &d);
+                assert!(p.peak >= last, "{}: {side}", p.label);
+                last = p.peak;
+            }
+        }
+    }
+
+    #[test]
+    fn the_fastest_fitting_plan_follows_the_budget() {
+        let m = ModelSpec::published(Variant::Dev);
+        let req = Request::new(Variant::Dev, 1024, 1024);
+        let d = gpu();
+        let cands = candidates(&d, DType::BF16, Some(1024));
+        let table = PlanTable::new(&m, &req, &d, &cands);
+        let pick = |gib: u64| {
+            table
+                .fastest_fitting(Budget { bytes: gib * GIB }, &d)
+                .map(|r| r.prediction.clone())
+        };
+        assert_eq!(pick(80).unwrap().label, "resident");
+        let p12 = pick(12).unwrap();
+        assert!(p12.peak + d.reserve <= 12 * GIB);
+        assert!(matches!(p12.plan.flow.placement, Placement::Stream { .. }));
+        // Resident is never slower than another plan.
+        for r in &table.rows {
+            assert!(
+                r.relative >= 0.999,
+                "{}: {}",
+                r.prediction.label,
+                r.relative
+            );
+        }
+        assert!(pick(2).is_none());
+        let alts = alternatives(&m, &req, &d, &cands, Budget { bytes: 4 * GIB });
+        assert!(
+            alts.iter()
+                .any(|a| a.needs.is_none() && a.description.contains('x')),
+            "{alts:?}"
+        );
+    }
+
+    #[test]
+    fn every_published_variant_plans_without_weights() {
+        let d = gpu();
+        for v in Variant::ALL {
+            let m = ModelSpec::published(v);
+            let mut req = Request::new(v, 1024, 1024);
+            req.image_input = matches!(
+                v,
+                Variant::DevFill | Variant::DevCanny | Variant::DevDepth | Variant::DevKontext
+            );
+            let p = predict(&m, &req, &plan("stream:1:2"), &d);
+            assert!(p.peak > 0 && p.time_s > 0.0, "{v}");
+        }
+        // Kontext with its conditioning image has twice the image tokens.
+        let m = ModelSpec::published(Variant::DevKontext);
+        let mut req = Request::new(Variant::DevKontext, 1024, 1024);
+        let plain = predict(&m, &req, &plan("phase"), &d);
+        req.image_input = true;
+        let cond = predict(&m, &req, &plan("phase"), &d);
+        assert!(
+            cond.phase("denoise").unwrap().activations
+                > plain.phase("denoise").unwrap().activations * 3 / 2
+        );
+    }
+
+    #[test]
+    fn t5_on_the_cpu_leaves_the_device_and_takes_host_ram() {
+        let m = ModelSpec::published(Variant::Dev);
+        let req = Request::new(Variant::Dev, 1024, 1024);
+        let p = predict(&m, &req, &plan("phase,t5=cpu"), &gpu());
+        let enc = p.phase("encode").unwrap();
+        assert!(enc.total < 300 << 20, "{enc:?}");
+        // T5 in f32 on the host (candle's CPU matmul has no bf16): 19 GB.
+        assert!(p.host_peak >= m.bytes_as(ComponentKind::T5, DType::F32));
+    }
+}
