@@ -35,8 +35,8 @@ pub struct BenchQuantArgs {
     /// Image tokens per forward (a square number); 64 text tokens are added.
     #[arg(long, default_value_t = 256)]
     pub tokens: usize,
-    /// Timed runs per measurement; the median is reported.
-    #[arg(long, default_value_t = 3)]
+    /// Timed runs per measurement, alternating with f32; the fastest is reported.
+    #[arg(long, default_value_t = 5)]
     pub repeat: usize,
     /// Storage types, comma-separated (`fp8` is e4m3 with a per-tensor scale, ComfyUI's layout).
     #[arg(
@@ -50,19 +50,24 @@ pub struct BenchQuantArgs {
     pub dir: Option<std::path::PathBuf>,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn time<T>(repeat: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
-    let mut t = Vec::new();
+/// Runs `a` and `b` alternately `repeat` times and returns the fastest time of each: on a
+/// machine shared with other work, alternation exposes both to the same load, and the minimum
+/// is the least disturbed run.
+fn ab<T, U>(
+    repeat: usize,
+    mut a: impl FnMut() -> Result<T>,
+    mut b: impl FnMut() -> Result<U>,
+) -> Result<(f64, f64)> {
+    let (mut ta, mut tb) = (f64::INFINITY, f64::INFINITY);
     for _ in 0..repeat.max(1) {
         let s = Instant::now();
-        f()?;
-        t.push(s.elapsed().as_secs_f64());
+        a()?;
+        ta = ta.min(s.elapsed().as_secs_f64());
+        let s = Instant::now();
+        b()?;
+        tb = tb.min(s.elapsed().as_secs_f64());
     }
-    Ok(median(t))
+    Ok((ta, tb))
 }
 
 struct Inputs {
@@ -100,7 +105,7 @@ fn inputs(cfg: &FlowConfig, tokens: usize) -> Result<Inputs> {
     })
 }
 
-/// One configuration's numbers.
+/// One configuration's numbers: times relative to f32, measured alternately with it.
 struct Row {
     name: String,
     bits: f64,
@@ -110,85 +115,108 @@ struct Row {
     stream: f64,
 }
 
-fn measure(
-    name: &str,
-    store: TensorStore,
-    flux: &Flux,
-    inp: &Inputs,
-    want: Option<&Tensor>,
-    repeat: usize,
-) -> Result<(Row, Tensor)> {
-    let params: usize = store
-        .keys()
-        .map(|k| store.info(k).map_or(0, |i| i.numel()))
-        .sum();
-    let stored: usize = store
-        .keys()
-        .map(|k| store.info(k).map_or(0, |i| i.stored_bytes()))
-        .sum();
-    // Every tensor once out of the map into f32: the per-stage conversion cost.
-    let load = time(repeat, || {
-        for k in store.keys() {
-            store.load(k, &Device::Cpu, DType::F32)?;
+/// A flow checkpoint ready to run resident and streamed.
+struct Setup {
+    store: Arc<TensorStore>,
+    resident: Residency,
+    streamed: Residency,
+}
+
+impl Setup {
+    fn new(store: TensorStore, flux: &Flux) -> Self {
+        let store = Arc::new(store);
+        let make = |placement| {
+            Residency::new(
+                store.clone(),
+                flux.stages(),
+                Device::Cpu,
+                DType::F32,
+                placement,
+            )
+        };
+        Self {
+            resident: make(Placement::Resident),
+            streamed: make(Placement::Stream {
+                group: 1,
+                window: 2,
+            }),
+            store,
+        }
+    }
+
+    /// Bits per weight in storage.
+    fn bits(&self) -> f64 {
+        let s = &self.store;
+        let (mut params, mut bytes) = (0, 0);
+        for k in s.keys() {
+            if let Ok(i) = s.info(k) {
+                params += i.numel();
+                bytes += i.stored_bytes();
+            }
+        }
+        8.0 * bytes as f64 / params as f64
+    }
+
+    /// Every tensor once out of the map into f32: the per-stage conversion cost.
+    fn load_all(&self) -> Result<()> {
+        for k in self.store.keys() {
+            self.store.load(k, &Device::Cpu, DType::F32)?;
         }
         Ok(())
-    })?;
-    let store = Arc::new(store);
-    let run = |w: &Residency| -> Result<Tensor> {
-        Ok(flux.forward(
-            w,
-            &FlowInputs {
-                img: &inp.img,
-                img_ids: &inp.img_ids,
-                txt: &inp.txt,
-                txt_ids: &inp.txt_ids,
-                timesteps: &inp.t,
-                y: &inp.y,
-                guidance: flux.config.guidance_embed.then_some(&inp.g),
-            },
-        )?)
-    };
-    let resident = Residency::new(
-        store.clone(),
-        flux.stages(),
-        Device::Cpu,
-        DType::F32,
-        Placement::Resident,
-    );
-    let out = run(&resident)?;
-    let t_res = time(repeat, || run(&resident))?;
-    drop(resident);
-    let streamed = Residency::new(
-        store,
-        flux.stages(),
-        Device::Cpu,
-        DType::F32,
-        Placement::Stream {
-            group: 1,
-            window: 2,
+    }
+}
+
+fn forward(flux: &Flux, w: &Residency, inp: &Inputs) -> Result<Tensor> {
+    Ok(flux.forward(
+        w,
+        &FlowInputs {
+            img: &inp.img,
+            img_ids: &inp.img_ids,
+            txt: &inp.txt,
+            txt_ids: &inp.txt_ids,
+            timesteps: &inp.t,
+            y: &inp.y,
+            guidance: flux.config.guidance_embed.then_some(&inp.g),
         },
-    );
-    run(&streamed)?;
-    let t_stream = time(repeat, || run(&streamed))?;
-    let err = match want {
-        Some(w) => {
-            let num = (&out - w)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
-            let den = w.sqr()?.sum_all()?.to_scalar::<f32>()?;
-            (num / den).sqrt()
-        }
-        None => 0.0,
-    };
-    Ok((
-        Row {
-            name: name.to_string(),
-            bits: 8.0 * stored as f64 / params as f64,
-            err,
-            load,
-            resident: t_res,
-            stream: t_stream,
-        },
-        out,
-    ))
+    )?)
+}
+
+fn rel_err(y: &Tensor, want: &Tensor) -> Result<f32> {
+    let num = (y - want)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
+    let den = want.sqr()?.sum_all()?.to_scalar::<f32>()?;
+    Ok((num / den).sqrt())
+}
+
+fn measure(
+    name: &str,
+    base: &Setup,
+    it: &Setup,
+    flux: &Flux,
+    inp: &Inputs,
+    want: &Tensor,
+    repeat: usize,
+) -> Result<Row> {
+    let (l0, l1) = ab(repeat, || base.load_all(), || it.load_all())?;
+    let out = forward(flux, &it.resident, inp)?;
+    let (r0, r1) = ab(
+        repeat,
+        || forward(flux, &base.resident, inp),
+        || forward(flux, &it.resident, inp),
+    )?;
+    forward(flux, &it.streamed, inp)?;
+    let (s0, s1) = ab(
+        repeat,
+        || forward(flux, &base.streamed, inp),
+        || forward(flux, &it.streamed, inp),
+    )?;
+    Ok(Row {
+        name: name.to_string(),
+        bits: it.bits(),
+        err: rel_err(&out, want)?,
+        load: l1 / l0,
+        resident: r1 / r0,
+        stream: s1 / s0,
+    })
 }
 
 /// The flow model in ComfyUI's scaled-fp8 layout (e4m3 matrices with `scale_weight`).
@@ -280,7 +308,7 @@ fn bench(args: &BenchQuantArgs, dir: &std::path::Path) -> Result<()> {
         .sum();
     eprintln!(
         "flow model: hidden {}, {}+{} blocks, {:.1} M parameters; {} image + 64 text tokens; \
-         CPU, {} threads, median of {}",
+         CPU, {} threads, fastest of {}",
         flux.config.hidden_size,
         flux.config.depth,
         flux.config.depth_single,
@@ -290,8 +318,31 @@ fn bench(args: &BenchQuantArgs, dir: &std::path::Path) -> Result<()> {
         args.repeat
     );
 
-    let (base, want) = measure("f32", open_flow(&src)?, &flux, &inp, None, args.repeat)?;
-    let mut rows = vec![base];
+    let base = Setup::new(open_flow(&src)?, &flux);
+    let want = forward(&flux, &base.resident, &inp)?;
+    forward(&flux, &base.streamed, &inp)?;
+    let (l0, r0, s0) = {
+        let (l, _) = ab(args.repeat, || base.load_all(), || Ok(()))?;
+        let (r, _) = ab(
+            args.repeat,
+            || forward(&flux, &base.resident, &inp),
+            || Ok(()),
+        )?;
+        let (s, _) = ab(
+            args.repeat,
+            || forward(&flux, &base.streamed, &inp),
+            || Ok(()),
+        )?;
+        (l, r, s)
+    };
+    let mut rows = vec![Row {
+        name: "f32".into(),
+        bits: base.bits(),
+        err: 0.0,
+        load: 1.0,
+        resident: 1.0,
+        stream: 1.0,
+    }];
     for t in &args.types {
         let (path, secs) = if t == "fp8" {
             let p = dir.join("flow-fp8.safetensors");
@@ -310,29 +361,27 @@ fn bench(args: &BenchQuantArgs, dir: &std::path::Path) -> Result<()> {
             (p, s.elapsed().as_secs_f64())
         };
         eprintln!("{t}: written in {secs:.1} s");
-        let (row, _) = measure(t, open_flow(&path)?, &flux, &inp, Some(&want), args.repeat)?;
-        rows.push(row);
+        let it = Setup::new(open_flow(&path)?, &flux);
+        rows.push(measure(t, &base, &it, &flux, &inp, &want, args.repeat)?);
     }
 
-    let b = &rows[0];
-    println!("| storage | bits/weight | flow rel. error | f32 materialise | resident forward | streamed forward |");
+    println!(
+        "| storage | bits/weight | flow rel. error | materialise in f32 | resident forward | streamed forward |"
+    );
     println!("|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {:.2} | {:.1e} | {:.2}× ({:.0} ms) | {:.2}× | {:.2}× |",
-            r.name,
-            r.bits,
-            r.err,
-            r.load / b.load,
-            r.load * 1e3,
-            r.resident / b.resident,
-            r.stream / b.stream
+            "| {} | {:.2} | {:.1e} | {:.2}× | {:.2}× | {:.2}× |",
+            r.name, r.bits, r.err, r.load, r.resident, r.stream
         );
     }
     println!(
-        "\nf32 baseline: resident forward {:.0} ms, streamed (stream:1:2) {:.0} ms",
-        b.resident * 1e3,
-        b.stream * 1e3
+        "\nf32: materialise {:.0} ms, resident forward {:.0} ms, streamed (stream:1:2) {:.0} ms \
+         (fastest of {}; each type's times are relative to f32 runs alternated with its own)",
+        l0 * 1e3,
+        r0 * 1e3,
+        s0 * 1e3,
+        args.repeat
     );
 
     // One matrix of the MLP (4h × h) applied to the forward's tokens.
@@ -349,13 +398,21 @@ fn bench(args: &BenchQuantArgs, dir: &std::path::Path) -> Result<()> {
         &Device::Cpu,
     )?;
     let reps = args.repeat.max(3);
-    let dense = time(reps, || Ok(linear(&x, &w, None)?))?;
+    let (dense, _) = ab(reps, || Ok(linear(&x, &w, None)?), || Ok(()))?;
+    let exact = linear(&x, &w, None)?;
+    let rel = |y: &Tensor| -> Result<f32> {
+        let num = (y - &exact)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
+        let den = exact.sqr()?.sum_all()?.to_scalar::<f32>()?;
+        Ok((num / den).sqrt())
+    };
     println!(
         "\nmatmul [{rows_x}×{h}]·[{m}×{h}]ᵀ: f32 {:.2} ms",
         dense * 1e3
     );
-    println!("| type | QMatMul | dequantize | dequantize + f32 matmul |");
-    println!("|---|---|---|---|");
+    println!(
+        "| type | QMatMul time | dequantize | dequantize + f32 matmul | error, dequantize + f32 | error, QMatMul |"
+    );
+    println!("|---|---|---|---|---|---|");
     for t in &args.types {
         let Ok(ggml) = gguf::parse_type(t) else {
             continue;
@@ -365,10 +422,13 @@ fn bench(args: &BenchQuantArgs, dir: &std::path::Path) -> Result<()> {
         }
         let q = Arc::new(QTensor::quantize(&w, ggml)?);
         let mm = QMatMul::from_arc(q.clone())?;
-        let qmm = time(reps, || Ok(mm.forward(&x)?))?;
-        let deq = time(reps, || Ok(q.dequantize(&Device::Cpu)?))?;
+        let (dense, qmm) = ab(reps, || Ok(linear(&x, &w, None)?), || Ok(mm.forward(&x)?))?;
+        let (_, deq) = ab(reps, || Ok(()), || Ok(q.dequantize(&Device::Cpu)?))?;
+        // QMatMul quantizes the activations too (to 8 bits): its own error on top.
+        let e_deq = rel(&linear(&x, &q.dequantize(&Device::Cpu)?, None)?)?;
+        let e_qmm = rel(&mm.forward(&x)?)?;
         println!(
-            "| {t} | {:.2}× | {:.2}× | {:.2}× |",
+            "| {t} | {:.2}× | {:.2}× | {:.2}× | {e_deq:.1e} | {e_qmm:.1e} |",
             qmm / dense,
             deq / dense,
             (deq + dense) / dense

@@ -228,7 +228,9 @@ fn dtype_name(d: DType) -> &'static str {
 }
 
 fn secs(t: f64) -> String {
-    if t >= 100.0 {
+    if t >= 7200.0 {
+        format!("{:.1} h", t / 3600.0)
+    } else if t >= 100.0 {
         format!("{t:.0} s")
     } else if t >= 1.0 {
         format!("{t:.1} s")

@@ -175,6 +175,7 @@ fn streaming_prefetches_the_next_group_and_restarts_each_step() {
 
 #[test]
 fn loading_a_stage_reads_that_stage_and_nothing_else() {
+    let _m = measure_lock();
     let model = tiny::load(options()).unwrap();
     let plan = Plan::resident(DType::F32, None).with_spec("phase").unwrap();
     let mut model = model;
@@ -243,6 +244,10 @@ fn a_streamed_flow_holds_its_window_and_a_resident_one_everything() {
         // Measured: at most the window plus the activations a resident run measures (plus a
         // little for the staging of a materialisation and the allocator's slack).
         let bound = window_bytes + activations + activations / 4 + MIB;
+        eprintln!(
+            "{spec}: denoise measured {} (weights {}), bound {bound}; resident {}",
+            d.total_peak, d.weights_peak, r.total_peak
+        );
         assert!(
             d.total_peak <= bound,
             "`{spec}`: measured {} > window {window_bytes} + activations {activations}\n{}",

@@ -498,7 +498,7 @@ mod tests {
     /// of one whole-tensor quantization (also for a source that is a view into a larger one).
     #[test]
     fn chunked_quantization_is_whole_tensor_quantization() {
-        let n = 3 * 1024 * 512;
+        let n: usize = 3 * 1024 * 512;
         let values: Vec<f32> = (0..n)
             .map(|i| ((i * 7919) % 1000) as f32 / 100.0 - 5.0)
             .collect();

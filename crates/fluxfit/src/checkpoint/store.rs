@@ -43,11 +43,14 @@ pub enum Source {
 #[derive(Debug, Clone)]
 pub struct KeyInfo {
     pub shape: Vec<usize>,
-    /// Storage dtype: what the bytes in the file are; for GGUF block types (see `ggml`), F32,
-    /// what they are read as.
+    /// Storage dtype: what the bytes in the file are (`U8` for fp8 e5m2, which candle has no
+    /// type for); for GGUF block types (see `ggml`), F32, what they are read as.
     pub dtype: DType,
     /// The GGUF storage type of a tensor from a GGUF file.
     pub ggml: Option<GgmlDType>,
+    /// The dtype the tensor is in when read, before conversion to the compute dtype: `dtype`,
+    /// but F32 for fp8 e4m3, scaled fp8 and GGUF block types, F16 for fp8 e5m2.
+    pub read: DType,
 }
 
 impl KeyInfo {
@@ -55,17 +58,17 @@ impl KeyInfo {
         self.shape.iter().product()
     }
 
-    /// Bytes of the tensor as read from storage, before conversion to the compute dtype
-    /// (`numel × dtype`; for GGUF block types, the dequantized F32 tensor).
+    /// Bytes of the tensor as read (in `read`), before conversion to the compute dtype: the
+    /// host buffer a stage's conversion goes through.
     pub fn nbytes(&self) -> usize {
-        self.numel() * self.dtype.size_in_bytes()
+        self.numel() * self.read.size_in_bytes()
     }
 
     /// Bytes the tensor takes in its file.
     pub fn stored_bytes(&self) -> usize {
         match self.ggml {
             Some(t) => gguf::type_bytes(t, self.numel()),
-            None => self.nbytes(),
+            None => self.numel() * self.dtype.size_in_bytes(),
         }
     }
 }
@@ -403,10 +406,16 @@ impl TensorStore {
                     key: name.clone(),
                     hint: String::new(),
                 })?;
+                let read = match t.dtype {
+                    _ if t.fp8_e5m2 => DType::F16,
+                    DType::F8E4M3 => DType::F32,
+                    d => d,
+                };
                 Ok(KeyInfo {
                     shape: t.shape.clone(),
                     dtype: t.dtype,
                     ggml: None,
+                    read,
                 })
             }
             Source::Gguf { file, name } => {
@@ -420,9 +429,13 @@ impl TensorStore {
                     shape: t.shape.clone(),
                     dtype: t.dtype(),
                     ggml: Some(t.ggml),
+                    read: t.dtype(),
                 })
             }
-            Source::Scaled { inner, .. } => self.info_of(inner),
+            Source::Scaled { inner, .. } => Ok(KeyInfo {
+                read: DType::F32,
+                ..self.info_of(inner)?
+            }),
             Source::Concat { parts, dim } => {
                 let infos = parts
                     .iter()
@@ -453,6 +466,7 @@ impl TensorStore {
                     shape,
                     dtype: infos[0].dtype,
                     ggml: infos[0].ggml,
+                    read: infos[0].read,
                 })
             }
             Source::SwapHalves { inner, .. } => self.info_of(inner),

@@ -218,7 +218,9 @@ impl DeviceProfile {
             // Copying out of the memory map (page cache) and converting.
             link: host.bandwidth,
             copy_overlap: true,
-            reserve: 0,
+            // gemm's per-thread L2 slab, allocated on a thread's first matmul and kept for the
+            // process: the CPU's equivalent of a CUDA context.
+            reserve: ((host.threads + 1) * l2_bytes()) as u64,
             host,
         }
     }
@@ -310,6 +312,28 @@ fn pool_threads() -> usize {
         .and_then(|s| s.parse::<usize>().ok())
         .filter(|n| *n > 0)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// The L2 cache of one core (`/sys/.../cache/index2/size`), 2 MiB where unreadable.
+fn l2_bytes() -> usize {
+    let read = || -> Option<usize> {
+        let base = "/sys/devices/system/cpu/cpu0/cache/index2";
+        let level = std::fs::read_to_string(format!("{base}/level")).ok()?;
+        if level.trim() != "2" {
+            return None;
+        }
+        let size = std::fs::read_to_string(format!("{base}/size")).ok()?;
+        let t = size.trim();
+        let (num, mult) = match t.strip_suffix('K') {
+            Some(n) => (n, 1024),
+            None => match t.strip_suffix('M') {
+                Some(n) => (n, 1 << 20),
+                None => (t, 1),
+            },
+        };
+        num.parse::<usize>().ok().map(|n| n * mult)
+    };
+    read().unwrap_or(2 << 20)
 }
 
 /// Total RAM (`MemTotal`), where readable.
