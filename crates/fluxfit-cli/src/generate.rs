@@ -236,9 +236,33 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if !args.interactive {
         req.seed = args.seed.unwrap_or_else(random_seed);
         req.validate(args.allow_large)?;
-        return generate_one(&model, &req, &args).map(|_| ());
+        return match generate_one(&model, &req, &args) {
+            Err(e) if !model.device().is_cpu() && crate::plan::is_out_of_memory(&e) => {
+                retry_smaller(&mut model, &req, &args, e)
+            }
+            other => other.map(|_| ()),
+        };
     }
     interactive(&model, req, args)
+}
+
+/// Once, after the device ran out of memory: the next smaller plan, said out loud.
+fn retry_smaller(
+    model: &mut Model,
+    req: &Text2Image,
+    args: &GenerateArgs,
+    e: anyhow::Error,
+) -> Result<()> {
+    let Some(smaller) = crate::plan::smaller_plan(model, req, model.plan()) else {
+        return Err(e.context("the device ran out of memory and no smaller plan exists"));
+    };
+    eprintln!(
+        "out of device memory under plan {} ({e:#}); retrying once with the smaller plan {}",
+        model.plan().spec(),
+        smaller.spec()
+    );
+    model.set_plan(smaller);
+    generate_one(model, req, args).map(|_| ())
 }
 
 /// The plan this run executes: `--plan` over all-resident.

@@ -781,3 +781,84 @@ fn nice_ceiling(v: f64) -> f64 {
     let step = nice_step(v);
     (v / step).ceil() * step
 }
+
+/// The plan to retry with once after the device ran out of memory under `current`: the
+/// runnable candidate with the largest predicted peak below `current`'s (the least slowdown
+/// that still lowers the peak). `None` when nothing smaller exists.
+pub fn smaller_plan(
+    model: &Model,
+    req: &fluxfit::pipeline::Text2Image,
+    current: &Plan,
+) -> Option<Plan> {
+    let device = generate_profile(model.device());
+    let spec = ModelSpec::from_model(model);
+    let request = Request {
+        width: req.width,
+        height: req.height,
+        t5_tokens: req.t5_tokens,
+        steps: req.steps,
+        image_input: false,
+    };
+    let cands = candidates(&device, model.dtype(), current.attn_chunk);
+    let peak_of = |p: &Plan| planner::predict(&spec, &request, p, &device).peak;
+    let now = peak_of(current);
+    cands
+        .iter()
+        .filter(|c| c.needs.is_none())
+        .map(|c| (peak_of(&c.plan), &c.plan))
+        .filter(|(peak, _)| *peak < now)
+        .max_by_key(|(peak, _)| *peak)
+        .map(|(_, p)| p.clone())
+}
+
+/// Whether an error is the device running out of memory (CUDA or Metal), as opposed to a bug
+/// or bad input that a smaller plan would not cure.
+pub fn is_out_of_memory(e: &anyhow::Error) -> bool {
+    let text = format!("{e:#}").to_ascii_lowercase();
+    text.contains("out of memory") || text.contains("out_of_memory") || text.contains("outofmemory")
+}
+
+#[cfg(test)]
+mod fallback_tests {
+    use super::*;
+    use fluxfit::noise::NoiseKind;
+    use fluxfit::pipeline::{tiny, Text2Image};
+
+    #[test]
+    fn out_of_memory_retry_picks_a_plan_with_a_lower_peak() {
+        let model = tiny::load(LoadOptions::default()).unwrap();
+        let req = Text2Image {
+            prompt: "x".into(),
+            width: 256,
+            height: 256,
+            steps: 2,
+            guidance: 0.0,
+            seed: 0,
+            t5_tokens: 32,
+            noise: NoiseKind::TorchBf16,
+        };
+        let current = model.plan().clone();
+        let smaller = smaller_plan(&model, &req, &current).expect("a smaller plan exists");
+        let device = generate_profile(model.device());
+        let spec = ModelSpec::from_model(&model);
+        let request = Request {
+            width: 256,
+            height: 256,
+            t5_tokens: 32,
+            steps: 2,
+            image_input: false,
+        };
+        let peak = |p: &Plan| planner::predict(&spec, &request, p, &device).peak;
+        assert!(peak(&smaller) < peak(&current));
+    }
+
+    #[test]
+    fn out_of_memory_is_told_apart_from_other_errors() {
+        let oom =
+            anyhow::anyhow!("compute: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
+        assert!(is_out_of_memory(&oom));
+        assert!(!is_out_of_memory(&anyhow::anyhow!(
+            "tensor `img_in.weight` has shape [3]"
+        )));
+    }
+}
