@@ -62,6 +62,11 @@ pub struct GenerateArgs {
     /// 1:2), `t5-cpu`; or per component, e.g. `phase,flow=stream:2:3,t5=cpu`.
     #[arg(long, value_name = "SPEC")]
     pub plan: Option<String>,
+    /// Decode the image in overlapping tiles of PX pixels a side (a multiple of 8, at least 64),
+    /// blended linearly over the overlaps: decode memory is bounded by the tile. Overrides the
+    /// tile of --plan or --vram; recorded in the metadata's plan.
+    #[arg(long, value_name = "PX", value_parser = parse_vae_tile)]
+    pub vae_tile: Option<usize>,
     // --vram (planner) begin
     /// Device memory budget, e.g. 12GB, 11.5GiB, 8000MB (binary units: a "12 GB" card has 12
     /// GiB), or `auto` (free GPU memory from nvidia-smi; available RAM on the CPU): runs the
@@ -216,6 +221,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         (None, None) => choose_plan(&args, dtype, attn_chunk)?,
     };
     // --vram (planner) end
+    let mut plan = plan;
+    if args.vae_tile.is_some() {
+        plan.vae_tile = args.vae_tile;
+    }
     model.set_plan(plan);
     let v = model.variant;
     let tiny = model.name.starts_with("tiny");
@@ -263,6 +272,15 @@ fn retry_smaller(
     );
     model.set_plan(smaller);
     generate_one(model, req, args).map(|_| ())
+}
+
+fn parse_vae_tile(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n >= 64 && n % 8 == 0 => Ok(n),
+        _ => Err(format!(
+            "`{s}` is not a VAE tile side: a whole number of pixels, a multiple of 8, at least 64"
+        )),
+    }
 }
 
 /// The plan this run executes: `--plan` over all-resident.

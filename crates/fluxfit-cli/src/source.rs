@@ -14,13 +14,15 @@ pub struct ModelArgs {
     /// variant name (`flux-schnell`, `flux-dev`, ...) or a Hugging Face repo id.
     #[arg(long, default_value = "tiny")]
     pub model: String,
-    /// Flow transformer: a BFL `flux1-*.safetensors` file or a diffusers `transformer/` folder.
+    /// Flow transformer: a BFL `flux1-*.safetensors` file (bf16, f16, fp8) or a diffusers
+    /// `transformer/` folder, or a GGUF (`fluxfit quantize`, city96's `flux1-*-Q*.gguf`).
     #[arg(long)]
     pub flow: Option<PathBuf>,
     /// Autoencoder: `ae.safetensors` or a diffusers `vae/` folder.
     #[arg(long)]
     pub ae: Option<PathBuf>,
-    /// T5 encoder folder (`text_encoder_2/`); its tokenizer is read from the folder or `../tokenizer_2/`.
+    /// T5 encoder folder (`text_encoder_2/`) or GGUF file; its tokenizer is read from the folder
+    /// or `../tokenizer_2/`.
     #[arg(long)]
     pub t5: Option<PathBuf>,
     /// CLIP text encoder folder (`text_encoder/`); its tokenizer from the folder or `../tokenizer/`.

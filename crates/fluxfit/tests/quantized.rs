@@ -549,57 +549,71 @@ fn compute_dtype_error() {
     assert!(err <= 1.15e-2, "relative error {err}");
 }
 
-/// ComfyUI's scaled-fp8 layout of a whole flow model (`scale_weight` beside each e4m3fn
-/// matrix, the `scaled_fp8` marker), made here with candle from the tiny fixture; the fp8
-/// decode itself is checked against torch above.
+/// `src` (a safetensors file) in ComfyUI's scaled-fp8 layout at `dst`: every matrix e4m3fn
+/// with `scale_weight` = amax / 448 beside it, the rest bf16, and the `scaled_fp8` marker.
+fn write_scaled_fp8(src: &Path, dst: &Path) {
+    let file = SafetensorsFile::open(src).unwrap();
+    let mut tensors = std::collections::HashMap::new();
+    for name in file.tensors().keys() {
+        let w = file
+            .load(name, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        if w.rank() == 2 {
+            let amax = w.abs().unwrap().max_all().unwrap();
+            let s = amax.to_scalar::<f32>().unwrap() / 448.0;
+            let q = (w / s as f64).unwrap().to_dtype(DType::F8E4M3).unwrap();
+            tensors.insert(name.clone(), q);
+            let stem = name.strip_suffix(".weight").unwrap();
+            let scale = Tensor::new(s, &Device::Cpu).unwrap();
+            tensors.insert(format!("{stem}.scale_weight"), scale);
+        } else {
+            tensors.insert(name.clone(), w.to_dtype(DType::BF16).unwrap());
+        }
+    }
+    let marker = Tensor::zeros(0, DType::F8E4M3, &Device::Cpu).unwrap();
+    tensors.insert("scaled_fp8".into(), marker);
+    candle_core::safetensors::save(&tensors, dst).unwrap();
+}
+
+/// ComfyUI's scaled-fp8 layout of a whole flow model, made here with candle from the tiny
+/// fixtures in both layouts (diffusers' q, k, v carry a scale each, joined after scaling); the
+/// fp8 decode itself is checked against torch above.
 #[test]
 fn scaled_fp8_flow_loads_and_runs() {
     let dir = tempfile::tempdir().unwrap();
     let reference = open_flow(&tiny_dev()).unwrap();
-    let mut tensors = std::collections::HashMap::new();
-    for key in reference.keys() {
-        let w = reference.load(key, &Device::Cpu, DType::F32).unwrap();
-        if w.rank() == 2 {
-            let amax = w
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let s = amax / 448.0;
-            tensors.insert(
-                key.clone(),
-                (w / s as f64).unwrap().to_dtype(DType::F8E4M3).unwrap(),
-            );
-            let stem = key.strip_suffix(".weight").unwrap();
-            tensors.insert(
-                format!("{stem}.scale_weight"),
-                Tensor::new(s, &Device::Cpu).unwrap(),
-            );
-        } else {
-            tensors.insert(key.clone(), w.to_dtype(DType::BF16).unwrap());
-        }
-    }
-    tensors.insert(
-        "scaled_fp8".into(),
-        Tensor::zeros(0, DType::F8E4M3, &Device::Cpu).unwrap(),
-    );
-    let path = dir.path().join("flux1-tiny-dev-fp8-scaled.safetensors");
-    candle_core::safetensors::save(&tensors, &path).unwrap();
-
-    let store = open_flow(&path).unwrap();
-    assert_eq!(
-        store.keys().collect::<Vec<_>>(),
-        reference.keys().collect::<Vec<_>>()
-    );
     let inp = Inputs::golden();
     let want = f32_forward(&tiny_dev(), &inp);
-    let got = forward(store, DType::F32, Placement::Resident, &inp);
-    let err = rel_err(&got, &want);
-    println!("scaled fp8 e4m3: relative error {err:.3e}");
-    // Measured 4.4e-2: e4m3 keeps 3 mantissa bits, between Q4 and Q5 here.
-    assert!(err <= 6.5e-2, "relative error {err}");
+
+    let bfl = dir.path().join("flux1-tiny-dev-fp8-scaled.safetensors");
+    write_scaled_fp8(&tiny_dev(), &bfl);
+    let diffusers = dir.path().join("transformer");
+    std::fs::create_dir(&diffusers).unwrap();
+    write_scaled_fp8(
+        &fixtures().join("tiny-diffusers/transformer/diffusion_pytorch_model.safetensors"),
+        &diffusers.join("diffusion_pytorch_model.safetensors"),
+    );
+    // Measured 4.4e-2 in both layouts: e4m3 keeps 3 mantissa bits, between Q4
+    // and Q5 here.
+    for path in [bfl, diffusers] {
+        let store = open_flow(&path).unwrap();
+        assert_eq!(
+            store.keys().collect::<Vec<_>>(),
+            reference.keys().collect::<Vec<_>>()
+        );
+        let info = store.info("double_blocks.0.img_attn.qkv.weight").unwrap();
+        assert_eq!((info.dtype, info.read), (DType::F8E4M3, DType::F32));
+        assert_eq!(info.stored_bytes(), 192 * 64);
+        let got = forward(store, DType::F32, Placement::Resident, &inp);
+        let err = rel_err(&got, &want);
+        println!(
+            "scaled fp8 e4m3 ({}): relative error {err:.3e}",
+            path.display()
+        );
+        assert!(err <= 6.5e-2, "relative error {err}");
+    }
 }
 
 /// Quantized blocks stream like any other: the streamed output is the resident one.

@@ -366,10 +366,17 @@ impl TensorStore {
                 })?
             }
             Source::Concat { parts, dim } => {
-                let parts = parts
+                let mut parts = parts
                     .iter()
                     .map(|p| self.build(p))
                     .collect::<Result<Vec<_>>>()?;
+                // Parts read in different dtypes (some scaled, some not): join in f32.
+                if parts.iter().any(|p| p.dtype() != parts[0].dtype()) {
+                    parts = parts
+                        .iter()
+                        .map(|p| p.to_dtype(DType::F32))
+                        .collect::<candle_core::Result<_>>()?;
+                }
                 Tensor::cat(&parts, *dim)?
             }
             Source::SwapHalves { inner, dim } => {
@@ -466,7 +473,11 @@ impl TensorStore {
                     shape,
                     dtype: infos[0].dtype,
                     ggml: infos[0].ggml,
-                    read: infos[0].read,
+                    read: if infos.iter().all(|i| i.read == infos[0].read) {
+                        infos[0].read
+                    } else {
+                        DType::F32
+                    },
                 })
             }
             Source::SwapHalves { inner, .. } => self.info_of(inner),

@@ -120,7 +120,8 @@ pub const PLAN_SPEC_HELP: &str = "comma-separated items applied in order over `r
 a preset `resident` | `phase` | `stream[:GROUP[:WINDOW]]` (flow and T5 streamed GROUP blocks at a \
 time with WINDOW groups held, default 1:2; CLIP and VAE per phase) | `t5-cpu` (T5 on the CPU), \
 or COMPONENT=PLACEMENT with COMPONENT t5|clip|flow|vae and PLACEMENT \
-resident|phase|stream[:GROUP[:WINDOW]]|cpu; e.g. `stream:2:3,t5=cpu`";
+resident|phase|stream[:GROUP[:WINDOW]]|cpu, or `vae-tile=PX` (decode the image in overlapping \
+tiles of PX pixels a side); e.g. `stream:2:3,t5=cpu,vae-tile=512`";
 
 impl Placement {
     /// `resident`, `phase`, `stream[:GROUP[:WINDOW]]` or `cpu`.
@@ -192,6 +193,20 @@ impl Plan {
             if item.is_empty() {
                 continue;
             }
+            if let Some(v) = item.strip_prefix("vae-tile=") {
+                plan.vae_tile = match v.trim() {
+                    "none" | "off" => None,
+                    v => match v.parse::<usize>() {
+                        Ok(n) if n >= 64 && n % 8 == 0 => Some(n),
+                        _ => {
+                            return Err(crate::Error::InvalidRequest(format!(
+                                "plan item `{item}`: the VAE tile is a side in pixels, a multiple of 8 of at least 64, or `none`"
+                            )))
+                        }
+                    },
+                };
+                continue;
+            }
             if let Some((comp, placement)) = item.split_once('=') {
                 let kind = ComponentKind::ALL
                     .into_iter()
@@ -225,10 +240,13 @@ impl Plan {
     /// The placements as a spec that [`Plan::with_spec`] reads back:
     /// `t5=cpu,clip=phase,flow=stream:1:2,vae=phase`. Recorded in image metadata.
     pub fn spec(&self) -> String {
-        ComponentKind::ALL
+        let mut items: Vec<String> = ComponentKind::ALL
             .iter()
             .map(|k| format!("{}={}", k.name(), self.component(*k).placement.spec()))
-            .collect::<Vec<_>>()
-            .join(",")
+            .collect();
+        if let Some(t) = self.vae_tile {
+            items.push(format!("vae-tile={t}"));
+        }
+        items.join(",")
     }
 }

@@ -450,6 +450,9 @@ pub fn label(plan: &Plan) -> String {
     s
 }
 
+/// The VAE tile sides (pixels) the planner considers, largest first.
+pub const VAE_TILES: [usize; 3] = [1024, 512, 256];
+
 /// A plan the planner considers, and what it waits for if it cannot run yet.
 #[derive(Debug, Clone)]
 pub struct Candidate {
@@ -499,11 +502,14 @@ pub fn candidates(
     let mut min = with("stream:1:1");
     min.attn_chunk = Some(attn_chunk.map_or(256, |c| c.min(256)));
     add(min.clone(), None);
-    // Tiled VAE decoding bounds the decode phase (issue 5); listed so the planner can say
-    // what it would buy.
-    let mut tiled = with("stream:1:2");
-    tiled.vae_tile = Some(512);
-    add(tiled, Some("tiled VAE decoding"));
+    // Tiled VAE decoding bounds the decode phase by the tile instead of the image.
+    for base in [with("phase"), with("stream:1:2"), min] {
+        for tile in VAE_TILES {
+            let mut tiled = base.clone();
+            tiled.vae_tile = Some(tile);
+            add(tiled, None);
+        }
+    }
     out
 }
 

@@ -234,6 +234,58 @@ impl AutoEncoder {
         conv(&s, "decoder.conv_out.", &h, 1, 1)
     }
 
+    /// [`AutoEncoder::decode`] tile by tile: the latent is cut into overlapping tiles of
+    /// `tile / 8` latent pixels a side (overlap a quarter of the tile), each decoded on its own
+    /// and blended into the image with linear (feathered) weights over the overlaps, normalised
+    /// so that they sum to one everywhere. Memory is that of one tile's decode plus the output
+    /// image. The result is on the host (CPU), in f32.
+    ///
+    /// Not bit-identical to the whole decode: every GroupNorm takes its statistics over the tile,
+    /// not the image, and the mid attention sees the tile only; the overlaps hide the seams.
+    pub fn decode_tiled(&self, w: &dyn Weights, z: &Tensor, tile: usize) -> Result<Tensor> {
+        let (b, _, lh, lw) = z.dims4()?;
+        let t = (tile / 8).max(1);
+        let overlap = vae_tile_overlap(t);
+        let ys = tile_starts(lh, t, overlap);
+        let xs = tile_starts(lw, t, overlap);
+        let (th, tw) = (t.min(lh), t.min(lw));
+        let wy = tile_weights(&ys, th, lh);
+        let wx = tile_weights(&xs, tw, lw);
+        let (ph, pw) = (8 * lh, 8 * lw);
+        let oc = self.config.out_ch;
+        let mut out = vec![0f32; b * oc * ph * pw];
+        for (iy, &y0) in ys.iter().enumerate() {
+            for (ix, &x0) in xs.iter().enumerate() {
+                let zt = z.narrow(2, y0, th)?.narrow(3, x0, tw)?.contiguous()?;
+                let img = self.decode(w, &zt)?;
+                drop(zt);
+                let dev = img.device().clone();
+                let wt = Tensor::from_slice(&wy[iy], (8 * th, 1), &dev)?
+                    .broadcast_mul(&Tensor::from_slice(&wx[ix], (1, 8 * tw), &dev)?)?;
+                let img = img
+                    .to_dtype(DType::F32)?
+                    .broadcast_mul(&wt)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let (tph, tpw) = (8 * th, 8 * tw);
+                for plane in 0..b * oc {
+                    for r in 0..tph {
+                        let src = &img[(plane * tph + r) * tpw..][..tpw];
+                        let dst = &mut out[(plane * ph + 8 * y0 + r) * pw + 8 * x0..][..tpw];
+                        for (d, s) in dst.iter_mut().zip(src) {
+                            *d += s;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(
+            out,
+            (b, oc, ph, pw),
+            &candle_core::Device::Cpu,
+        )?)
+    }
+
     fn mid(&self, s: &StageWeights, h: &Tensor) -> Result<Tensor> {
         let h = resnet(s, "block_1.", h)?;
         let h = self.attn(s, "attn_1.", &h)?;
@@ -252,6 +304,64 @@ impl AutoEncoder {
         let a = a.transpose(2, 3)?.reshape((b, c, hh, ww))?;
         Ok((x + conv(s, &format!("{p}proj_out."), &a, 0, 1)?)?)
     }
+}
+
+/// The overlap (latent pixels) between neighbouring VAE tiles of `t` latent pixels a side.
+pub fn vae_tile_overlap(t: usize) -> usize {
+    t / 4
+}
+
+/// Start offsets of tiles of length `t` covering `len` with at least `overlap` between
+/// neighbours, spread evenly (the first at 0, the last ending at `len`).
+pub fn tile_starts(len: usize, t: usize, overlap: usize) -> Vec<usize> {
+    if len <= t {
+        return vec![0];
+    }
+    let overlap = overlap.min(t - 1);
+    let n = (len - overlap).div_ceil(t - overlap);
+    (0..n)
+        .map(|i| (i * (len - t) + (n - 1) / 2) / (n - 1))
+        .collect()
+}
+
+/// Per tile, the pixel weights along one axis: ramps of `(p + ½) / overlap` over the overlaps
+/// with the neighbours (1 elsewhere), normalised so that the tiles' weights sum to one at every
+/// pixel. Separable: the 2-D weight of a tile is the product of its two axes' weights, and the
+/// product of the normalised axes sums to one too.
+fn tile_weights(starts: &[usize], t: usize, len: usize) -> Vec<Vec<f32>> {
+    let n = 8 * t;
+    let mut ws: Vec<Vec<f32>> = starts
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| {
+            let left = (i > 0).then(|| 8 * (starts[i - 1] + t - s));
+            let right = starts.get(i + 1).map(|&next| 8 * (s + t - next));
+            (0..n)
+                .map(|p| {
+                    let mut w = 1f32;
+                    if let Some(o) = left.filter(|&o| o > 0) {
+                        w = w.min((p as f32 + 0.5) / o as f32);
+                    }
+                    if let Some(o) = right.filter(|&o| o > 0) {
+                        w = w.min(((n - p) as f32 - 0.5) / o as f32);
+                    }
+                    w
+                })
+                .collect()
+        })
+        .collect();
+    let mut sum = vec![0f32; 8 * len];
+    for (w, &s) in ws.iter().zip(starts) {
+        for (p, v) in w.iter().enumerate() {
+            sum[8 * s + p] += v;
+        }
+    }
+    for (w, &s) in ws.iter_mut().zip(starts) {
+        for (p, v) in w.iter_mut().enumerate() {
+            *v /= sum[8 * s + p];
+        }
+    }
+    ws
 }
 
 fn resnet(s: &StageWeights, p: &str, x: &Tensor) -> Result<Tensor> {

@@ -215,11 +215,14 @@ impl Model {
         let ae = &self.ae;
         let (latents, image) = self.phase("decode", &[&ae.weights], on_event, |_| {
             let latents = sampling::unpack(&x.to_dtype(DType::F32)?, lat_h, lat_w)?;
-            let image = ae
-                .net
-                .decode(&ae.weights, &latents.to_device(ae.weights.device())?)?
-                .to_dtype(DType::F32)?
-                .to_device(&dev)?;
+            let z = latents.to_device(ae.weights.device())?;
+            let image = match self.plan().vae_tile {
+                Some(t) if t < 8 * lat_h.max(lat_w) => ae.net.decode_tiled(&ae.weights, &z, t)?,
+                _ => ae.net.decode(&ae.weights, &z)?,
+            }
+            .to_dtype(DType::F32)?
+            .to_device(&dev)?;
+            drop(z);
             Ok((latents, image))
         })?;
         Ok(Generated {

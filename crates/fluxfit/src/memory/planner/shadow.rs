@@ -4,7 +4,7 @@
 use candle_core::DType;
 
 use super::sim::{PhaseStat, ShadowWeights, Sim, T};
-use crate::model::autoencoder::AutoEncoderConfig;
+use crate::model::autoencoder::{tile_starts, vae_tile_overlap, AutoEncoderConfig};
 use crate::model::clip::ClipConfig;
 use crate::model::flow::FlowConfig;
 use crate::model::t5::T5Config;
@@ -813,16 +813,35 @@ pub(crate) fn pipeline(s: &Sim, p: &PipelineShape, w: &PipelineWeights) -> Vec<P
                 latents.clone()
             };
             let f = match p.vae_tile {
-                // Tiled decoding (not in the pipeline yet): the image is assembled tile by
-                // tile, each tile decoded as a whole image of the tile's size.
-                Some(t) if t < p.width.max(p.height) => {
-                    let full = s.act(3 * p.height * p.width, F32);
-                    let (th, tw) = (t.min(p.height) / 8, t.min(p.width) / 8);
-                    let zt = s.act(zc * th * tw, F32);
-                    let img = vae.decode(&w.vae, &zt, th, tw);
-                    let f = s.cast(&img, F32);
-                    drop((f, img, zt));
-                    full
+                // `AutoEncoder::decode_tiled`: the output image on the host, then tile by tile
+                // the latent tile, its decode, the weighted tile and its host copy.
+                Some(t) if t < 8 * lat_h.max(lat_w) => {
+                    let lt = (t / 8).max(1);
+                    let ov = vae_tile_overlap(lt);
+                    let (ny, nx) = (
+                        tile_starts(lat_h, lt, ov).len(),
+                        tile_starts(lat_w, lt, ov).len(),
+                    );
+                    let (th, tw) = (lt.min(lat_h), lt.min(lat_w));
+                    let full = s.on_host(true, || s.act(p.ae.out_ch * 64 * lat_h * lat_w, F32));
+                    for _ in 0..ny * nx {
+                        let zt = s.ew(zc * th * tw, F32);
+                        let img = vae.decode(&w.vae, &zt, th, tw);
+                        drop(zt);
+                        let wt = s.act(64 * th * tw, F32);
+                        let f = s.cast(&img, F32);
+                        let m = s.ew(img.n, F32);
+                        drop((f, img));
+                        let v = s.on_host(true, || s.act(m.n, F32));
+                        drop((v, m, wt));
+                    }
+                    if s.host_side() {
+                        full
+                    } else {
+                        let d = s.act_on_device(full.n, F32);
+                        drop(full);
+                        d
+                    }
                 }
                 _ => {
                     let img = vae.decode(&w.vae, &z, lat_h, lat_w);
