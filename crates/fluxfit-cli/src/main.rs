@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_quant;
+mod fill;
 mod generate;
 #[cfg(feature = "hub")]
 mod hub;
@@ -33,6 +34,9 @@ struct Cli {
 enum Command {
     /// Text to image.
     Generate(generate::GenerateArgs),
+    /// Inpaint (a mask or the image's alpha) or outpaint (--outpaint, --zoom-out) with a FLUX.1
+    /// Fill model.
+    Fill(fill::FillArgs),
     /// Time and measured peak memory of each residency plan at several resolutions, on a
     /// mid-size built-in model (CPU).
     Bench(bench::BenchArgs),
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Fill(args) => fill::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Quantize(args) => quantize::run(args),

@@ -545,3 +545,116 @@ fn unknown_model() {
     let flow = s(&bfl_flow());
     fails(dir.path(), &["--model", &flow], &[&flow, "--flow"]);
 }
+
+#[test]
+fn img2img_and_tiled_decode_are_recorded() {
+    let dir = tempdir();
+    let d = dir.path();
+    let init = fixtures().join("img2img_init.png");
+    let init = s(&init);
+    // No size: the 96x64 init image (already multiples of 16) sets it.
+    generate(
+        d,
+        &[
+            "--model",
+            "tiny",
+            "-q",
+            "--steps",
+            "2",
+            "--seed",
+            "5",
+            "--init-image",
+            &init,
+            "--strength",
+            "0.6",
+            "--vae-tile",
+            "64",
+            "--out",
+            "i.png",
+        ],
+    );
+    let f = d.join("i.png");
+    let chunks = text(&f);
+    assert_eq!(chunk(&chunks, "init_image"), "img2img_init.png");
+    assert_eq!(chunk(&chunks, "strength"), "0.6");
+    assert!(
+        chunk(&chunks, "plan").ends_with(",vae-tile=64"),
+        "{chunks:?}"
+    );
+    assert_eq!((pixels(&f).0, pixels(&f).1), (96, 64));
+    // With a size: resized to it.
+    generate(
+        d,
+        &[
+            SMALL,
+            &[
+                "--model",
+                "tiny",
+                "-q",
+                "--init-image",
+                &init,
+                "--out",
+                "j.png",
+            ],
+        ]
+        .concat(),
+    );
+    let j = d.join("j.png");
+    assert_eq!((pixels(&j).0, pixels(&j).1), (64, 64));
+    assert_eq!(chunk(&text(&j), "strength"), "0.8");
+    // A strength outside [0, 1] is refused.
+    fails(
+        d,
+        &[SMALL, &["--init-image", &init, "--strength", "1.5"]].concat(),
+        &["1.5"],
+    );
+}
+
+#[test]
+fn fill_inpaints_and_outpaints_with_a_tiny_fill_model() {
+    let dir = tempdir();
+    let d = dir.path();
+    let image = s(&fixtures().join("fill_image.png"));
+    let mask = s(&fixtures().join("fill_mask.png"));
+    let base = [
+        "fill",
+        "--model",
+        "tiny",
+        "--variant",
+        "dev-fill",
+        "-q",
+        "--steps",
+        "1",
+        "--seed",
+        "3",
+        "--image",
+        &image,
+        "--keep-size",
+    ];
+    let run = |extra: &[&str]| {
+        let args = [&base[..], extra].concat();
+        let o = fluxfit(d, &args, None);
+        assert!(o.status.success(), "fluxfit {args:?}:\n{}", stderr(&o));
+    };
+    run(&["--mask", &mask, "--out", "in.png"]);
+    let f = d.join("in.png");
+    let chunks = text(&f);
+    assert_eq!(chunk(&chunks, "fill_image"), "fill_image.png");
+    assert_eq!(chunk(&chunks, "fill_mask"), "fill_mask.png");
+    assert_eq!(chunk(&chunks, "guidance"), "30");
+    assert_eq!(chunk(&chunks, "t5_tokens"), "128");
+    assert_eq!((pixels(&f).0, pixels(&f).1), (96, 64));
+
+    // Outpainting 96x64 by a quarter on the left and right: 144 → 128 (4.5 rounds to even).
+    run(&["--outpaint", "left=0.25,right=0.25", "--out", "out.png"]);
+    let f = d.join("out.png");
+    assert_eq!((pixels(&f).0, pixels(&f).1), (128, 64));
+    let m = chunk(&text(&f), "fill_mask");
+    assert!(m.starts_with("outpaint left=0.25,right=0.25"), "{m}");
+    assert!(m.contains("canvas 128x64, image at 16,0"), "{m}");
+
+    // No mask and no alpha channel: refused, naming the fix.
+    let o = fluxfit(d, &[&base[..], &["--out", "x.png"]].concat(), None);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no alpha channel"), "{}", stderr(&o));
+}

@@ -145,3 +145,173 @@ pub fn png_text(path: &Path) -> Result<Vec<(String, String)>> {
     }
     Ok(out)
 }
+
+/// Reads an image file (PNG or JPEG) as 8-bit RGB (alpha dropped, greyscale expanded).
+pub fn read_rgb8(path: &Path) -> Result<Rgb8> {
+    let img = ::image::ImageReader::open(path)
+        .and_then(|r| r.with_guessed_format())
+        .map_err(|e| Error::InvalidRequest(format!("cannot read {}: {e}", path.display())))?
+        .decode()
+        .map_err(|e| {
+            Error::InvalidRequest(format!(
+                "cannot decode {} as a PNG or JPEG image: {e}",
+                path.display()
+            ))
+        })?
+        .to_rgb8();
+    Ok(Rgb8 {
+        width: img.width() as usize,
+        height: img.height() as usize,
+        data: img.into_raw(),
+    })
+}
+
+/// img2img's size rule (demo_st.py): with a requested size, the image is resized to it
+/// (torch's default `interpolate`, nearest: source index ⌊dst·in/out⌋); without one, it is
+/// cropped from the top-left to sides that are multiples of 16. Returns the image as
+/// `[1, 3, H, W]` f32 in [−1, 1] (`2·x/255 − 1`, as `ToTensor` then `2x − 1`).
+pub fn init_image(img: &Rgb8, size: Option<(usize, usize)>) -> Result<Tensor> {
+    let (w, h) = size.unwrap_or((img.width / 16 * 16, img.height / 16 * 16));
+    if w == 0 || h == 0 {
+        return Err(Error::InvalidRequest(format!(
+            "the init image is {}x{}: smaller than 16 pixels a side",
+            img.width, img.height
+        )));
+    }
+    let index = |dst: usize, out: usize, inp: usize| -> usize {
+        if size.is_none() {
+            dst
+        } else {
+            let scale = inp as f32 / out as f32;
+            ((dst as f32 * scale).floor() as usize).min(inp - 1)
+        }
+    };
+    let mut v = vec![0f32; 3 * h * w];
+    for y in 0..h {
+        let sy = index(y, h, img.height);
+        for x in 0..w {
+            let sx = index(x, w, img.width);
+            for c in 0..3 {
+                let byte = img.data[(sy * img.width + sx) * 3 + c];
+                v[(c * h + y) * w + x] = 2.0 * (byte as f32 / 255.0) - 1.0;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(
+        v,
+        (1, 3, h, w),
+        &candle_core::Device::Cpu,
+    )?)
+}
+
+/// A mask file as `prepare_fill` reads it: PIL's "L" conversion of its RGB
+/// (`(19595·R + 38470·G + 7471·B + 2¹⁵) >> 16`, i.e. 0.299/0.587/0.114), 255 = generate.
+pub fn read_mask(path: &Path) -> Result<(usize, usize, Vec<u8>)> {
+    let rgb = read_rgb8(path)?;
+    let data = rgb
+        .data
+        .chunks_exact(3)
+        .map(|p| {
+            ((19595 * p[0] as u32 + 38470 * p[1] as u32 + 7471 * p[2] as u32 + 0x8000) >> 16) as u8
+        })
+        .collect();
+    Ok((rgb.width, rgb.height, data))
+}
+
+/// The alpha channel of an image file as a mask (255 − alpha: transparent = generate), or
+/// `None` when the file has no alpha channel.
+pub fn read_alpha_mask(path: &Path) -> Result<Option<Vec<u8>>> {
+    let img = ::image::ImageReader::open(path)
+        .and_then(|r| r.with_guessed_format())
+        .map_err(|e| Error::InvalidRequest(format!("cannot read {}: {e}", path.display())))?
+        .decode()
+        .map_err(|e| Error::InvalidRequest(format!("cannot decode {}: {e}", path.display())))?;
+    if !img.color().has_alpha() {
+        return Ok(None);
+    }
+    Ok(Some(
+        img.to_rgba8().pixels().map(|p| 255 - p.0[3]).collect(),
+    ))
+}
+
+/// Resizes with a Lanczos (a = 3) filter, as the fill demo's PIL `LANCZOS`.
+pub fn resize_lanczos(img: &Rgb8, w: usize, h: usize) -> Rgb8 {
+    if (img.width, img.height) == (w, h) {
+        return img.clone();
+    }
+    let src = ::image::RgbImage::from_raw(img.width as u32, img.height as u32, img.data.clone())
+        .expect("an Rgb8 holds width·height·3 bytes");
+    let out = ::image::imageops::resize(
+        &src,
+        w as u32,
+        h as u32,
+        ::image::imageops::FilterType::Lanczos3,
+    );
+    Rgb8 {
+        width: w,
+        height: h,
+        data: out.into_raw(),
+    }
+}
+
+/// A one-byte-per-pixel mask resized with a Lanczos (a = 3) filter.
+pub fn resize_mask_lanczos(mask: &[u8], from: (usize, usize), to: (usize, usize)) -> Vec<u8> {
+    if from == to {
+        return mask.to_vec();
+    }
+    let src = ::image::GrayImage::from_raw(from.0 as u32, from.1 as u32, mask.to_vec())
+        .expect("a mask holds width·height bytes");
+    ::image::imageops::resize(
+        &src,
+        to.0 as u32,
+        to.1 as u32,
+        ::image::imageops::FilterType::Lanczos3,
+    )
+    .into_raw()
+}
+
+#[cfg(test)]
+mod init_tests {
+    use super::*;
+
+    fn img(width: usize, height: usize) -> Rgb8 {
+        Rgb8 {
+            width,
+            height,
+            data: (0..width * height * 3).map(|i| (i % 251) as u8).collect(),
+        }
+    }
+
+    #[test]
+    fn without_a_size_the_image_is_cropped_to_multiples_of_16() {
+        let src = img(50, 37);
+        let t = init_image(&src, None).unwrap();
+        assert_eq!(t.dims(), &[1, 3, 32, 48]);
+        // Top-left crop: pixel (y 31, x 47), green.
+        let v = t.get(0).unwrap().get(1).unwrap().to_vec2::<f32>().unwrap();
+        let byte = src.data[(31 * 50 + 47) * 3 + 1];
+        assert_eq!(v[31][47], 2.0 * (byte as f32 / 255.0) - 1.0);
+        assert!(init_image(&img(15, 40), None).is_err());
+    }
+
+    #[test]
+    #[allow(clippy::needless_range_loop)]
+    fn with_a_size_the_image_is_resized_nearest() {
+        let src = img(4, 2);
+        let t = init_image(&src, Some((8, 4))).unwrap();
+        assert_eq!(t.dims(), &[1, 3, 4, 8]);
+        let r = t.get(0).unwrap().get(0).unwrap().to_vec2::<f32>().unwrap();
+        // Doubling: each source pixel twice in each direction.
+        for y in 0..4 {
+            for x in 0..8 {
+                let byte = src.data[((y / 2) * 4 + x / 2) * 3];
+                assert_eq!(r[y][x], 2.0 * (byte as f32 / 255.0) - 1.0);
+            }
+        }
+        // Shrinking 3 → 2: source indices ⌊0·1.5⌋ = 0 and ⌊1·1.5⌋ = 1.
+        let t = init_image(&img(3, 1), Some((2, 1))).unwrap();
+        let r = t.get(0).unwrap().get(0).unwrap().to_vec2::<f32>().unwrap();
+        let s = img(3, 1);
+        assert_eq!(r[0][1], 2.0 * (s.data[3] as f32 / 255.0) - 1.0);
+    }
+}

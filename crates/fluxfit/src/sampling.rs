@@ -122,6 +122,33 @@ pub fn schedule(steps: usize, image_seq_len: usize, shift: bool) -> Vec<f32> {
     t.into_iter().map(|t| time_shift(mu, t)).collect()
 }
 
+/// img2img's first timestep index: `int((1 − strength)·steps)`, the product in f64 and
+/// truncated, as Python does it (demo_st.py); `strength` 1 starts from pure noise, 0 skips
+/// denoising.
+pub fn img2img_t_idx(strength: f64, steps: usize) -> usize {
+    (((1.0 - strength) * steps as f64) as usize).min(steps)
+}
+
+/// img2img's start (spec §3, demo_st.py): with `t = timesteps[t_idx]`,
+/// `x = t·noise + (1 − t)·init_latent`, and the remaining schedule `timesteps[t_idx..]`. Each
+/// product and the sum are rounded to `dtype` as torch does with a `dtype` state (f32 maths).
+pub fn img2img_start(
+    noise: &Tensor,
+    init_latent: &Tensor,
+    timesteps: &[f32],
+    strength: f64,
+    dtype: DType,
+) -> Result<(Tensor, Vec<f32>)> {
+    let steps = timesteps.len().saturating_sub(1);
+    let t_idx = img2img_t_idx(strength, steps);
+    let t = timesteps[t_idx] as f64;
+    let f32_of = |x: &Tensor| -> Result<Tensor> { Ok(x.to_dtype(dtype)?.to_dtype(DType::F32)?) };
+    let a = f32_of(&(f32_of(noise)? * t)?)?;
+    let b = f32_of(&(f32_of(init_latent)? * (1.0 - t))?)?;
+    let x = (a + b)?.to_dtype(dtype)?;
+    Ok((x, timesteps[t_idx..].to_vec()))
+}
+
 /// Euler integration of the flow: x ← x + (t_prev − t_curr)·v(x, t_curr) over consecutive
 /// timesteps. `velocity` is the model; `on_step(i, n)` is called after each step.
 pub fn denoise(

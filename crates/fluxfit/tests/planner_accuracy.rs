@@ -91,6 +91,7 @@ fn predicted_peaks_are_within_ten_percent_of_measured() {
                 "phase,flow=stream:2:2",
                 "stream:2:3",
                 "stream:1:1",
+                "phase,vae-tile=128",
             ] {
                 let plan = Plan::resident(DType::F32, Some(256))
                     .with_spec(spec)

@@ -197,7 +197,7 @@ impl Plan {
                 plan.vae_tile = match v.trim() {
                     "none" | "off" => None,
                     v => match v.parse::<usize>() {
-                        Ok(n) if n >= 64 && n % 8 == 0 => Some(n),
+                        Ok(n) if n >= 64 && n.is_multiple_of(8) => Some(n),
                         _ => {
                             return Err(crate::Error::InvalidRequest(format!(
                                 "plan item `{item}`: the VAE tile is a side in pixels, a multiple of 8 of at least 64, or `none`"

@@ -964,7 +964,23 @@ mod tests {
                 r.relative
             );
         }
-        assert!(pick(2).is_none());
+        // At 2 GiB only tiled VAE decoding fits (streamed single blocks); at 1 GiB nothing.
+        let p2 = pick(2).expect("a tiled plan fits 2 GiB");
+        assert!(p2.plan.vae_tile.is_some(), "{}", p2.label);
+        let untiled = PlanTable::new(
+            &m,
+            &req,
+            &d,
+            &cands
+                .iter()
+                .filter(|c| c.plan.vae_tile.is_none())
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        assert!(untiled
+            .fastest_fitting(Budget { bytes: 2 * GIB }, &d)
+            .is_none());
+        assert!(pick(1).is_none());
         let alts = alternatives(&m, &req, &d, &cands, Budget { bytes: 4 * GIB });
         assert!(
             alts.iter()

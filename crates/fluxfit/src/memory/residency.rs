@@ -82,7 +82,7 @@ impl StageSpec {
         self.keys(store)
             .into_iter()
             .filter_map(|k| store.info(k).ok())
-            .map(|i| i.nbytes())
+            .map(|i| i.stored_bytes())
             .sum()
     }
 }

@@ -249,8 +249,8 @@ impl AutoEncoder {
         let ys = tile_starts(lh, t, overlap);
         let xs = tile_starts(lw, t, overlap);
         let (th, tw) = (t.min(lh), t.min(lw));
-        let wy = tile_weights(&ys, th, lh);
-        let wx = tile_weights(&xs, tw, lw);
+        let wy = tile_weights(&ys, th, lh, 8);
+        let wx = tile_weights(&xs, tw, lw, 8);
         let (ph, pw) = (8 * lh, 8 * lw);
         let oc = self.config.out_ch;
         let mut out = vec![0f32; b * oc * ph * pw];
@@ -284,6 +284,56 @@ impl AutoEncoder {
             (b, oc, ph, pw),
             &candle_core::Device::Cpu,
         )?)
+    }
+
+    /// [`AutoEncoder::encode`] tile by tile: overlapping image tiles of `tile` pixels a side
+    /// (on the 8-pixel grid, overlap a quarter of the tile), each encoded on its own and blended
+    /// into the latent with linear weights over the overlaps (normalised to sum to one). Images
+    /// whose sides are not multiples of 8, or that fit in one tile, are encoded whole. The
+    /// result is on the input's device, in f32.
+    pub fn encode_tiled(&self, w: &dyn Weights, x: &Tensor, tile: usize) -> Result<Tensor> {
+        let (b, _, ph, pw) = x.dims4()?;
+        let t = (tile / 8).max(1);
+        if !ph.is_multiple_of(8) || !pw.is_multiple_of(8) || 8 * t >= ph.max(pw) {
+            return Ok(self.encode(w, x)?.to_dtype(DType::F32)?);
+        }
+        let (lh, lw) = (ph / 8, pw / 8);
+        let overlap = vae_tile_overlap(t);
+        let ys = tile_starts(lh, t, overlap);
+        let xs = tile_starts(lw, t, overlap);
+        let (th, tw) = (t.min(lh), t.min(lw));
+        let wy = tile_weights(&ys, th, lh, 1);
+        let wx = tile_weights(&xs, tw, lw, 1);
+        let zc = self.config.z_channels;
+        let mut out = vec![0f32; b * zc * lh * lw];
+        for (iy, &y0) in ys.iter().enumerate() {
+            for (ix, &x0) in xs.iter().enumerate() {
+                let xt = x
+                    .narrow(2, 8 * y0, 8 * th)?
+                    .narrow(3, 8 * x0, 8 * tw)?
+                    .contiguous()?;
+                let z = self.encode(w, &xt)?;
+                drop(xt);
+                let dev = z.device().clone();
+                let wt = Tensor::from_slice(&wy[iy], (th, 1), &dev)?
+                    .broadcast_mul(&Tensor::from_slice(&wx[ix], (1, tw), &dev)?)?;
+                let z = z
+                    .to_dtype(DType::F32)?
+                    .broadcast_mul(&wt)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                for plane in 0..b * zc {
+                    for r in 0..th {
+                        let src = &z[(plane * th + r) * tw..][..tw];
+                        let dst = &mut out[(plane * lh + y0 + r) * lw + x0..][..tw];
+                        for (d, s) in dst.iter_mut().zip(src) {
+                            *d += s;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(out, (b, zc, lh, lw), x.device())?)
     }
 
     fn mid(&self, s: &StageWeights, h: &Tensor) -> Result<Tensor> {
@@ -328,14 +378,14 @@ pub fn tile_starts(len: usize, t: usize, overlap: usize) -> Vec<usize> {
 /// with the neighbours (1 elsewhere), normalised so that the tiles' weights sum to one at every
 /// pixel. Separable: the 2-D weight of a tile is the product of its two axes' weights, and the
 /// product of the normalised axes sums to one too.
-fn tile_weights(starts: &[usize], t: usize, len: usize) -> Vec<Vec<f32>> {
-    let n = 8 * t;
+fn tile_weights(starts: &[usize], t: usize, len: usize, scale: usize) -> Vec<Vec<f32>> {
+    let n = scale * t;
     let mut ws: Vec<Vec<f32>> = starts
         .iter()
         .enumerate()
         .map(|(i, &s)| {
-            let left = (i > 0).then(|| 8 * (starts[i - 1] + t - s));
-            let right = starts.get(i + 1).map(|&next| 8 * (s + t - next));
+            let left = (i > 0).then(|| scale * (starts[i - 1] + t - s));
+            let right = starts.get(i + 1).map(|&next| scale * (s + t - next));
             (0..n)
                 .map(|p| {
                     let mut w = 1f32;
@@ -350,15 +400,15 @@ fn tile_weights(starts: &[usize], t: usize, len: usize) -> Vec<Vec<f32>> {
                 .collect()
         })
         .collect();
-    let mut sum = vec![0f32; 8 * len];
+    let mut sum = vec![0f32; scale * len];
     for (w, &s) in ws.iter().zip(starts) {
         for (p, v) in w.iter().enumerate() {
-            sum[8 * s + p] += v;
+            sum[scale * s + p] += v;
         }
     }
     for (w, &s) in ws.iter_mut().zip(starts) {
         for (p, v) in w.iter_mut().enumerate() {
-            *v /= sum[8 * s + p];
+            *v /= sum[scale * s + p];
         }
     }
     ws
@@ -435,6 +485,43 @@ impl ShapeList {
         self.conv(&format!("{p}.conv2"), o, o, 3);
         if i != o {
             self.conv(&format!("{p}.nin_shortcut"), o, i, 1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_cover_the_axis_and_their_weights_sum_to_one() {
+        for (len, t) in [
+            (16, 8),
+            (17, 8),
+            (40, 16),
+            (128, 64),
+            (8, 8),
+            (5, 8),
+            (100, 9),
+        ] {
+            let o = vae_tile_overlap(t);
+            let starts = tile_starts(len, t, o);
+            let tl = t.min(len);
+            assert_eq!(starts[0], 0);
+            assert_eq!(starts.last().unwrap() + tl, len, "{len} {t}: {starts:?}");
+            for w in starts.windows(2) {
+                assert!(w[0] + tl >= w[1] + o, "{len} {t}: {starts:?}");
+            }
+            for scale in [1, 8] {
+                let ws = tile_weights(&starts, tl, len, scale);
+                let mut sum = vec![0f32; scale * len];
+                for (w, &s) in ws.iter().zip(&starts) {
+                    for (p, v) in w.iter().enumerate() {
+                        sum[scale * s + p] += v;
+                    }
+                }
+                assert!(sum.iter().all(|s| (s - 1.0).abs() < 1e-5), "{len} {t}");
+            }
         }
     }
 }

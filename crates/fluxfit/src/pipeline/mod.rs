@@ -1,8 +1,9 @@
 //! Models assembled from their parts, and what they are asked to do.
 
+pub mod fill;
 pub mod model;
 pub mod text2image;
 pub mod tiny;
 
 pub use model::{LoadOptions, Model, ModelSources};
-pub use text2image::{Event, Generated, Text2Image};
+pub use text2image::{Event, Generated, ImageInit, Text2Image};

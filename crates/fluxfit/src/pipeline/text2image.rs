@@ -62,6 +62,53 @@ impl Text2Image {
     }
 }
 
+/// img2img's init image (spec §3, demo_st.py): the generation starts from
+/// `t·noise + (1 − t)·encode(image)` at `t = timesteps[int((1 − strength)·steps)]`.
+#[derive(Debug, Clone)]
+pub struct ImageInit {
+    /// `[1, 3, height, width]` f32 in [−1, 1], the request's size (see
+    /// [`crate::image::init_image`]).
+    pub image: Tensor,
+    /// In [0, 1]: 1 ignores the image, 0 returns it (re-encoded).
+    pub strength: f64,
+}
+
+impl ImageInit {
+    pub fn validate(&self, req: &Text2Image) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.strength) {
+            return Err(Error::InvalidRequest(format!(
+                "strength {} is outside [0, 1]",
+                self.strength
+            )));
+        }
+        let dims = self.image.dims();
+        if dims != [1, 3, req.height, req.width] {
+            return Err(Error::InvalidRequest(format!(
+                "the init image is {dims:?}, the request needs [1, 3, {}, {}]",
+                req.height, req.width
+            )));
+        }
+        if !req.width.is_multiple_of(16) || !req.height.is_multiple_of(16) {
+            return Err(Error::InvalidRequest(format!(
+                "img2img needs sides that are multiples of 16, not {}x{}",
+                req.width, req.height
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Where denoising starts and what joins the latent.
+#[derive(Clone, Copy)]
+enum Start<'a> {
+    /// Text to image: the seed's noise, the whole schedule.
+    Noise,
+    /// img2img: the init latent and the strength.
+    Img2Img(&'a Tensor, f64),
+    /// Fill: the packed conditioning `[1, L, 320]`, concatenated to every flow input.
+    Fill(&'a Tensor),
+}
+
 /// Progress of a generation, for bars and event streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
@@ -137,7 +184,98 @@ impl Model {
         let encoded = self.phase("encode", &encoders, on_event, |_| {
             self.encode_text(&req.prompt, req.t5_tokens)
         });
-        let out = encoded.and_then(|(txt, vec)| self.denoise_decode(req, &txt, &vec, on_event));
+        let out = encoded
+            .and_then(|(txt, vec)| self.denoise_decode(req, &txt, &vec, Start::Noise, on_event));
+        let memory = self.ledger().end_run();
+        out.map(|g| Generated { memory, ..g })
+    }
+
+    /// The scaled latent `[1, 16, H/8, W/8]` (f32, on the compute device) of an image in
+    /// [−1, 1], tiled when the plan has a VAE tile.
+    pub fn encode_image(&self, image: &Tensor) -> Result<Tensor> {
+        let ae = &self.ae;
+        let x = image.to_device(ae.weights.device())?;
+        let z = match self.plan().vae_tile {
+            Some(t) => ae.net.encode_tiled(&ae.weights, &x, t)?,
+            None => ae.net.encode(&ae.weights, &x)?,
+        };
+        Ok(z.to_dtype(DType::F32)?.to_device(self.device())?)
+    }
+
+    /// Fill (inpainting / outpainting, spec §3 `prepare_fill`): `image` `[1, 3, H, W]` in
+    /// [−1, 1] and `mask` `[1, 1, H, W]` in [0, 1] (1 = generate) at the request's size; the
+    /// conditioning is made in the encode phase. Needs a Fill model (flow in_channels 384).
+    pub fn fill(
+        &self,
+        req: &Text2Image,
+        image: &Tensor,
+        mask: &Tensor,
+        embeddings: Option<(&Tensor, &Tensor)>,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Generated> {
+        let need = 64 + 320;
+        if self.flow.net.config.in_channels != need {
+            return Err(Error::InvalidRequest(format!(
+                "fill needs a Fill model (flow in_channels {need}); {} has {}",
+                self.name, self.flow.net.config.in_channels
+            )));
+        }
+        if image.dims() != [1, 3, req.height, req.width] {
+            return Err(Error::InvalidRequest(format!(
+                "the fill image is {:?}, the request needs [1, 3, {}, {}]",
+                image.dims(),
+                req.height,
+                req.width
+            )));
+        }
+        self.ledger().begin_run();
+        let encoders = [&self.t5.weights, &self.clip.weights, &self.ae.weights];
+        let encoded = self.phase("encode", &encoders, on_event, |_| {
+            let (txt, vec) = match embeddings {
+                Some((t, v)) => (t.clone(), v.clone()),
+                None => self.encode_text(&req.prompt, req.t5_tokens)?,
+            };
+            let cond = self.fill_conditioning(image, mask)?;
+            Ok((txt, vec, cond))
+        });
+        let out = encoded.and_then(|(txt, vec, cond)| {
+            self.denoise_decode(req, &txt, &vec, Start::Fill(&cond), on_event)
+        });
+        let memory = self.ledger().end_run();
+        out.map(|g| Generated { memory, ..g })
+    }
+
+    /// `prepare_fill`'s conditioning `[1, L, 320]` in the compute dtype, on the compute device.
+    pub fn fill_conditioning(&self, image: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let dev = self.device().clone();
+        super::fill::fill_conditioning(image, mask, self.dtype(), |x| self.encode_image(x))?
+            .to_device(&dev)
+            .map_err(Into::into)
+    }
+
+    /// img2img (spec §3, demo_st.py): text and init image encoded in the encode phase, then
+    /// the remaining schedule from the noised init latent. `embeddings`: already encoded text
+    /// (`req.prompt` is then not read).
+    pub fn image_to_image(
+        &self,
+        req: &Text2Image,
+        init: &ImageInit,
+        embeddings: Option<(&Tensor, &Tensor)>,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Generated> {
+        init.validate(req)?;
+        self.ledger().begin_run();
+        let encoders = [&self.t5.weights, &self.clip.weights, &self.ae.weights];
+        let encoded = self.phase("encode", &encoders, on_event, |_| {
+            let (txt, vec) = match embeddings {
+                Some((t, v)) => (t.clone(), v.clone()),
+                None => self.encode_text(&req.prompt, req.t5_tokens)?,
+            };
+            Ok((txt, vec, self.encode_image(&init.image)?))
+        });
+        let out = encoded.and_then(|(txt, vec, z)| {
+            self.denoise_decode(req, &txt, &vec, Start::Img2Img(&z, init.strength), on_event)
+        });
         let memory = self.ledger().end_run();
         out.map(|g| Generated { memory, ..g })
     }
@@ -151,7 +289,7 @@ impl Model {
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Generated> {
         self.ledger().begin_run();
-        let out = self.denoise_decode(req, txt, vec, on_event);
+        let out = self.denoise_decode(req, txt, vec, Start::Noise, on_event);
         let memory = self.ledger().end_run();
         out.map(|g| Generated { memory, ..g })
     }
@@ -162,6 +300,7 @@ impl Model {
         req: &Text2Image,
         txt: &Tensor,
         vec: &Tensor,
+        start: Start,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Generated> {
         let dev = self.device().clone();
@@ -173,11 +312,24 @@ impl Model {
         let (x, timesteps) = self.phase("denoise", &[&flow.weights], on_event, |on_event| {
             let x = sampling::noise(1, req.height, req.width, req.seed, req.noise, &dev)?
                 .to_dtype(dtype)?;
+            let timesteps = sampling::schedule(
+                req.steps,
+                (lat_h / 2) * (lat_w / 2),
+                self.variant.shift_schedule(),
+            );
+            let (x, timesteps) = match start {
+                Start::Img2Img(z, strength) => {
+                    sampling::img2img_start(&x, z, &timesteps, strength, dtype)?
+                }
+                _ => (x, timesteps),
+            };
+            let cond_w = match start {
+                Start::Fill(c) => Some(c.to_dtype(dtype)?.to_device(flow.weights.device())?),
+                _ => None,
+            };
             let img = sampling::pack(&x)?;
             let img_ids = sampling::image_ids(1, lat_h, lat_w, 0.0, &dev)?;
             let txt_ids = sampling::text_ids(1, txt.dim(1)?, &dev)?;
-            let timesteps =
-                sampling::schedule(req.steps, img.dim(1)?, self.variant.shift_schedule());
             let guidance = Tensor::new(&[req.guidance], &dev)?.to_dtype(dtype)?;
             // Under a `cpu` placement the flow computes on the CPU: its inputs go there and
             // its velocity comes back.
@@ -195,7 +347,11 @@ impl Model {
                 let v = flow.net.forward(
                     &flow.weights,
                     &FlowInputs {
-                        img: &x.to_device(&wdev)?,
+                        img: &match &cond_w {
+                            // Fill: the conditioning joins the noisy latent channel-wise.
+                            Some(c) => Tensor::cat(&[&x.to_device(&wdev)?, c], 2)?,
+                            None => x.to_device(&wdev)?,
+                        },
                         img_ids: &img_ids_w,
                         txt: &txt_w,
                         txt_ids: &txt_ids_w,
