@@ -740,7 +740,35 @@ pub(crate) fn pipeline(s: &Sim, p: &PipelineShape, w: &PipelineWeights) -> Vec<P
         };
         s.on_host(w.vae.on_cpu(), || {
             let img = s.act(3 * p.height * p.width, F32);
-            let z = vae.encode(&w.vae, &img, p.height, p.width);
+            let z = match p.vae_tile {
+                // `AutoEncoder::encode_tiled`: the latent on the host, then tile by tile the
+                // image tile, its encode, the weighted latent tile and its host copy.
+                Some(t)
+                    if 8 * (t / 8).max(1) < p.height.max(p.width)
+                        && p.height.is_multiple_of(8)
+                        && p.width.is_multiple_of(8) =>
+                {
+                    let (lh, lw) = (p.height / 8, p.width / 8);
+                    let lt = (t / 8).max(1);
+                    let ov = vae_tile_overlap(lt);
+                    let n = tile_starts(lh, lt, ov).len() * tile_starts(lw, lt, ov).len();
+                    let (th, tw) = (lt.min(lh), lt.min(lw));
+                    let full = s.on_host(true, || s.act(zc * lh * lw, F32));
+                    for _ in 0..n {
+                        let xt = s.ew(3 * 64 * th * tw, F32);
+                        let zt = vae.encode(&w.vae, &xt, 8 * th, 8 * tw);
+                        drop(xt);
+                        let wt = s.act(th * tw, F32);
+                        let f = s.cast(&zt, F32);
+                        let m = s.ew(zt.n, F32);
+                        drop((f, zt));
+                        let v = s.on_host(true, || s.act(m.n, F32));
+                        drop((v, m, wt));
+                    }
+                    full
+                }
+                _ => vae.encode(&w.vae, &img, p.height, p.width),
+            };
             drop(img);
             let packed = s.ew(z.n, dt);
             drop(z);
