@@ -217,6 +217,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         height: args.height,
         steps: args.steps,
         t5_tokens: args.t5_tokens,
+        image_input: args.init_image.is_some(),
         quiet: args.quiet,
     });
     let early = match &vram {

@@ -387,6 +387,8 @@ pub struct VramRequest<'a> {
     pub height: Option<usize>,
     pub steps: Option<usize>,
     pub t5_tokens: Option<usize>,
+    /// An image is encoded too (img2img): the VAE encoder's phase joins the plan.
+    pub image_input: bool,
     pub quiet: bool,
 }
 
@@ -423,7 +425,7 @@ fn pick_plan(spec: &ModelSpec, r: &VramRequest) -> Result<Plan> {
         height: r.height.unwrap_or(dh) / 16 * 16,
         t5_tokens: r.t5_tokens.unwrap_or(spec.variant.t5_tokens()),
         steps: r.steps.unwrap_or(spec.variant.default_steps()),
-        image_input: false,
+        image_input: r.image_input,
     };
     let gpu = match r.device.location() {
         fluxfit::candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,
