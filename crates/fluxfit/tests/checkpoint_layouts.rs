@@ -25,8 +25,16 @@ fn tensors_of(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     f.tensors()
         .keys()
         .map(|k| {
-            let t = f.load(k, &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
-            (k.clone(), t.dims().to_vec(), t.flatten_all().unwrap().to_vec1().unwrap())
+            let t = f
+                .load(k, &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            (
+                k.clone(),
+                t.dims().to_vec(),
+                t.flatten_all().unwrap().to_vec1().unwrap(),
+            )
         })
         .collect()
 }
@@ -34,7 +42,11 @@ fn tensors_of(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
 /// Every canonical key of two stores holds the same values.
 fn assert_same_tensors(a: &TensorStore, b: &TensorStore) {
     let keys: Vec<&String> = a.keys().collect();
-    assert_eq!(keys, b.keys().collect::<Vec<_>>(), "canonical key sets differ");
+    assert_eq!(
+        keys,
+        b.keys().collect::<Vec<_>>(),
+        "canonical key sets differ"
+    );
     for k in keys {
         let x = a.load(k, &Device::Cpu, DType::F32).unwrap();
         let y = b.load(k, &Device::Cpu, DType::F32).unwrap();
@@ -84,7 +96,13 @@ fn clip_with_or_without_text_model_prefix_loads_the_same() {
     let src = fixtures().join("tiny-diffusers/text_encoder");
     let stripped: Vec<_> = tensors_of(&src.join("model.safetensors"))
         .into_iter()
-        .map(|(k, s, v)| (k.strip_prefix("text_model.").unwrap_or(&k).to_string(), s, v))
+        .map(|(k, s, v)| {
+            (
+                k.strip_prefix("text_model.").unwrap_or(&k).to_string(),
+                s,
+                v,
+            )
+        })
         .collect();
     let dir = scratch("clip_plain");
     std::fs::write(dir.join("model.safetensors"), serialize_f32(&stripped)).unwrap();
