@@ -57,13 +57,7 @@ pub struct BenchArgs {
 fn predicted_peak(model: &Model, req: &Text2Image, plan: &Plan) -> Option<usize> {
     use fluxfit::memory::planner::{predict, DeviceProfile, ModelSpec, Request};
     let spec = ModelSpec::from_model(model);
-    let r = Request {
-        width: req.width,
-        height: req.height,
-        t5_tokens: req.t5_tokens,
-        steps: req.steps,
-        image_input: false,
-    };
+    let r = Request::for_text2image(req);
     let device = if model.device().is_cpu() {
         DeviceProfile::cpu_fixed()
     } else {

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use fluxfit::candle_core::DType;
 use fluxfit::image::{
     next_free_path, read_alpha_mask, read_mask, read_rgb8, resize_lanczos, resize_mask_lanczos,
     save, to_rgb8,
@@ -84,13 +83,7 @@ pub struct FillArgs {
 pub fn run(args: FillArgs) -> Result<()> {
     check_output(&args.out)?;
     let device = parse_device(&args.device)?;
-    let dtype = match args.dtype {
-        Some(DtypeArg::F32) => DType::F32,
-        Some(DtypeArg::Bf16) => DType::BF16,
-        Some(DtypeArg::F16) => DType::F16,
-        None if device.is_cpu() => DType::F32,
-        None => DType::BF16,
-    };
+    let dtype = DtypeArg::resolve(args.dtype, device.is_cpu());
     let src =
         read_rgb8(&args.image).with_context(|| format!("--image {}", args.image.display()))?;
     let (w, h) = if args.keep_size {

@@ -112,6 +112,20 @@ pub enum DtypeArg {
     F16,
 }
 
+impl DtypeArg {
+    /// The compute dtype: the one asked for, else f32 on the CPU (candle's fast path there)
+    /// and bf16 on a GPU (the reference's precision).
+    pub fn resolve(arg: Option<Self>, on_cpu: bool) -> DType {
+        match arg {
+            Some(Self::F32) => DType::F32,
+            Some(Self::Bf16) => DType::BF16,
+            Some(Self::F16) => DType::F16,
+            None if on_cpu => DType::F32,
+            None => DType::BF16,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum NoiseArg {
     Bf16,
@@ -192,13 +206,7 @@ pub(crate) fn check_output(path: &Path) -> Result<()> {
 pub fn run(args: GenerateArgs) -> Result<()> {
     check_output(&args.out)?;
     let device = parse_device(&args.device)?;
-    let dtype = match args.dtype {
-        Some(DtypeArg::F32) => DType::F32,
-        Some(DtypeArg::Bf16) => DType::BF16,
-        Some(DtypeArg::F16) => DType::F16,
-        None if device.is_cpu() => DType::F32,
-        None => DType::BF16,
-    };
+    let dtype = DtypeArg::resolve(args.dtype, device.is_cpu());
     let options = LoadOptions {
         device,
         dtype,

@@ -156,20 +156,9 @@ fn auto_budget(device: &DeviceProfile, gpu: usize) -> Result<u64> {
     Ok(mib << 20)
 }
 
-fn dtype_of(arg: Option<crate::generate::DtypeArg>, device: &DeviceProfile) -> DType {
-    use crate::generate::DtypeArg;
-    match arg {
-        Some(DtypeArg::F32) => DType::F32,
-        Some(DtypeArg::Bf16) => DType::BF16,
-        Some(DtypeArg::F16) => DType::F16,
-        None if device.is_cpu() => DType::F32,
-        None => DType::BF16,
-    }
-}
-
 pub fn run(args: PlanArgs) -> Result<()> {
     let device = profile(&args.device)?;
-    let dtype = dtype_of(args.dtype, &device);
+    let dtype = crate::generate::DtypeArg::resolve(args.dtype, device.is_cpu());
     let chunk = (args.attn_chunk > 0).then_some(args.attn_chunk);
     let options = LoadOptions {
         device: fluxfit::candle_core::Device::Cpu,
@@ -794,13 +783,7 @@ pub fn smaller_plan(
 ) -> Option<Plan> {
     let device = generate_profile(model.device());
     let spec = ModelSpec::from_model(model);
-    let request = Request {
-        width: req.width,
-        height: req.height,
-        t5_tokens: req.t5_tokens,
-        steps: req.steps,
-        image_input: false,
-    };
+    let request = Request::for_text2image(req);
     let cands = candidates(&device, model.dtype(), current.attn_chunk);
     let peak_of = |p: &Plan| planner::predict(&spec, &request, p, &device).peak;
     let now = peak_of(current);
@@ -843,13 +826,7 @@ mod fallback_tests {
         let smaller = smaller_plan(&model, &req, &current).expect("a smaller plan exists");
         let device = generate_profile(model.device());
         let spec = ModelSpec::from_model(&model);
-        let request = Request {
-            width: 256,
-            height: 256,
-            t5_tokens: 32,
-            steps: 2,
-            image_input: false,
-        };
+        let request = Request::for_text2image(&req);
         let peak = |p: &Plan| planner::predict(&spec, &request, p, &device).peak;
         assert!(peak(&smaller) < peak(&current));
     }

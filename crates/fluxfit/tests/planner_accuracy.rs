@@ -50,13 +50,7 @@ fn measure(model: &mut Model, plan: &Plan, req: &Text2Image) -> MemoryReport {
 
 fn predict(model: &Model, plan: &Plan, req: &Text2Image) -> Prediction {
     let spec = ModelSpec::from_model(model);
-    let r = Request {
-        width: req.width,
-        height: req.height,
-        t5_tokens: req.t5_tokens,
-        steps: req.steps,
-        image_input: false,
-    };
+    let r = Request::for_text2image(req);
     planner::predict(&spec, &r, plan, &DeviceProfile::cpu_fixed())
 }
 

@@ -182,6 +182,17 @@ pub struct Request {
 }
 
 impl Request {
+    /// What a text-to-image request asks of memory (no image input).
+    pub fn for_text2image(req: &crate::pipeline::Text2Image) -> Self {
+        Self {
+            width: req.width,
+            height: req.height,
+            t5_tokens: req.t5_tokens,
+            steps: req.steps,
+            image_input: false,
+        }
+    }
+
     /// The reference's defaults for `variant` at `width` × `height` (text to image).
     pub fn new(variant: Variant, width: usize, height: usize) -> Self {
         Self {
