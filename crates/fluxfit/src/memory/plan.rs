@@ -167,6 +167,17 @@ impl Placement {
         Ok(placement)
     }
 
+    /// The placement with a stream's group and window at least 1 (0 would hold nothing).
+    pub fn normalised(self) -> Self {
+        match self {
+            Placement::Stream { group, window } => Placement::Stream {
+                group: group.max(1),
+                window: window.max(1),
+            },
+            p => p,
+        }
+    }
+
     /// The inverse of [`Placement::parse`].
     pub fn spec(&self) -> String {
         match self {

@@ -321,13 +321,7 @@ impl Residency {
             Placement::Cpu => Device::Cpu,
             _ => device,
         };
-        let placement = match placement {
-            Placement::Stream { group, window } => Placement::Stream {
-                group: group.max(1),
-                window: window.max(1),
-            },
-            p => p,
-        };
+        let placement = placement.normalised();
         let index = stages
             .iter()
             .enumerate()

@@ -658,13 +658,7 @@ impl ShadowWeights {
         dtype: DType,
         stages: Vec<StageCost>,
     ) -> Self {
-        let placement = match placement {
-            Placement::Stream { group, window } => Placement::Stream {
-                group: group.max(1),
-                window: window.max(1),
-            },
-            p => p,
-        };
+        let placement = placement.normalised();
         let index = stages
             .iter()
             .enumerate()
