@@ -390,7 +390,10 @@ def main():
         sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
         n_expected = 16 + 24 * FLOW["depth"] + 8 * FLOW["depth_single_blocks"] + 4 - (0 if guidance else 4)
         assert len(sd) == n_expected, (len(sd), n_expected)
-        path = os.path.join(BFL_DIR, f"flux1-tiny-{variant}.safetensors")
+        # One flow model per folder (a folder with several is ambiguous): schnell lives apart.
+        folder = BFL_DIR if variant == "dev" else os.path.join(FIX, "tiny-variants")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"flux1-tiny-{variant}.safetensors")
         save_st(path, {k: v.to(torch.bfloat16) for k, v in sd.items()})
         # reload from disk so everything downstream uses exactly the stored weights
         sd = {k: v.float() for k, v in load_file(path).items()}
@@ -537,7 +540,7 @@ def main():
     ):
         tensors, params = e2e(name, **kw, **common)
         params["model"] = "tiny-bfl/flux1-tiny-dev.safetensors" if name == "e2e_dev" else \
-            "tiny-bfl/flux1-tiny-schnell.safetensors"
+            "tiny-variants/flux1-tiny-schnell.safetensors"
         save_st(os.path.join(GOLD, f"{name}.safetensors"), tensors)
         write_json(os.path.join(GOLD, f"{name}.json"), params)
         if name == "e2e_dev":

@@ -110,6 +110,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             dtype: DType::F32,
             attn_chunk: chunk,
             variant: Some(Variant::Schnell),
+            lora: None,
         },
     )?;
     let base = Plan::resident(DType::F32, chunk);

@@ -5,26 +5,16 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use fluxfit::image::{
-    next_free_path, read_alpha_mask, read_mask, read_rgb8, resize_lanczos, resize_mask_lanczos,
-    save, to_rgb8,
-};
-use fluxfit::memory::plan::Plan;
-use fluxfit::noise::NoiseKind;
+use fluxfit::image::{read_alpha_mask, read_mask, read_rgb8, resize_lanczos, resize_mask_lanczos};
 use fluxfit::pipeline::fill::{
     fill_size, fill_tensors, outpaint_canvas, outpaint_geometry, Outpaint,
 };
-use fluxfit::pipeline::{LoadOptions, Text2Image};
 
-use crate::generate::{
-    check_output, metadata, parse_device, parse_vae_tile, random_seed, DtypeArg,
-};
-use crate::source::ModelArgs;
+use crate::generate::{check_output, metadata};
+use crate::run_args::{file_name, on_event, progress, write_image, RunArgs};
 
 #[derive(Args, Debug)]
 pub struct FillArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
     /// The image to fill (PNG or JPEG). Resized as the reference demo does: within 0.5–2 MP
     /// only its sides are rounded to multiples of 32, outside it is scaled into that range.
     #[arg(long, value_name = "FILE")]
@@ -44,30 +34,8 @@ pub struct FillArgs {
     /// What to draw in the masked area.
     #[arg(long, default_value = "")]
     pub prompt: String,
-    /// Denoising steps [default: 50].
-    #[arg(long)]
-    pub steps: Option<usize>,
-    /// Distilled guidance [default: 30].
-    #[arg(long)]
-    pub guidance: Option<f32>,
-    /// Noise seed [default: random, printed and recorded].
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// T5 sequence length [default: 128].
-    #[arg(long)]
-    pub t5_tokens: Option<usize>,
-    /// Compute precision [default: f32 on the CPU, bf16 on a GPU].
-    #[arg(long, value_enum)]
-    pub dtype: Option<DtypeArg>,
-    /// cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Where each component's weights live (as `generate --plan`).
-    #[arg(long, value_name = "SPEC")]
-    pub plan: Option<String>,
-    /// Decode (and encode) in overlapping tiles of PX pixels a side.
-    #[arg(long, value_name = "PX", value_parser = parse_vae_tile)]
-    pub vae_tile: Option<usize>,
+    #[command(flatten)]
+    pub run: RunArgs,
     /// Output file (.png, or .jpg/.jpeg); an existing file is never replaced.
     #[arg(long, default_value = "fill.png")]
     pub out: PathBuf,
@@ -75,15 +43,11 @@ pub struct FillArgs {
     /// multiples of 32).
     #[arg(long)]
     pub keep_size: bool,
-    /// Print only the output line.
-    #[arg(short, long)]
-    pub quiet: bool,
 }
 
 pub fn run(args: FillArgs) -> Result<()> {
     check_output(&args.out)?;
-    let device = parse_device(&args.device)?;
-    let dtype = DtypeArg::resolve(args.dtype, device.is_cpu());
+    let quiet = args.run.quiet;
     let src =
         read_rgb8(&args.image).with_context(|| format!("--image {}", args.image.display()))?;
     let (w, h) = if args.keep_size {
@@ -100,7 +64,7 @@ pub fn run(args: FillArgs) -> Result<()> {
         fill_size(src.width, src.height)
     };
     let img = resize_lanczos(&src, w, h);
-    if (w, h) != (src.width, src.height) && !args.quiet {
+    if (w, h) != (src.width, src.height) && !quiet {
         eprintln!("image {}x{} resized to {w}x{h}", src.width, src.height);
     }
     let outpaint = match (&args.outpaint, args.zoom_out) {
@@ -137,11 +101,11 @@ pub fn run(args: FillArgs) -> Result<()> {
                 src.height
             );
         }
-        let name = path.file_name().map_or_else(
-            || path.display().to_string(),
-            |n| n.to_string_lossy().into_owned(),
-        );
-        (img, resize_mask_lanczos(&m, (mw, mh), (w, h)), name)
+        (
+            img,
+            resize_mask_lanczos(&m, (mw, mh), (w, h)),
+            file_name(path),
+        )
     } else {
         let Some(m) = read_alpha_mask(&args.image)? else {
             bail!(
@@ -156,55 +120,30 @@ pub fn run(args: FillArgs) -> Result<()> {
         )
     };
 
-    let mut model = args.model.load(LoadOptions {
-        device,
-        dtype,
-        attn_chunk: Some(fluxfit::model::attention::DEFAULT_CHUNK),
-        variant: None,
-    })?;
-    let mut plan = Plan::resident(dtype, model.plan().attn_chunk);
-    if let Some(spec) = &args.plan {
-        plan = plan
-            .with_spec(spec)
-            .with_context(|| format!("--plan {spec}"))?;
-    }
-    plan.vae_tile = args.vae_tile;
-    model.set_plan(plan);
-    let v = model.variant;
-    let req = Text2Image {
-        prompt: args.prompt.clone(),
-        width: canvas.width,
-        height: canvas.height,
-        steps: args.steps.unwrap_or(v.default_steps()),
-        guidance: args.guidance.unwrap_or(v.default_guidance()),
-        seed: args.seed.unwrap_or_else(random_seed),
-        t5_tokens: args.t5_tokens.unwrap_or(v.t5_tokens()),
-        noise: NoiseKind::TorchBf16,
-    };
+    let model = args.run.load()?;
+    let req = args
+        .run
+        .request(&model, &args.prompt, canvas.width, canvas.height);
     req.validate(false)?;
-    if !args.quiet {
+    if !quiet {
         eprintln!(
             "{} | {}x{} | {} steps | guidance {} | seed {} | mask: {mask_source}",
             model.name, req.width, req.height, req.steps, req.guidance, req.seed
         );
     }
     let (image, mask_t) = fill_tensors(&canvas, &mask)?;
-    let out = model.fill(&req, &image, &mask_t, None, &mut |_| {})?;
-    let rgb = to_rgb8(&out.image)?;
-    let path = next_free_path(&args.out);
+    let bar = progress(quiet);
+    let out = model.fill(&req, &image, &mask_t, None, &mut on_event(&bar))?;
+    bar.finish_and_clear();
     let mut meta = metadata(&model, &req);
-    let name = args.image.file_name().map_or_else(
-        || args.image.display().to_string(),
-        |n| n.to_string_lossy().into_owned(),
-    );
-    meta.push(("fill_image".into(), name));
+    meta.push(("fill_image".into(), file_name(&args.image)));
     meta.push(("fill_mask".into(), mask_source));
-    save(&rgb, &path, &meta)?;
+    let path = write_image(&out.image, &args.out, &meta)?;
     println!(
         "wrote {} ({}x{}, seed {})",
         path.display(),
-        rgb.width,
-        rgb.height,
+        req.width,
+        req.height,
         req.seed
     );
     Ok(())

@@ -7,11 +7,16 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use fluxfit::candle_core::{DType, Device};
-use fluxfit::image::{init_image, next_free_path, read_rgb8, save, to_rgb8, Format};
+use fluxfit::image::{
+    init_image, next_free_path, read_rgb8, resize_lanczos, save, to_rgb8, Format,
+};
 use fluxfit::memory::ledger::MemoryReport;
 use fluxfit::memory::plan::Plan;
 use fluxfit::noise::NoiseKind;
+use fluxfit::pipeline::control::canny_control;
+use fluxfit::pipeline::kontext::image_tensor;
 use fluxfit::pipeline::{Event, ImageInit, LoadOptions, Model, Text2Image};
+use fluxfit::variant::Variant;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::source::ModelArgs;
@@ -71,6 +76,16 @@ pub struct GenerateArgs {
     /// denoising starts at step int((1 − strength)·steps).
     #[arg(long, default_value_t = 0.8, requires = "init_image", value_parser = parse_strength)]
     pub strength: f64,
+    /// Structural control with a FLUX.1 Canny or Depth model (or dev with a control --lora):
+    /// the image is resized (Lanczos) to the output size; a Canny model is given its Canny
+    /// edges (thresholds 50/200, as the reference), a Depth model the image itself as the
+    /// depth map (fluxfit does not estimate depth). Without --width/--height the output takes
+    /// the image's size, floored to multiples of 16.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["init_image", "interactive"])]
+    pub control_image: Option<PathBuf>,
+    /// Use --control-image as the control as is (an edge map you made), not its Canny edges.
+    #[arg(long, requires = "control_image")]
+    pub control_raw: bool,
     /// Decode the image in overlapping tiles of PX pixels a side (a multiple of 8, at least 64),
     /// blended linearly over the overlaps: decode memory is bounded by the tile. Overrides the
     /// tile of --plan or --vram; recorded in the metadata's plan.
@@ -212,6 +227,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         dtype,
         attn_chunk: (args.attn_chunk > 0).then_some(args.attn_chunk),
         variant: None,
+        lora: None,
     };
     let attn_chunk = options.attn_chunk;
     // --vram (planner) begin: a published variant is planned from its built-in manifest before
@@ -225,7 +241,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         height: args.height,
         steps: args.steps,
         t5_tokens: args.t5_tokens,
-        image_input: args.init_image.is_some(),
+        image_input: args.init_image.is_some() || args.control_image.is_some(),
         quiet: args.quiet,
     });
     let early = match &vram {
@@ -246,7 +262,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     model.set_plan(plan);
     let v = model.variant;
     let tiny = model.name.starts_with("tiny");
-    let side_default = if tiny { (256, 256) } else { (1360, 768) };
+    let side_default = match &args.control_image {
+        Some(path) => {
+            let img =
+                read_rgb8(path).with_context(|| format!("--control-image {}", path.display()))?;
+            (img.width, img.height)
+        }
+        None if tiny => (256, 256),
+        None => (1360, 768),
+    };
     let mut req = Text2Image {
         prompt: args.prompt.clone(),
         width: floor16("width", args.width.unwrap_or(side_default.0), args.quiet),
@@ -319,6 +343,27 @@ fn load_init(args: &GenerateArgs, req: &Text2Image) -> Result<Option<ImageInit>>
     }))
 }
 
+/// The control image as the request needs it (see `--control-image`), and how it was made.
+fn load_control(
+    args: &GenerateArgs,
+    model: &Model,
+    req: &Text2Image,
+) -> Result<Option<(fluxfit::candle_core::Tensor, &'static str)>> {
+    let Some(path) = &args.control_image else {
+        return Ok(None);
+    };
+    let ctx = || format!("--control-image {}", path.display());
+    let rgb = resize_lanczos(&read_rgb8(path).with_context(ctx)?, req.width, req.height);
+    let (rgb, how) = if model.variant == Variant::DevCanny && !args.control_raw {
+        (canny_control(&rgb), "canny 50/200")
+    } else if model.variant == Variant::DevDepth {
+        (rgb, "depth map as given")
+    } else {
+        (rgb, "as given")
+    };
+    Ok(Some((image_tensor(&rgb).with_context(ctx)?, how)))
+}
+
 pub(crate) fn parse_vae_tile(s: &str) -> std::result::Result<usize, String> {
     match s.trim().parse::<usize>() {
         Ok(n) if n >= 64 && n.is_multiple_of(8) => Ok(n),
@@ -388,9 +433,11 @@ fn generate_one(model: &Model, req: &Text2Image, args: &GenerateArgs) -> Result<
             bar.set_position(step as u64)
         }
     };
-    let out = match &init {
-        Some(init) => model.image_to_image(req, init, None, &mut on_event)?,
-        None => model.text_to_image(req, &mut on_event)?,
+    let control = load_control(args, model, req)?;
+    let out = match (&init, &control) {
+        (Some(init), _) => model.image_to_image(req, init, None, &mut on_event)?,
+        (None, Some((image, _))) => model.control(req, image, None, &mut on_event)?,
+        (None, None) => model.text_to_image(req, &mut on_event)?,
     };
     bar.finish_and_clear();
     let rgb = to_rgb8(&out.image)?;
@@ -410,6 +457,14 @@ fn generate_one(model: &Model, req: &Text2Image, args: &GenerateArgs) -> Result<
         );
         meta.push(("init_image".into(), name));
         meta.push(("strength".into(), init.strength.to_string()));
+    }
+    if let (Some(path), Some((_, how))) = (&args.control_image, &control) {
+        meta.push(("control_image".into(), crate::run_args::file_name(path)));
+        meta.push(("control".into(), how.to_string()));
+    }
+    if let Some(lora) = &args.model.lora {
+        meta.push(("lora".into(), crate::run_args::file_name(lora)));
+        meta.push(("lora_scale".into(), args.model.lora_scale.to_string()));
     }
     save(&rgb, &path, &meta)?;
     println!(

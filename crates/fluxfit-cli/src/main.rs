@@ -2,12 +2,14 @@
 
 mod bench;
 mod bench_quant;
+mod edit;
 mod fill;
 mod generate;
 #[cfg(feature = "hub")]
 mod hub;
 mod plan;
 mod quantize;
+mod run_args;
 mod source;
 
 use std::process::ExitCode;
@@ -37,6 +39,8 @@ enum Command {
     /// Inpaint (a mask or the image's alpha) or outpaint (--outpaint, --zoom-out) with a FLUX.1
     /// Fill model.
     Fill(fill::FillArgs),
+    /// Edit an image by instruction with a FLUX.1 Kontext model.
+    Edit(edit::EditArgs),
     /// Time and measured peak memory of each residency plan at several resolutions, on a
     /// mid-size built-in model (CPU).
     Bench(bench::BenchArgs),
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Fill(args) => fill::run(args),
+        Command::Edit(args) => edit::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Quantize(args) => quantize::run(args),

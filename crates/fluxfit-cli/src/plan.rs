@@ -165,6 +165,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         dtype,
         attn_chunk: chunk,
         variant: args.model.variant()?,
+        lora: None,
     };
     let spec = model_spec(&args.model, options)?;
     let tiny = spec.name.starts_with("tiny");

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use fluxfit::checkpoint::layout::ModelPaths;
-use fluxfit::pipeline::{tiny, LoadOptions, Model, ModelSources};
+use fluxfit::pipeline::{tiny, LoadOptions, LoraSpec, Model, ModelSources};
 use fluxfit::variant::Variant;
 
 #[derive(Args, Debug, Clone)]
@@ -31,6 +31,14 @@ pub struct ModelArgs {
     /// Variant, where the weights' shapes cannot tell (dev, krea and kontext look alike).
     #[arg(long)]
     pub variant: Option<String>,
+    /// A LoRA in BFL's layout attached to the flow model, e.g. FLUX.1-Canny-dev-lora's
+    /// `flux1-canny-dev-lora.safetensors` on FLUX.1-dev (which makes it a Canny model; the
+    /// file name tells canny from depth, else pass --variant).
+    #[arg(long, value_name = "FILE")]
+    pub lora: Option<PathBuf>,
+    /// Strength of the --lora update.
+    #[arg(long, default_value_t = LoraSpec::DEFAULT_SCALE, requires = "lora")]
+    pub lora_scale: f64,
 }
 
 impl ModelArgs {
@@ -56,6 +64,10 @@ impl ModelArgs {
     pub fn load(&self, options: LoadOptions) -> Result<Model> {
         let options = LoadOptions {
             variant: self.variant()?,
+            lora: self.lora.as_ref().map(|path| LoraSpec {
+                path: path.clone(),
+                scale: self.lora_scale,
+            }),
             ..options
         };
         let has_parts = self.flow.is_some() || self.ae.is_some();

@@ -234,40 +234,20 @@ pub fn read_alpha_mask(path: &Path) -> Result<Option<Vec<u8>>> {
     ))
 }
 
-/// Resizes with a Lanczos (a = 3) filter, as the fill demo's PIL `LANCZOS`.
+/// Resizes as the reference's PIL `Image.resize((w, h), Image.LANCZOS)` does, byte for byte
+/// (see [`crate::resample`]).
 pub fn resize_lanczos(img: &Rgb8, w: usize, h: usize) -> Rgb8 {
-    if (img.width, img.height) == (w, h) {
-        return img.clone();
-    }
-    let src = ::image::RgbImage::from_raw(img.width as u32, img.height as u32, img.data.clone())
-        .expect("an Rgb8 holds width·height·3 bytes");
-    let out = ::image::imageops::resize(
-        &src,
-        w as u32,
-        h as u32,
-        ::image::imageops::FilterType::Lanczos3,
-    );
     Rgb8 {
         width: w,
         height: h,
-        data: out.into_raw(),
+        data: crate::resample::lanczos_rgb8(&img.data, img.width, img.height, w, h),
     }
 }
 
-/// A one-byte-per-pixel mask resized with a Lanczos (a = 3) filter.
+/// A one-byte-per-pixel mask resized as PIL's `Image.resize(to, Image.LANCZOS)` resizes an "L"
+/// image, byte for byte (see [`crate::resample`]).
 pub fn resize_mask_lanczos(mask: &[u8], from: (usize, usize), to: (usize, usize)) -> Vec<u8> {
-    if from == to {
-        return mask.to_vec();
-    }
-    let src = ::image::GrayImage::from_raw(from.0 as u32, from.1 as u32, mask.to_vec())
-        .expect("a mask holds width·height bytes");
-    ::image::imageops::resize(
-        &src,
-        to.0 as u32,
-        to.1 as u32,
-        ::image::imageops::FilterType::Lanczos3,
-    )
-    .into_raw()
+    crate::resample::lanczos_l8(mask, from.0, from.1, to.0, to.1)
 }
 
 #[cfg(test)]

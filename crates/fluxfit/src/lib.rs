@@ -3,6 +3,7 @@
 //! The library computes; the `fluxfit` binary parses flags and writes files. See DESIGN.md in the
 //! shared folder for the architecture: one network, many plans; weights have one home.
 
+pub mod canny;
 pub mod checkpoint;
 pub mod error;
 pub mod image;
@@ -10,6 +11,7 @@ pub mod memory;
 pub mod model;
 pub mod noise;
 pub mod pipeline;
+pub mod resample;
 pub mod sampling;
 pub mod tokenizer;
 pub mod variant;

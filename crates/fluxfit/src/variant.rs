@@ -41,9 +41,13 @@ impl Variant {
     pub fn from_name(name: &str) -> Result<Self> {
         let n = name.trim().to_ascii_lowercase();
         let n = n.strip_prefix("flux-").unwrap_or(&n).to_string();
+        // `flux-dev-fill`, `dev-fill` or just `fill`.
         Self::ALL
             .into_iter()
-            .find(|v| v.name().strip_prefix("flux-") == Some(n.as_str()))
+            .find(|v| {
+                let short = v.name().strip_prefix("flux-").unwrap_or(v.name());
+                short == n || short.strip_prefix("dev-") == Some(n.as_str())
+            })
             .ok_or_else(|| {
                 Error::Config(format!(
                     "unknown variant `{name}`; known: {}",
@@ -201,6 +205,8 @@ mod tests {
         assert_eq!(Variant::DevDepth.default_guidance(), 10.0);
         assert!(!Variant::Schnell.shift_schedule());
         assert_eq!(Variant::from_name("dev-fill").unwrap(), Variant::DevFill);
+        assert_eq!(Variant::from_name("kontext").unwrap(), Variant::DevKontext);
+        assert_eq!(Variant::from_name("FLUX-DEV").unwrap(), Variant::Dev);
         assert!(Variant::from_name("flux-pro").is_err());
     }
 

@@ -360,3 +360,35 @@ fn io_errors_do_not_repeat_themselves_in_a_source_chain() {
     assert!(err.to_string().contains("/no/such/file.safetensors"));
     assert!(std::error::Error::source(&err).is_none());
 }
+
+#[test]
+fn a_folder_with_several_flow_models_asks_which() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["flux1-dev.safetensors", "flux1-canny-dev.safetensors"] {
+        std::fs::copy(
+            fixtures().join("tiny-bfl/flux1-tiny-dev.safetensors"),
+            dir.path().join(name),
+        )
+        .unwrap();
+    }
+    // A LoRA beside them is not a flow model.
+    std::fs::copy(
+        fixtures().join("tiny-bfl/flux1-tiny-canny-dev-lora.safetensors"),
+        dir.path().join("flux1-canny-dev-lora.safetensors"),
+    )
+    .unwrap();
+    let paths = ModelPaths::from_dir(dir.path()).unwrap();
+    assert!(paths.flow.is_none());
+    assert_eq!(paths.flow_choices.len(), 2);
+    let err = ModelSources::resolve(Some(dir.path()), ModelPaths::default())
+        .unwrap_err()
+        .to_string();
+    for n in [
+        "--flow",
+        "flux1-dev.safetensors",
+        "flux1-canny-dev.safetensors",
+    ] {
+        assert!(err.contains(n), "`{n}` not in: {err}");
+    }
+    assert!(!err.contains("lora"), "{err}");
+}

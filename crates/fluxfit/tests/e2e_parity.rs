@@ -115,7 +115,10 @@ fn dev_text_to_image_matches_reference_and_layouts_agree() {
 
 #[test]
 fn schnell_text_to_image_matches_reference() {
-    let model = load(&bfl_sources("flux1-tiny-schnell.safetensors"), Some(16));
+    let model = load(
+        &bfl_sources("../tiny-variants/flux1-tiny-schnell.safetensors"),
+        Some(16),
+    );
     assert_eq!(model.variant, fluxfit::variant::Variant::Schnell);
     check(&model, "e2e_schnell");
 }

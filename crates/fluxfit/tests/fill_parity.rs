@@ -72,6 +72,7 @@ fn tiny_fill_model_runs_end_to_end() {
         dtype: DType::F32,
         attn_chunk: Some(256),
         variant: Some(Variant::DevFill),
+        lora: None,
     })
     .unwrap();
     assert_eq!(model.flow.net.config.in_channels, 384);
@@ -95,6 +96,7 @@ fn tiny_fill_model_runs_end_to_end() {
         dtype: DType::F32,
         attn_chunk: Some(256),
         variant: Some(Variant::Dev),
+        lora: None,
     })
     .unwrap();
     let Err(err) = t2i.fill(&req, &image, &mask, None, &mut |_| {}) else {

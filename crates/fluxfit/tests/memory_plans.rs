@@ -47,6 +47,7 @@ fn options() -> LoadOptions {
         dtype: DType::F32,
         attn_chunk: Some(256),
         variant: Some(Variant::Schnell),
+        lora: None,
     }
 }
 

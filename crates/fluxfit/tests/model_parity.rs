@@ -79,7 +79,7 @@ fn flow_dev_matches_reference_in_both_layouts() {
 #[test]
 fn flow_schnell_without_guidance_embedder_matches_reference() {
     let out = flow_output(
-        &fixtures().join("tiny-bfl/flux1-tiny-schnell.safetensors"),
+        &fixtures().join("tiny-variants/flux1-tiny-schnell.safetensors"),
         "flow_schnell.safetensors",
         None,
     );

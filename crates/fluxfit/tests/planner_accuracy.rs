@@ -24,6 +24,7 @@ fn options(chunk: Option<usize>) -> LoadOptions {
         dtype: DType::F32,
         attn_chunk: chunk,
         variant: Some(Variant::Schnell),
+        lora: None,
     }
 }
 

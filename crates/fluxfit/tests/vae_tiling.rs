@@ -29,6 +29,7 @@ fn model() -> Model {
             dtype: DType::F32,
             attn_chunk: Some(256),
             variant: Some(Variant::Schnell),
+            lora: None,
         },
     )
     .unwrap()

@@ -25,6 +25,9 @@ pub struct ModelPaths {
     pub clip: Option<PathBuf>,
     pub t5_tokenizer: Option<PathBuf>,
     pub clip_tokenizer: Option<PathBuf>,
+    /// BFL flow files found when there is more than one (`flow` is then `None`): which one
+    /// is meant cannot be guessed, so `--flow` must say.
+    pub flow_choices: Vec<PathBuf>,
 }
 
 impl ModelPaths {
@@ -37,15 +40,21 @@ impl ModelPaths {
             ));
         }
         let sub = |name: &str| Some(dir.join(name)).filter(|p| p.is_dir());
-        let bfl_flow = std::fs::read_dir(dir)
+        let mut bfl_flows: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| Error::io(dir, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
                 let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
                 n.starts_with("flux1-") && n.ends_with(".safetensors") && !n.contains("lora")
             })
-            .min();
+            .collect();
+        bfl_flows.sort();
+        let (bfl_flow, flow_choices) = match bfl_flows.len() {
+            0 | 1 => (bfl_flows.pop(), Vec::new()),
+            _ => (None, bfl_flows),
+        };
         let paths = Self {
+            flow_choices,
             flow: bfl_flow.or_else(|| sub("transformer")),
             ae: Some(dir.join("ae.safetensors"))
                 .filter(|p| p.is_file())
@@ -55,7 +64,7 @@ impl ModelPaths {
             t5_tokenizer: sub("tokenizer_2"),
             clip_tokenizer: sub("tokenizer"),
         };
-        if paths.flow.is_none() && paths.ae.is_none() {
+        if paths.flow.is_none() && paths.ae.is_none() && paths.flow_choices.is_empty() {
             return Err(Error::Layout {
                 path: dir.to_path_buf(),
                 message: "neither a diffusers snapshot (model_index.json, transformer/, vae/, \

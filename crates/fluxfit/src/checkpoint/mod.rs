@@ -3,6 +3,7 @@
 pub mod diffusers;
 pub mod gguf;
 pub mod layout;
+pub mod lora;
 pub mod manifest;
 pub mod quantize;
 pub mod safetensors;

@@ -38,6 +38,14 @@ pub enum Source {
         inner: Box<Source>,
         shape: Vec<usize>,
     },
+    /// A tensor grown to `shape` with zeros after its elements (a control LoRA widens the
+    /// dev base's `img_in` from 64 to 128 input features).
+    ZeroPad {
+        inner: Box<Source>,
+        shape: Vec<usize>,
+    },
+    /// A tensor times a constant, in F32 (a LoRA's up-projection carries its scale).
+    Times { inner: Box<Source>, factor: f64 },
 }
 
 #[derive(Debug, Clone)]
@@ -250,7 +258,10 @@ impl TensorStore {
                 inner: Box::new(i),
                 shape,
             }),
-            Source::Gguf { .. } | Source::Scaled { .. } => None,
+            Source::Gguf { .. }
+            | Source::Scaled { .. }
+            | Source::ZeroPad { .. }
+            | Source::Times { .. } => None,
         }
     }
 
@@ -388,6 +399,20 @@ impl TensorStore {
                 )?
             }
             Source::Reshape { inner, shape } => self.build(inner)?.reshape(shape.as_slice())?,
+            Source::ZeroPad { inner, shape } => {
+                let mut t = self.build(inner)?;
+                for (d, &want) in shape.iter().enumerate() {
+                    let have = t.dim(d)?;
+                    if want > have {
+                        t = t.pad_with_zeros(d, 0, want - have)?;
+                    }
+                }
+                t
+            }
+            Source::Times { inner, factor } => self
+                .build(inner)?
+                .to_dtype(DType::F32)?
+                .affine(*factor, 0.0)?,
         })
     }
 
@@ -400,7 +425,9 @@ impl TensorStore {
                 .map_or_else(|| "(nothing)".into(), Self::source_name),
             Source::SwapHalves { inner, .. }
             | Source::Reshape { inner, .. }
-            | Source::Scaled { inner, .. } => Self::source_name(inner),
+            | Source::Scaled { inner, .. }
+            | Source::ZeroPad { inner, .. }
+            | Source::Times { inner, .. } => Self::source_name(inner),
         }
     }
 
@@ -495,6 +522,27 @@ impl TensorStore {
                     ..info
                 })
             }
+            Source::ZeroPad { inner, shape } => {
+                let info = self.info_of(inner)?;
+                if info.shape.len() != shape.len()
+                    || info.shape.iter().zip(shape).any(|(have, want)| have > want)
+                {
+                    return Err(Error::Config(format!(
+                        "{}: cannot zero-pad {} of shape {:?} to {shape:?}",
+                        self.origin.display(),
+                        Self::source_name(inner),
+                        info.shape
+                    )));
+                }
+                Ok(KeyInfo {
+                    shape: shape.clone(),
+                    ..info
+                })
+            }
+            Source::Times { inner, .. } => Ok(KeyInfo {
+                read: DType::F32,
+                ..self.info_of(inner)?
+            }),
         }
     }
 }

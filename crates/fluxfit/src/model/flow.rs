@@ -380,10 +380,21 @@ impl Flux {
     }
 }
 
+/// A Linear layer, plus its LoRA term `B(A(x))` when a LoRA is attached (B carries the scale;
+/// see `checkpoint::lora`).
 fn linear_of(s: &StageWeights, name: &str, x: &Tensor) -> Result<Tensor> {
     let w = s.get(&format!("{name}.weight"))?;
     let b = s.get_opt(&format!("{name}.bias"));
-    linear(x, &w, b.as_ref())
+    let y = linear(x, &w, b.as_ref())?;
+    match s.get_opt(&format!("{name}.lora_A.weight")) {
+        None => Ok(y),
+        Some(a) => {
+            let h = linear(x, &a, s.get_opt(&format!("{name}.lora_A.bias")).as_ref())?;
+            let up = s.get(&format!("{name}.lora_B.weight"))?;
+            let d = linear(&h, &up, s.get_opt(&format!("{name}.lora_B.bias")).as_ref())?;
+            Ok((y + d)?)
+        }
+    }
 }
 
 /// in_layer → SiLU → out_layer.

@@ -1,9 +1,11 @@
 //! Models assembled from their parts, and what they are asked to do.
 
+pub mod control;
 pub mod fill;
+pub mod kontext;
 pub mod model;
 pub mod text2image;
 pub mod tiny;
 
-pub use model::{LoadOptions, Model, ModelSources};
+pub use model::{LoadOptions, LoraSpec, Model, ModelSources};
 pub use text2image::{Event, Generated, ImageInit, Text2Image};

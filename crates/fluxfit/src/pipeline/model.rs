@@ -7,6 +7,8 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 
 use crate::checkpoint::layout::{self, ModelPaths};
+use crate::checkpoint::lora;
+use crate::checkpoint::safetensors::SafetensorsFile;
 use crate::checkpoint::store::TensorStore;
 use crate::error::{Error, Result};
 use crate::memory::ledger::Ledger;
@@ -29,6 +31,21 @@ pub struct LoadOptions {
     pub attn_chunk: Option<usize>,
     /// Forces the variant where shapes cannot tell (dev vs krea vs kontext).
     pub variant: Option<Variant>,
+    /// A LoRA attached to the flow model (a control LoRA on the dev base).
+    pub lora: Option<LoraSpec>,
+}
+
+/// A LoRA file and the scale of its update.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub path: PathBuf,
+    /// The reference's `lora_scale` (its CLI's default is 0.85).
+    pub scale: f64,
+}
+
+impl LoraSpec {
+    /// The reference CLI's default scale for control LoRAs.
+    pub const DEFAULT_SCALE: f64 = 0.85;
 }
 
 impl Default for LoadOptions {
@@ -38,6 +55,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             attn_chunk: Some(crate::model::attention::DEFAULT_CHUNK),
             variant: None,
+            lora: None,
         }
     }
 }
@@ -71,6 +89,17 @@ impl ModelSources {
         let clip_tokenizer = pick(overrides.clip_tokenizer, found.clip_tokenizer)
             .or_else(|| clip.as_deref().and_then(|p| tokenizer_near(p, "tokenizer")));
         let mut missing = Vec::new();
+        let several = (flow.is_none() && !found.flow_choices.is_empty()).then(|| {
+            let names: Vec<String> = found
+                .flow_choices
+                .iter()
+                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect();
+            format!(
+                "--flow FILE: the folder holds several flow models ({})",
+                names.join(", ")
+            )
+        });
         for (part, value, fix) in [
             (
                 "flow transformer",
@@ -92,6 +121,10 @@ impl ModelSources {
             ),
         ] {
             if value.is_none() {
+                let fix = match (&several, part) {
+                    (Some(s), "flow transformer") => s.as_str(),
+                    _ => fix,
+                };
                 missing.push(format!("{part}: {fix}"));
             }
         }
@@ -183,11 +216,19 @@ impl Model {
     pub fn from_stores(
         name: &str,
         flow_hint: &str,
-        stores: Stores,
+        mut stores: Stores,
         t5_tokenizer: T5Tokenizer,
         clip_tokenizer: ClipTokenizer,
         options: LoadOptions,
     ) -> Result<Self> {
+        let mut flow_hint = flow_hint.to_string();
+        if let Some(lora) = &options.lora {
+            let file = SafetensorsFile::open(&lora.path)?;
+            lora::attach(&mut stores.flow, file, lora.scale)?;
+            // The LoRA's name tells canny from depth (both widen img_in to 128).
+            flow_hint = format!("{flow_hint} {}", lora.path.to_string_lossy());
+        }
+        let flow_hint = flow_hint.as_str();
         let flow_cfg = FlowConfig::from_store(&stores.flow)?;
         flow_cfg.validate(&stores.flow)?;
         let variant = Variant::infer(&flow_cfg, flow_hint, options.variant)?;

@@ -98,15 +98,24 @@ impl ImageInit {
     }
 }
 
-/// Where denoising starts and what joins the latent.
+/// Where denoising starts.
 #[derive(Clone, Copy)]
-enum Start<'a> {
+pub(crate) enum Start<'a> {
     /// Text to image: the seed's noise, the whole schedule.
     Noise,
     /// img2img: the init latent and the strength.
     Img2Img(&'a Tensor, f64),
-    /// Fill: the packed conditioning `[1, L, 320]`, concatenated to every flow input.
-    Fill(&'a Tensor),
+}
+
+/// What joins the noisy latent at every flow call.
+#[derive(Clone, Copy)]
+pub(crate) enum Cond<'a> {
+    None,
+    /// Fill (`[1, L, 320]`) and control (`[1, L, 64]`): concatenated channel-wise.
+    Channels(&'a Tensor),
+    /// Kontext: conditioning tokens `[1, Lc, 64]` with their ids `[1, Lc, 3]`, appended to the
+    /// image sequence; the prediction is cut back to the target tokens.
+    Tokens(&'a Tensor, &'a Tensor),
 }
 
 /// Progress of a generation, for bars and event streams.
@@ -138,7 +147,7 @@ impl Model {
     /// Runs `f` as phase `name` of the current run: the ledger's figures are kept per phase, and
     /// the phase's components are released at its end (which drops all but resident weights),
     /// whether `f` succeeded or not.
-    fn phase<T>(
+    pub(crate) fn phase<T>(
         &self,
         name: &'static str,
         components: &[&Residency],
@@ -184,8 +193,9 @@ impl Model {
         let encoded = self.phase("encode", &encoders, on_event, |_| {
             self.encode_text(&req.prompt, req.t5_tokens)
         });
-        let out = encoded
-            .and_then(|(txt, vec)| self.denoise_decode(req, &txt, &vec, Start::Noise, on_event));
+        let out = encoded.and_then(|(txt, vec)| {
+            self.denoise_decode(req, &txt, &vec, Start::Noise, Cond::None, on_event)
+        });
         let memory = self.ledger().end_run();
         out.map(|g| Generated { memory, ..g })
     }
@@ -228,21 +238,15 @@ impl Model {
                 req.width
             )));
         }
-        self.ledger().begin_run();
-        let encoders = [&self.t5.weights, &self.clip.weights, &self.ae.weights];
-        let encoded = self.phase("encode", &encoders, on_event, |_| {
-            let (txt, vec) = match embeddings {
-                Some((t, v)) => (t.clone(), v.clone()),
-                None => self.encode_text(&req.prompt, req.t5_tokens)?,
-            };
-            let cond = self.fill_conditioning(image, mask)?;
-            Ok((txt, vec, cond))
-        });
-        let out = encoded.and_then(|(txt, vec, cond)| {
-            self.denoise_decode(req, &txt, &vec, Start::Fill(&cond), on_event)
-        });
-        let memory = self.ledger().end_run();
-        out.map(|g| Generated { memory, ..g })
+        self.conditioned(
+            req,
+            embeddings,
+            on_event,
+            || self.fill_conditioning(image, mask),
+            |txt, vec, cond, on_event| {
+                self.denoise_decode(req, txt, vec, Start::Noise, Cond::Channels(cond), on_event)
+            },
+        )
     }
 
     /// `prepare_fill`'s conditioning `[1, L, 320]` in the compute dtype, on the compute device.
@@ -264,6 +268,29 @@ impl Model {
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Generated> {
         init.validate(req)?;
+        self.conditioned(
+            req,
+            embeddings,
+            on_event,
+            || self.encode_image(&init.image),
+            |txt, vec, z, on_event| {
+                let start = Start::Img2Img(z, init.strength);
+                self.denoise_decode(req, txt, vec, start, Cond::None, on_event)
+            },
+        )
+    }
+
+    /// A generation with image inputs: the encode phase makes the text embeddings (unless
+    /// given; `req.prompt` is then not read) and, with the autoencoder, whatever `condition`
+    /// derives from the images; `run` denoises and decodes.
+    pub(crate) fn conditioned<C>(
+        &self,
+        req: &Text2Image,
+        embeddings: Option<(&Tensor, &Tensor)>,
+        on_event: &mut dyn FnMut(Event),
+        condition: impl FnOnce() -> Result<C>,
+        run: impl FnOnce(&Tensor, &Tensor, &C, &mut dyn FnMut(Event)) -> Result<Generated>,
+    ) -> Result<Generated> {
         self.ledger().begin_run();
         let encoders = [&self.t5.weights, &self.clip.weights, &self.ae.weights];
         let encoded = self.phase("encode", &encoders, on_event, |_| {
@@ -271,11 +298,9 @@ impl Model {
                 Some((t, v)) => (t.clone(), v.clone()),
                 None => self.encode_text(&req.prompt, req.t5_tokens)?,
             };
-            Ok((txt, vec, self.encode_image(&init.image)?))
+            Ok((txt, vec, condition()?))
         });
-        let out = encoded.and_then(|(txt, vec, z)| {
-            self.denoise_decode(req, &txt, &vec, Start::Img2Img(&z, init.strength), on_event)
-        });
+        let out = encoded.and_then(|(txt, vec, c)| run(&txt, &vec, &c, on_event));
         let memory = self.ledger().end_run();
         out.map(|g| Generated { memory, ..g })
     }
@@ -289,18 +314,19 @@ impl Model {
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Generated> {
         self.ledger().begin_run();
-        let out = self.denoise_decode(req, txt, vec, Start::Noise, on_event);
+        let out = self.denoise_decode(req, txt, vec, Start::Noise, Cond::None, on_event);
         let memory = self.ledger().end_run();
         out.map(|g| Generated { memory, ..g })
     }
 
     /// The denoise and decode phases; the memory report is filled in by the caller.
-    fn denoise_decode(
+    pub(crate) fn denoise_decode(
         &self,
         req: &Text2Image,
         txt: &Tensor,
         vec: &Tensor,
         start: Start,
+        cond: Cond,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Generated> {
         let dev = self.device().clone();
@@ -321,37 +347,41 @@ impl Model {
                 Start::Img2Img(z, strength) => {
                     sampling::img2img_start(&x, z, &timesteps, strength, dtype)?
                 }
-                _ => (x, timesteps),
+                Start::Noise => (x, timesteps),
             };
-            let cond_w = match start {
-                Start::Fill(c) => Some(c.to_dtype(dtype)?.to_device(flow.weights.device())?),
-                _ => None,
-            };
-            let img = sampling::pack(&x)?;
-            let img_ids = sampling::image_ids(1, lat_h, lat_w, 0.0, &dev)?;
-            let txt_ids = sampling::text_ids(1, txt.dim(1)?, &dev)?;
-            let guidance = Tensor::new(&[req.guidance], &dev)?.to_dtype(dtype)?;
             // Under a `cpu` placement the flow computes on the CPU: its inputs go there and
             // its velocity comes back.
             let wdev = flow.weights.device().clone();
             let to_w = |t: &Tensor| t.to_device(&wdev);
-            let (img_ids_w, txt_w, txt_ids_w, vec_w, guidance_w) = (
-                to_w(&img_ids)?,
-                to_w(&txt)?,
-                to_w(&txt_ids)?,
-                to_w(&vec)?,
-                to_w(&guidance)?,
-            );
+            let img = sampling::pack(&x)?;
+            let l_img = img.dim(1)?;
+            let img_ids = sampling::image_ids(1, lat_h, lat_w, 0.0, &dev)?;
+            let (channels_w, tokens_w, img_ids_w) = match cond {
+                Cond::None => (None, None, to_w(&img_ids)?),
+                Cond::Channels(c) => (Some(to_w(&c.to_dtype(dtype)?)?), None, to_w(&img_ids)?),
+                Cond::Tokens(c, ids) => (
+                    None,
+                    Some(to_w(&c.to_dtype(dtype)?)?),
+                    to_w(&Tensor::cat(&[&img_ids, &ids.to_device(&dev)?], 1)?)?,
+                ),
+            };
+            let txt_ids = sampling::text_ids(1, txt.dim(1)?, &dev)?;
+            let guidance = Tensor::new(&[req.guidance], &dev)?.to_dtype(dtype)?;
+            let (txt_w, txt_ids_w, vec_w, guidance_w) =
+                (to_w(&txt)?, to_w(&txt_ids)?, to_w(&vec)?, to_w(&guidance)?);
             let velocity = |x: &Tensor, t: f32| -> Result<Tensor> {
                 let t = Tensor::new(&[t], &wdev)?.to_dtype(dtype)?;
+                let mut img = x.to_device(&wdev)?;
+                if let Some(c) = &channels_w {
+                    img = Tensor::cat(&[&img, c], 2)?;
+                }
+                if let Some(c) = &tokens_w {
+                    img = Tensor::cat(&[&img, c], 1)?;
+                }
                 let v = flow.net.forward(
                     &flow.weights,
                     &FlowInputs {
-                        img: &match &cond_w {
-                            // Fill: the conditioning joins the noisy latent channel-wise.
-                            Some(c) => Tensor::cat(&[&x.to_device(&wdev)?, c], 2)?,
-                            None => x.to_device(&wdev)?,
-                        },
+                        img: &img,
                         img_ids: &img_ids_w,
                         txt: &txt_w,
                         txt_ids: &txt_ids_w,
@@ -360,6 +390,12 @@ impl Model {
                         guidance: flow.net.config.guidance_embed.then_some(&guidance_w),
                     },
                 )?;
+                // Kontext: only the target tokens' prediction moves the latent.
+                let v = if tokens_w.is_some() {
+                    v.narrow(1, 0, l_img)?
+                } else {
+                    v
+                };
                 Ok(v.to_device(&dev)?)
             };
             let x = sampling::denoise(img, &timesteps, velocity, |step, total| {
