@@ -9,6 +9,7 @@ mod generate;
 mod hub;
 mod plan;
 mod quantize;
+mod regions;
 mod run_args;
 mod source;
 
@@ -41,6 +42,9 @@ enum Command {
     Fill(fill::FillArgs),
     /// Edit an image by instruction with a FLUX.1 Kontext model.
     Edit(edit::EditArgs),
+    /// A canvas larger than one pass, made as overlapping regions stitched with feathering
+    /// (device memory of one region), or an enlarged image refined region by region (--from).
+    Regions(regions::RegionsArgs),
     /// Time and measured peak memory of each residency plan at several resolutions, on a
     /// mid-size built-in model (CPU).
     Bench(bench::BenchArgs),
@@ -61,6 +65,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Fill(args) => fill::run(args),
         Command::Edit(args) => edit::run(args),
+        Command::Regions(args) => regions::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Quantize(args) => quantize::run(args),

@@ -65,8 +65,13 @@ pub struct PlanArgs {
 
 /// The published variant `--model` names (a variant name or its official repo id), when no
 /// local folder or part overrides it: planned from built-in manifests, nothing downloaded.
+/// A LoRA's tensors are only known from its file, so `--lora` plans from headers.
 fn published_variant(m: &ModelArgs) -> Option<Variant> {
-    let parts = m.flow.is_some() || m.ae.is_some() || m.t5.is_some() || m.clip.is_some();
+    let parts = m.flow.is_some()
+        || m.ae.is_some()
+        || m.t5.is_some()
+        || m.clip.is_some()
+        || m.lora.is_some();
     if parts || m.model == "tiny" || Path::new(&m.model).exists() {
         return None;
     }
@@ -91,9 +96,14 @@ fn model_spec(m: &ModelArgs, options: LoadOptions) -> Result<ModelSpec> {
         m.model == "tiny" || Path::new(&m.model).exists() || m.flow.is_some() || m.ae.is_some();
     if !local {
         bail!(
-            "--model {}: `fluxfit plan` reads a local folder, `tiny` or a published variant ({}) and downloads nothing",
+            "--model {}: `fluxfit plan` reads a local folder, `tiny` or a published variant ({}) and downloads nothing{}",
             m.model,
-            Variant::ALL.map(|v| v.name()).join(", ")
+            Variant::ALL.map(|v| v.name()).join(", "),
+            if m.lora.is_some() {
+                "; with --lora it reads the weights' headers, so give a local folder or --flow"
+            } else {
+                ""
+            }
         );
     }
     let model = m.load(options)?;

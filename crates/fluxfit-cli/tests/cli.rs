@@ -658,3 +658,326 @@ fn fill_inpaints_and_outpaints_with_a_tiny_fill_model() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("no alpha channel"), "{}", stderr(&o));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Editing (Kontext), structural control (Canny / Depth) and control LoRAs
+
+/// Runs `fluxfit ARGS` (subcommand included) and expects success.
+#[track_caller]
+fn succeeds(dir: &Path, args: &[&str]) -> Output {
+    let o = fluxfit(dir, args, None);
+    assert!(
+        o.status.success(),
+        "fluxfit {args:?} failed:\n{}",
+        stderr(&o)
+    );
+    o
+}
+
+/// As [`fails`], for any subcommand: `args` starts with it.
+#[track_caller]
+fn command_fails(dir: &Path, args: &[&str], names: &[&str]) -> String {
+    let o = fluxfit(dir, args, None);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "fluxfit {args:?} succeeded:\n{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "fluxfit {args:?} panicked:\n{err}"
+    );
+    assert!(
+        err.contains("error"),
+        "fluxfit {args:?}: no error line:\n{err}"
+    );
+    for name in names {
+        assert!(
+            err.contains(name),
+            "fluxfit {args:?}: stderr does not name `{name}`:\n{err}"
+        );
+    }
+    err
+}
+
+fn size(path: &Path) -> (u32, u32) {
+    let (w, h, _) = pixels(path);
+    (w, h)
+}
+
+fn pngs_in(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "png")
+        })
+        .count()
+}
+
+#[test]
+fn edit_with_a_tiny_kontext_model_records_the_image() {
+    let dir = tempdir();
+    let d = dir.path();
+    let image = s(&fixtures().join("kontext_image.png"));
+    let base = [
+        "edit",
+        "--model",
+        "tiny",
+        "--variant",
+        "kontext",
+        "--image",
+        &image,
+        "--prompt",
+        "make the square blue",
+        "--keep-size",
+        "--steps",
+        "2",
+        "--seed",
+        "7",
+    ];
+    // The 64x80 image is encoded as it is (--keep-size) and sets the output size.
+    let o = succeeds(d, &[&base[..], &["--out", "e.png"]].concat());
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("e.png (64x80, seed 7)"), "{stdout}");
+    let e = d.join("e.png");
+    assert_eq!(size(&e), (64, 80));
+    let chunks = text(&e);
+    assert_eq!(chunk(&chunks, "edit_image"), "kontext_image.png");
+    assert_eq!(chunk(&chunks, "edit_image_size"), "64x80");
+    assert_eq!(chunk(&chunks, "variant"), "flux-dev-kontext");
+    assert_eq!(chunk(&chunks, "prompt"), "make the square blue");
+    assert_eq!(chunk(&chunks, "steps"), "2");
+    // Kontext's defaults: guidance 2.5, 512 T5 tokens.
+    assert_eq!(chunk(&chunks, "guidance"), "2.5");
+    assert_eq!(chunk(&chunks, "t5_tokens"), "512");
+    // Another target size: the conditioning image stays at 64x80.
+    succeeds(
+        d,
+        &[
+            &base[..],
+            &["--width", "96", "--height", "64", "--out", "f.png"],
+        ]
+        .concat(),
+    );
+    let f = d.join("f.png");
+    assert_eq!(size(&f), (96, 64));
+    assert_eq!(chunk(&text(&f), "edit_image_size"), "64x80");
+}
+
+#[test]
+fn edit_refuses_other_models_and_bad_aspect_ratios() {
+    let dir = tempdir();
+    let d = dir.path();
+    let image = s(&fixtures().join("kontext_image.png"));
+    let edit = ["edit", "--image", &image, "--prompt", "x", "--steps", "1"];
+    // Without --keep-size the 64x80 image is snapped to the Kontext size of closest aspect
+    // ratio; the default tiny model (schnell) is then refused before any compute.
+    let err = command_fails(d, &edit, &["flux-dev-kontext", "flux-schnell"]);
+    assert!(err.contains("resized to 944x1104"), "{err}");
+    // --aspect-ratio sets the target at about 1 MP (the line is printed before the refusal).
+    let err = command_fails(
+        d,
+        &[&edit[..], &["--keep-size", "--aspect-ratio", "16:9"]].concat(),
+        &["flux-dev-kontext"],
+    );
+    assert!(err.contains("1360x768 from a 64x80 image"), "{err}");
+    // A ratio that is not W:H.
+    command_fails(
+        d,
+        &[
+            &edit[..],
+            &[
+                "--model",
+                "tiny",
+                "--variant",
+                "kontext",
+                "--aspect-ratio",
+                "16x9",
+            ],
+        ]
+        .concat(),
+        &["--aspect-ratio 16x9", "W:H"],
+    );
+    assert_eq!(pngs_in(d), 0, "a refused edit wrote an image");
+}
+
+#[test]
+fn control_image_with_a_canny_model_and_with_a_canny_lora() {
+    let dir = tempdir();
+    let d = dir.path();
+    let control = s(&fixtures().join("control_image.png"));
+    let canny_flow = fixtures().join("tiny-variants/flux1-tiny-canny-dev.safetensors");
+    let lora = s(&fixtures().join("tiny-bfl/flux1-tiny-canny-dev-lora.safetensors"));
+    let run = |flow: &Path, extra: &[&str], out: &str| -> PathBuf {
+        let mut args: Vec<String> = vec!["generate".into(), "--flow".into(), s(flow)];
+        args.extend(parts());
+        let fixed = [
+            "-q",
+            "--steps",
+            "2",
+            "--seed",
+            "9",
+            "--control-image",
+            &control,
+        ];
+        args.extend(fixed.iter().chain(extra).map(|a| a.to_string()));
+        args.extend(["--out".to_string(), out.to_string()]);
+        succeeds(d, &strs(&args));
+        d.join(out)
+    };
+
+    // The Canny model: no size given, so the 96x64 control image sets it.
+    let c = run(&canny_flow, &[], "canny.png");
+    assert_eq!(size(&c), (96, 64));
+    let chunks = text(&c);
+    assert_eq!(chunk(&chunks, "variant"), "flux-dev-canny");
+    assert_eq!(chunk(&chunks, "control_image"), "control_image.png");
+    assert_eq!(chunk(&chunks, "control"), "canny 50/200");
+    assert_eq!(chunk(&chunks, "guidance"), "30");
+    assert!(!chunks.iter().any(|(k, _)| k == "lora"), "{chunks:?}");
+    // --control-raw: the image itself is the control, so the pixels change.
+    let raw = run(&canny_flow, &["--control-raw"], "raw.png");
+    assert_eq!(chunk(&text(&raw), "control"), "as given");
+    assert_ne!(
+        pixels(&raw).2,
+        pixels(&c).2,
+        "--control-raw changed nothing"
+    );
+    // A size resizes the control image to it.
+    let small = run(
+        &canny_flow,
+        &["--width", "64", "--height", "64"],
+        "small.png",
+    );
+    assert_eq!(size(&small), (64, 64));
+
+    // dev + the Canny LoRA is a Canny model; the LoRA and its scale are recorded.
+    let l = run(&bfl_flow(), &["--lora", &lora], "lora.png");
+    assert_eq!(size(&l), (96, 64));
+    let chunks = text(&l);
+    assert_eq!(chunk(&chunks, "variant"), "flux-dev-canny");
+    assert_eq!(chunk(&chunks, "control"), "canny 50/200");
+    assert_eq!(
+        chunk(&chunks, "lora"),
+        "flux1-tiny-canny-dev-lora.safetensors"
+    );
+    assert_eq!(chunk(&chunks, "lora_scale"), "0.85");
+    let half = run(
+        &bfl_flow(),
+        &["--lora", &lora, "--lora-scale", "0.5"],
+        "half.png",
+    );
+    assert_eq!(chunk(&text(&half), "lora_scale"), "0.5");
+    assert_ne!(
+        pixels(&half).2,
+        pixels(&l).2,
+        "--lora-scale changed nothing"
+    );
+    // Unmerged LoRA tensors are staged with their block: streaming gives the same pixels.
+    let streamed = run(
+        &bfl_flow(),
+        &["--lora", &lora, "--plan", "stream:1:2"],
+        "streamed.png",
+    );
+    assert!(
+        chunk(&text(&streamed), "plan").contains("flow=stream:1:2"),
+        "{:?}",
+        text(&streamed)
+    );
+    assert_eq!(
+        pixels(&streamed).2,
+        pixels(&l).2,
+        "a streamed LoRA run differs from the resident one"
+    );
+}
+
+#[test]
+fn depth_control_takes_the_image_as_the_depth_map() {
+    let dir = tempdir();
+    let d = dir.path();
+    let control = s(&fixtures().join("control_image.png"));
+    succeeds(
+        d,
+        &[
+            "generate",
+            "--model",
+            "tiny",
+            "--variant",
+            "depth",
+            "-q",
+            "--steps",
+            "1",
+            "--seed",
+            "2",
+            "--control-image",
+            &control,
+            "--out",
+            "depth.png",
+        ],
+    );
+    let f = d.join("depth.png");
+    assert_eq!(size(&f), (96, 64));
+    let chunks = text(&f);
+    assert_eq!(chunk(&chunks, "variant"), "flux-dev-depth");
+    assert_eq!(chunk(&chunks, "control"), "depth map as given");
+    assert_eq!(chunk(&chunks, "guidance"), "10");
+}
+
+#[test]
+fn control_image_needs_a_control_model_and_a_fitting_lora() {
+    let dir = tempdir();
+    let d = dir.path();
+    let control = fixtures().join("control_image.png");
+    let control = s(&control);
+    // Plain dev (fixture files) and schnell (built in): refused, pointing at --lora.
+    fails(
+        d,
+        &strs(&with_flow(&bfl_flow(), &["--control-image", &control])),
+        &["--lora", "in_channels 64"],
+    );
+    fails(
+        d,
+        &[
+            "--model",
+            "tiny",
+            "--steps",
+            "1",
+            "--control-image",
+            &control,
+        ],
+        &["--lora", "Canny or Depth"],
+    );
+    // The Canny LoRA on the Fill model: img_in is 384 wide there, the LoRA's 128.
+    let lora = s(&fixtures().join("tiny-bfl/flux1-tiny-canny-dev-lora.safetensors"));
+    let fill = fixtures().join("tiny-variants/flux1-tiny-fill-dev.safetensors");
+    fails(
+        d,
+        &strs(&with_flow(
+            &fill,
+            &["--lora", &lora, "--control-image", &control],
+        )),
+        &[&lora, "img_in.lora_A.weight", "[64, 384]"],
+    );
+    // --control-raw and --lora-scale only make sense with what they modify.
+    let o = fluxfit(d, &["generate", "--control-raw"], None);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--control-image"), "{}", stderr(&o));
+    let o = fluxfit(d, &["generate", "--lora-scale", "0.5"], None);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--lora"), "{}", stderr(&o));
+    assert_eq!(pngs_in(d), 0, "a refused run wrote an image");
+}
+
+/// A control model asked for a plain text-to-image run should be refused before any compute,
+/// naming `--control-image`.
+#[test]
+fn a_control_model_without_a_control_image_is_refused_by_name() {
+    let dir = tempdir();
+    let canny_flow = fixtures().join("tiny-variants/flux1-tiny-canny-dev.safetensors");
+    fails(
+        dir.path(),
+        &strs(&with_flow(&canny_flow, &[])),
+        &["--control-image"],
+    );
+}

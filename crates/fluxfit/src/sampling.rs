@@ -152,9 +152,21 @@ pub fn img2img_start(
 /// Euler integration of the flow: x ← x + (t_prev − t_curr)·v(x, t_curr) over consecutive
 /// timesteps. `velocity` is the model; `on_step(i, n)` is called after each step.
 pub fn denoise(
+    x: Tensor,
+    timesteps: &[f32],
+    velocity: impl FnMut(&Tensor, f32) -> Result<Tensor>,
+    on_step: impl FnMut(usize, usize),
+) -> Result<Tensor> {
+    denoise_with(x, timesteps, velocity, |x, _| Ok(x), on_step)
+}
+
+/// [`denoise`] with `after_step(x, t_prev)` applied to the state after each step (holding
+/// known latents in place while the rest is generated, see [`hold_known`]).
+pub fn denoise_with(
     mut x: Tensor,
     timesteps: &[f32],
     mut velocity: impl FnMut(&Tensor, f32) -> Result<Tensor>,
+    mut after_step: impl FnMut(Tensor, f32) -> Result<Tensor>,
     mut on_step: impl FnMut(usize, usize),
 ) -> Result<Tensor> {
     let n = timesteps.len().saturating_sub(1);
@@ -164,10 +176,30 @@ pub fn denoise(
         // Python subtracts the two floats in f64, then the tensor op rounds the factor to f32.
         let dt = (t_prev as f64 - t_curr as f64) as f32;
         let step = (v.to_dtype(x.dtype())? * dt as f64)?;
-        x = (x + step)?;
+        x = after_step((x + step)?, t_prev)?;
         on_step(i + 1, n);
     }
     Ok(x)
+}
+
+/// Latent inpainting with any text-to-image model (the method of diffusers'
+/// `FluxInpaintPipeline`): tokens where `mask` is 1 are replaced by the known latent noised to
+/// time `t`, `t·noise + (1 − t)·known`, so the generated rest is denoised in their context.
+/// `x`, `noise`, `known` packed `[1, L, 64]`; `mask` `[1, L, 1]` of 0/1.
+pub fn hold_known(
+    x: &Tensor,
+    noise: &Tensor,
+    known: &Tensor,
+    mask: &Tensor,
+    t: f32,
+) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let f = |a: &Tensor| a.to_dtype(DType::F32);
+    let held = ((f(noise)? * t as f64)? + (f(known)? * (1.0 - t as f64))?)?;
+    let m = f(mask)?;
+    let kept = m.broadcast_mul(&held)?;
+    let free = m.affine(-1.0, 1.0)?.broadcast_mul(&f(x)?)?;
+    Ok((kept + free)?.to_dtype(dtype)?)
 }
 
 #[cfg(test)]

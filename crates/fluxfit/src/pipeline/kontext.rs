@@ -127,8 +127,8 @@ impl Model {
     ) -> Result<Generated> {
         if self.variant != Variant::DevKontext {
             return Err(Error::InvalidRequest(format!(
-                "editing needs a FLUX.1 Kontext model; {} is {} (pass --variant flux-dev-kontext if it is a Kontext checkpoint under another name)",
-                self.name, self.variant
+                "editing needs a FLUX.1 Kontext model, not {} (pass --variant flux-dev-kontext if it is a Kontext checkpoint under another name)",
+                self.variant
             )));
         }
         self.conditioned(

@@ -4,6 +4,7 @@ pub mod control;
 pub mod fill;
 pub mod kontext;
 pub mod model;
+pub mod regions;
 pub mod text2image;
 pub mod tiny;
 

@@ -10,6 +10,7 @@ use crate::memory::residency::{Residency, Weights};
 use crate::model::flow::FlowInputs;
 use crate::noise::NoiseKind;
 use crate::sampling;
+use crate::variant::Variant;
 
 /// Largest side accepted without an explicit opt-in: beyond it memory and time explode.
 pub const MAX_SIDE: usize = 4096;
@@ -105,6 +106,9 @@ pub(crate) enum Start<'a> {
     Noise,
     /// img2img: the init latent and the strength.
     Img2Img(&'a Tensor, f64),
+    /// Latent inpainting: the seed's noise, with the packed known latent `[1, L, 64]` held
+    /// where the token mask `[1, L, 1]` is 1 (see [`sampling::hold_known`]).
+    Hold(&'a Tensor, &'a Tensor),
 }
 
 /// What joins the noisy latent at every flow call.
@@ -188,6 +192,7 @@ impl Model {
         req: &Text2Image,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Generated> {
+        self.expect_conditioning(0)?;
         self.ledger().begin_run();
         let encoders = [&self.t5.weights, &self.clip.weights];
         let encoded = self.phase("encode", &encoders, on_event, |_| {
@@ -268,6 +273,7 @@ impl Model {
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Generated> {
         init.validate(req)?;
+        self.expect_conditioning(0)?;
         self.conditioned(
             req,
             embeddings,
@@ -319,6 +325,29 @@ impl Model {
         out.map(|g| Generated { memory, ..g })
     }
 
+    /// Refuses, naming what is missing, a run whose conditioning does not fill the flow
+    /// model's input (a Canny model asked for plain text to image, say).
+    fn expect_conditioning(&self, channels: usize) -> Result<()> {
+        let (given, need) = (64 + channels, self.flow.net.config.in_channels);
+        if given == need {
+            return Ok(());
+        }
+        let what = match self.variant {
+            Variant::DevFill => "a mask and an image: use `fluxfit fill`".to_string(),
+            Variant::DevCanny | Variant::DevDepth => {
+                "a control image (--control-image)".to_string()
+            }
+            _ => format!(
+                "{} conditioning features per token",
+                need.saturating_sub(64)
+            ),
+        };
+        Err(Error::InvalidRequest(format!(
+            "{} ({}) takes {need} input features per token and needs {what}; this request gives {given}",
+            self.name, self.variant
+        )))
+    }
+
     /// The denoise and decode phases; the memory report is filled in by the caller.
     pub(crate) fn denoise_decode(
         &self,
@@ -329,6 +358,10 @@ impl Model {
         cond: Cond,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Generated> {
+        self.expect_conditioning(match cond {
+            Cond::Channels(c) => c.dim(2)?,
+            _ => 0,
+        })?;
         let dev = self.device().clone();
         let dtype = self.dtype();
         let txt = txt.to_dtype(dtype)?.to_device(&dev)?;
@@ -347,7 +380,7 @@ impl Model {
                 Start::Img2Img(z, strength) => {
                     sampling::img2img_start(&x, z, &timesteps, strength, dtype)?
                 }
-                Start::Noise => (x, timesteps),
+                Start::Noise | Start::Hold(..) => (x, timesteps),
             };
             // Under a `cpu` placement the flow computes on the CPU: its inputs go there and
             // its velocity comes back.
@@ -398,7 +431,19 @@ impl Model {
                 };
                 Ok(v.to_device(&dev)?)
             };
-            let x = sampling::denoise(img, &timesteps, velocity, |step, total| {
+            let hold = match start {
+                Start::Hold(known, mask) => Some((
+                    img.clone(),
+                    known.to_dtype(dtype)?.to_device(&dev)?,
+                    mask.to_device(&dev)?,
+                )),
+                _ => None,
+            };
+            let after = |x: Tensor, t: f32| match &hold {
+                Some((noise, known, mask)) => sampling::hold_known(&x, noise, known, mask, t),
+                None => Ok(x),
+            };
+            let x = sampling::denoise_with(img, &timesteps, velocity, after, |step, total| {
                 on_event(Event::Step { step, total })
             })?;
             Ok((x, timesteps))
