@@ -73,7 +73,7 @@ pub fn run(args: EditArgs) -> Result<()> {
             args.height.unwrap_or(ch) / 16 * 16,
         ),
     };
-    let model = args.run.load()?;
+    let model = args.run.load((w, h))?;
     let req = args.run.request(&model, &args.prompt, w, h);
     req.validate(false)?;
     if !quiet {

@@ -120,7 +120,7 @@ pub fn run(args: FillArgs) -> Result<()> {
         )
     };
 
-    let model = args.run.load()?;
+    let model = args.run.load((canvas.width, canvas.height))?;
     let req = args
         .run
         .request(&model, &args.prompt, canvas.width, canvas.height);

@@ -74,9 +74,10 @@ pub fn run(args: RegionsArgs) -> Result<()> {
         (None, _, _) => bail!("give the canvas size with --width and --height (or --from FILE)"),
     };
     let (w, h) = (w / 16 * 16, h / 16 * 16);
-    let model = args.run.load()?;
-    let tiny = model.name.starts_with("tiny");
+    // The built-in tiny model's default region is smaller, as its default image is.
+    let tiny = args.run.model.model == "tiny" && args.run.model.flow.is_none();
     let tile = args.tile.unwrap_or(if tiny { 256 } else { 1024 });
+    let model = args.run.load((tile.min(w), tile.min(h)))?;
     let grid = region_grid(w, h, tile, args.overlap)?;
     let mode = model.region_mode(source.as_ref().map(|_| args.strength))?;
     let mut canvas = match &source {

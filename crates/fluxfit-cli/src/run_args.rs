@@ -13,6 +13,7 @@ use fluxfit::pipeline::{Event, LoadOptions, Model, Text2Image};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::generate::{parse_device, parse_vae_tile, random_seed, DtypeArg};
+use crate::plan::{vram_plan_before_load, vram_plan_for_model, VramRequest};
 use crate::source::ModelArgs;
 
 #[derive(Args, Debug, Clone)]
@@ -40,6 +41,10 @@ pub struct RunArgs {
     /// Where each component's weights live (as `generate --plan`).
     #[arg(long, value_name = "SPEC")]
     pub plan: Option<String>,
+    /// Device memory budget (as `generate --vram`): runs the fastest plan predicted to fit one
+    /// run of this command, image encoding included.
+    #[arg(long, value_name = "BUDGET", conflicts_with = "plan")]
+    pub vram: Option<String>,
     /// Decode (and encode) in overlapping tiles of PX pixels a side.
     #[arg(long, value_name = "PX", value_parser = parse_vae_tile)]
     pub vae_tile: Option<usize>,
@@ -49,22 +54,49 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    /// Opens the model under `--plan` (over all-resident) and `--vae-tile`.
-    pub fn load(&self) -> Result<Model> {
+    /// Opens the model under `--vram` (planned for one run of `width` × `height` with an
+    /// image input), else `--plan` over all-resident; `--vae-tile` overrides either's tile.
+    pub fn load(&self, (width, height): (usize, usize)) -> Result<Model> {
         let device = parse_device(&self.device)?;
         let dtype = DtypeArg::resolve(self.dtype, device.is_cpu());
-        let mut model = self.model.load(LoadOptions {
+        let options = LoadOptions {
             device,
             dtype,
             ..LoadOptions::default()
-        })?;
-        let mut plan = Plan::resident(dtype, model.plan().attn_chunk);
-        if let Some(spec) = &self.plan {
-            plan = plan
-                .with_spec(spec)
-                .with_context(|| format!("--plan {spec}"))?;
+        };
+        let vram = self.vram.as_deref().map(|budget| VramRequest {
+            vram: budget,
+            device: &options.device,
+            dtype,
+            attn_chunk: options.attn_chunk,
+            width: Some(width),
+            height: Some(height),
+            steps: self.steps,
+            t5_tokens: self.t5_tokens,
+            image_input: true,
+            quiet: self.quiet,
+        });
+        let early = match &vram {
+            Some(r) => vram_plan_before_load(&self.model, r)?,
+            None => None,
+        };
+        let mut model = self.model.load(options.clone())?;
+        let mut plan = match (&vram, early) {
+            (_, Some(p)) => p,
+            (Some(r), None) => vram_plan_for_model(&model, r)?,
+            (None, None) => {
+                let base = Plan::resident(dtype, options.attn_chunk);
+                match &self.plan {
+                    Some(spec) => base
+                        .with_spec(spec)
+                        .with_context(|| format!("--plan {spec}"))?,
+                    None => base,
+                }
+            }
+        };
+        if self.vae_tile.is_some() {
+            plan.vae_tile = self.vae_tile;
         }
-        plan.vae_tile = self.vae_tile;
         model.set_plan(plan);
         Ok(model)
     }

@@ -981,3 +981,86 @@ fn a_control_model_without_a_control_image_is_refused_by_name() {
         &["--control-image"],
     );
 }
+
+#[test]
+fn regions_make_a_canvas_and_refine_an_enlarged_image() {
+    let dir = tempdir();
+    let d = dir.path();
+    let args = [
+        "regions",
+        "--width",
+        "256",
+        "--height",
+        "128",
+        "--tile",
+        "128",
+        "--overlap",
+        "32",
+        "--steps",
+        "1",
+        "--seed",
+        "5",
+        "--prompt",
+        "a long coast",
+        "--out",
+        "r.png",
+        "--report-memory",
+    ];
+    let o = succeeds(d, &args);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(out.contains("3 regions"), "{out}");
+    assert!(out.contains("largest region peak"), "{out}");
+    let png = d.join("r.png");
+    assert_eq!(size(&png), (256, 128));
+    let meta = text(&png);
+    let regions = chunk(&meta, "regions");
+    for want in ["3 regions of 128x128", "overlap 32", "seeds 5..7", "Hold"] {
+        assert!(regions.contains(want), "`{want}` not in {regions}");
+    }
+    // Refining: the source enlarged ×2, its name and the strength recorded.
+    let init = fixtures().join("img2img_init.png");
+    let o = succeeds(
+        d,
+        &[
+            "regions",
+            "--from",
+            &s(&init),
+            "--scale",
+            "2",
+            "--strength",
+            "0.5",
+            "--tile",
+            "128",
+            "--overlap",
+            "32",
+            "--steps",
+            "2",
+            "--out",
+            "up.png",
+        ],
+    );
+    assert!(o.status.success());
+    let png = d.join("up.png");
+    assert_eq!(size(&png), (192, 128));
+    let meta = text(&png);
+    assert_eq!(chunk(&meta, "regions_from"), "img2img_init.png");
+    assert_eq!(chunk(&meta, "strength"), "0.5");
+    assert!(chunk(&meta, "regions").contains("Refine"));
+    // Bad layouts are refused by name.
+    command_fails(
+        d,
+        &[
+            "regions",
+            "--width",
+            "256",
+            "--height",
+            "128",
+            "--tile",
+            "128",
+            "--overlap",
+            "100",
+        ],
+        &["overlap 100"],
+    );
+    command_fails(d, &["regions", "--prompt", "x"], &["--width"]);
+}
