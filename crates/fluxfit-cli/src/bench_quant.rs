@@ -113,6 +113,10 @@ struct Row {
     load: f64,
     resident: f64,
     stream: f64,
+    /// Resident with block-quantized weights packed, dequantized per stage (`+packed`).
+    packed: Option<f64>,
+    /// Bytes held resident, packed, against f32.
+    packed_bytes: Option<f64>,
 }
 
 /// A flow checkpoint ready to run resident and streamed.
@@ -120,6 +124,7 @@ struct Setup {
     store: Arc<TensorStore>,
     resident: Residency,
     streamed: Residency,
+    packed: Residency,
 }
 
 impl Setup {
@@ -136,6 +141,7 @@ impl Setup {
         };
         Self {
             resident: make(Placement::Resident),
+            packed: make(Placement::Resident).with_packed(true),
             streamed: make(Placement::Stream {
                 group: 1,
                 window: 2,
@@ -209,6 +215,26 @@ fn measure(
         || forward(flux, &base.streamed, inp),
         || forward(flux, &it.streamed, inp),
     )?;
+    let packable = it.store.keys().any(|k| it.store.is_packable(k));
+    let (packed, packed_bytes) = if packable {
+        let y = forward(flux, &it.packed, inp)?;
+        assert_eq!(
+            rel_err(&y, &out)?,
+            0.0,
+            "packed and dequantized weights agree"
+        );
+        let (p0, p1) = ab(
+            repeat,
+            || forward(flux, &base.resident, inp),
+            || forward(flux, &it.packed, inp),
+        )?;
+        (
+            Some(p1 / p0),
+            Some(it.packed.held_bytes() as f64 / base.resident.held_bytes() as f64),
+        )
+    } else {
+        (None, None)
+    };
     Ok(Row {
         name: name.to_string(),
         bits: it.bits(),
@@ -216,6 +242,8 @@ fn measure(
         load: l1 / l0,
         resident: r1 / r0,
         stream: s1 / s0,
+        packed,
+        packed_bytes,
     })
 }
 
@@ -342,6 +370,8 @@ fn bench(args: &BenchQuantArgs, dir: &std::path::Path) -> Result<()> {
         load: 1.0,
         resident: 1.0,
         stream: 1.0,
+        packed: None,
+        packed_bytes: None,
     }];
     for t in &args.types {
         let (path, secs) = if t == "fp8" {
@@ -366,13 +396,21 @@ fn bench(args: &BenchQuantArgs, dir: &std::path::Path) -> Result<()> {
     }
 
     println!(
-        "| storage | bits/weight | flow rel. error | materialise in f32 | resident forward | streamed forward |"
+        "| storage | bits/weight | flow rel. error | materialise in f32 | resident forward | streamed forward | packed resident forward | packed bytes held |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
+    let opt = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.2}×"));
     for r in &rows {
         println!(
-            "| {} | {:.2} | {:.1e} | {:.2}× | {:.2}× | {:.2}× |",
-            r.name, r.bits, r.err, r.load, r.resident, r.stream
+            "| {} | {:.2} | {:.1e} | {:.2}× | {:.2}× | {:.2}× | {} | {} |",
+            r.name,
+            r.bits,
+            r.err,
+            r.load,
+            r.resident,
+            r.stream,
+            opt(r.packed),
+            opt(r.packed_bytes)
         );
     }
     println!(

@@ -98,6 +98,11 @@ pub struct GenerateArgs {
     /// before anything is downloaded or loaded, with the nearest alternatives.
     #[arg(long, value_name = "BUDGET", conflicts_with = "plan")]
     pub vram: Option<String>,
+    /// With --vram: `auto` lets the plan keep GGUF block-quantized weights packed on the device
+    /// (dequantized per block), `none` never does, a type (`q4_k`, ...) insists the flow file
+    /// is stored in it; when nothing fits, `auto` says which quantized storage would.
+    #[arg(long, default_value = "auto", value_parser = crate::plan::parse_quant, requires = "vram")]
+    pub quant: crate::plan::Quant,
     // --vram (planner) end
     /// After the run, print what each phase held on the compute device: weights (from the
     /// ledger), activations and total peak (measured on the CPU).
@@ -242,6 +247,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         steps: args.steps,
         t5_tokens: args.t5_tokens,
         image_input: args.init_image.is_some() || args.control_image.is_some(),
+        quant: args.quant,
         quiet: args.quiet,
     });
     let early = match &vram {

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use fluxfit::candle_core::quantized::GgmlDType;
 use fluxfit::candle_core::DType;
+use fluxfit::checkpoint::gguf;
+use fluxfit::checkpoint::quantize::{measured_error, QuantSpec};
 use fluxfit::memory::plan::{ComponentKind, Plan};
 use fluxfit::memory::planner::{
     self, alternatives, candidates, format_bytes, Budget, Candidate, DeviceProfile, ModelSpec,
@@ -54,6 +57,12 @@ pub struct PlanArgs {
     /// in the encode phase, and kontext doubles the image tokens.
     #[arg(long)]
     pub image_input: bool,
+    /// Storage of the flow and T5 weights: `auto` (as the files are; GGUF block-quantized
+    /// weights may stay packed on the device, and with a budget a table compares storage
+    /// types), `none` (never packed), or a type (`q8_0`, `q6_k`, `q5_k`, `q4_k`, ...) to plan
+    /// as if the files were quantized to it (`fluxfit quantize` writes them).
+    #[arg(long, default_value = "auto", value_parser = parse_quant)]
+    pub quant: Quant,
     /// One JSON object on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -61,6 +70,45 @@ pub struct PlanArgs {
     /// an SVG file.
     #[arg(long, value_name = "FILE.svg")]
     pub chart: Option<PathBuf>,
+}
+
+/// `--quant`: which storage of the flow and T5 weights the planner may use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Quant {
+    /// As the files are, never packed on the device.
+    None,
+    /// As the files are; GGUF block types may stay packed on the device.
+    Auto,
+    /// As if stored in this type.
+    Type(GgmlDType),
+}
+
+pub fn parse_quant(s: &str) -> std::result::Result<Quant, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "none" => Ok(Quant::None),
+        "auto" => Ok(Quant::Auto),
+        t => gguf::parse_type(t)
+            .map(Quant::Type)
+            .map_err(|e| format!("{e}; or auto, none")),
+    }
+}
+
+/// The storage types `plan --quant auto` compares, best quality first.
+const STORAGE_CHOICES: [GgmlDType; 5] = [
+    GgmlDType::Q8_0,
+    GgmlDType::Q6K,
+    GgmlDType::Q5K,
+    GgmlDType::Q4K,
+    GgmlDType::Q3K,
+];
+
+/// The plans to consider for `spec` under `quant`: packed variants where its files (or the
+/// asked type) are block-quantized and packing is allowed.
+fn plan_candidates(spec: &ModelSpec, cands: &[Candidate], quant: Quant) -> Vec<Candidate> {
+    match quant {
+        Quant::None => cands.to_vec(),
+        _ => planner::with_packed(cands, spec),
+    }
 }
 
 /// The published variant `--model` names (a variant name or its official repo id), when no
@@ -178,6 +226,10 @@ pub fn run(args: PlanArgs) -> Result<()> {
         lora: None,
     };
     let spec = model_spec(&args.model, options)?;
+    let spec = match args.quant {
+        Quant::Type(t) => spec.quantized(&QuantSpec::new(t)),
+        _ => spec,
+    };
     let tiny = spec.name.starts_with("tiny");
     let (dw, dh) = if tiny { (256, 256) } else { (1360, 768) };
     let req = Request {
@@ -191,9 +243,13 @@ pub fn run(args: PlanArgs) -> Result<()> {
         bail!("--width and --height must be at least 64 pixels");
     }
     let budget = budget(args.vram.as_deref(), &device, 0)?;
-    let cands = candidates(&device, dtype, chunk);
+    let cands = plan_candidates(&spec, &candidates(&device, dtype, chunk), args.quant);
     let table = PlanTable::new(&spec, &req, &device, &cands);
     let pick = budget.and_then(|b| table.fastest_fitting(b, &device));
+    let storage = match (args.quant, budget) {
+        (Quant::Auto, Some(b)) => storage_choices(&spec, &req, &device, dtype, chunk, b),
+        _ => Vec::new(),
+    };
     let alts = match (budget, pick) {
         (Some(b), None) => alternatives(&spec, &req, &device, &cands, b),
         _ => Vec::new(),
@@ -209,6 +265,15 @@ pub fn run(args: PlanArgs) -> Result<()> {
             "reserve": device.reserve,
             "picked": pick.map(|r| &r.prediction),
             "alternatives": alts,
+            "storage": storage.iter().map(|c| serde_json::json!({
+                "storage": c.storage,
+                "flow_bytes": c.flow_bytes,
+                "t5_bytes": c.t5_bytes,
+                "plan": c.plan.as_ref().map(|(label, spec, peak, relative)| serde_json::json!({
+                    "label": label, "spec": spec, "peak": peak, "relative": relative,
+                })),
+                "error": c.error,
+            })).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -217,6 +282,9 @@ pub fn run(args: PlanArgs) -> Result<()> {
         "{}",
         render(&spec, &req, &device, dtype, chunk, &table, budget, pick, &alts)
     );
+    if !storage.is_empty() {
+        print!("{}", render_storage(&storage));
+    }
     if let Some(path) = &args.chart {
         println!("chart: {}", path.display());
     }
@@ -375,6 +443,104 @@ fn render(
     s
 }
 
+/// One storage type of the flow and T5 weights, and the fastest plan it allows in a budget.
+#[derive(Debug, Clone)]
+pub struct StorageChoice {
+    pub storage: String,
+    pub flow_bytes: u64,
+    pub t5_bytes: u64,
+    /// The fastest fitting plan's label, spec, peak and time relative to the files' storage
+    /// all-resident; `None` when nothing fits.
+    pub plan: Option<(String, String, u64, f64)>,
+    /// The flow output's measured relative error for this type (README "Error and speed").
+    pub error: Option<f64>,
+}
+
+/// The files' storage and each of [`STORAGE_CHOICES`]: what fits `budget` and how fast.
+fn storage_choices(
+    spec: &ModelSpec,
+    req: &Request,
+    device: &DeviceProfile,
+    dtype: DType,
+    chunk: Option<usize>,
+    budget: Budget,
+) -> Vec<StorageChoice> {
+    let base = candidates(device, dtype, chunk);
+    let stored = spec.manifest(ComponentKind::Flow);
+    let stored_name = match stored.entries.iter().find_map(|e| e.ggml) {
+        Some(_) => format!("as stored ({})", stored.origin),
+        None => format!("as stored ({})", stored.storage_dtype().as_str()),
+    };
+    let stored_error = measured_error(stored.storage_dtype().as_str());
+    let reference = PlanTable::new(spec, req, device, &base).resident_time_s;
+    let mut specs = vec![(stored_name, spec.clone(), stored_error)];
+    for t in STORAGE_CHOICES {
+        let name = gguf::type_name(t);
+        specs.push((
+            name.to_string(),
+            spec.quantized(&QuantSpec::new(t)),
+            measured_error(name),
+        ));
+    }
+    specs
+        .into_iter()
+        .map(|(storage, s, error)| {
+            let table = PlanTable::new(&s, req, device, &planner::with_packed(&base, &s));
+            StorageChoice {
+                storage,
+                flow_bytes: s.manifest(ComponentKind::Flow).storage_bytes() as u64,
+                t5_bytes: s.manifest(ComponentKind::T5).storage_bytes() as u64,
+                plan: table.fastest_fitting(budget, device).map(|r| {
+                    (
+                        r.prediction.label.clone(),
+                        r.prediction.spec.clone(),
+                        r.prediction.peak,
+                        r.prediction.time_s / reference,
+                    )
+                }),
+                error,
+            }
+        })
+        .collect()
+}
+
+fn render_storage(choices: &[StorageChoice]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\nstorage of the flow and T5 weights in this budget (--quant TYPE plans one; `fluxfit quantize` writes it):"
+    );
+    let _ = writeln!(
+        s,
+        "{:<28} {:>9} {:>9}  {:<52} {:>9} {:>6} {:>9}",
+        "storage", "flow", "t5", "fastest plan that fits", "peak", "×res.", "error"
+    );
+    for c in choices {
+        let (label, peak, rel) = match &c.plan {
+            Some((label, _, peak, rel)) => {
+                (label.clone(), format_bytes(*peak), format!("{rel:.2}"))
+            }
+            None => ("none fits".into(), "-".into(), "-".into()),
+        };
+        let _ = writeln!(
+            s,
+            "{:<28} {:>9} {:>9}  {:<52} {:>9} {:>6} {:>9}",
+            c.storage,
+            format_bytes(c.flow_bytes),
+            format_bytes(c.t5_bytes),
+            label,
+            peak,
+            rel,
+            c.error.map_or("-".into(), |e| format!("{e:.1e}"))
+        );
+    }
+    let _ = writeln!(
+        s,
+        "error: the flow output's relative L2 error against f32 weights measured on a mid-size model (README \"Error and speed\")"
+    );
+    s
+}
+
 // ---- generate --vram ----
 
 /// What `generate --vram` needs to know of the request before the model is loaded.
@@ -389,6 +555,8 @@ pub struct VramRequest<'a> {
     pub t5_tokens: Option<usize>,
     /// An image is encoded too (img2img): the VAE encoder's phase joins the plan.
     pub image_input: bool,
+    /// Which storage the plan may use (`--quant`).
+    pub quant: Quant,
     pub quiet: bool,
 }
 
@@ -432,7 +600,18 @@ fn pick_plan(spec: &ModelSpec, r: &VramRequest) -> Result<Plan> {
         _ => 0,
     };
     let budget = budget(Some(r.vram), &device, gpu)?.expect("a budget was given");
-    let cands: Vec<Candidate> = candidates(&device, r.dtype, r.attn_chunk);
+    if let Quant::Type(t) = r.quant {
+        let flow = spec.manifest(ComponentKind::Flow);
+        let stored = flow.entries.iter().filter(|e| e.ggml == Some(t)).count();
+        if stored * 2 < flow.entries.len() {
+            bail!(
+                "--quant {}: the flow model ({}) is not stored as {0}; write it with `fluxfit quantize --in FLOW --out flow-{0}.gguf --type {0}` and pass --flow flow-{0}.gguf (or --quant auto)",
+                gguf::type_name(t),
+                flow.origin
+            );
+        }
+    }
+    let cands = plan_candidates(spec, &candidates(&device, r.dtype, r.attn_chunk), r.quant);
     let table = PlanTable::new(spec, &req, &device, &cands);
     match table.fastest_fitting(budget, &device) {
         Some(row) => {
@@ -473,6 +652,22 @@ fn pick_plan(spec: &ModelSpec, r: &VramRequest) -> Result<Plan> {
                         String::new()
                     }
                 );
+            }
+            if r.quant == Quant::Auto {
+                let choice = storage_choices(spec, &req, &device, r.dtype, r.attn_chunk, budget)
+                    .into_iter()
+                    .skip(1)
+                    .find(|c| c.plan.is_some());
+                if let Some(c) = choice {
+                    let _ = write!(
+                        msg,
+                        "; stored as {} (flow {}, measured error {}), plan `{}` would fit: `fluxfit quantize --in FLOW --out flow-{0}.gguf --type {0}`",
+                        c.storage,
+                        format_bytes(c.flow_bytes),
+                        c.error.map_or("-".into(), |e| format!("{e:.1e}")),
+                        c.plan.as_ref().map_or("", |p| p.0.as_str())
+                    );
+                }
             }
             if !alts.is_empty() {
                 msg += "; nearest alternatives:";

@@ -74,6 +74,7 @@ impl RunArgs {
             steps: self.steps,
             t5_tokens: self.t5_tokens,
             image_input: true,
+            quant: crate::plan::Quant::Auto,
             quiet: self.quiet,
         });
         let early = match &vram {

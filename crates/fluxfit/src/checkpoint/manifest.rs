@@ -8,6 +8,10 @@
 
 use candle_core::DType;
 
+use candle_core::quantized::GgmlDType;
+
+use super::gguf;
+use super::quantize::{self, QuantSpec};
 use super::store::TensorStore;
 use crate::memory::plan::ComponentKind;
 use crate::memory::residency::StageSpec;
@@ -21,7 +25,10 @@ use crate::variant::Variant;
 pub struct Entry {
     pub name: String,
     pub shape: Vec<usize>,
+    /// What it is read as (F32 for GGUF block types).
     pub dtype: DType,
+    /// The GGUF storage type, for a tensor of a GGUF file.
+    pub ggml: Option<GgmlDType>,
 }
 
 impl Entry {
@@ -31,7 +38,15 @@ impl Entry {
 
     /// Bytes in storage.
     pub fn nbytes(&self) -> usize {
-        self.numel() * self.dtype.size_in_bytes()
+        match self.ggml {
+            Some(t) => gguf::type_bytes(t, self.numel()),
+            None => self.numel() * self.dtype.size_in_bytes(),
+        }
+    }
+
+    /// Whether a `+packed` plan keeps it packed on the device (a GGUF block type).
+    pub fn packable(&self) -> bool {
+        self.ggml.is_some_and(|t| gguf::dense_dtype(t).is_none())
     }
 }
 
@@ -57,7 +72,12 @@ impl Manifest {
             origin: origin.into(),
             entries: shapes
                 .into_iter()
-                .map(|(name, shape)| Entry { name, shape, dtype })
+                .map(|(name, shape)| Entry {
+                    name,
+                    shape,
+                    dtype,
+                    ggml: None,
+                })
                 .collect(),
         }
     }
@@ -112,6 +132,7 @@ impl Manifest {
                     name: k.clone(),
                     shape: info.shape.clone(),
                     dtype: info.dtype,
+                    ggml: info.ggml,
                 })
             })
             .collect();
@@ -119,6 +140,37 @@ impl Manifest {
             component,
             origin: store.origin().display().to_string(),
             entries,
+        }
+    }
+
+    /// This manifest as `fluxfit quantize --type` would store it (`component` flow or T5, the
+    /// published-style defaults of [`quantize::plan_shapes`]): what a quantized file of a
+    /// published model holds, without the file.
+    pub fn quantized(&self, component: quantize::Component, spec: &QuantSpec) -> Self {
+        let shapes = self
+            .entries
+            .iter()
+            .map(|e| (e.name.clone(), e.shape.clone()));
+        let types: std::collections::HashMap<String, GgmlDType> =
+            match quantize::plan_shapes(shapes, component, spec) {
+                Ok(choices) => choices.into_iter().map(|c| (c.key, c.ggml)).collect(),
+                Err(_) => Default::default(),
+            };
+        Self {
+            component: self.component,
+            origin: format!("{} as {}", self.origin, gguf::type_name(spec.target)),
+            entries: self
+                .entries
+                .iter()
+                .map(|e| match types.get(&e.name) {
+                    Some(&t) => Entry {
+                        dtype: gguf::dense_dtype(t).unwrap_or(DType::F32),
+                        ggml: Some(t),
+                        ..e.clone()
+                    },
+                    None => e.clone(),
+                })
+                .collect(),
         }
     }
 

@@ -83,6 +83,31 @@ impl Component {
     }
 }
 
+/// Relative L2 error of the flow model's output against f32 weights, per storage type, as
+/// `fluxfit bench-quant` measured it (flow model of hidden size 512 with random weights, 320
+/// tokens; README "Error and speed"). bf16 is the published checkpoints' storage. A guide to
+/// what a type costs in quality, not a promise for real weights.
+pub const MEASURED_ERROR: [(&str, f64); 10] = [
+    ("bf16", 4.2e-3),
+    ("f16", 5.3e-4),
+    ("q8_0", 7.2e-3),
+    ("q6_k", 2.4e-2),
+    ("q5_k", 4.6e-2),
+    ("q4_k", 9.8e-2),
+    ("q4_0", 1.1e-1),
+    ("q3_k", 1.9e-1),
+    ("q2_k", 3.8e-1),
+    ("fp8", 6.7e-2),
+];
+
+/// The measured error of a storage type named as in [`MEASURED_ERROR`].
+pub fn measured_error(name: &str) -> Option<f64> {
+    MEASURED_ERROR
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, e)| *e)
+}
+
 /// The storage types asked for.
 #[derive(Debug, Clone)]
 pub struct QuantSpec {

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::quantized::GgmlDType;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use super::gguf::{self, GgufFile};
@@ -190,6 +190,30 @@ impl TensorStore {
             }
             _ => None,
         }
+    }
+
+    /// The key as candle's block-quantized tensor on `device`, when it is a GGUF tensor of a
+    /// block type stored in its canonical shape: kept packed on the device and dequantized per
+    /// stage (`+packed` plans), it takes its stored bytes there instead of the compute dtype's.
+    pub fn packed(&self, key: &str, device: &Device) -> Result<Option<QTensor>> {
+        let Some((t, _)) = self.gguf_raw(key) else {
+            return Ok(None);
+        };
+        if gguf::dense_dtype(t).is_some() {
+            return Ok(None);
+        }
+        match self.keys.get(key) {
+            Some((Source::Gguf { file, name }, _)) => {
+                Ok(Some(self.ggufs[*file].qtensor(name, device)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Whether [`TensorStore::packed`] gives `key` packed.
+    pub fn is_packable(&self, key: &str) -> bool {
+        self.gguf_raw(key)
+            .is_some_and(|(t, _)| gguf::dense_dtype(t).is_none())
     }
 
     /// Attaches fp8 scales: every stored fp8 `X.weight` with a companion scale tensor

@@ -56,6 +56,9 @@ pub struct ComponentPlan {
     /// Precision weights are converted to on their way to the device, and computed in.
     #[serde(serialize_with = "dtype_name")]
     pub compute: DType,
+    /// GGUF block-quantized weights stay packed on the device (stored bytes) and each stage is
+    /// dequantized to `compute` when the network asks for it; other weights are unaffected.
+    pub packed: bool,
 }
 
 fn dtype_name<S: serde::Serializer>(d: &DType, s: S) -> Result<S::Ok, S::Error> {
@@ -80,6 +83,7 @@ impl Plan {
         let c = ComponentPlan {
             placement: Placement::Resident,
             compute: dtype,
+            packed: false,
         };
         Self {
             t5: c,
@@ -121,7 +125,9 @@ a preset `resident` | `phase` | `stream[:GROUP[:WINDOW]]` (flow and T5 streamed 
 time with WINDOW groups held, default 1:2; CLIP and VAE per phase) | `t5-cpu` (T5 on the CPU), \
 or COMPONENT=PLACEMENT with COMPONENT t5|clip|flow|vae and PLACEMENT \
 resident|phase|stream[:GROUP[:WINDOW]]|cpu, or `vae-tile=PX` (decode the image in overlapping \
-tiles of PX pixels a side); e.g. `stream:2:3,t5=cpu,vae-tile=512`";
+tiles of PX pixels a side); a placement may end in `+packed` (GGUF block-quantized weights stay \
+packed on the device, each stage dequantized when used), and `packed` alone packs flow and T5; \
+e.g. `stream:2:3,t5=cpu,vae-tile=512` or `flow=resident+packed`";
 
 impl Placement {
     /// `resident`, `phase`, `stream[:GROUP[:WINDOW]]` or `cpu`.
@@ -218,6 +224,11 @@ impl Plan {
                 };
                 continue;
             }
+            if item == "packed" {
+                plan.flow.packed = true;
+                plan.t5.packed = true;
+                continue;
+            }
             if let Some((comp, placement)) = item.split_once('=') {
                 let kind = ComponentKind::ALL
                     .into_iter()
@@ -227,7 +238,13 @@ impl Plan {
                             "plan item `{item}`: unknown component `{comp}` (expected t5, clip, flow or vae)"
                         ))
                     })?;
-                set(&mut plan, &[kind], Placement::parse(placement.trim())?);
+                let placement = placement.trim();
+                let (placement, packed) = match placement.strip_suffix("+packed") {
+                    Some(p) => (p, true),
+                    None => (placement, false),
+                };
+                set(&mut plan, &[kind], Placement::parse(placement)?);
+                plan.component_mut(kind).packed = packed;
                 continue;
             }
             match item {
@@ -253,7 +270,11 @@ impl Plan {
     pub fn spec(&self) -> String {
         let mut items: Vec<String> = ComponentKind::ALL
             .iter()
-            .map(|k| format!("{}={}", k.name(), self.component(*k).placement.spec()))
+            .map(|k| {
+                let c = self.component(*k);
+                let packed = if c.packed { "+packed" } else { "" };
+                format!("{}={}{packed}", k.name(), c.placement.spec())
+            })
             .collect();
         if let Some(t) = self.vae_tile {
             items.push(format!("vae-tile={t}"));

@@ -23,12 +23,15 @@ mod device;
 mod shadow;
 mod sim;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::DType;
 
 pub use device::{available_ram, ram, DeviceKind, DeviceProfile, HostProfile};
 pub use sim::{ConvImpl, Segment};
 
-use crate::checkpoint::manifest::Manifest;
+use crate::checkpoint::gguf;
+use crate::checkpoint::manifest::{Entry, Manifest};
+use crate::checkpoint::quantize::{self, QuantSpec};
 use crate::error::{Error, Result};
 use crate::memory::plan::{ComponentKind, ComponentPlan, Placement, Plan};
 use crate::memory::residency::StageSpec;
@@ -144,29 +147,58 @@ impl ModelSpec {
         (self.manifest(kind).params() * dtype.size_in_bytes()) as u64
     }
 
-    /// Per stage: device bytes in `dtype`, and the host staging while it is converted (the
-    /// largest tensor not stored in `dtype`, as the residency takes it).
-    fn stage_costs(&self, kind: ComponentKind, dtype: DType, cpu: bool) -> Vec<StageCost> {
+    /// Per stage: device bytes as held in `dtype` (`packed`: GGUF block tensors at their
+    /// stored size), the host staging while it is converted (the largest tensor not stored in
+    /// `dtype`, as the residency takes it), and what a packed stage dequantizes into.
+    fn stage_costs(
+        &self,
+        kind: ComponentKind,
+        dtype: DType,
+        cpu: bool,
+        packed: bool,
+    ) -> Vec<StageCost> {
         let m = self.manifest(kind);
         self.stages(kind)
             .iter()
             .map(|spec| {
                 let entries: Vec<_> = m.stage_entries(spec).collect();
+                let is_packed = |e: &&Entry| packed && e.packable();
+                let dense = |e: &&Entry| e.numel() * dtype.size_in_bytes();
                 StageCost {
                     name: spec.name.clone(),
                     bytes: entries
                         .iter()
-                        .map(|e| e.numel() * dtype.size_in_bytes())
+                        .map(|e| if is_packed(e) { e.nbytes() } else { dense(e) })
                         .sum(),
                     staging: entries
                         .iter()
+                        .filter(|e| !is_packed(e))
                         .filter(|e| !cpu || e.dtype != dtype)
-                        .map(|e| e.nbytes())
+                        .map(|e| e.numel() * e.dtype.size_in_bytes())
                         .max()
                         .unwrap_or(0),
+                    unpacked: entries.iter().filter(|e| is_packed(e)).map(dense).sum(),
                 }
             })
             .collect()
+    }
+
+    /// This model with its flow and T5 checkpoints stored as `fluxfit quantize --type` would
+    /// write them: a prediction for quantized files that need not exist.
+    pub fn quantized(&self, spec: &QuantSpec) -> Self {
+        Self {
+            name: format!("{} ({})", self.name, gguf::type_name(spec.target)),
+            flow_manifest: self
+                .flow_manifest
+                .quantized(quantize::Component::Flow, spec),
+            t5_manifest: self.t5_manifest.quantized(quantize::Component::T5, spec),
+            ..self.clone()
+        }
+    }
+
+    /// Whether any weight of `kind` is stored in a GGUF block type (a `+packed` plan helps).
+    pub fn packable(&self, kind: ComponentKind) -> bool {
+        self.manifest(kind).entries.iter().any(Entry::packable)
     }
 }
 
@@ -288,7 +320,7 @@ pub fn predict(
             kind,
             plan.component(kind).placement,
             dtype,
-            model.stage_costs(kind, dtype, cpu),
+            model.stage_costs(kind, dtype, cpu, plan.component(kind).packed),
         )
     };
     let w = PipelineWeights {
@@ -455,10 +487,36 @@ pub fn label(plan: &Plan) -> String {
         }
         parts.join(", ")
     };
+    match (plan.flow.packed, plan.t5.packed) {
+        (true, true) => s += ", flow+t5 packed",
+        (true, false) => s += ", flow packed",
+        (false, true) => s += ", t5 packed",
+        _ => {}
+    }
     if let Some(t) = plan.vae_tile {
         s += &format!(", vae tile {t}");
     }
     s
+}
+
+/// `candidates`, each also with the GGUF block-quantized weights of `model` kept packed on the
+/// device (`+packed`), when it has any: the same plans at a fraction of the weights' bytes,
+/// for the cost of dequantizing each stage when it is used.
+pub fn with_packed(candidates: &[Candidate], model: &ModelSpec) -> Vec<Candidate> {
+    let (flow, t5) = (
+        model.packable(ComponentKind::Flow),
+        model.packable(ComponentKind::T5),
+    );
+    let mut out = candidates.to_vec();
+    if flow || t5 {
+        for c in candidates {
+            let mut p = c.clone();
+            p.plan.flow.packed = flow;
+            p.plan.t5.packed = t5;
+            out.push(p);
+        }
+    }
+    out
 }
 
 /// The VAE tile sides (pixels) the planner considers, largest first.
@@ -747,39 +805,27 @@ pub fn alternatives(
             });
         }
     }
-    // Quantized flow weights: the smallest plan with the flow model held in 8 and 4 bits on
-    // the device. (Quantized *storage* alone does not help here: it is dequantized to the
-    // compute dtype on the way to the device.)
-    if let Some(smallest) = runnable
-        .iter()
-        .map(|c| predict(model, req, &c.plan, device))
-        .min_by_key(|p| p.peak)
-    {
-        // Only the denoise phase's weights shrink; the other phases stay as they are.
-        let dtype = smallest.plan.flow.compute;
-        for (bits, name) in [(8.5, "8-bit (q8_0/fp8)"), (4.5, "4-bit (q4)")] {
-            let peak = smallest
-                .phases
+    // Quantized storage kept packed on the device: the fastest fitting plan with the flow and
+    // T5 weights stored as 8-bit, then 4-bit GGUF (what `fluxfit quantize` writes).
+    if !model.packable(ComponentKind::Flow) {
+        let plain: Vec<Candidate> = runnable.iter().map(|c| (*c).clone()).collect();
+        for t in [GgmlDType::Q8_0, GgmlDType::Q4K] {
+            let q = model.quantized(&QuantSpec::new(t));
+            let best = with_packed(&plain, &q)
                 .iter()
-                .map(|ph| {
-                    if ph.phase == "denoise" {
-                        let saved =
-                            ph.weights as f64 * (1.0 - bits / (8.0 * dtype.size_in_bytes() as f64));
-                        ph.total.saturating_sub(saved as u64)
-                    } else {
-                        ph.total
-                    }
-                })
-                .max()
-                .unwrap_or(0);
-            if peak + device.reserve <= budget.bytes {
+                .filter(|c| c.plan.flow.packed)
+                .map(|c| predict(&q, req, &c.plan, device))
+                .filter(|p| budget.fits(p, device))
+                .min_by(|a, b| a.time_s.total_cmp(&b.time_s));
+            if let Some(p) = best {
+                let name = gguf::type_name(t);
                 out.push(Alternative {
                     description: format!(
-                        "{name} flow weights kept quantized on the device, with plan `{}`",
-                        smallest.label
+                        "the flow and T5 weights stored as {name} (`fluxfit quantize --type {name}`) with plan `{}`",
+                        p.label
                     ),
-                    peak,
-                    needs: Some("quantized matmuls (weights quantized on the device)"),
+                    peak: p.peak,
+                    needs: None,
                 });
                 break;
             }
@@ -803,6 +849,7 @@ pub fn plan_of(
             } else {
                 dtype
             },
+            packed: false,
         };
     }
     p

@@ -28,6 +28,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 
 use super::ledger::{Entry, Kind, Ledger};
@@ -95,6 +96,9 @@ pub struct StageWeights {
     // Declared before `entry`: fields drop in order, so the tensors are freed before the
     // ledger is told.
     tensors: HashMap<String, Tensor>,
+    /// `+packed` plans: GGUF block-quantized tensors kept as stored, dequantized into a
+    /// transient stage each time the network asks ([`Residency`]'s `stage`).
+    packed: HashMap<String, QTensor>,
     bytes: usize,
     _entry: Option<Entry>,
 }
@@ -140,17 +144,69 @@ struct Shared {
     ledger: Arc<Ledger>,
     /// Bumped by `release`: queued prefetches of an older generation are skipped.
     generation: AtomicU64,
+    /// Keep GGUF block-quantized weights packed on the device (see [`StageWeights`]).
+    packed: bool,
 }
 
 impl Shared {
-    /// Device bytes of stage `idx` in the compute dtype.
+    /// Whether `key` is held packed under this residency.
+    fn holds_packed(&self, key: &str) -> bool {
+        self.packed && self.store.is_packable(key)
+    }
+
+    /// Device bytes `key` is held in: its stored bytes when packed, else the compute dtype's.
+    fn held_bytes_of(&self, key: &str) -> Result<usize> {
+        let info = self.store.info(key)?;
+        Ok(if self.holds_packed(key) {
+            info.stored_bytes()
+        } else {
+            info.numel() * self.dtype.size_in_bytes()
+        })
+    }
+
+    /// Device bytes of stage `idx` as held (packed tensors at their stored size).
     fn stage_bytes(&self, idx: usize) -> usize {
         self.stages[idx]
             .keys(&self.store)
             .into_iter()
-            .filter_map(|k| self.store.info(k).ok())
-            .map(|i| i.shape.iter().product::<usize>() * self.dtype.size_in_bytes())
+            .filter_map(|k| self.held_bytes_of(k).ok())
             .sum()
+    }
+
+    /// The stage the network computes with: `held` itself, or, when it holds packed tensors, a
+    /// transient copy with those dequantized to the compute dtype on the device (its bytes in
+    /// the ledger until the network drops it).
+    fn unpacked(&self, held: Arc<StageWeights>) -> Result<Arc<StageWeights>> {
+        if held.packed.is_empty() {
+            return Ok(held);
+        }
+        let bytes: usize = held
+            .packed
+            .values()
+            .map(|q| q.shape().elem_count() * self.dtype.size_in_bytes())
+            .sum();
+        let entry = self.ledger.take(
+            self.component,
+            format!("{}/{} (dequantized)", self.component, held.name),
+            Kind::Weights,
+            bytes,
+            &self.device,
+        );
+        let mut tensors = held.tensors.clone();
+        for (key, q) in &held.packed {
+            tensors.insert(
+                key.clone(),
+                q.dequantize(&self.device)?.to_dtype(self.dtype)?,
+            );
+        }
+        Ok(Arc::new(StageWeights {
+            name: held.name.clone(),
+            root: held.root.clone(),
+            tensors,
+            packed: HashMap::new(),
+            bytes,
+            _entry: Some(entry),
+        }))
     }
 
     /// Copies one stage out of the memory map into owned tensors on the device, converting the
@@ -162,7 +218,10 @@ impl Shared {
         let mut staging = 0;
         for key in &keys {
             let info = self.store.info(key)?;
-            bytes += info.shape.iter().product::<usize>() * self.dtype.size_in_bytes();
+            bytes += self.held_bytes_of(key)?;
+            if self.holds_packed(key) {
+                continue;
+            }
             // A tensor that is not stored as is in the compute dtype is built on the host first.
             let direct = self.store.is_direct(key) && info.dtype == self.dtype;
             if !direct || !self.device.is_cpu() {
@@ -183,7 +242,14 @@ impl Shared {
             )
         });
         let mut tensors = HashMap::with_capacity(keys.len());
+        let mut packed = HashMap::new();
         for key in keys {
+            if self.packed {
+                if let Some(q) = self.store.packed(key, &self.device)? {
+                    packed.insert(key.clone(), q);
+                    continue;
+                }
+            }
             tensors.insert(key.clone(), self.store.load(key, &self.device, self.dtype)?);
         }
         drop(staging);
@@ -191,6 +257,7 @@ impl Shared {
             name: spec.name.clone(),
             root: spec.root.clone(),
             tensors,
+            packed,
             bytes,
             _entry: Some(entry),
         })
@@ -336,12 +403,27 @@ impl Residency {
                 dtype,
                 ledger,
                 generation: AtomicU64::new(0),
+                packed: false,
             }),
             index,
             placement,
             state: Mutex::new(State::default()),
             worker: Mutex::new(None),
         }
+    }
+
+    /// This residency holding GGUF block-quantized weights packed on the device (a `+packed`
+    /// plan), dequantized per stage when the network asks for it.
+    pub fn with_packed(mut self, packed: bool) -> Self {
+        Arc::get_mut(&mut self.shared)
+            .expect("a new residency's state is not shared yet")
+            .packed = packed;
+        self
+    }
+
+    /// Whether GGUF block-quantized weights stay packed on the device.
+    pub fn packed(&self) -> bool {
+        self.shared.packed
     }
 
     pub fn store(&self) -> &TensorStore {
@@ -556,18 +638,23 @@ impl Weights for Residency {
     fn stage(&self, name: &str) -> Result<Arc<StageWeights>> {
         let idx = self.spec_index(name)?;
         if let Placement::Stream { group, window } = self.placement {
-            return self.stream_stage(idx, group, window);
+            let held = self.stream_stage(idx, group, window)?;
+            return self.shared.unpacked(held);
         }
         let mut st = self.lock();
-        if let Some(s) = st.held.get(&idx) {
-            return Ok(s.clone());
-        }
-        let t0 = std::time::Instant::now();
-        let stage = Arc::new(self.shared.materialise(idx)?);
-        st.held.insert(idx, stage.clone());
-        st.stats.synchronous += 1;
-        st.stats.waited += t0.elapsed();
-        Ok(stage)
+        let held = match st.held.get(&idx) {
+            Some(s) => s.clone(),
+            None => {
+                let t0 = std::time::Instant::now();
+                let stage = Arc::new(self.shared.materialise(idx)?);
+                st.held.insert(idx, stage.clone());
+                st.stats.synchronous += 1;
+                st.stats.waited += t0.elapsed();
+                stage
+            }
+        };
+        drop(st);
+        self.shared.unpacked(held)
     }
 
     fn device(&self) -> &Device {

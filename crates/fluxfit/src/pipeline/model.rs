@@ -406,4 +406,5 @@ fn residency(
         dtype,
         cp.placement,
     )
+    .with_packed(cp.packed)
 }

@@ -263,6 +263,13 @@ impl Sim {
         drop(self.work(bytes));
     }
 
+    /// Packed weights dequantized into `bytes` of dense weights on the device: a read of the
+    /// blocks and a write of the result.
+    pub fn dequantize(&self, bytes: usize) -> T {
+        self.seg().traffic += 1.5 * bytes as f64;
+        self.weights(bytes)
+    }
+
     pub fn weights(&self, bytes: usize) -> T {
         T {
             blk: self.block(Cat::Weights, bytes as u64),
@@ -627,8 +634,12 @@ pub(crate) fn gemm_packing(m: usize, n: usize, k: usize, es: usize) -> usize {
 #[derive(Debug, Clone)]
 pub struct StageCost {
     pub name: String,
+    /// Device bytes as held (packed tensors at their stored size).
     pub bytes: usize,
     pub staging: usize,
+    /// `+packed`: bytes of the packed tensors dequantized to the compute dtype, a transient
+    /// the network holds while it computes the stage.
+    pub unpacked: usize,
 }
 
 #[derive(Default)]
@@ -707,15 +718,29 @@ impl ShadowWeights {
         };
         sim.begin_stage(self.kind, name, group, streamed);
         if let Placement::Stream { group, window } = self.placement {
-            return self.stream_stage(sim, idx, group, window);
+            let held = self.stream_stage(sim, idx, group, window);
+            return self.unpacked(sim, idx, held);
         }
-        let mut st = self.state.borrow_mut();
-        if let Some(t) = st.held.get(&idx) {
-            return t.clone();
+        let held = {
+            let mut st = self.state.borrow_mut();
+            match st.held.get(&idx) {
+                Some(t) => t.clone(),
+                None => {
+                    let t = self.materialise(sim, idx..idx + 1, false);
+                    st.held.insert(idx, t.clone());
+                    t
+                }
+            }
+        };
+        self.unpacked(sim, idx, held)
+    }
+
+    /// `Shared::unpacked`: the held stage, or its packed tensors dequantized into a transient.
+    fn unpacked(&self, sim: &Sim, idx: usize, held: T) -> T {
+        match self.stages[idx].unpacked {
+            0 => held,
+            n => sim.dequantize(n),
         }
-        let t = self.materialise(sim, idx..idx + 1, false);
-        st.held.insert(idx, t.clone());
-        t
     }
 
     fn stream_stage(&self, sim: &Sim, idx: usize, group: usize, window: usize) -> T {

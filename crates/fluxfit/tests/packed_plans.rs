@@ -1,0 +1,139 @@
+//! `+packed` plans: GGUF block-quantized weights held packed on the device and dequantized per
+//! stage. The same images as dequantizing on the way in, the weights held at their stored size,
+//! and the planner's shadow predicting the ledger's weights to the byte.
+
+mod common;
+
+use candle_core::{DType, Tensor};
+use common::*;
+use fluxfit::memory::ledger::MemoryReport;
+use fluxfit::memory::plan::Plan;
+use fluxfit::memory::planner::{self, DeviceProfile, ModelSpec, Request};
+use fluxfit::noise::NoiseKind;
+use fluxfit::pipeline::{LoadOptions, Model, ModelSources, Text2Image};
+
+fn sources() -> ModelSources {
+    let f = fixtures();
+    let d = f.join("tiny-diffusers");
+    ModelSources {
+        flow: f.join("quant/flux1-tiny-dev-Q8_0.gguf"),
+        ae: f.join("tiny-bfl/ae.safetensors"),
+        t5: f.join("quant/t5-tiny-encoder-Q8_0.gguf"),
+        clip: d.join("text_encoder"),
+        t5_tokenizer: d.join("tokenizer_2"),
+        clip_tokenizer: d.join("tokenizer"),
+    }
+}
+
+fn request() -> Text2Image {
+    Text2Image {
+        prompt: "a tiny red fox in the snow".into(),
+        width: 96,
+        height: 64,
+        steps: 2,
+        guidance: 3.5,
+        seed: 42,
+        t5_tokens: 16,
+        noise: NoiseKind::TorchBf16,
+    }
+}
+
+fn run(model: &mut Model, spec: &str) -> (Tensor, MemoryReport) {
+    let plan = Plan::resident(DType::F32, Some(256))
+        .with_spec(spec)
+        .unwrap();
+    assert_eq!(
+        Plan::resident(DType::F32, Some(256))
+            .with_spec(&plan.spec())
+            .unwrap(),
+        plan,
+        "`{spec}` round-trips through its spec {}",
+        plan.spec()
+    );
+    model.set_plan(plan);
+    let out = model.text_to_image(&request(), &mut |_| {}).unwrap();
+    (out.latents, out.memory)
+}
+
+fn weights_peak(r: &MemoryReport, phase: &str) -> usize {
+    r.phases
+        .iter()
+        .find(|p| p.phase == phase)
+        .unwrap()
+        .weights_peak
+}
+
+#[test]
+fn packed_plans_give_the_same_image_hold_fewer_bytes_and_are_predicted() {
+    let mut model = Model::load(&sources(), "q8 fixture", LoadOptions::default()).unwrap();
+    let (base, base_mem) = run(&mut model, "resident");
+    let flow_dense = model.flow.weights.held_bytes();
+    let t5_dense = model.t5.weights.held_bytes();
+    let spec = ModelSpec::from_model(&model);
+    let device = DeviceProfile::cpu_fixed();
+    for plan in [
+        "flow=resident+packed",
+        "packed",
+        "phase,packed",
+        "stream:1:2,flow=stream:1:2+packed,t5=stream:1:2+packed",
+        "stream:2:3,packed",
+    ] {
+        let (latents, mem) = run(&mut model, plan);
+        let diff = max_abs_diff(&latents, &base);
+        println!("{plan:<55} latents differ by {diff:e}");
+        assert_eq!(diff, 0.0, "{plan}: the same dequantized values");
+        let predicted = planner::predict(
+            &spec,
+            &Request::for_text2image(&request()),
+            model.plan(),
+            &device,
+        );
+        for m in &mem.phases {
+            let p = predicted.phase(&m.phase).unwrap();
+            println!(
+                "  {:<8} weights peak measured {:>9} predicted {:>9}",
+                m.phase, m.weights_peak, p.weights_peak
+            );
+            assert_eq!(
+                p.weights_peak as usize, m.weights_peak,
+                "{plan} {}: the shadow holds what the ledger saw",
+                m.phase
+            );
+        }
+    }
+    // Resident and packed: each block-quantized tensor held at its stored size, the others
+    // (norms, biases, what the quantizer kept in F32) in the compute dtype.
+    let (_, packed_mem) = run(&mut model, "packed");
+    for (name, w, dense) in [
+        ("flow", &model.flow.weights, flow_dense),
+        ("t5", &model.t5.weights, t5_dense),
+    ] {
+        let store = w.store();
+        let expected: usize = store
+            .keys()
+            .map(|k| {
+                let info = store.info(k).unwrap();
+                if store.is_packable(k) {
+                    info.stored_bytes()
+                } else {
+                    info.numel() * 4
+                }
+            })
+            .sum();
+        println!("{name} held {dense} → {} bytes", w.held_bytes());
+        assert_eq!(w.held_bytes(), expected, "{name}");
+        assert!(w.held_bytes() < dense, "{name}");
+    }
+    assert!(model.flow.weights.held_bytes() * 2 < flow_dense);
+    assert!(weights_peak(&packed_mem, "denoise") < weights_peak(&base_mem, "denoise"));
+}
+
+#[test]
+fn packed_changes_nothing_for_dense_checkpoints() {
+    let mut model = load(&bfl_sources("flux1-tiny-dev.safetensors"), Some(256));
+    let (base, _) = run(&mut model, "resident");
+    let dense = model.flow.weights.held_bytes();
+    let (packed, _) = run(&mut model, "packed");
+    assert_eq!(max_abs_diff(&base, &packed), 0.0);
+    assert_eq!(model.flow.weights.held_bytes(), dense);
+}
