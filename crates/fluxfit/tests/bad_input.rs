@@ -392,3 +392,26 @@ fn a_folder_with_several_flow_models_asks_which() {
     }
     assert!(!err.contains("lora"), "{err}");
 }
+
+#[test]
+fn a_folder_with_a_gguf_flow_model_finds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("flux1-dev-Q8_0.gguf");
+    std::fs::copy(fixtures().join("quant/flux1-tiny-dev-Q8_0.gguf"), &gguf).unwrap();
+    std::fs::copy(
+        fixtures().join("tiny-bfl/ae.safetensors"),
+        dir.path().join("ae.safetensors"),
+    )
+    .unwrap();
+    let paths = ModelPaths::from_dir(dir.path()).unwrap();
+    assert_eq!(paths.flow, Some(gguf));
+    // Beside a safetensors flow model it is a second choice, and the user must say which.
+    std::fs::copy(
+        fixtures().join("tiny-bfl/flux1-tiny-dev.safetensors"),
+        dir.path().join("flux1-dev.safetensors"),
+    )
+    .unwrap();
+    let paths = ModelPaths::from_dir(dir.path()).unwrap();
+    assert!(paths.flow.is_none());
+    assert_eq!(paths.flow_choices.len(), 2);
+}

@@ -45,7 +45,9 @@ impl ModelPaths {
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
                 let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                n.starts_with("flux1-") && n.ends_with(".safetensors") && !n.contains("lora")
+                n.starts_with("flux1-")
+                    && (n.ends_with(".safetensors") || n.ends_with(".gguf"))
+                    && !n.contains("lora")
             })
             .collect();
         bfl_flows.sort();
@@ -69,7 +71,7 @@ impl ModelPaths {
                 path: dir.to_path_buf(),
                 message: "neither a diffusers snapshot (model_index.json, transformer/, vae/, \
                           text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/) nor a BFL folder \
-                          (flux1-*.safetensors and ae.safetensors)"
+                          (flux1-*.safetensors or flux1-*.gguf, and ae.safetensors)"
                     .into(),
             });
         }
