@@ -11,20 +11,17 @@ use fluxfit::image::{
     init_image, next_free_path, read_rgb8, resize_lanczos, save, to_rgb8, Format,
 };
 use fluxfit::memory::ledger::MemoryReport;
-use fluxfit::memory::plan::Plan;
 use fluxfit::noise::NoiseKind;
 use fluxfit::pipeline::control::canny_control;
 use fluxfit::pipeline::kontext::image_tensor;
-use fluxfit::pipeline::{Event, ImageInit, LoadOptions, Model, Text2Image};
+use fluxfit::pipeline::{Event, ImageInit, Model, Text2Image};
 use fluxfit::variant::Variant;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::source::ModelArgs;
+use crate::run_args::{Planning, RunArgs};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
     /// What to draw.
     #[arg(
         long,
@@ -37,36 +34,12 @@ pub struct GenerateArgs {
     /// Image height in pixels, floored to a multiple of 16 [default: 768, 256 for tiny].
     #[arg(long)]
     pub height: Option<usize>,
-    /// Denoising steps [default: the variant's: 4 schnell, 50 dev, 30 kontext].
-    #[arg(long)]
-    pub steps: Option<usize>,
-    /// Distilled guidance strength [default: the variant's]; schnell ignores it.
-    #[arg(long)]
-    pub guidance: Option<f32>,
-    /// Noise seed [default: random, printed and recorded in the image].
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// T5 sequence length [default: the variant's: 256 schnell, 512 dev, 128 fill].
-    #[arg(long)]
-    pub t5_tokens: Option<usize>,
-    /// Compute precision [default: f32 on the CPU, bf16 on a GPU].
-    #[arg(long, value_enum)]
-    pub dtype: Option<DtypeArg>,
-    /// cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
     /// Noise as torch 2.6.0 draws it in bf16 (the reference's images), or torch's f32 `randn`.
     #[arg(long, value_enum, default_value = "bf16")]
     pub noise: NoiseArg,
     /// Attention query-chunk length (bounds the score buffer); 0 = unchunked.
     #[arg(long, default_value_t = fluxfit::model::attention::DEFAULT_CHUNK)]
     pub attn_chunk: usize,
-    /// Where each component's weights live [default: resident]. Presets: `resident`, `phase`
-    /// (each component on the device only during its phase), `stream[:GROUP[:WINDOW]]` (flow
-    /// and T5 stream GROUP blocks at a time, WINDOW groups held, next group prefetched; default
-    /// 1:2), `t5-cpu`; or per component, e.g. `phase,flow=stream:2:3,t5=cpu`.
-    #[arg(long, value_name = "SPEC")]
-    pub plan: Option<String>,
     /// img2img: start from this image (PNG or JPEG) instead of pure noise. With --width or
     /// --height it is resized to the requested size (nearest, as the reference demo); without,
     /// cropped from the top-left to sides that are multiples of 16, which become the size.
@@ -86,24 +59,11 @@ pub struct GenerateArgs {
     /// Use --control-image as the control as is (an edge map you made), not its Canny edges.
     #[arg(long, requires = "control_image")]
     pub control_raw: bool,
-    /// Decode the image in overlapping tiles of PX pixels a side (a multiple of 8, at least 64),
-    /// blended linearly over the overlaps: decode memory is bounded by the tile. Overrides the
-    /// tile of --plan or --vram; recorded in the metadata's plan.
-    #[arg(long, value_name = "PX", value_parser = parse_vae_tile)]
-    pub vae_tile: Option<usize>,
-    // --vram (planner) begin
-    /// Device memory budget, e.g. 12GB, 11.5GiB, 8000MB (binary units: a "12 GB" card has 12
-    /// GiB), or `auto` (free GPU memory from nvidia-smi; available RAM on the CPU): runs the
-    /// fastest plan predicted to fit (see `fluxfit plan`). A request no plan fits is refused
-    /// before anything is downloaded or loaded, with the nearest alternatives.
-    #[arg(long, value_name = "BUDGET", conflicts_with = "plan")]
-    pub vram: Option<String>,
     /// With --vram: `auto` lets the plan keep GGUF block-quantized weights packed on the device
     /// (dequantized per block), `none` never does, a type (`q4_k`, ...) insists the flow file
     /// is stored in it; when nothing fits, `auto` says which quantized storage would.
     #[arg(long, default_value = "auto", value_parser = crate::plan::parse_quant, requires = "vram")]
     pub quant: crate::plan::Quant,
-    // --vram (planner) end
     /// After the run, print what each phase held on the compute device: weights (from the
     /// ledger), activations and total peak (measured on the CPU).
     #[arg(long)]
@@ -120,9 +80,8 @@ pub struct GenerateArgs {
     /// Interactive: prompts from stdin, with /w /h /s /g /n /q commands (/help lists them).
     #[arg(long = "loop")]
     pub interactive: bool,
-    /// No progress bar.
-    #[arg(long, short)]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -225,66 +184,45 @@ pub(crate) fn check_output(path: &Path) -> Result<()> {
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     check_output(&args.out)?;
-    let device = parse_device(&args.device)?;
-    let dtype = DtypeArg::resolve(args.dtype, device.is_cpu());
-    let options = LoadOptions {
-        device,
-        dtype,
-        attn_chunk: (args.attn_chunk > 0).then_some(args.attn_chunk),
-        variant: None,
-        lora: None,
-    };
-    let attn_chunk = options.attn_chunk;
-    // --vram (planner) begin: a published variant is planned from its built-in manifest before
-    // anything is downloaded or loaded; another model once its headers are open.
-    let vram = args.vram.as_deref().map(|budget| crate::plan::VramRequest {
-        vram: budget,
-        device: &options.device,
-        dtype,
-        attn_chunk,
-        width: args.width,
-        height: args.height,
-        steps: args.steps,
-        t5_tokens: args.t5_tokens,
-        image_input: args.init_image.is_some() || args.control_image.is_some(),
-        quant: args.quant,
-        quiet: args.quiet,
-    });
-    let early = match &vram {
-        Some(r) => crate::plan::vram_plan_before_load(&args.model, r)?,
-        None => None,
-    };
-    let mut model = args.model.load(options.clone())?;
-    let plan = match (&vram, early) {
-        (_, Some(p)) => p,
-        (Some(r), None) => crate::plan::vram_plan_for_model(&model, r)?,
-        (None, None) => choose_plan(&args, dtype, attn_chunk)?,
-    };
-    // --vram (planner) end
-    let mut plan = plan;
-    if args.vae_tile.is_some() {
-        plan.vae_tile = args.vae_tile;
-    }
-    model.set_plan(plan);
-    let v = model.variant;
-    let tiny = model.name.starts_with("tiny");
-    let side_default = match &args.control_image {
+    // A control image sets the default size, which the planner needs before loading.
+    let control_size = match &args.control_image {
         Some(path) => {
             let img =
                 read_rgb8(path).with_context(|| format!("--control-image {}", path.display()))?;
-            (img.width, img.height)
+            Some((img.width, img.height))
         }
+        None => None,
+    };
+    let mut model = args.run.load_planned(Planning {
+        width: args.width.or(control_size.map(|s| s.0)),
+        height: args.height.or(control_size.map(|s| s.1)),
+        image_input: args.init_image.is_some() || args.control_image.is_some(),
+        quant: args.quant,
+        attn_chunk: (args.attn_chunk > 0).then_some(args.attn_chunk),
+    })?;
+    let v = model.variant;
+    let tiny = model.name.starts_with("tiny");
+    let side_default = match control_size {
+        Some(size) => size,
         None if tiny => (256, 256),
         None => (1360, 768),
     };
     let mut req = Text2Image {
         prompt: args.prompt.clone(),
-        width: floor16("width", args.width.unwrap_or(side_default.0), args.quiet),
-        height: floor16("height", args.height.unwrap_or(side_default.1), args.quiet),
-        steps: args.steps.unwrap_or(v.default_steps()),
-        guidance: args.guidance.unwrap_or(v.default_guidance()),
+        width: floor16(
+            "width",
+            args.width.unwrap_or(side_default.0),
+            args.run.quiet,
+        ),
+        height: floor16(
+            "height",
+            args.height.unwrap_or(side_default.1),
+            args.run.quiet,
+        ),
+        steps: args.run.steps.unwrap_or(v.default_steps()),
+        guidance: args.run.guidance.unwrap_or(v.default_guidance()),
         seed: 0,
-        t5_tokens: args.t5_tokens.unwrap_or(v.t5_tokens()),
+        t5_tokens: args.run.t5_tokens.unwrap_or(v.t5_tokens()),
         noise: match args.noise {
             NoiseArg::Bf16 => NoiseKind::TorchBf16,
             NoiseArg::F32 => NoiseKind::TorchF32,
@@ -296,7 +234,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         (req.width, req.height) = (w, h);
     }
     if !args.interactive {
-        req.seed = args.seed.unwrap_or_else(random_seed);
+        req.seed = args.run.seed.unwrap_or_else(random_seed);
         req.validate(args.allow_large)?;
         return match generate_one(&model, &req, &args) {
             Err(e) if !model.device().is_cpu() && crate::plan::is_out_of_memory(&e) => {
@@ -379,18 +317,6 @@ pub(crate) fn parse_vae_tile(s: &str) -> std::result::Result<usize, String> {
     }
 }
 
-/// The plan this run executes: `--plan` over all-resident.
-// The planner's `--vram` picks a `Plan` here too; whatever is chosen, the engine executes it.
-fn choose_plan(args: &GenerateArgs, dtype: DType, attn_chunk: Option<usize>) -> Result<Plan> {
-    let base = Plan::resident(dtype, attn_chunk);
-    match &args.plan {
-        Some(spec) => base
-            .with_spec(spec)
-            .with_context(|| format!("--plan {spec}")),
-        None => Ok(base),
-    }
-}
-
 fn report_memory(report: &MemoryReport, model: &Model, args: &GenerateArgs) -> Result<()> {
     if args.json {
         let v = serde_json::json!({ "plan": model.plan().spec(), "memory": report });
@@ -403,7 +329,7 @@ fn report_memory(report: &MemoryReport, model: &Model, args: &GenerateArgs) -> R
 }
 
 fn generate_one(model: &Model, req: &Text2Image, args: &GenerateArgs) -> Result<PathBuf> {
-    if !args.quiet {
+    if !args.run.quiet {
         eprintln!(
             "{} | {}x{} | {} steps | guidance {} | seed {} | {:?} on {:?} | plan {}",
             model.name,
@@ -418,7 +344,7 @@ fn generate_one(model: &Model, req: &Text2Image, args: &GenerateArgs) -> Result<
         );
     }
     let start = Instant::now();
-    let bar = if args.quiet {
+    let bar = if args.run.quiet {
         ProgressBar::hidden()
     } else {
         let b = ProgressBar::new(req.steps as u64);
@@ -448,7 +374,7 @@ fn generate_one(model: &Model, req: &Text2Image, args: &GenerateArgs) -> Result<
     bar.finish_and_clear();
     let rgb = to_rgb8(&out.image)?;
     let path = next_free_path(&args.out);
-    if path != args.out && !args.quiet {
+    if path != args.out && !args.run.quiet {
         eprintln!(
             "{} exists; writing {} instead",
             args.out.display(),
@@ -468,9 +394,9 @@ fn generate_one(model: &Model, req: &Text2Image, args: &GenerateArgs) -> Result<
         meta.push(("control_image".into(), crate::run_args::file_name(path)));
         meta.push(("control".into(), how.to_string()));
     }
-    if let Some(lora) = &args.model.lora {
+    if let Some(lora) = &args.run.model.lora {
         meta.push(("lora".into(), crate::run_args::file_name(lora)));
-        meta.push(("lora_scale".into(), args.model.lora_scale.to_string()));
+        meta.push(("lora_scale".into(), args.run.model.lora_scale.to_string()));
     }
     save(&rgb, &path, &meta)?;
     println!(
@@ -541,7 +467,7 @@ const LOOP_HELP: &str = "Enter a prompt to generate (empty: repeat the last one)
 /// The reference's `--loop`: settings persist, the seed is reset after each image.
 fn interactive(model: &Model, mut req: Text2Image, args: GenerateArgs) -> Result<()> {
     let stdin = std::io::stdin();
-    let mut next_seed = args.seed;
+    let mut next_seed = args.run.seed;
     let mut prompt = req.prompt.clone();
     eprintln!("{LOOP_HELP}");
     loop {

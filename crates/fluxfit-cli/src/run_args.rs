@@ -13,23 +13,35 @@ use fluxfit::pipeline::{Event, LoadOptions, Model, Text2Image};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::generate::{parse_device, parse_vae_tile, random_seed, DtypeArg};
-use crate::plan::{vram_plan_before_load, vram_plan_for_model, VramRequest};
+use crate::plan::{vram_plan_before_load, vram_plan_for_model, Quant, VramRequest};
 use crate::source::ModelArgs;
+
+/// What the planner needs to know of a run before the model is loaded.
+pub struct Planning {
+    /// The output size, where known (else the variant's default).
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    /// An image is VAE-encoded in the encode phase.
+    pub image_input: bool,
+    pub quant: Quant,
+    pub attn_chunk: Option<usize>,
+}
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Denoising steps [default: the variant's: 50 fill, 30 kontext].
+    /// Denoising steps [default: the variant's: 4 schnell, 50 dev and fill, 30 kontext].
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Distilled guidance [default: the variant's: 30 fill, 2.5 kontext].
+    /// Distilled guidance strength [default: the variant's: 2.5 dev and kontext, 30 fill and
+    /// canny, 10 depth]; schnell ignores it.
     #[arg(long)]
     pub guidance: Option<f32>,
     /// Noise seed [default: random, printed and recorded].
     #[arg(long)]
     pub seed: Option<u64>,
-    /// T5 sequence length [default: the variant's: 128 fill, 512 kontext].
+    /// T5 sequence length [default: the variant's: 256 schnell, 512 dev, 128 fill].
     #[arg(long)]
     pub t5_tokens: Option<usize>,
     /// Compute precision [default: f32 on the CPU, bf16 on a GPU].
@@ -38,14 +50,22 @@ pub struct RunArgs {
     /// cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Where each component's weights live (as `generate --plan`).
+    /// Where each component's weights live [default: resident]. Presets: `resident`, `phase`
+    /// (each component on the device only during its phase), `stream[:GROUP[:WINDOW]]` (flow
+    /// and T5 stream GROUP blocks at a time, WINDOW groups held, next group prefetched; default
+    /// 1:2), `t5-cpu`, `packed` (GGUF weights kept packed on the device); or per component,
+    /// e.g. `phase,flow=stream:2:3+packed,t5=cpu`.
     #[arg(long, value_name = "SPEC")]
     pub plan: Option<String>,
-    /// Device memory budget (as `generate --vram`): runs the fastest plan predicted to fit one
-    /// run of this command, image encoding included.
+    /// Device memory budget, e.g. 12GB, 11.5GiB, 8000MB (binary units: a "12 GB" card has 12
+    /// GiB), or `auto` (free GPU memory from nvidia-smi; available RAM on the CPU): runs the
+    /// fastest plan predicted to fit one run (see `fluxfit plan`). A request no plan fits is
+    /// refused before anything is downloaded or loaded, with the nearest alternatives.
     #[arg(long, value_name = "BUDGET", conflicts_with = "plan")]
     pub vram: Option<String>,
-    /// Decode (and encode) in overlapping tiles of PX pixels a side.
+    /// Decode (and encode) the image in overlapping tiles of PX pixels a side (a multiple of 8,
+    /// at least 64), blended linearly over the overlaps: memory is bounded by the tile.
+    /// Overrides the tile of --plan or --vram; recorded in the metadata's plan.
     #[arg(long, value_name = "PX", value_parser = parse_vae_tile)]
     pub vae_tile: Option<usize>,
     /// Print only the output line.
@@ -57,24 +77,39 @@ impl RunArgs {
     /// Opens the model under `--vram` (planned for one run of `width` × `height` with an
     /// image input), else `--plan` over all-resident; `--vae-tile` overrides either's tile.
     pub fn load(&self, (width, height): (usize, usize)) -> Result<Model> {
+        self.load_planned(Planning {
+            width: Some(width),
+            height: Some(height),
+            image_input: true,
+            quant: Quant::Auto,
+            attn_chunk: Some(fluxfit::model::attention::DEFAULT_CHUNK),
+        })
+    }
+
+    /// Opens the model under the plan `--vram` picks for the run `p` describes (a published
+    /// variant is planned from its built-in manifests before anything is downloaded or loaded,
+    /// another model once its headers are open), else `--plan` over all-resident;
+    /// `--vae-tile` overrides either's tile.
+    pub fn load_planned(&self, p: Planning) -> Result<Model> {
         let device = parse_device(&self.device)?;
         let dtype = DtypeArg::resolve(self.dtype, device.is_cpu());
         let options = LoadOptions {
             device,
             dtype,
+            attn_chunk: p.attn_chunk,
             ..LoadOptions::default()
         };
         let vram = self.vram.as_deref().map(|budget| VramRequest {
             vram: budget,
             device: &options.device,
             dtype,
-            attn_chunk: options.attn_chunk,
-            width: Some(width),
-            height: Some(height),
+            attn_chunk: p.attn_chunk,
+            width: p.width,
+            height: p.height,
             steps: self.steps,
             t5_tokens: self.t5_tokens,
-            image_input: true,
-            quant: crate::plan::Quant::Auto,
+            image_input: p.image_input,
+            quant: p.quant,
             quiet: self.quiet,
         });
         let early = match &vram {
@@ -83,10 +118,10 @@ impl RunArgs {
         };
         let mut model = self.model.load(options.clone())?;
         let mut plan = match (&vram, early) {
-            (_, Some(p)) => p,
+            (_, Some(plan)) => plan,
             (Some(r), None) => vram_plan_for_model(&model, r)?,
             (None, None) => {
-                let base = Plan::resident(dtype, options.attn_chunk);
+                let base = Plan::resident(dtype, p.attn_chunk);
                 match &self.plan {
                     Some(spec) => base
                         .with_spec(spec)

@@ -79,24 +79,7 @@ fn generate_stdin(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
 fn fails(dir: &Path, args: &[&str], names: &[&str]) -> String {
     let mut all = vec!["generate"];
     all.extend_from_slice(args);
-    let o = fluxfit(dir, &all, None);
-    let err = stderr(&o);
-    assert!(!o.status.success(), "fluxfit {all:?} succeeded:\n{err}");
-    assert!(
-        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
-        "fluxfit {all:?} panicked:\n{err}"
-    );
-    assert!(
-        err.contains("error"),
-        "fluxfit {all:?}: no error line:\n{err}"
-    );
-    for name in names {
-        assert!(
-            err.contains(name),
-            "fluxfit {all:?}: stderr does not name `{name}`:\n{err}"
-        );
-    }
-    err
+    command_fails(dir, &all, names)
 }
 
 fn text(path: &Path) -> Vec<(String, String)> {
@@ -674,7 +657,8 @@ fn succeeds(dir: &Path, args: &[&str]) -> Output {
     o
 }
 
-/// As [`fails`], for any subcommand: `args` starts with it.
+/// Runs `fluxfit ARGS` (subcommand included), expects a clean failure and returns stderr,
+/// which must name every one of `names`.
 #[track_caller]
 fn command_fails(dir: &Path, args: &[&str], names: &[&str]) -> String {
     let o = fluxfit(dir, args, None);

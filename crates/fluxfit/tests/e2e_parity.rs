@@ -27,13 +27,6 @@ fn request(case: &serde_json::Value) -> Text2Image {
     }
 }
 
-fn assert_close(what: &str, ours: &Tensor, golden: &Tensor, rel: f32) {
-    let err = max_abs_diff(ours, golden);
-    let tol = rel * max_abs(golden).max(1.0);
-    println!("{what}: max abs error {err:.3e} (tolerance {tol:.1e})");
-    assert!(err <= tol, "{what}: max abs error {err} > {tol}");
-}
-
 /// Checks one model against one golden case; returns its 8-bit pixels.
 fn check(model: &Model, case: &str) -> Vec<u8> {
     let json = golden_json(&format!("{case}.json"));

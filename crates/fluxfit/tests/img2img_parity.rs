@@ -16,14 +16,6 @@ use fluxfit::sampling;
 
 const FILE: &str = "img2img_dev.safetensors";
 
-fn assert_close(what: &str, ours: &candle_core::Tensor, golden: &candle_core::Tensor, rel: f32) {
-    assert_eq!(ours.dims(), golden.dims(), "{what}: shape");
-    let err = max_abs_diff(ours, golden);
-    let tol = rel * max_abs(golden).max(1.0);
-    println!("{what}: max abs error {err:.3e} (tolerance {tol:.1e})");
-    assert!(err <= tol, "{what}: max abs error {err} > {tol}");
-}
-
 #[test]
 fn img2img_matches_reference() {
     let json = golden_json("img2img_dev.json");

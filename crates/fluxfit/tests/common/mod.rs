@@ -41,6 +41,17 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// Asserts `ours` within `rel × max(1, |golden|max)` of `golden` (the parity tests' tolerance
+/// rule) and prints the error.
+#[track_caller]
+pub fn assert_close(what: &str, ours: &Tensor, golden: &Tensor, rel: f32) {
+    assert_eq!(ours.dims(), golden.dims(), "{what}: shape");
+    let err = max_abs_diff(ours, golden);
+    let tol = rel * max_abs(golden).max(1.0);
+    println!("{what}: max abs error {err:.3e} (tolerance {tol:.1e})");
+    assert!(err <= tol, "{what}: max abs error {err} > {tol}");
+}
+
 /// Largest absolute value (to state tolerances relative to the signal).
 pub fn max_abs(a: &Tensor) -> f32 {
     a.abs()
