@@ -117,6 +117,8 @@ struct Row {
     packed: Option<f64>,
     /// Bytes held resident, packed, against f32.
     packed_bytes: Option<f64>,
+    /// Resident with fast types multiplied quantized (`+qmatmul`): time and error.
+    qmatmul: Option<(f64, f32)>,
 }
 
 /// A flow checkpoint ready to run resident and streamed.
@@ -125,6 +127,7 @@ struct Setup {
     resident: Residency,
     streamed: Residency,
     packed: Residency,
+    qmatmul: Residency,
 }
 
 impl Setup {
@@ -142,6 +145,7 @@ impl Setup {
         Self {
             resident: make(Placement::Resident),
             packed: make(Placement::Resident).with_packed(true),
+            qmatmul: make(Placement::Resident).with_qmatmul(true),
             streamed: make(Placement::Stream {
                 group: 1,
                 window: 2,
@@ -235,6 +239,22 @@ fn measure(
     } else {
         (None, None)
     };
+    let fast = it.store.keys().any(|k| {
+        it.store
+            .gguf_raw(k)
+            .is_some_and(|(t, _)| fluxfit::memory::residency::fast_qmatmul(&Device::Cpu, t))
+    });
+    let qmatmul = if fast {
+        let y = forward(flux, &it.qmatmul, inp)?;
+        let (q0, q1) = ab(
+            repeat,
+            || forward(flux, &base.resident, inp),
+            || forward(flux, &it.qmatmul, inp),
+        )?;
+        Some((q1 / q0, rel_err(&y, want)?))
+    } else {
+        None
+    };
     Ok(Row {
         name: name.to_string(),
         bits: it.bits(),
@@ -244,6 +264,7 @@ fn measure(
         stream: s1 / s0,
         packed,
         packed_bytes,
+        qmatmul,
     })
 }
 
@@ -372,6 +393,7 @@ fn bench(args: &BenchQuantArgs, dir: &std::path::Path) -> Result<()> {
         stream: 1.0,
         packed: None,
         packed_bytes: None,
+        qmatmul: None,
     }];
     for t in &args.types {
         let (path, secs) = if t == "fp8" {
@@ -396,13 +418,13 @@ fn bench(args: &BenchQuantArgs, dir: &std::path::Path) -> Result<()> {
     }
 
     println!(
-        "| storage | bits/weight | flow rel. error | materialise in f32 | resident forward | streamed forward | packed resident forward | packed bytes held |"
+        "| storage | bits/weight | flow rel. error | materialise in f32 | resident forward | streamed forward | packed resident forward | packed bytes held | qmatmul resident forward | qmatmul error |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let opt = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.2}×"));
     for r in &rows {
         println!(
-            "| {} | {:.2} | {:.1e} | {:.2}× | {:.2}× | {:.2}× | {} | {} |",
+            "| {} | {:.2} | {:.1e} | {:.2}× | {:.2}× | {:.2}× | {} | {} | {} | {} |",
             r.name,
             r.bits,
             r.err,
@@ -410,7 +432,10 @@ fn bench(args: &BenchQuantArgs, dir: &std::path::Path) -> Result<()> {
             r.resident,
             r.stream,
             opt(r.packed),
-            opt(r.packed_bytes)
+            opt(r.packed_bytes),
+            opt(r.qmatmul.map(|q| q.0)),
+            r.qmatmul
+                .map_or("—".to_string(), |q| format!("{:.1e}", q.1))
         );
     }
     println!(

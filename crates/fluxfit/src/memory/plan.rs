@@ -59,6 +59,10 @@ pub struct ComponentPlan {
     /// GGUF block-quantized weights stay packed on the device (stored bytes) and each stage is
     /// dequantized to `compute` when the network asks for it; other weights are unaffected.
     pub packed: bool,
+    /// With `packed`: Linear weights of types with a fast quantized matmul on the device are
+    /// multiplied as they are, not dequantized (activations are quantized to 8 bits on the way,
+    /// so images change slightly; see `memory::residency::fast_qmatmul`).
+    pub qmatmul: bool,
 }
 
 fn dtype_name<S: serde::Serializer>(d: &DType, s: S) -> Result<S::Ok, S::Error> {
@@ -84,6 +88,7 @@ impl Plan {
             placement: Placement::Resident,
             compute: dtype,
             packed: false,
+            qmatmul: false,
         };
         Self {
             t5: c,
@@ -126,7 +131,8 @@ time with WINDOW groups held, default 1:2; CLIP and VAE per phase) | `t5-cpu` (T
 or COMPONENT=PLACEMENT with COMPONENT t5|clip|flow|vae and PLACEMENT \
 resident|phase|stream[:GROUP[:WINDOW]]|cpu, or `vae-tile=PX` (decode the image in overlapping \
 tiles of PX pixels a side); a placement may end in `+packed` (GGUF block-quantized weights stay \
-packed on the device, each stage dequantized when used), and `packed` alone packs flow and T5; \
+packed on the device, each stage dequantized when used) or `+qmatmul` (packed, and multiplied \
+quantized where that is faster), and `packed` or `qmatmul` alone apply to flow and T5; \
 e.g. `stream:2:3,t5=cpu,vae-tile=512` or `flow=resident+packed`";
 
 impl Placement {
@@ -224,9 +230,11 @@ impl Plan {
                 };
                 continue;
             }
-            if item == "packed" {
-                plan.flow.packed = true;
-                plan.t5.packed = true;
+            if item == "packed" || item == "qmatmul" {
+                for c in [&mut plan.flow, &mut plan.t5] {
+                    c.packed = true;
+                    c.qmatmul |= item == "qmatmul";
+                }
                 continue;
             }
             if let Some((comp, placement)) = item.split_once('=') {
@@ -239,12 +247,17 @@ impl Plan {
                         ))
                     })?;
                 let placement = placement.trim();
-                let (placement, packed) = match placement.strip_suffix("+packed") {
-                    Some(p) => (p, true),
-                    None => (placement, false),
-                };
+                let (placement, packed, qmatmul) =
+                    if let Some(p) = placement.strip_suffix("+qmatmul") {
+                        (p, true, true)
+                    } else if let Some(p) = placement.strip_suffix("+packed") {
+                        (p, true, false)
+                    } else {
+                        (placement, false, false)
+                    };
                 set(&mut plan, &[kind], Placement::parse(placement)?);
-                plan.component_mut(kind).packed = packed;
+                let c = plan.component_mut(kind);
+                (c.packed, c.qmatmul) = (packed, qmatmul);
                 continue;
             }
             match item {
@@ -272,7 +285,11 @@ impl Plan {
             .iter()
             .map(|k| {
                 let c = self.component(*k);
-                let packed = if c.packed { "+packed" } else { "" };
+                let packed = match (c.packed, c.qmatmul) {
+                    (_, true) => "+qmatmul",
+                    (true, false) => "+packed",
+                    _ => "",
+                };
                 format!("{}={}{packed}", k.name(), c.placement.spec())
             })
             .collect();

@@ -155,9 +155,23 @@ impl ModelSpec {
         kind: ComponentKind,
         dtype: DType,
         cpu: bool,
-        packed: bool,
+        cp: &ComponentPlan,
     ) -> Vec<StageCost> {
         let m = self.manifest(kind);
+        let packed = cp.packed || cp.qmatmul;
+        // Weights a `+qmatmul` plan multiplies as they are: never dequantized.
+        let by_qmm = |e: &Entry| {
+            cp.qmatmul
+                && cpu
+                && e.ggml.is_some_and(|t| {
+                    crate::memory::residency::multiplied_quantized(
+                        &candle_core::Device::Cpu,
+                        &e.name,
+                        &e.shape,
+                        t,
+                    )
+                })
+        };
         self.stages(kind)
             .iter()
             .map(|spec| {
@@ -177,7 +191,11 @@ impl ModelSpec {
                         .map(|e| e.numel() * e.dtype.size_in_bytes())
                         .max()
                         .unwrap_or(0),
-                    unpacked: entries.iter().filter(|e| is_packed(e)).map(dense).sum(),
+                    unpacked: entries
+                        .iter()
+                        .filter(|e| is_packed(e) && !by_qmm(e))
+                        .map(dense)
+                        .sum(),
                 }
             })
             .collect()
@@ -320,7 +338,7 @@ pub fn predict(
             kind,
             plan.component(kind).placement,
             dtype,
-            model.stage_costs(kind, dtype, cpu, plan.component(kind).packed),
+            model.stage_costs(kind, dtype, cpu, plan.component(kind)),
         )
     };
     let w = PipelineWeights {
@@ -850,6 +868,7 @@ pub fn plan_of(
                 dtype
             },
             packed: false,
+            qmatmul: false,
         };
     }
     p

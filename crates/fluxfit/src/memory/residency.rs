@@ -28,7 +28,8 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::Module;
 use candle_core::{DType, Device, Tensor};
 
 use super::ledger::{Entry, Kind, Ledger};
@@ -98,7 +99,9 @@ pub struct StageWeights {
     tensors: HashMap<String, Tensor>,
     /// `+packed` plans: GGUF block-quantized tensors kept as stored, dequantized into a
     /// transient stage each time the network asks ([`Residency`]'s `stage`).
-    packed: HashMap<String, QTensor>,
+    packed: HashMap<String, Arc<QTensor>>,
+    /// `+qmatmul` plans: packed Linear weights multiplied as they are (see [`fast_qmatmul`]).
+    qmm: HashMap<String, QMatMul>,
     bytes: usize,
     _entry: Option<Entry>,
 }
@@ -125,6 +128,45 @@ impl StageWeights {
     pub fn get_opt(&self, rel: &str) -> Option<Tensor> {
         self.tensors.get(&format!("{}{rel}", self.root)).cloned()
     }
+
+    /// The Linear layer `name`: `x·Wᵀ + b` with `name.weight` (and `name.bias` if present), by a
+    /// quantized matmul where the stage holds the weight for one (`+qmatmul`), which takes f32
+    /// activations (quantized to 8 bits inside) and gives them back in `x`'s dtype.
+    pub fn linear(&self, name: &str, x: &Tensor) -> Result<Tensor> {
+        let weight = format!("{name}.weight");
+        let bias = self.get_opt(&format!("{name}.bias"));
+        match self.qmm.get(&format!("{}{weight}", self.root)) {
+            Some(q) => {
+                let y = q
+                    .forward(&x.to_dtype(DType::F32)?.contiguous()?)?
+                    .to_dtype(x.dtype())?;
+                Ok(match bias {
+                    Some(b) => y.broadcast_add(&b)?,
+                    None => y,
+                })
+            }
+            None => crate::model::ops::linear(x, &self.get(&weight)?, bias.as_ref()),
+        }
+    }
+
+    /// Whether the Linear weight `rel` is multiplied quantized.
+    pub fn is_quantized_matmul(&self, rel: &str) -> bool {
+        self.qmm.contains_key(&format!("{}{rel}", self.root))
+    }
+}
+
+/// Whether candle's quantized matmul beats dequantize + dense matmul for `t` on `device`, as
+/// measured (`fluxfit bench-quant`, README "Quantized matmul vs dequantize"): on the CPU, for
+/// Q8_0, Q6_K and Q4_K (0.4–0.6× the f32 matmul's time); slower for every other type there, and
+/// not yet measured on a GPU, where dequantizing stays the choice.
+pub fn fast_qmatmul(device: &Device, t: GgmlDType) -> bool {
+    device.is_cpu() && matches!(t, GgmlDType::Q8_0 | GgmlDType::Q6K | GgmlDType::Q4K)
+}
+
+/// Whether a `+qmatmul` plan multiplies `key` quantized: a 2-D Linear weight of a type with a
+/// fast quantized matmul on `device`.
+pub fn multiplied_quantized(device: &Device, key: &str, shape: &[usize], t: GgmlDType) -> bool {
+    key.ends_with(".weight") && shape.len() == 2 && fast_qmatmul(device, t)
 }
 
 /// What networks see: stages by name.
@@ -146,6 +188,8 @@ struct Shared {
     generation: AtomicU64,
     /// Keep GGUF block-quantized weights packed on the device (see [`StageWeights`]).
     packed: bool,
+    /// Multiply packed Linear weights quantized where that is faster ([`fast_qmatmul`]).
+    qmatmul: bool,
 }
 
 impl Shared {
@@ -180,10 +224,14 @@ impl Shared {
         if held.packed.is_empty() {
             return Ok(held);
         }
+        let by_qmm = |key: &str, q: &QTensor| {
+            self.qmatmul && multiplied_quantized(&self.device, key, q.shape().dims(), q.dtype())
+        };
         let bytes: usize = held
             .packed
-            .values()
-            .map(|q| q.shape().elem_count() * self.dtype.size_in_bytes())
+            .iter()
+            .filter(|(k, q)| !by_qmm(k, q))
+            .map(|(_, q)| q.shape().elem_count() * self.dtype.size_in_bytes())
             .sum();
         let entry = self.ledger.take(
             self.component,
@@ -193,17 +241,23 @@ impl Shared {
             &self.device,
         );
         let mut tensors = held.tensors.clone();
+        let mut qmm = HashMap::new();
         for (key, q) in &held.packed {
-            tensors.insert(
-                key.clone(),
-                q.dequantize(&self.device)?.to_dtype(self.dtype)?,
-            );
+            if by_qmm(key, q) {
+                qmm.insert(key.clone(), QMatMul::from_arc(q.clone())?);
+            } else {
+                tensors.insert(
+                    key.clone(),
+                    q.dequantize(&self.device)?.to_dtype(self.dtype)?,
+                );
+            }
         }
         Ok(Arc::new(StageWeights {
             name: held.name.clone(),
             root: held.root.clone(),
             tensors,
             packed: HashMap::new(),
+            qmm,
             bytes,
             _entry: Some(entry),
         }))
@@ -246,7 +300,7 @@ impl Shared {
         for key in keys {
             if self.packed {
                 if let Some(q) = self.store.packed(key, &self.device)? {
-                    packed.insert(key.clone(), q);
+                    packed.insert(key.clone(), Arc::new(q));
                     continue;
                 }
             }
@@ -258,6 +312,7 @@ impl Shared {
             root: spec.root.clone(),
             tensors,
             packed,
+            qmm: HashMap::new(),
             bytes,
             _entry: Some(entry),
         })
@@ -404,6 +459,7 @@ impl Residency {
                 ledger,
                 generation: AtomicU64::new(0),
                 packed: false,
+                qmatmul: false,
             }),
             index,
             placement,
@@ -418,6 +474,16 @@ impl Residency {
         Arc::get_mut(&mut self.shared)
             .expect("a new residency's state is not shared yet")
             .packed = packed;
+        self
+    }
+
+    /// This residency multiplying packed Linear weights quantized where that is faster
+    /// ([`fast_qmatmul`]); implies [`Residency::with_packed`].
+    pub fn with_qmatmul(mut self, qmatmul: bool) -> Self {
+        let shared =
+            Arc::get_mut(&mut self.shared).expect("a new residency's state is not shared yet");
+        shared.qmatmul = qmatmul;
+        shared.packed |= qmatmul;
         self
     }
 

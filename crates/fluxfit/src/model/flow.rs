@@ -383,9 +383,7 @@ impl Flux {
 /// A Linear layer, plus its LoRA term `B(A(x))` when a LoRA is attached (B carries the scale;
 /// see `checkpoint::lora`).
 fn linear_of(s: &StageWeights, name: &str, x: &Tensor) -> Result<Tensor> {
-    let w = s.get(&format!("{name}.weight"))?;
-    let b = s.get_opt(&format!("{name}.bias"));
-    let y = linear(x, &w, b.as_ref())?;
+    let y = s.linear(name, x)?;
     match s.get_opt(&format!("{name}.lora_A.weight")) {
         None => Ok(y),
         Some(a) => {

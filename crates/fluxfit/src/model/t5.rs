@@ -492,9 +492,9 @@ impl T5Encoder {
     fn self_attention(&self, s: &StageWeights, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let attn = "layer.0.SelfAttention";
-        let q = self.split_heads(&ops::linear(x, &s.get(&format!("{attn}.q.weight"))?, None)?)?;
-        let k = self.split_heads(&ops::linear(x, &s.get(&format!("{attn}.k.weight"))?, None)?)?;
-        let v = self.split_heads(&ops::linear(x, &s.get(&format!("{attn}.v.weight"))?, None)?)?;
+        let q = self.split_heads(&s.linear(&format!("{attn}.q"), x)?)?;
+        let k = self.split_heads(&s.linear(&format!("{attn}.k"), x)?)?;
+        let v = self.split_heads(&s.linear(&format!("{attn}.v"), x)?)?;
         let scores = q.matmul(&k.t()?.contiguous()?)?.broadcast_add(bias)?;
         let probs =
             candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
@@ -502,7 +502,7 @@ impl T5Encoder {
             .matmul(&v)?
             .transpose(1, 2)?
             .reshape((b, l, self.config.inner_dim()))?;
-        ops::linear(&out, &s.get(&format!("{attn}.o.weight"))?, None)
+        s.linear(&format!("{attn}.o"), &out)
     }
 
     /// `[B, L, H·D]` → `[B, H, L, D]`.
@@ -520,17 +520,17 @@ impl T5Encoder {
     fn feed_forward(&self, s: &StageWeights, x: &Tensor) -> Result<Tensor> {
         let dense = "layer.1.DenseReluDense";
         let hidden = if self.config.gated {
-            let gate = ops::gelu_tanh(&ops::linear(
-                x,
-                &s.get(&format!("{dense}.wi_0.weight"))?,
-                None,
-            )?)?;
-            let up = ops::linear(x, &s.get(&format!("{dense}.wi_1.weight"))?, None)?;
+            let gate = ops::gelu_tanh(&s.linear(&format!("{dense}.wi_0"), x)?)?;
+            let up = s.linear(&format!("{dense}.wi_1"), x)?;
             (gate * up)?
         } else {
-            ops::linear(x, &s.get(&format!("{dense}.wi.weight"))?, None)?.relu()?
+            s.linear(&format!("{dense}.wi"), x)?.relu()?
         };
-        let wo = s.get(&format!("{dense}.wo.weight"))?;
+        let wo_name = format!("{dense}.wo");
+        if s.is_quantized_matmul(&format!("{wo_name}.weight")) {
+            return s.linear(&wo_name, &hidden);
+        }
+        let wo = s.get(&format!("{wo_name}.weight"))?;
         if wo.dtype() == DType::F16 {
             let wo = wo.to_dtype(DType::F32)?;
             return ops::linear(&hidden.to_dtype(DType::F32)?, &wo, None);

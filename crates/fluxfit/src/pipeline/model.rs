@@ -407,4 +407,5 @@ fn residency(
         cp.placement,
     )
     .with_packed(cp.packed)
+    .with_qmatmul(cp.qmatmul)
 }
