@@ -9,7 +9,8 @@ use fluxfit::image::{read_rgb8, resize_lanczos};
 use fluxfit::pipeline::kontext::{aspect_ratio_size, conditioning_size, image_tensor};
 
 use crate::generate::{check_output, metadata};
-use crate::run_args::{file_name, on_event, progress, write_image, RunArgs};
+use crate::plan::Quant;
+use crate::run_args::{file_name, on_event, progress, write_image, Planning, RunArgs};
 
 #[derive(Args, Debug)]
 pub struct EditArgs {
@@ -73,7 +74,15 @@ pub fn run(args: EditArgs) -> Result<()> {
             args.height.unwrap_or(ch) / 16 * 16,
         ),
     };
-    let model = args.run.load((w, h))?;
+    // The planner sees both token sets: the target's and the conditioning image's.
+    let model = args.run.load_planned(Planning {
+        width: Some(w),
+        height: Some(h),
+        image_input: true,
+        cond_size: Some((cw, ch)),
+        quant: Quant::Auto,
+        attn_chunk: Some(fluxfit::model::attention::DEFAULT_CHUNK),
+    })?;
     let req = args.run.request(&model, &args.prompt, w, h);
     req.validate(false)?;
     if !quiet {

@@ -197,6 +197,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         width: args.width.or(control_size.map(|s| s.0)),
         height: args.height.or(control_size.map(|s| s.1)),
         image_input: args.init_image.is_some() || args.control_image.is_some(),
+        cond_size: None,
         quant: args.quant,
         attn_chunk: (args.attn_chunk > 0).then_some(args.attn_chunk),
     })?;

@@ -238,6 +238,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         t5_tokens: args.t5_tokens.unwrap_or(spec.variant.t5_tokens()),
         steps: args.steps.unwrap_or(spec.variant.default_steps()),
         image_input: args.image_input,
+        cond_size: None,
     };
     if req.width < 64 || req.height < 64 {
         bail!("--width and --height must be at least 64 pixels");
@@ -555,6 +556,8 @@ pub struct VramRequest<'a> {
     pub t5_tokens: Option<usize>,
     /// An image is encoded too (img2img): the VAE encoder's phase joins the plan.
     pub image_input: bool,
+    /// The conditioning image's size where it is not the output's (Kontext).
+    pub cond_size: Option<(usize, usize)>,
     /// Which storage the plan may use (`--quant`).
     pub quant: Quant,
     pub quiet: bool,
@@ -594,6 +597,7 @@ fn pick_plan(spec: &ModelSpec, r: &VramRequest) -> Result<Plan> {
         t5_tokens: r.t5_tokens.unwrap_or(spec.variant.t5_tokens()),
         steps: r.steps.unwrap_or(spec.variant.default_steps()),
         image_input: r.image_input,
+        cond_size: r.cond_size,
     };
     let gpu = match r.device.location() {
         fluxfit::candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,

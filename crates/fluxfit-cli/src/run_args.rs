@@ -23,6 +23,8 @@ pub struct Planning {
     pub height: Option<usize>,
     /// An image is VAE-encoded in the encode phase.
     pub image_input: bool,
+    /// Its size where it is not the output's (Kontext).
+    pub cond_size: Option<(usize, usize)>,
     pub quant: Quant,
     pub attn_chunk: Option<usize>,
 }
@@ -81,6 +83,7 @@ impl RunArgs {
             width: Some(width),
             height: Some(height),
             image_input: true,
+            cond_size: None,
             quant: Quant::Auto,
             attn_chunk: Some(fluxfit::model::attention::DEFAULT_CHUNK),
         })
@@ -109,6 +112,7 @@ impl RunArgs {
             steps: self.steps,
             t5_tokens: self.t5_tokens,
             image_input: p.image_input,
+            cond_size: p.cond_size,
             quant: p.quant,
             quiet: self.quiet,
         });

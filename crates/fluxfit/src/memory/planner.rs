@@ -229,6 +229,9 @@ pub struct Request {
     pub steps: usize,
     /// A conditioning image is encoded (fill, canny, depth, kontext; img2img).
     pub image_input: bool,
+    /// The conditioning image's own size where it is not the output's (Kontext encodes it at
+    /// one of its preferred resolutions).
+    pub cond_size: Option<(usize, usize)>,
 }
 
 impl Request {
@@ -240,6 +243,7 @@ impl Request {
             t5_tokens: req.t5_tokens,
             steps: req.steps,
             image_input: false,
+            cond_size: None,
         }
     }
 
@@ -251,14 +255,21 @@ impl Request {
             t5_tokens: variant.t5_tokens(),
             steps: variant.default_steps(),
             image_input: false,
+            cond_size: None,
         }
     }
 
-    /// Image tokens of the flow model (a kontext conditioning image adds as many again).
+    /// The size the conditioning image is encoded at.
+    pub fn cond_size(&self) -> (usize, usize) {
+        self.cond_size.unwrap_or((self.width, self.height))
+    }
+
+    /// Image tokens of the flow model (a kontext conditioning image adds its own).
     pub fn image_tokens(&self, variant: Variant) -> usize {
         let l = crate::sampling::image_seq_len(self.height, self.width);
         if self.image_input && variant == Variant::DevKontext {
-            2 * l
+            let (w, h) = self.cond_size();
+            l + crate::sampling::image_seq_len(h, w)
         } else {
             l
         }
@@ -360,6 +371,7 @@ pub fn predict(
         attn_chunk: plan.attn_chunk,
         vae_tile: plan.vae_tile,
         image_input: req.image_input,
+        cond_size: req.cond_size(),
         extra_img_tokens: req.image_tokens(model.variant) - li,
         passes: 2.min(req.steps.max(1)),
     };

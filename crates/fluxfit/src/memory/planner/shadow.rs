@@ -682,6 +682,8 @@ pub(crate) struct PipelineShape<'a> {
     pub vae_tile: Option<usize>,
     /// A conditioning image is VAE-encoded in the encode phase (fill, canny, depth, kontext).
     pub image_input: bool,
+    /// Its (width, height).
+    pub cond_size: (usize, usize),
     /// Extra image tokens the flow model sees (kontext's conditioning image).
     pub extra_img_tokens: usize,
     /// Denoising passes to simulate (2 covers the first pass's loads and the steady state).
@@ -731,6 +733,7 @@ pub(crate) fn pipeline(s: &Sim, p: &PipelineShape, w: &PipelineWeights) -> Vec<P
         (txt, vec)
     };
     // Image inputs: the conditioning image is encoded too (`prepare_*`).
+    let (cw, ch) = p.cond_size;
     let cond = p.image_input.then(|| {
         let vae = Vae {
             s,
@@ -739,16 +742,16 @@ pub(crate) fn pipeline(s: &Sim, p: &PipelineShape, w: &PipelineWeights) -> Vec<P
             dt: w.vae.dtype,
         };
         s.on_host(w.vae.on_cpu(), || {
-            let img = s.act(3 * p.height * p.width, F32);
+            let img = s.act(3 * ch * cw, F32);
             let z = match p.vae_tile {
                 // `AutoEncoder::encode_tiled`: the latent on the host, then tile by tile the
                 // image tile, its encode, the weighted latent tile and its host copy.
                 Some(t)
-                    if 8 * (t / 8).max(1) < p.height.max(p.width)
-                        && p.height.is_multiple_of(8)
-                        && p.width.is_multiple_of(8) =>
+                    if 8 * (t / 8).max(1) < ch.max(cw)
+                        && ch.is_multiple_of(8)
+                        && cw.is_multiple_of(8) =>
                 {
-                    let (lh, lw) = (p.height / 8, p.width / 8);
+                    let (lh, lw) = (ch / 8, cw / 8);
                     let lt = (t / 8).max(1);
                     let ov = vae_tile_overlap(lt);
                     let n = tile_starts(lh, lt, ov).len() * tile_starts(lw, lt, ov).len();
@@ -767,7 +770,7 @@ pub(crate) fn pipeline(s: &Sim, p: &PipelineShape, w: &PipelineWeights) -> Vec<P
                     }
                     full
                 }
-                _ => vae.encode(&w.vae, &img, p.height, p.width),
+                _ => vae.encode(&w.vae, &img, ch, cw),
             };
             drop(img);
             let packed = s.ew(z.n, dt);

@@ -1,0 +1,139 @@
+//! The planner's predictions for runs with a conditioning image (Fill, Control, Kontext with a
+//! conditioning image of its own size) against measurement, as `planner_accuracy` does for
+//! text to image: weights to the byte, every phase's peak within ±10%.
+
+use candle_core::{DType, Device, Tensor};
+use fluxfit::memory::alloc::CountingAlloc;
+use fluxfit::memory::ledger::MemoryReport;
+use fluxfit::memory::plan::Plan;
+use fluxfit::memory::planner::{self, DeviceProfile, ModelSpec, Request};
+use fluxfit::noise::NoiseKind;
+use fluxfit::pipeline::tiny::{self, TinyConfigs};
+use fluxfit::pipeline::{LoadOptions, Model, Text2Image};
+use fluxfit::variant::Variant;
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+const MIB: f64 = (1 << 20) as f64;
+
+fn model(variant: Variant) -> Model {
+    tiny::load_with(
+        &TinyConfigs::sized(variant, 128, 2, 2).unwrap(),
+        None,
+        LoadOptions {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            attn_chunk: Some(256),
+            variant: Some(variant),
+            lora: None,
+        },
+    )
+    .unwrap()
+}
+
+fn request(width: usize, height: usize) -> Text2Image {
+    Text2Image {
+        prompt: "a cup on a table".into(),
+        width,
+        height,
+        steps: 2,
+        guidance: 3.5,
+        seed: 3,
+        t5_tokens: 32,
+        noise: NoiseKind::TorchF32,
+    }
+}
+
+fn image(w: usize, h: usize, c: usize) -> Tensor {
+    Tensor::zeros((1, c, h, w), DType::F32, &Device::Cpu).unwrap()
+}
+
+/// Runs `run` under each plan and compares the ledger with the prediction for `req`.
+fn check(
+    name: &str,
+    model: &mut Model,
+    req: &Request,
+    run: impl Fn(&Model) -> MemoryReport,
+) -> f64 {
+    let mut worst = 0.0f64;
+    for spec in ["resident", "phase", "stream:1:2"] {
+        let plan = Plan::resident(DType::F32, Some(256))
+            .with_spec(spec)
+            .unwrap();
+        model.set_plan(plan.clone());
+        let _ = run(model); // warm-up of the kernels' thread-local buffers
+        model.set_plan(plan.clone()); // a fresh start: nothing resident yet, as predicted
+        let measured = run(model);
+        let predicted = planner::predict(
+            &ModelSpec::from_model(model),
+            req,
+            &plan,
+            &DeviceProfile::cpu_fixed(),
+        );
+        for m in &measured.phases {
+            let p = predicted.phase(&m.phase).unwrap();
+            assert_eq!(
+                p.weights_peak as usize, m.weights_peak,
+                "{name} `{spec}` {}: weights",
+                m.phase
+            );
+            let err = p.total as f64 / m.total_peak as f64 - 1.0;
+            println!(
+                "{name:<8} {spec:<11} {:<8} measured {:>7.2} MiB predicted {:>7.2} MiB {:+6.1}%",
+                m.phase,
+                m.total_peak as f64 / MIB,
+                p.total as f64 / MIB,
+                100.0 * err
+            );
+            worst = worst.max(err.abs());
+        }
+    }
+    worst
+}
+
+#[test]
+fn conditioned_runs_are_predicted_within_ten_percent() {
+    if std::env::var("RAYON_NUM_THREADS").is_err() {
+        std::env::set_var("RAYON_NUM_THREADS", "2");
+    }
+    let (w, h) = (192, 128);
+    let req = |cond: Option<(usize, usize)>| Request {
+        image_input: true,
+        cond_size: cond,
+        ..Request::for_text2image(&request(w, h))
+    };
+    let mut worst = 0.0f64;
+
+    let mut fill = model(Variant::DevFill);
+    worst = worst.max(check("fill", &mut fill, &req(None), |m| {
+        m.fill(
+            &request(w, h),
+            &image(w, h, 3),
+            &image(w, h, 1),
+            None,
+            &mut |_| {},
+        )
+        .unwrap()
+        .memory
+    }));
+
+    let mut canny = model(Variant::DevCanny);
+    worst = worst.max(check("control", &mut canny, &req(None), |m| {
+        m.control(&request(w, h), &image(w, h, 3), None, &mut |_| {})
+            .unwrap()
+            .memory
+    }));
+
+    // Kontext: a conditioning image of another size than the output.
+    let (cw, ch) = (128, 256);
+    let mut kontext = model(Variant::DevKontext);
+    worst = worst.max(check("kontext", &mut kontext, &req(Some((cw, ch))), |m| {
+        m.kontext(&request(w, h), &image(cw, ch, 3), None, &mut |_| {})
+            .unwrap()
+            .memory
+    }));
+
+    println!("worst {:.1}%", 100.0 * worst);
+    assert!(worst <= 0.10, "worst error {:.1}%", 100.0 * worst);
+}
