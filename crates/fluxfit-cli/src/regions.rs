@@ -42,6 +42,9 @@ pub struct RegionsArgs {
     pub strength: f64,
     #[command(flatten)]
     pub run: RunArgs,
+    /// Allow canvas sides above 16384 pixels.
+    #[arg(long)]
+    pub allow_large: bool,
     /// After the run, print each region's peak device memory (measured on the CPU).
     #[arg(long)]
     pub report_memory: bool,
@@ -74,6 +77,12 @@ pub fn run(args: RegionsArgs) -> Result<()> {
         (None, _, _) => bail!("give the canvas size with --width and --height (or --from FILE)"),
     };
     let (w, h) = (w / 16 * 16, h / 16 * 16);
+    const MAX_CANVAS: usize = 16384;
+    if (w > MAX_CANVAS || h > MAX_CANVAS) && !args.allow_large {
+        bail!(
+            "the canvas {w}x{h} has a side above {MAX_CANVAS} pixels; pass --allow-large if you mean it"
+        );
+    }
     // The built-in tiny model's default region is smaller, as its default image is.
     let tiny = args.run.model.model == "tiny" && args.run.model.flow.is_none();
     let tile = args.tile.unwrap_or(if tiny { 256 } else { 1024 });

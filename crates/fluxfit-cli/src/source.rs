@@ -70,6 +70,11 @@ impl ModelArgs {
             }),
             ..options
         };
+        if let Some(lora) = &self.lora {
+            if !lora.is_file() {
+                bail!("--lora {}: no such file", lora.display());
+            }
+        }
         let has_parts = self.flow.is_some() || self.ae.is_some();
         if self.model == "tiny" && !has_parts {
             return Ok(tiny::load(options)?);

@@ -74,9 +74,10 @@ pub fn aspect_ratio_size(spec: &str) -> Result<(usize, usize)> {
     };
     let side = |x: f64| (round(x) as usize) / 16 * 16;
     let (tw, th) = (side((area * r).sqrt()), side((area / r).sqrt()));
-    if tw < 16 || th < 16 {
+    use super::text2image::{MAX_SIDE, MIN_SIDE};
+    if tw < MIN_SIDE || th < MIN_SIDE || tw > MAX_SIDE || th > MAX_SIDE {
         return Err(Error::InvalidRequest(format!(
-            "aspect ratio `{spec}` is too extreme: it gives {tw}x{th}"
+            "aspect ratio `{spec}` is too extreme: it gives {tw}x{th}, and sides must be {MIN_SIDE} to {MAX_SIDE} pixels"
         )));
     }
     Ok((tw, th))
@@ -170,7 +171,7 @@ mod tests {
         assert_eq!(aspect_ratio_size("3:2").unwrap(), (1248, 832));
         assert_eq!(aspect_ratio_size("21:9").unwrap(), (1552, 656));
         assert_eq!(aspect_ratio_size("1:1").unwrap(), (1024, 1024));
-        for bad in ["16x9", "0:1", "a:b", "1:-2", ""] {
+        for bad in ["16x9", "0:1", "a:b", "1:-2", "", "1000:1", "1:400"] {
             assert!(aspect_ratio_size(bad).is_err(), "{bad}");
         }
     }
