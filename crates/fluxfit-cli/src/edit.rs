@@ -1,16 +1,20 @@
 //! `fluxfit edit`: instruction editing with FLUX.1 Kontext (spec §3 `prepare_kontext`, the
 //! kontext CLI's sizes, §4.3).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use fluxfit::image::{read_rgb8, resize_lanczos};
+use fluxfit::image::{read_rgb8, resize_lanczos, Rgb8};
 use fluxfit::pipeline::kontext::{aspect_ratio_size, conditioning_size, image_tensor};
+use fluxfit::pipeline::{Model, Text2Image};
 
 use crate::generate::{check_output, metadata};
 use crate::plan::Quant;
-use crate::run_args::{file_name, on_event, progress, write_image, Planning, RunArgs};
+use crate::run_args::{
+    file_name, interactive_loop, loop_number, on_event, progress, write_image, LoopEvent, Planning,
+    RunArgs,
+};
 
 #[derive(Args, Debug)]
 pub struct EditArgs {
@@ -18,9 +22,10 @@ pub struct EditArgs {
     /// closest aspect ratio (17 sizes of about 1 MP), as the reference does.
     #[arg(long, value_name = "FILE")]
     pub image: PathBuf,
-    /// The edit, as an instruction: "replace the logo with the text 'fluxfit'".
-    #[arg(long)]
-    pub prompt: String,
+    /// The edit, as an instruction: "replace the logo with the text 'fluxfit'" (with --loop,
+    /// they come from stdin).
+    #[arg(long, required_unless_present = "interactive")]
+    pub prompt: Option<String>,
     /// Output aspect ratio W:H at about 1 MP (16:9 → 1360x768) [default: the input's, after
     /// snapping].
     #[arg(long, value_name = "W:H", conflicts_with_all = ["width", "height"])]
@@ -40,14 +45,17 @@ pub struct EditArgs {
     /// Output file (.png, or .jpg/.jpeg); an existing file is never replaced.
     #[arg(long, default_value = "edit.png")]
     pub out: PathBuf,
+    /// Interactive: edit instructions from stdin, with /i /ar /w /h /s /g /n /q commands
+    /// (/help lists them), the model loaded once.
+    #[arg(long = "loop")]
+    pub interactive: bool,
 }
 
-pub fn run(args: EditArgs) -> Result<()> {
-    check_output(&args.out)?;
-    let quiet = args.run.quiet;
-    let src =
-        read_rgb8(&args.image).with_context(|| format!("--image {}", args.image.display()))?;
-    let (cw, ch) = if args.keep_size {
+/// The conditioning image as it is encoded: snapped to a Kontext resolution (or, with
+/// `--keep-size`, floored to multiples of 16) and resized with Lanczos.
+fn conditioning(path: &Path, keep_size: bool, quiet: bool) -> Result<Rgb8> {
+    let src = read_rgb8(path).with_context(|| format!("--image {}", path.display()))?;
+    let (cw, ch) = if keep_size {
         (src.width / 16 * 16, src.height / 16 * 16)
     } else {
         conditioning_size(src.width, src.height)
@@ -55,37 +63,121 @@ pub fn run(args: EditArgs) -> Result<()> {
     if cw < 16 || ch < 16 {
         bail!(
             "--image {} is {}x{}: smaller than 16 pixels a side",
-            args.image.display(),
+            path.display(),
             src.width,
             src.height
         );
     }
-    let cond = resize_lanczos(&src, cw, ch);
     if (cw, ch) != (src.width, src.height) && !quiet {
         eprintln!(
             "conditioning image {}x{} resized to {cw}x{ch}",
             src.width, src.height
         );
     }
-    let (w, h) = match &args.aspect_ratio {
+    Ok(resize_lanczos(&src, cw, ch))
+}
+
+/// The output size: the aspect ratio's, else the given sides, else the conditioning image's.
+fn target_size(args: &EditArgs, cond: &Rgb8) -> Result<(usize, usize)> {
+    Ok(match &args.aspect_ratio {
         Some(ar) => aspect_ratio_size(ar).with_context(|| format!("--aspect-ratio {ar}"))?,
         None => (
-            args.width.unwrap_or(cw) / 16 * 16,
-            args.height.unwrap_or(ch) / 16 * 16,
+            args.width.unwrap_or(cond.width) / 16 * 16,
+            args.height.unwrap_or(cond.height) / 16 * 16,
         ),
-    };
+    })
+}
+
+pub fn run(mut args: EditArgs) -> Result<()> {
+    check_output(&args.out)?;
+    let quiet = args.run.quiet;
+    let mut cond = conditioning(&args.image, args.keep_size, quiet)?;
+    let (w, h) = target_size(&args, &cond)?;
     // The planner sees both token sets: the target's and the conditioning image's.
     let model = args.run.load_planned(Planning {
         width: Some(w),
         height: Some(h),
         image_input: true,
-        cond_size: Some((cw, ch)),
+        cond_size: Some((cond.width, cond.height)),
         quant: Quant::Auto,
         attn_chunk: Some(fluxfit::model::attention::DEFAULT_CHUNK),
     })?;
-    let req = args.run.request(&model, &args.prompt, w, h);
-    req.validate(false)?;
-    if !quiet {
+    let mut req = args
+        .run
+        .request(&model, args.prompt.as_deref().unwrap_or_default(), w, h);
+    if !args.interactive {
+        req.validate(false)?;
+        return edit_one(&model, &req, &args, &cond).map(|_| ());
+    }
+    let first = req.prompt.clone();
+    let seed = args.run.seed;
+    interactive_loop(LOOP_HELP, &first, seed, |event| {
+        match event {
+            LoopEvent::Command { name, value } => match name {
+                "i" => {
+                    let path = PathBuf::from(value);
+                    cond = conditioning(&path, args.keep_size, quiet)?;
+                    args.image = path;
+                }
+                "ar" => {
+                    if value != "auto" {
+                        let (w, h) = aspect_ratio_size(value)?;
+                        eprintln!("{w}x{h} ({:.2} MP)", (w * h) as f64 / 1e6);
+                    }
+                    args.aspect_ratio = (value != "auto").then(|| value.to_string());
+                    args.width = None;
+                    args.height = None;
+                }
+                "w" | "h" => {
+                    let side = match value {
+                        "auto" => None,
+                        v => loop_number(name, v, "pixels").map(|n| n as usize),
+                    };
+                    args.aspect_ratio = None;
+                    if name == "w" {
+                        args.width = side;
+                    } else {
+                        args.height = side;
+                    }
+                }
+                "g" => {
+                    if let Some(n) = loop_number(name, value, "the guidance") {
+                        req.guidance = n as f32;
+                    }
+                }
+                "n" => {
+                    if let Some(n) = loop_number(name, value, "the steps") {
+                        req.steps = n as usize;
+                    }
+                }
+                _ => return Ok(false),
+            },
+            LoopEvent::Run { prompt, seed } => {
+                (req.width, req.height) = target_size(&args, &cond)?;
+                req.prompt = prompt.to_string();
+                req.seed = seed;
+                req.validate(false)?;
+                edit_one(&model, &req, &args, &cond)?;
+            }
+        }
+        Ok(true)
+    })
+}
+
+const LOOP_HELP: &str = "Enter an edit instruction (empty: repeat the last one), or a command:
+  /i <file>       the next image to edit
+  /ar <W:H|auto>  output aspect ratio at about 1 MP (auto: the image's size)
+  /w, /h <px|auto> output width, height (floored to a multiple of 16)
+  /s <seed>       seed of the next image (otherwise random)
+  /g <x>          guidance
+  /n <steps>      steps
+  /help           this text
+  /q              quit";
+
+/// One edit of `cond` for `req`, written with its metadata.
+fn edit_one(model: &Model, req: &Text2Image, args: &EditArgs, cond: &Rgb8) -> Result<PathBuf> {
+    let (cw, ch) = (cond.width, cond.height);
+    if !args.run.quiet {
         eprintln!(
             "{} | {}x{} from a {cw}x{ch} image | {} steps | guidance {} | seed {} | plan {}",
             model.name,
@@ -97,10 +189,10 @@ pub fn run(args: EditArgs) -> Result<()> {
             model.plan().spec()
         );
     }
-    let bar = progress(quiet);
-    let out = model.kontext(&req, &image_tensor(&cond)?, None, &mut on_event(&bar))?;
+    let bar = progress(args.run.quiet);
+    let out = model.kontext(req, &image_tensor(cond)?, None, &mut on_event(&bar))?;
     bar.finish_and_clear();
-    let mut meta = metadata(&model, &req);
+    let mut meta = metadata(model, req);
     meta.push(("edit_image".into(), file_name(&args.image)));
     meta.push(("edit_image_size".into(), format!("{cw}x{ch}")));
     if let Some(ar) = &args.aspect_ratio {
@@ -114,5 +206,5 @@ pub fn run(args: EditArgs) -> Result<()> {
         req.height,
         req.seed
     );
-    Ok(())
+    Ok(path)
 }

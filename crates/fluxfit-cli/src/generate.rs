@@ -1,6 +1,5 @@
 //! `fluxfit generate`: text to image, once or in the reference's interactive loop.
 
-use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -18,7 +17,7 @@ use fluxfit::pipeline::{Event, ImageInit, Model, Text2Image};
 use fluxfit::variant::Variant;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::run_args::{Planning, RunArgs};
+use crate::run_args::{interactive_loop, loop_number, LoopEvent, Planning, RunArgs};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -43,7 +42,7 @@ pub struct GenerateArgs {
     /// img2img: start from this image (PNG or JPEG) instead of pure noise. With --width or
     /// --height it is resized to the requested size (nearest, as the reference demo); without,
     /// cropped from the top-left to sides that are multiples of 16, which become the size.
-    #[arg(long, value_name = "FILE", conflicts_with = "interactive")]
+    #[arg(long, value_name = "FILE")]
     pub init_image: Option<PathBuf>,
     /// img2img: how much of the schedule runs, in [0, 1] (1 ignores the image, 0 returns it):
     /// denoising starts at step int((1 − strength)·steps).
@@ -54,7 +53,7 @@ pub struct GenerateArgs {
     /// edges (thresholds 50/200, as the reference), a Depth model the image itself as the
     /// depth map (fluxfit does not estimate depth). Without --width/--height the output takes
     /// the image's size, floored to multiples of 16.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["init_image", "interactive"])]
+    #[arg(long, value_name = "FILE", conflicts_with = "init_image")]
     pub control_image: Option<PathBuf>,
     /// Use --control-image as the control as is (an edge map you made), not its Canny edges.
     #[arg(long, requires = "control_image")]
@@ -279,7 +278,8 @@ fn load_init(args: &GenerateArgs, req: &Text2Image) -> Result<Option<ImageInit>>
         return Ok(None);
     };
     let rgb = read_rgb8(path).with_context(|| format!("--init-image {}", path.display()))?;
-    let resize = args.width.is_some() || args.height.is_some();
+    // In the loop the size is the request's, whatever image comes next (`/i`).
+    let resize = args.width.is_some() || args.height.is_some() || args.interactive;
     let image = init_image(&rgb, resize.then_some((req.width, req.height)))
         .with_context(|| format!("--init-image {}", path.display()))?;
     Ok(Some(ImageInit {
@@ -462,83 +462,69 @@ const LOOP_HELP: &str = "Enter a prompt to generate (empty: repeat the last one)
   /s <seed>  seed of the next image (otherwise random)
   /g <x>     guidance
   /n <steps> steps
+  /i <file>  the next input image (with --init-image or --control-image)
   /help      this text
   /q         quit";
 
 /// The reference's `--loop`: settings persist, the seed is reset after each image.
-fn interactive(model: &Model, mut req: Text2Image, args: GenerateArgs) -> Result<()> {
-    let stdin = std::io::stdin();
-    let mut next_seed = args.run.seed;
-    let mut prompt = req.prompt.clone();
-    eprintln!("{LOOP_HELP}");
-    loop {
-        eprint!("> ");
-        std::io::stderr().flush().ok();
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        let line = line.trim();
-        if let Some(cmd) = line.strip_prefix('/') {
-            let (name, value) = cmd.split_once(' ').unwrap_or((cmd, ""));
-            let value = value.trim();
-            let num = |what: &str| -> Option<f64> {
-                let n = value.parse::<f64>().ok();
-                if n.is_none() {
-                    eprintln!("/{name} needs a number for {what}; got `{value}`");
-                }
-                n
-            };
-            match name {
-                "q" => return Ok(()),
-                "w" => {
-                    if let Some(n) = num("the width") {
-                        req.width = floor16("width", n as usize, false);
-                        eprintln!(
-                            "{}x{} ({:.2} MP)",
-                            req.width,
-                            req.height,
-                            (req.width * req.height) as f64 / 1e6
-                        );
+fn interactive(model: &Model, mut req: Text2Image, mut args: GenerateArgs) -> Result<()> {
+    let first = req.prompt.clone();
+    let seed = args.run.seed;
+    interactive_loop(LOOP_HELP, &first, seed, |event| {
+        match event {
+            LoopEvent::Command { name, value } => {
+                let num = |what: &str| loop_number(name, value, what);
+                match name {
+                    "i" => {
+                        let slot = match (&mut args.init_image, &mut args.control_image) {
+                            (Some(p), _) | (None, Some(p)) => p,
+                            (None, None) => {
+                                bail!("/i needs a run started with --init-image or --control-image")
+                            }
+                        };
+                        let path = PathBuf::from(value);
+                        if !path.is_file() {
+                            bail!("/i {value}: no such file");
+                        }
+                        *slot = path;
                     }
-                }
-                "h" => {
-                    if let Some(n) = num("the height") {
-                        req.height = floor16("height", n as usize, false);
-                        eprintln!(
-                            "{}x{} ({:.2} MP)",
-                            req.width,
-                            req.height,
-                            (req.width * req.height) as f64 / 1e6
-                        );
+                    "w" | "h" => {
+                        let word = if name == "w" { "width" } else { "height" };
+                        if let Some(n) = num(word) {
+                            let side = floor16(word, n as usize, false);
+                            if name == "w" {
+                                req.width = side;
+                            } else {
+                                req.height = side;
+                            }
+                            eprintln!(
+                                "{}x{} ({:.2} MP)",
+                                req.width,
+                                req.height,
+                                (req.width * req.height) as f64 / 1e6
+                            );
+                        }
                     }
-                }
-                "s" => next_seed = num("the seed").map(|n| n as u64),
-                "g" => {
-                    if let Some(n) = num("the guidance") {
-                        req.guidance = n as f32;
+                    "g" => {
+                        if let Some(n) = num("the guidance") {
+                            req.guidance = n as f32;
+                        }
                     }
-                }
-                "n" => {
-                    if let Some(n) = num("the steps") {
-                        req.steps = n as usize;
+                    "n" => {
+                        if let Some(n) = num("the steps") {
+                            req.steps = n as usize;
+                        }
                     }
+                    _ => return Ok(false),
                 }
-                _ => eprintln!("{LOOP_HELP}"),
             }
-            continue;
+            LoopEvent::Run { prompt, seed } => {
+                req.prompt = prompt.to_string();
+                req.seed = seed;
+                req.validate(args.allow_large)?;
+                generate_one(model, &req, &args)?;
+            }
         }
-        if !line.is_empty() {
-            prompt = line.to_string();
-        }
-        req.prompt = prompt.clone();
-        req.seed = next_seed.take().unwrap_or_else(random_seed);
-        if let Err(e) = req.validate(args.allow_large) {
-            eprintln!("error: {e}");
-            continue;
-        }
-        if let Err(e) = generate_one(model, &req, &args) {
-            eprintln!("error: {e:#}");
-        }
-    }
+        Ok(true)
+    })
 }

@@ -198,3 +198,72 @@ pub fn write_image(image: &Tensor, out: &Path, meta: &[(String, String)]) -> Res
     save(&rgb, &path, meta)?;
     Ok(path)
 }
+
+/// What an interactive loop asks of its command.
+pub enum LoopEvent<'a> {
+    /// `/name value` other than the ones every loop has (`/s`, `/q`, `/help`); answer whether
+    /// it was understood.
+    Command { name: &'a str, value: &'a str },
+    /// Generate for this prompt with this seed.
+    Run { prompt: &'a str, seed: u64 },
+}
+
+/// The reference's `--loop`: prompts from stdin (an empty line repeats the last one),
+/// `/s <seed>` for the next image (otherwise random: the seed is reset after each), `/q` to
+/// quit, `/help` (or an unknown command) for `help`; everything else goes to `step`, whose
+/// errors are printed without ending the loop.
+pub fn interactive_loop(
+    help: &str,
+    first_prompt: &str,
+    seed: Option<u64>,
+    mut step: impl FnMut(LoopEvent) -> Result<bool>,
+) -> Result<()> {
+    use std::io::{BufRead, Write};
+    let stdin = std::io::stdin();
+    let mut next_seed = seed;
+    let mut prompt = first_prompt.to_string();
+    eprintln!("{help}");
+    loop {
+        eprint!("> ");
+        std::io::stderr().flush().ok();
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let line = line.trim();
+        if let Some(cmd) = line.strip_prefix('/') {
+            let (name, value) = cmd.split_once(' ').unwrap_or((cmd, ""));
+            let value = value.trim();
+            match name {
+                "q" => return Ok(()),
+                "s" => next_seed = loop_number(name, value, "the seed").map(|n| n as u64),
+                "help" => eprintln!("{help}"),
+                _ => match step(LoopEvent::Command { name, value }) {
+                    Ok(true) => {}
+                    Ok(false) => eprintln!("{help}"),
+                    Err(e) => eprintln!("error: {e:#}"),
+                },
+            }
+            continue;
+        }
+        if !line.is_empty() {
+            prompt = line.to_string();
+        }
+        let seed = next_seed.take().unwrap_or_else(random_seed);
+        if let Err(e) = step(LoopEvent::Run {
+            prompt: &prompt,
+            seed,
+        }) {
+            eprintln!("error: {e:#}");
+        }
+    }
+}
+
+/// The number a loop command takes, or `None` after saying what was wrong.
+pub fn loop_number(name: &str, value: &str, what: &str) -> Option<f64> {
+    let n = value.parse::<f64>().ok();
+    if n.is_none() {
+        eprintln!("/{name} needs a number for {what}; got `{value}`");
+    }
+    n
+}

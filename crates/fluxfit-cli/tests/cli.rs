@@ -1048,3 +1048,82 @@ fn regions_make_a_canvas_and_refine_an_enlarged_image() {
     );
     command_fails(d, &["regions", "--prompt", "x"], &["--width"]);
 }
+
+#[test]
+fn loops_take_the_next_input_image() {
+    let dir = tempdir();
+    let d = dir.path();
+    let control = fixtures().join("control_image.png");
+    let other = fixtures().join("img2img_init.png");
+    // Control: the second image comes from `/i`, the size stays the first one's.
+    let stdin = format!(
+        "a gold robot\n/i {}\n/s 3\na silver robot\n/i /nope.png\n/q\n",
+        s(&other)
+    );
+    let o = fluxfit(
+        d,
+        &[
+            "generate",
+            "--model",
+            "tiny",
+            "--variant",
+            "canny",
+            "--control-image",
+            &s(&control),
+            "--steps",
+            "1",
+            "--loop",
+            "--out",
+            "c.png",
+        ],
+        Some(&stdin),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("/i /nope.png: no such file"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        chunk(&text(&d.join("c.png")), "control_image"),
+        "control_image.png"
+    );
+    let second = text(&d.join("c-1.png"));
+    assert_eq!(chunk(&second, "control_image"), "img2img_init.png");
+    assert_eq!(chunk(&second, "seed"), "3");
+    assert_eq!(size(&d.join("c-1.png")), (96, 64));
+    // Edit: `/i`, `/ar` (checked when given) and `/w auto`.
+    let kontext = fixtures().join("kontext_image.png");
+    let stdin = format!(
+        "make it blue\n/i {}\n/ar 1000:1\nmake it red\n/q\n",
+        s(&other)
+    );
+    let o = fluxfit(
+        d,
+        &[
+            "edit",
+            "--model",
+            "tiny",
+            "--variant",
+            "kontext",
+            "--keep-size",
+            "--image",
+            &s(&kontext),
+            "--steps",
+            "1",
+            "--loop",
+            "--out",
+            "e.png",
+        ],
+        Some(&stdin),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("too extreme"), "{}", stderr(&o));
+    assert_eq!(size(&d.join("e.png")), (64, 80));
+    assert_eq!(size(&d.join("e-1.png")), (96, 64));
+    assert_eq!(
+        chunk(&text(&d.join("e-1.png")), "edit_image"),
+        "img2img_init.png"
+    );
+    assert_eq!(chunk(&text(&d.join("e-1.png")), "prompt"), "make it red");
+}
