@@ -5,15 +5,19 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use fluxfit::image::Rgb8;
 use fluxfit::image::{read_alpha_mask, read_mask, read_rgb8, resize_lanczos, resize_mask_lanczos};
 use fluxfit::pipeline::fill::{
     fill_size, fill_tensors, outpaint_canvas, outpaint_geometry, Outpaint,
 };
+use fluxfit::pipeline::{Model, Text2Image};
 
 use crate::generate::{check_output, metadata};
-use crate::run_args::{file_name, on_event, progress, write_image, RunArgs};
+use crate::run_args::{
+    file_name, interactive_loop, loop_number, on_event, progress, write_image, LoopEvent, RunArgs,
+};
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct FillArgs {
     /// The image to fill (PNG or JPEG). Resized as the reference demo does: within 0.5–2 MP
     /// only its sides are rounded to multiples of 32, outside it is scaled into that range.
@@ -43,10 +47,15 @@ pub struct FillArgs {
     /// multiples of 32).
     #[arg(long)]
     pub keep_size: bool,
+    /// Interactive: prompts from stdin with /i /m /s /g /n /q commands (/help lists them), the
+    /// model loaded once.
+    #[arg(long = "loop")]
+    pub interactive: bool,
 }
 
-pub fn run(args: FillArgs) -> Result<()> {
-    check_output(&args.out)?;
+/// The canvas, its mask (255 = generate) and the mask's description, from the image and
+/// the mask flags as the demo makes them.
+fn prepare(args: &FillArgs) -> Result<(Rgb8, Vec<u8>, String)> {
     let quiet = args.run.quiet;
     let src =
         read_rgb8(&args.image).with_context(|| format!("--image {}", args.image.display()))?;
@@ -83,7 +92,7 @@ pub fn run(args: FillArgs) -> Result<()> {
             Some(o)
         }
     };
-    let (canvas, mask, mask_source) = if let Some(o) = &outpaint {
+    Ok(if let Some(o) = &outpaint {
         let g = outpaint_geometry(w, h, o);
         let (c, m) = outpaint_canvas(&img, &g);
         let desc = format!(
@@ -118,26 +127,93 @@ pub fn run(args: FillArgs) -> Result<()> {
             resize_mask_lanczos(&m, (src.width, src.height), (w, h)),
             "alpha".to_string(),
         )
-    };
+    })
+}
 
+pub fn run(mut args: FillArgs) -> Result<()> {
+    check_output(&args.out)?;
+    let (mut canvas, mut mask, mut source) = prepare(&args)?;
     let model = args.run.load((canvas.width, canvas.height))?;
-    let req = args
+    let mut req = args
         .run
         .request(&model, &args.prompt, canvas.width, canvas.height);
-    req.validate(false)?;
-    if !quiet {
+    if !args.interactive {
+        req.validate(false)?;
+        return fill_one(&model, &req, &args, &canvas, &mask, &source).map(|_| ());
+    }
+    let first = req.prompt.clone();
+    let seed = args.run.seed;
+    interactive_loop(LOOP_HELP, &first, seed, |event| {
+        match event {
+            LoopEvent::Command { name, value } => match name {
+                "i" | "m" => {
+                    let mut next = args.clone();
+                    let path = PathBuf::from(value);
+                    if name == "i" {
+                        next.image = path;
+                    } else {
+                        // A mask replaces outpainting.
+                        (next.mask, next.outpaint, next.zoom_out) = (Some(path), None, None);
+                    }
+                    (canvas, mask, source) = prepare(&next)?;
+                    args = next;
+                    (req.width, req.height) = (canvas.width, canvas.height);
+                }
+                "g" => {
+                    if let Some(n) = loop_number(name, value, "the guidance") {
+                        req.guidance = n as f32;
+                    }
+                }
+                "n" => {
+                    if let Some(n) = loop_number(name, value, "the steps") {
+                        req.steps = n as usize;
+                    }
+                }
+                _ => return Ok(false),
+            },
+            LoopEvent::Run { prompt, seed } => {
+                req.prompt = prompt.to_string();
+                req.seed = seed;
+                req.validate(false)?;
+                fill_one(&model, &req, &args, &canvas, &mask, &source)?;
+            }
+        }
+        Ok(true)
+    })
+}
+
+const LOOP_HELP: &str =
+    "Enter what to draw in the masked area (empty: repeat the last one), or a command:
+  /i <file>  the next image (the mask flags as given: its alpha, or the outpaint borders)
+  /m <file>  the next mask (the image's size; it ends outpainting)
+  /s <seed>  seed of the next image (otherwise random)
+  /g <x>     guidance
+  /n <steps> steps
+  /help      this text
+  /q         quit";
+
+/// One fill of `canvas` where `mask` says, written with its metadata.
+fn fill_one(
+    model: &Model,
+    req: &Text2Image,
+    args: &FillArgs,
+    canvas: &Rgb8,
+    mask: &[u8],
+    mask_source: &str,
+) -> Result<PathBuf> {
+    if !args.run.quiet {
         eprintln!(
             "{} | {}x{} | {} steps | guidance {} | seed {} | mask: {mask_source}",
             model.name, req.width, req.height, req.steps, req.guidance, req.seed
         );
     }
-    let (image, mask_t) = fill_tensors(&canvas, &mask)?;
-    let bar = progress(quiet);
-    let out = model.fill(&req, &image, &mask_t, None, &mut on_event(&bar))?;
+    let (image, mask_t) = fill_tensors(canvas, mask)?;
+    let bar = progress(args.run.quiet);
+    let out = model.fill(req, &image, &mask_t, None, &mut on_event(&bar))?;
     bar.finish_and_clear();
-    let mut meta = metadata(&model, &req);
+    let mut meta = metadata(model, req);
     meta.push(("fill_image".into(), file_name(&args.image)));
-    meta.push(("fill_mask".into(), mask_source));
+    meta.push(("fill_mask".into(), mask_source.to_string()));
     let path = write_image(&out.image, &args.out, &meta)?;
     println!(
         "wrote {} ({}x{}, seed {})",
@@ -146,5 +222,5 @@ pub fn run(args: FillArgs) -> Result<()> {
         req.height,
         req.seed
     );
-    Ok(())
+    Ok(path)
 }

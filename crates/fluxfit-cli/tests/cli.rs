@@ -1127,3 +1127,44 @@ fn loops_take_the_next_input_image() {
     );
     assert_eq!(chunk(&text(&d.join("e-1.png")), "prompt"), "make it red");
 }
+
+#[test]
+fn fill_loop_takes_the_next_mask() {
+    let dir = tempdir();
+    let d = dir.path();
+    let image = fixtures().join("fill_image.png");
+    let mask = fixtures().join("fill_mask.png");
+    let stdin = format!("a cup\n/m {}\n/s 4\na plate\n/i /nope.png\n/q\n", s(&mask));
+    let o = fluxfit(
+        d,
+        &[
+            "fill",
+            "--model",
+            "tiny",
+            "--variant",
+            "fill",
+            "--image",
+            &s(&image),
+            "--outpaint",
+            "right=0.5",
+            "--keep-size",
+            "--steps",
+            "1",
+            "--loop",
+            "--out",
+            "f.png",
+        ],
+        Some(&stdin),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("/nope.png"), "{}", stderr(&o));
+    // The first outpaints (96 + 48 rounded to 32: 128 wide), the second inpaints with the mask
+    // given by `/m`.
+    assert_eq!(size(&d.join("f.png")), (128, 64));
+    assert!(chunk(&text(&d.join("f.png")), "fill_mask").starts_with("outpaint"));
+    let second = text(&d.join("f-1.png"));
+    assert_eq!(size(&d.join("f-1.png")), (96, 64));
+    assert_eq!(chunk(&second, "fill_mask"), "fill_mask.png");
+    assert_eq!(chunk(&second, "prompt"), "a plate");
+    assert_eq!(chunk(&second, "seed"), "4");
+}
