@@ -1168,3 +1168,51 @@ fn fill_loop_takes_the_next_mask() {
     assert_eq!(chunk(&second, "prompt"), "a plate");
     assert_eq!(chunk(&second, "seed"), "4");
 }
+
+#[test]
+fn plan_compares_storage_types_and_plans_quantized_files() {
+    let dir = tempdir();
+    let d = dir.path();
+    let plan = |extra: &[&str]| -> String {
+        let mut args = vec![
+            "plan", "--model", "flux-dev", "--width", "1024", "--height", "1024", "--vram", "8GB",
+        ];
+        args.extend_from_slice(extra);
+        String::from_utf8_lossy(&succeeds(d, &args).stdout).to_string()
+    };
+    let auto = plan(&[]);
+    assert!(
+        auto.contains("storage of the flow and T5 weights"),
+        "{auto}"
+    );
+    for row in [
+        "as stored (bf16)",
+        "q8_0",
+        "q4_k",
+        "flow+t5 packed",
+        "9.8e-2",
+    ] {
+        assert!(auto.contains(row), "`{row}` not in:\n{auto}");
+    }
+    let none = plan(&["--quant", "none"]);
+    assert!(
+        !none.contains("storage of the flow") && !none.contains("packed"),
+        "{none}"
+    );
+    // As if stored as q4_k: the flow model's bytes shrink and packed plans appear.
+    let q4 = plan(&["--quant", "q4_k"]);
+    assert!(q4.contains("flow 6.4 GiB"), "{q4}");
+    assert!(q4.contains("flow+t5 packed"), "{q4}");
+    let json = plan(&["--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["storage"].as_array().unwrap().len(), 6);
+    command_fails(d, &["plan", "--quant", "q9_x"], &["q9_x"]);
+    // generate refuses a type the file is not stored in, before downloading anything.
+    command_fails(
+        d,
+        &[
+            "generate", "--model", "flux-dev", "--vram", "8GB", "--quant", "q4_k",
+        ],
+        &["--quant q4_k", "fluxfit quantize"],
+    );
+}
