@@ -3,6 +3,8 @@
 
 use candle_core::{DType, Tensor};
 
+use super::model::Model;
+use super::text2image::{Cond, Event, Generated, Start, Text2Image};
 use crate::error::{Error, Result};
 use crate::sampling;
 
@@ -265,6 +267,53 @@ pub fn fill_tensors(img: &crate::image::Rgb8, mask: &[u8]) -> Result<(Tensor, Te
         Tensor::from_vec(v, (1, 3, h, w), &dev)?,
         Tensor::from_vec(m, (1, 1, h, w), &dev)?,
     ))
+}
+
+impl Model {
+    /// Fill (inpainting / outpainting, spec §3 `prepare_fill`): `image` `[1, 3, H, W]` in
+    /// [−1, 1] and `mask` `[1, 1, H, W]` in [0, 1] (1 = generate) at the request's size; the
+    /// conditioning is made in the encode phase. Needs a Fill model (flow in_channels 384).
+    pub fn fill(
+        &self,
+        req: &Text2Image,
+        image: &Tensor,
+        mask: &Tensor,
+        embeddings: Option<(&Tensor, &Tensor)>,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Generated> {
+        let need = 64 + 320;
+        if self.flow.net.config.in_channels != need {
+            return Err(Error::InvalidRequest(format!(
+                "fill needs a Fill model (flow in_channels {need}); {} has {}",
+                self.name, self.flow.net.config.in_channels
+            )));
+        }
+        if image.dims() != [1, 3, req.height, req.width] {
+            return Err(Error::InvalidRequest(format!(
+                "the fill image is {:?}, the request needs [1, 3, {}, {}]",
+                image.dims(),
+                req.height,
+                req.width
+            )));
+        }
+        self.conditioned(
+            req,
+            embeddings,
+            on_event,
+            || self.fill_conditioning(image, mask),
+            |txt, vec, cond, on_event| {
+                self.denoise_decode(req, txt, vec, Start::Noise, Cond::Channels(cond), on_event)
+            },
+        )
+    }
+
+    /// `prepare_fill`'s conditioning `[1, L, 320]` in the compute dtype, on the compute device.
+    pub fn fill_conditioning(&self, image: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let dev = self.device().clone();
+        fill_conditioning(image, mask, self.dtype(), |x| self.encode_image(x))?
+            .to_device(&dev)
+            .map_err(Into::into)
+    }
 }
 
 #[cfg(test)]

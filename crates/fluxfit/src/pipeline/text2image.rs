@@ -1,5 +1,7 @@
-//! Text to image, as the reference's t2i CLI does it: encode the prompt, draw the seed's noise,
-//! integrate the flow over the schedule, decode.
+//! Text to image (and img2img), as the reference's t2i CLI and demo do it: encode the prompt,
+//! draw the seed's noise, integrate the flow over the schedule, decode; and the phases every
+//! generation mode shares (`conditioned`, `denoise_decode`), which Fill, Control, Kontext and
+//! region generation feed with their conditioning.
 
 use candle_core::{DType, Tensor};
 
@@ -215,51 +217,6 @@ impl Model {
             None => ae.net.encode(&ae.weights, &x)?,
         };
         Ok(z.to_dtype(DType::F32)?.to_device(self.device())?)
-    }
-
-    /// Fill (inpainting / outpainting, spec §3 `prepare_fill`): `image` `[1, 3, H, W]` in
-    /// [−1, 1] and `mask` `[1, 1, H, W]` in [0, 1] (1 = generate) at the request's size; the
-    /// conditioning is made in the encode phase. Needs a Fill model (flow in_channels 384).
-    pub fn fill(
-        &self,
-        req: &Text2Image,
-        image: &Tensor,
-        mask: &Tensor,
-        embeddings: Option<(&Tensor, &Tensor)>,
-        on_event: &mut dyn FnMut(Event),
-    ) -> Result<Generated> {
-        let need = 64 + 320;
-        if self.flow.net.config.in_channels != need {
-            return Err(Error::InvalidRequest(format!(
-                "fill needs a Fill model (flow in_channels {need}); {} has {}",
-                self.name, self.flow.net.config.in_channels
-            )));
-        }
-        if image.dims() != [1, 3, req.height, req.width] {
-            return Err(Error::InvalidRequest(format!(
-                "the fill image is {:?}, the request needs [1, 3, {}, {}]",
-                image.dims(),
-                req.height,
-                req.width
-            )));
-        }
-        self.conditioned(
-            req,
-            embeddings,
-            on_event,
-            || self.fill_conditioning(image, mask),
-            |txt, vec, cond, on_event| {
-                self.denoise_decode(req, txt, vec, Start::Noise, Cond::Channels(cond), on_event)
-            },
-        )
-    }
-
-    /// `prepare_fill`'s conditioning `[1, L, 320]` in the compute dtype, on the compute device.
-    pub fn fill_conditioning(&self, image: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let dev = self.device().clone();
-        super::fill::fill_conditioning(image, mask, self.dtype(), |x| self.encode_image(x))?
-            .to_device(&dev)
-            .map_err(Into::into)
     }
 
     /// img2img (spec §3, demo_st.py): text and init image encoded in the encode phase, then
