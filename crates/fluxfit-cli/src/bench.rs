@@ -111,6 +111,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             attn_chunk: chunk,
             variant: Some(Variant::Schnell),
             lora: None,
+            quantize: None,
         },
     )?;
     let base = Plan::resident(DType::F32, chunk);

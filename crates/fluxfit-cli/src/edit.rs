@@ -99,7 +99,7 @@ pub fn run(mut args: EditArgs) -> Result<()> {
         height: Some(h),
         image_input: true,
         cond_size: Some((cond.width, cond.height)),
-        quant: Quant::Auto,
+        quant: Quant::Stored,
         attn_chunk: Some(fluxfit::model::attention::DEFAULT_CHUNK),
     })?;
     let mut req = args

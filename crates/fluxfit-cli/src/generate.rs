@@ -58,10 +58,11 @@ pub struct GenerateArgs {
     /// Use --control-image as the control as is (an edge map you made), not its Canny edges.
     #[arg(long, requires = "control_image")]
     pub control_raw: bool,
-    /// With --vram: `auto` lets the plan keep GGUF block-quantized weights packed on the device
-    /// (dequantized per block), `none` never does, a type (`q4_k`, ...) insists the flow file
-    /// is stored in it; when nothing fits, `auto` says which quantized storage would.
-    #[arg(long, default_value = "auto", value_parser = crate::plan::parse_quant, requires = "vram")]
+    /// Storage of the flow and T5 weights on the device: `stored` (as the files are; with
+    /// --vram GGUF weights may stay packed), `none` (never packed), a type (`q8_0`, `q6_k`,
+    /// `q4_k`, ...: dense files quantized to it on load and kept packed), or with --vram `auto`
+    /// (quantizing on load allowed: the least lossy storage within 10% of the fastest plan).
+    #[arg(long, default_value = "stored", value_parser = crate::plan::parse_quant)]
     pub quant: crate::plan::Quant,
     /// After the run, print what each phase held on the compute device: weights (from the
     /// ledger), activations and total peak (measured on the CPU).

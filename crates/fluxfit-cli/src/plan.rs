@@ -57,11 +57,12 @@ pub struct PlanArgs {
     /// in the encode phase, and kontext doubles the image tokens.
     #[arg(long)]
     pub image_input: bool,
-    /// Storage of the flow and T5 weights: `auto` (as the files are; GGUF block-quantized
-    /// weights may stay packed on the device, and with a budget a table compares storage
-    /// types), `none` (never packed), or a type (`q8_0`, `q6_k`, `q5_k`, `q4_k`, ...) to plan
-    /// as if the files were quantized to it (`fluxfit quantize` writes them).
-    #[arg(long, default_value = "auto", value_parser = parse_quant)]
+    /// Storage of the flow and T5 weights: `stored` (as the files are; GGUF block-quantized
+    /// weights may stay packed on the device; with a budget a table compares storage types),
+    /// `auto` (also says which storage `generate --vram --quant auto` would take), `none`
+    /// (never packed), or a type (`q8_0`, `q6_k`, `q5_k`, `q4_k`, ...) to plan as if the files
+    /// were quantized to it (on load, or by `fluxfit quantize`).
+    #[arg(long, default_value = "stored", value_parser = parse_quant)]
     pub quant: Quant,
     /// One JSON object on stdout instead of the table.
     #[arg(long)]
@@ -78,18 +79,34 @@ pub enum Quant {
     /// As the files are, never packed on the device.
     None,
     /// As the files are; GGUF block types may stay packed on the device.
+    Stored,
+    /// The user allows quantizing dense files on load: the least lossy storage whose fastest
+    /// fitting plan is within [`AUTO_SLACK`] of the fastest of all.
     Auto,
-    /// As if stored in this type.
+    /// Stored in this type (dense files quantized to it on load).
     Type(GgmlDType),
 }
+
+/// How much slower than the fastest storage `--quant auto` accepts for better quality.
+pub const AUTO_SLACK: f64 = 1.10;
+
+/// The types `--quant auto` may quantize to: q3_k and below lose too much (flow output error
+/// 0.19 and more) to be taken without being asked for.
+const AUTO_CHOICES: [GgmlDType; 4] = [
+    GgmlDType::Q8_0,
+    GgmlDType::Q6K,
+    GgmlDType::Q5K,
+    GgmlDType::Q4K,
+];
 
 pub fn parse_quant(s: &str) -> std::result::Result<Quant, String> {
     match s.trim().to_ascii_lowercase().as_str() {
         "none" => Ok(Quant::None),
+        "stored" => Ok(Quant::Stored),
         "auto" => Ok(Quant::Auto),
         t => gguf::parse_type(t)
             .map(Quant::Type)
-            .map_err(|e| format!("{e}; or auto, none")),
+            .map_err(|e| format!("{e}; or stored, auto, none")),
     }
 }
 
@@ -224,6 +241,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         attn_chunk: chunk,
         variant: args.model.variant()?,
         lora: None,
+        quantize: None,
     };
     let spec = model_spec(&args.model, options)?;
     let spec = match args.quant {
@@ -248,7 +266,9 @@ pub fn run(args: PlanArgs) -> Result<()> {
     let table = PlanTable::new(&spec, &req, &device, &cands);
     let pick = budget.and_then(|b| table.fastest_fitting(b, &device));
     let storage = match (args.quant, budget) {
-        (Quant::Auto, Some(b)) => storage_choices(&spec, &req, &device, dtype, chunk, b),
+        (Quant::Stored | Quant::Auto, Some(b)) => {
+            storage_choices(&spec, &req, &device, dtype, chunk, b)
+        }
         _ => Vec::new(),
     };
     let alts = match (budget, pick) {
@@ -355,7 +375,7 @@ fn render(
         device.description,
         match budget {
             Some(b) if device.reserve > 0 => format!(
-                "; budget {} ({} of it kept for the CUDA context)",
+                "; budget {} ({} of it kept in reserve)",
                 format_bytes(b.bytes),
                 format_bytes(device.reserve)
             ),
@@ -571,11 +591,15 @@ fn generate_profile(device: &fluxfit::candle_core::Device) -> DeviceProfile {
     }
 }
 
+/// What `--vram` decided: the plan, and the type the flow and T5 weights are quantized to on
+/// load when the files are dense (`--quant TYPE`, or `auto` when nothing fits as stored).
+pub type VramChoice = (Plan, Option<GgmlDType>);
+
 /// The plan `--vram` picks for a published variant named by `--model`, decided before anything
 /// is downloaded or loaded; `None` when `--model` is not a variant name (the model's own headers
 /// are then read after it is opened: see [`vram_plan_for_model`]). A request no plan fits is an
 /// error naming the nearest alternatives.
-pub fn vram_plan_before_load(m: &ModelArgs, r: &VramRequest) -> Result<Option<Plan>> {
+pub fn vram_plan_before_load(m: &ModelArgs, r: &VramRequest) -> Result<Option<VramChoice>> {
     match published_variant(m) {
         Some(v) => pick_plan(&ModelSpec::published(m.variant()?.unwrap_or(v)), r).map(Some),
         None => Ok(None),
@@ -583,11 +607,11 @@ pub fn vram_plan_before_load(m: &ModelArgs, r: &VramRequest) -> Result<Option<Pl
 }
 
 /// The plan `--vram` picks for an opened model (its weights are not read yet).
-pub fn vram_plan_for_model(model: &Model, r: &VramRequest) -> Result<Plan> {
+pub fn vram_plan_for_model(model: &Model, r: &VramRequest) -> Result<VramChoice> {
     pick_plan(&ModelSpec::from_model(model), r)
 }
 
-fn pick_plan(spec: &ModelSpec, r: &VramRequest) -> Result<Plan> {
+fn pick_plan(spec: &ModelSpec, r: &VramRequest) -> Result<VramChoice> {
     let device = generate_profile(r.device);
     let tiny = spec.name.starts_with("tiny");
     let (dw, dh) = if tiny { (256, 256) } else { (1360, 768) };
@@ -604,19 +628,25 @@ fn pick_plan(spec: &ModelSpec, r: &VramRequest) -> Result<Plan> {
         _ => 0,
     };
     let budget = budget(Some(r.vram), &device, gpu)?.expect("a budget was given");
-    if let Quant::Type(t) = r.quant {
-        let flow = spec.manifest(ComponentKind::Flow);
-        let stored = flow.entries.iter().filter(|e| e.ggml == Some(t)).count();
-        if stored * 2 < flow.entries.len() {
-            bail!(
-                "--quant {}: the flow model ({}) is not stored as {0}; write it with `fluxfit quantize --in FLOW --out flow-{0}.gguf --type {0}` and pass --flow flow-{0}.gguf (or --quant auto)",
-                gguf::type_name(t),
-                flow.origin
-            );
+    // `--quant TYPE` on dense files: planned as they will be once quantized on load.
+    let quantized;
+    let (spec, on_load) = match r.quant {
+        Quant::Type(t) if !spec.packable(ComponentKind::Flow) => {
+            quantized = spec.quantized(&QuantSpec::new(t));
+            (&quantized, Some(t))
         }
-    }
+        _ => (spec, None),
+    };
     let cands = plan_candidates(spec, &candidates(&device, r.dtype, r.attn_chunk), r.quant);
     let table = PlanTable::new(spec, &req, &device, &cands);
+    if r.quant == Quant::Auto && !spec.packable(ComponentKind::Flow) {
+        if let Some((plan, t, line)) = auto_storage(spec, &req, &device, &cands, budget) {
+            if !r.quiet {
+                eprintln!("--vram {}: {line}", format_bytes(budget.bytes));
+            }
+            return Ok((plan, t));
+        }
+    }
     match table.fastest_fitting(budget, &device) {
         Some(row) => {
             if !r.quiet {
@@ -629,7 +659,7 @@ fn pick_plan(spec: &ModelSpec, r: &VramRequest) -> Result<Plan> {
                     row.prediction.spec
                 );
             }
-            Ok(row.prediction.plan.clone())
+            Ok((row.prediction.plan.clone(), on_load))
         }
         None => {
             let alts = alternatives(spec, &req, &device, &cands, budget);
@@ -648,30 +678,11 @@ fn pick_plan(spec: &ModelSpec, r: &VramRequest) -> Result<Plan> {
                     p.label,
                     format_bytes(p.peak),
                     if device.reserve > 0 {
-                        format!(
-                            " plus {} for the CUDA context",
-                            format_bytes(device.reserve)
-                        )
+                        format!(" plus {} kept in reserve", format_bytes(device.reserve))
                     } else {
                         String::new()
                     }
                 );
-            }
-            if r.quant == Quant::Auto {
-                let choice = storage_choices(spec, &req, &device, r.dtype, r.attn_chunk, budget)
-                    .into_iter()
-                    .skip(1)
-                    .find(|c| c.plan.is_some());
-                if let Some(c) = choice {
-                    let _ = write!(
-                        msg,
-                        "; stored as {} (flow {}, measured error {}), plan `{}` would fit: `fluxfit quantize --in FLOW --out flow-{0}.gguf --type {0}`",
-                        c.storage,
-                        format_bytes(c.flow_bytes),
-                        c.error.map_or("-".into(), |e| format!("{e:.1e}")),
-                        c.plan.as_ref().map_or("", |p| p.0.as_str())
-                    );
-                }
             }
             if !alts.is_empty() {
                 msg += "; nearest alternatives:";
@@ -689,6 +700,57 @@ fn pick_plan(spec: &ModelSpec, r: &VramRequest) -> Result<Plan> {
             bail!(msg)
         }
     }
+}
+
+/// `--quant auto` on dense files: for the files as stored and each of [`AUTO_CHOICES`]
+/// quantized on load, the fastest plan that fits; the least lossy whose time is within
+/// [`AUTO_SLACK`] of the fastest wins. Returns its plan, the type (`None`: as stored) and a
+/// line saying why.
+fn auto_storage(
+    spec: &ModelSpec,
+    req: &Request,
+    device: &DeviceProfile,
+    cands: &[Candidate],
+    budget: Budget,
+) -> Option<(Plan, Option<GgmlDType>, String)> {
+    let mut options: Vec<(Option<GgmlDType>, Prediction)> = Vec::new();
+    let stored = PlanTable::new(spec, req, device, cands);
+    if let Some(row) = stored.fastest_fitting(budget, device) {
+        options.push((None, row.prediction.clone()));
+    }
+    for t in AUTO_CHOICES {
+        let q = spec.quantized(&QuantSpec::new(t));
+        let table = PlanTable::new(&q, req, device, &planner::with_packed(cands, &q));
+        if let Some(row) = table.fastest_fitting(budget, device) {
+            options.push((Some(t), row.prediction.clone()));
+        }
+    }
+    let fastest = options
+        .iter()
+        .map(|(_, p)| p.time_s)
+        .min_by(f64::total_cmp)?;
+    let (t, p) = options
+        .into_iter()
+        .find(|(_, p)| p.time_s <= AUTO_SLACK * fastest)?;
+    let storage = match t {
+        None => "the files as stored".to_string(),
+        Some(t) => {
+            let name = gguf::type_name(t);
+            format!(
+                "the flow and T5 weights quantized to {name} on load (measured error {})",
+                measured_error(name).map_or("-".into(), |e| format!("{e:.1e}"))
+            )
+        }
+    };
+    let line = format!(
+        "{storage}, plan `{}` (predicted peak {}, about {}; the least lossy storage within {:.0}% of the fastest) — --plan {}",
+        p.label,
+        format_bytes(p.peak),
+        secs(p.time_s),
+        100.0 * (AUTO_SLACK - 1.0),
+        p.spec
+    );
+    Some((p.plan, t, line))
 }
 
 // ---- the chart ----
@@ -1016,6 +1078,7 @@ pub fn is_out_of_memory(e: &anyhow::Error) -> bool {
 #[cfg(test)]
 mod fallback_tests {
     use super::*;
+    use fluxfit::memory::plan::Placement;
     use fluxfit::noise::NoiseKind;
     use fluxfit::pipeline::{tiny, Text2Image};
 
@@ -1049,5 +1112,78 @@ mod fallback_tests {
         assert!(!is_out_of_memory(&anyhow::anyhow!(
             "tensor `img_in.weight` has shape [3]"
         )));
+    }
+
+    /// FLUX.1-dev at 1 MP: `--quant auto` takes the least lossy storage within 10% of the
+    /// fastest; `stored` and `none` keep the files as they are; a type plans that type,
+    /// quantized on load.
+    #[test]
+    fn auto_picks_the_least_lossy_storage_near_the_fastest() {
+        let spec = ModelSpec::published(Variant::Dev);
+        let device = fluxfit::candle_core::Device::Cpu;
+        let request = |vram: &'static str, quant: Quant| VramRequest {
+            vram,
+            device: &device,
+            dtype: DType::F32,
+            attn_chunk: Some(1024),
+            width: Some(1024),
+            height: Some(1024),
+            steps: Some(4),
+            t5_tokens: Some(512),
+            image_input: false,
+            cond_size: None,
+            quant,
+            quiet: true,
+        };
+        // Plenty: as stored, nothing quantized.
+        let (plan, q) = pick_plan(&spec, &request("400GB", Quant::Auto)).unwrap();
+        assert_eq!(q, None);
+        assert!(!plan.flow.packed);
+        for budget in ["16GB", "24GB", "48GB"] {
+            let (plan, q) = pick_plan(&spec, &request(budget, Quant::Auto)).unwrap();
+            let stored = pick_plan(&spec, &request(budget, Quant::Stored)).unwrap();
+            let none = pick_plan(&spec, &request(budget, Quant::None)).unwrap();
+            assert_eq!((stored.1, none.1), (None, None));
+            println!("{budget}: auto {:?} {}", q, plan.spec());
+            if let Some(t) = q {
+                assert!(plan.flow.packed, "{}", plan.spec());
+                assert!(STORAGE_CHOICES.contains(&t));
+            }
+        }
+        let (_, q) = pick_plan(&spec, &request("12GB", Quant::Type(GgmlDType::Q4K))).unwrap();
+        assert_eq!(q, Some(GgmlDType::Q4K));
+    }
+
+    /// On a GPU (3090 rates) at 1 MP: `--quant auto` keeps bf16 where it runs resident, takes
+    /// q8_0 where that runs per phase at about resident speed, a smaller type on smaller
+    /// cards, and never one below q4_k.
+    #[test]
+    fn auto_storage_on_a_gpu() {
+        let spec = ModelSpec::published(Variant::Dev);
+        let device = DeviceProfile::generic_cuda(None);
+        let req = Request::new(Variant::Dev, 1024, 1024);
+        let cands = candidates(&device, DType::BF16, Some(1024));
+        let pick = |gib: u64| {
+            let c = auto_storage(&spec, &req, &device, &cands, Budget { bytes: gib << 30 });
+            let c = c.expect("something fits");
+            println!("{gib} GiB: {}", c.2);
+            (c.1, c.0)
+        };
+        assert_eq!(pick(48).0, None);
+        let (t, plan) = pick(16);
+        assert_eq!(t, Some(GgmlDType::Q8_0));
+        assert!(
+            plan.flow.packed
+                && plan.flow.placement
+                    != Placement::Stream {
+                        group: 1,
+                        window: 2
+                    }
+        );
+        for gib in [8, 12] {
+            let (t, plan) = pick(gib);
+            assert!(AUTO_CHOICES.contains(&t.expect("quantized")), "{t:?}");
+            assert!(plan.flow.packed);
+        }
     }
 }

@@ -84,7 +84,7 @@ impl RunArgs {
             height: Some(height),
             image_input: true,
             cond_size: None,
-            quant: Quant::Auto,
+            quant: Quant::Stored,
             attn_chunk: Some(fluxfit::model::attention::DEFAULT_CHUNK),
         })
     }
@@ -120,12 +120,31 @@ impl RunArgs {
             Some(r) => vram_plan_before_load(&self.model, r)?,
             None => None,
         };
-        let mut model = self.model.load(options.clone())?;
+        let quantize = match (p.quant, &early) {
+            (Quant::Type(t), _) => Some(t),
+            (_, Some((_, on_load))) => *on_load,
+            _ => None,
+        };
+        let mut model = self.model.load(LoadOptions {
+            quantize,
+            ..options.clone()
+        })?;
         let mut plan = match (&vram, early) {
-            (_, Some(plan)) => plan,
-            (Some(r), None) => vram_plan_for_model(&model, r)?,
+            (_, Some((plan, _))) => plan,
+            (Some(r), None) => {
+                let (plan, on_load) = vram_plan_for_model(&model, r)?;
+                if let (Some(t), None) = (on_load, quantize) {
+                    model.quantize_on_load(t)?;
+                }
+                plan
+            }
             (None, None) => {
-                let base = Plan::resident(dtype, p.attn_chunk);
+                let mut base = Plan::resident(dtype, p.attn_chunk);
+                // `--quant TYPE` alone: the weights kept packed in that type.
+                if let Quant::Type(_) = p.quant {
+                    base.flow.packed = true;
+                    base.t5.packed = true;
+                }
                 match &self.plan {
                     Some(spec) => base
                         .with_spec(spec)

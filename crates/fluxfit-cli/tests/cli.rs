@@ -1206,13 +1206,18 @@ fn plan_compares_storage_types_and_plans_quantized_files() {
     let json = plan(&["--json"]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["storage"].as_array().unwrap().len(), 6);
-    command_fails(d, &["plan", "--quant", "q9_x"], &["q9_x"]);
-    // generate refuses a type the file is not stored in, before downloading anything.
     command_fails(
         d,
-        &[
-            "generate", "--model", "flux-dev", "--vram", "8GB", "--quant", "q4_k",
-        ],
-        &["--quant q4_k", "fluxfit quantize"],
+        &["plan", "--quant", "q9_x"],
+        &["q9_x", "stored, auto, none"],
     );
+    // generate --quant TYPE on dense files: quantized on load and kept packed.
+    succeeds(
+        d,
+        &[
+            "generate", "--quant", "q8_0", "--steps", "1", "--out", "q.png",
+        ],
+    );
+    let plan = chunk(&text(&d.join("q.png")), "plan");
+    assert!(plan.contains("flow=resident+packed"), "{plan}");
 }

@@ -73,6 +73,7 @@ fn tiny_fill_model_runs_end_to_end() {
         attn_chunk: Some(256),
         variant: Some(Variant::DevFill),
         lora: None,
+        quantize: None,
     })
     .unwrap();
     assert_eq!(model.flow.net.config.in_channels, 384);
@@ -97,6 +98,7 @@ fn tiny_fill_model_runs_end_to_end() {
         attn_chunk: Some(256),
         variant: Some(Variant::Dev),
         lora: None,
+        quantize: None,
     })
     .unwrap();
     let Err(err) = t2i.fill(&req, &image, &mask, None, &mut |_| {}) else {

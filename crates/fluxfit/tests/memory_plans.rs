@@ -48,6 +48,7 @@ fn options() -> LoadOptions {
         attn_chunk: Some(256),
         variant: Some(Variant::Schnell),
         lora: None,
+        quantize: None,
     }
 }
 

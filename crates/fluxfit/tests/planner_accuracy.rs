@@ -25,6 +25,7 @@ fn options(chunk: Option<usize>) -> LoadOptions {
         attn_chunk: chunk,
         variant: Some(Variant::Schnell),
         lora: None,
+        quantize: None,
     }
 }
 

@@ -27,6 +27,7 @@ fn model(variant: Variant) -> Model {
             attn_chunk: Some(256),
             variant: Some(variant),
             lora: None,
+            quantize: None,
         },
     )
     .unwrap()

@@ -30,6 +30,7 @@ fn model() -> Model {
             attn_chunk: Some(256),
             variant: Some(Variant::Schnell),
             lora: None,
+            quantize: None,
         },
     )
     .unwrap()

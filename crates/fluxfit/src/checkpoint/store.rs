@@ -54,7 +54,8 @@ pub struct KeyInfo {
     /// Storage dtype: what the bytes in the file are (`U8` for fp8 e5m2, which candle has no
     /// type for); for GGUF block types (see `ggml`), F32, what they are read as.
     pub dtype: DType,
-    /// The GGUF storage type of a tensor from a GGUF file.
+    /// The GGUF storage type of a tensor from a GGUF file, or the type a dense tensor is
+    /// quantized to when a `+packed` plan stages it ([`TensorStore::quantize_on_load`]).
     pub ggml: Option<GgmlDType>,
     /// The dtype the tensor is in when read, before conversion to the compute dtype: `dtype`,
     /// but F32 for fp8 e4m3, scaled fp8 and GGUF block types, F16 for fp8 e5m2.
@@ -72,7 +73,7 @@ impl KeyInfo {
         self.numel() * self.read.size_in_bytes()
     }
 
-    /// Bytes the tensor takes in its file.
+    /// Bytes the tensor takes in its file, or packed after quantizing on load.
     pub fn stored_bytes(&self) -> usize {
         match self.ggml {
             Some(t) => gguf::type_bytes(t, self.numel()),
@@ -88,6 +89,9 @@ pub struct TensorStore {
     files: Vec<Arc<SafetensorsFile>>,
     ggufs: Vec<Arc<GgufFile>>,
     keys: BTreeMap<String, (Source, KeyInfo)>,
+    /// Keys quantized when a `+packed` plan stages them (`--quant TYPE` on a dense file), and
+    /// to what type: the packed copy on the device is made from the dense source on the way.
+    quantize_on_load: BTreeMap<String, GgmlDType>,
 }
 
 impl TensorStore {
@@ -97,6 +101,7 @@ impl TensorStore {
             files: Vec::new(),
             ggufs: Vec::new(),
             keys: BTreeMap::new(),
+            quantize_on_load: BTreeMap::new(),
         }
     }
 
@@ -192,10 +197,54 @@ impl TensorStore {
         }
     }
 
+    /// Quantizes this store's dense weights to `spec` (the types `fluxfit quantize` would write,
+    /// `component` naming the rules) when a `+packed` plan stages them; plans that do not pack
+    /// keep reading them dense. Tensors already block-quantized are left as they are. Their
+    /// `KeyInfo::ggml` becomes the planned type, so manifests and the planner see the packed
+    /// size. Returns how many tensors will be quantized.
+    pub fn quantize_on_load(
+        &mut self,
+        component: super::quantize::Component,
+        spec: &super::quantize::QuantSpec,
+    ) -> Result<usize> {
+        let shapes = self
+            .keys
+            .iter()
+            .filter(|(k, _)| !self.is_packable(k))
+            .map(|(k, (_, i))| (k.clone(), i.shape.clone()));
+        let choices = super::quantize::plan_shapes(shapes, component, spec).map_err(|key| {
+            Error::Config(format!(
+                "{}: `{key}` has no GGUF name for a {} file",
+                self.origin.display(),
+                component.architecture()
+            ))
+        })?;
+        for c in choices {
+            if gguf::dense_dtype(c.ggml).is_none() {
+                if let Some((_, info)) = self.keys.get_mut(&c.key) {
+                    info.ggml = Some(c.ggml);
+                }
+                self.quantize_on_load.insert(c.key, c.ggml);
+            }
+        }
+        Ok(self.quantize_on_load.len())
+    }
+
     /// The key as candle's block-quantized tensor on `device`, when it is a GGUF tensor of a
-    /// block type stored in its canonical shape: kept packed on the device and dequantized per
-    /// stage (`+packed` plans), it takes its stored bytes there instead of the compute dtype's.
+    /// block type stored in its canonical shape, or a dense one to quantize on load: kept packed
+    /// on the device and dequantized per stage (`+packed` plans), it takes its stored bytes
+    /// there instead of the compute dtype's.
     pub fn packed(&self, key: &str, device: &Device) -> Result<Option<QTensor>> {
+        if let Some(&t) = self.quantize_on_load.get(key) {
+            let (source, info) = self.keys.get(key).ok_or_else(|| self.missing(key))?;
+            let bytes = super::quantize::quantize_tensor(&self.build(source)?, t)?;
+            return Ok(Some(candle_core::quantized::ggml_file::qtensor_from_ggml(
+                t,
+                &bytes,
+                info.shape.clone(),
+                device,
+            )?));
+        }
         let Some((t, _)) = self.gguf_raw(key) else {
             return Ok(None);
         };
@@ -212,8 +261,10 @@ impl TensorStore {
 
     /// Whether [`TensorStore::packed`] gives `key` packed.
     pub fn is_packable(&self, key: &str) -> bool {
-        self.gguf_raw(key)
-            .is_some_and(|(t, _)| gguf::dense_dtype(t).is_none())
+        self.quantize_on_load.contains_key(key)
+            || self
+                .gguf_raw(key)
+                .is_some_and(|(t, _)| gguf::dense_dtype(t).is_none())
     }
 
     /// Attaches fp8 scales: every stored fp8 `X.weight` with a companion scale tensor

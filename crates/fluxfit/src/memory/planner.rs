@@ -851,7 +851,7 @@ pub fn alternatives(
                 let name = gguf::type_name(t);
                 out.push(Alternative {
                     description: format!(
-                        "the flow and T5 weights stored as {name} (`fluxfit quantize --type {name}`) with plan `{}`",
+                        "the flow and T5 weights as {name} (`--quant {name}` quantizes them on load, `fluxfit quantize --type {name}` writes the file) with plan `{}`",
                         p.label
                     ),
                     peak: p.peak,

@@ -4,10 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 
 use crate::checkpoint::layout::{self, ModelPaths};
 use crate::checkpoint::lora;
+use crate::checkpoint::quantize::{Component as QuantComponent, QuantSpec};
 use crate::checkpoint::safetensors::SafetensorsFile;
 use crate::checkpoint::store::TensorStore;
 use crate::error::{Error, Result};
@@ -33,6 +35,9 @@ pub struct LoadOptions {
     pub variant: Option<Variant>,
     /// A LoRA attached to the flow model (a control LoRA on the dev base).
     pub lora: Option<LoraSpec>,
+    /// Quantize the flow and T5 weights to this type when a `+packed` plan stages them (as
+    /// `fluxfit quantize` would store them), for dense files; GGUF files are left as stored.
+    pub quantize: Option<GgmlDType>,
 }
 
 /// A LoRA file and the scale of its update.
@@ -56,6 +61,7 @@ impl Default for LoadOptions {
             attn_chunk: Some(crate::model::attention::DEFAULT_CHUNK),
             variant: None,
             lora: None,
+            quantize: None,
         }
     }
 }
@@ -229,6 +235,11 @@ impl Model {
             flow_hint = format!("{flow_hint} {}", lora.path.to_string_lossy());
         }
         let flow_hint = flow_hint.as_str();
+        if let Some(t) = options.quantize {
+            let spec = QuantSpec::new(t);
+            stores.flow.quantize_on_load(QuantComponent::Flow, &spec)?;
+            stores.t5.quantize_on_load(QuantComponent::T5, &spec)?;
+        }
         let flow_cfg = FlowConfig::from_store(&stores.flow)?;
         flow_cfg.validate(&stores.flow)?;
         let variant = Variant::infer(&flow_cfg, flow_hint, options.variant)?;
@@ -308,6 +319,34 @@ impl Model {
     /// The plan the next run executes.
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// Quantizes the flow and T5 weights to `t` when a `+packed` plan stages them, as
+    /// [`LoadOptions::quantize`] does at load (the planner decided after the headers were read).
+    /// Weights already held are dropped.
+    pub fn quantize_on_load(&mut self, t: GgmlDType) -> Result<()> {
+        let spec = QuantSpec::new(t);
+        for (kind, rules) in [
+            (ComponentKind::Flow, QuantComponent::Flow),
+            (ComponentKind::T5, QuantComponent::T5),
+        ] {
+            let mut store = (*self.weights(kind).store_arc()).clone();
+            store.quantize_on_load(rules, &spec)?;
+            let (stages, w) = match kind {
+                ComponentKind::Flow => (self.flow.net.stages(), &mut self.flow.weights),
+                _ => (self.t5.net.stages(), &mut self.t5.weights),
+            };
+            *w = residency(
+                &self.ledger,
+                &self.options.device,
+                &self.plan,
+                kind,
+                Arc::new(store),
+                stages,
+            );
+        }
+        self.options.quantize = Some(t);
+        Ok(())
     }
 
     /// Runs under `plan` from now on. Every weight held under the previous plan is dropped;
