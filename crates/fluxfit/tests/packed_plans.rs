@@ -231,4 +231,7 @@ fn dense_files_are_quantized_on_load_for_packed_plans() {
         .sum();
     assert_eq!(model.flow.weights.held_bytes(), expected);
     assert!(model.flow.weights.held_bytes() * 2 < dense.flow.weights.held_bytes());
+    // Streamed, the blocks come from the bytes quantized once: the same image.
+    let (streamed, _) = run(&mut model, "stream:1:2,packed");
+    assert_eq!(max_abs_diff(&streamed, &q8), 0.0);
 }

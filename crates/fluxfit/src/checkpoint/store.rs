@@ -4,9 +4,9 @@
 //! rewriting files, a store maps each canonical key to a recipe over memory-mapped tensors; the
 //! recipe runs when a stage is materialised, so the host never holds a converted second copy.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -92,6 +92,9 @@ pub struct TensorStore {
     /// Keys quantized when a `+packed` plan stages them (`--quant TYPE` on a dense file), and
     /// to what type: the packed copy on the device is made from the dense source on the way.
     quantize_on_load: BTreeMap<String, GgmlDType>,
+    /// Their quantized bytes, kept in host memory once made: a streamed plan stages a block
+    /// every step, and quantizing costs far more than copying.
+    quantized: Arc<Mutex<HashMap<String, Arc<Vec<u8>>>>>,
 }
 
 impl TensorStore {
@@ -102,6 +105,7 @@ impl TensorStore {
             ggufs: Vec::new(),
             keys: BTreeMap::new(),
             quantize_on_load: BTreeMap::new(),
+            quantized: Arc::default(),
         }
     }
 
@@ -237,7 +241,23 @@ impl TensorStore {
     pub fn packed(&self, key: &str, device: &Device) -> Result<Option<QTensor>> {
         if let Some(&t) = self.quantize_on_load.get(key) {
             let (source, info) = self.keys.get(key).ok_or_else(|| self.missing(key))?;
-            let bytes = super::quantize::quantize_tensor(&self.build(source)?, t)?;
+            let cached = self
+                .quantized
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(key)
+                .cloned();
+            let bytes = match cached {
+                Some(b) => b,
+                None => {
+                    let b = Arc::new(super::quantize::quantize_tensor(&self.build(source)?, t)?);
+                    self.quantized
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(key.to_string(), b.clone());
+                    b
+                }
+            };
             return Ok(Some(candle_core::quantized::ggml_file::qtensor_from_ggml(
                 t,
                 &bytes,
