@@ -306,6 +306,15 @@ pub fn run(args: PlanArgs) -> Result<()> {
     if !storage.is_empty() {
         print!("{}", render_storage(&storage));
     }
+    if let (Quant::Auto, Some(b)) = (args.quant, budget) {
+        if !spec.packable(ComponentKind::Flow) {
+            let base = candidates(&device, dtype, chunk);
+            match auto_storage(&spec, &req, &device, &base, b) {
+                Some((_, _, line)) => println!("--quant auto takes {line}"),
+                None => println!("--quant auto: no storage fits"),
+            }
+        }
+    }
     if let Some(path) = &args.chart {
         println!("chart: {}", path.display());
     }
@@ -557,7 +566,7 @@ fn render_storage(choices: &[StorageChoice]) -> String {
     }
     let _ = writeln!(
         s,
-        "error: the flow output's relative L2 error against f32 weights measured on a mid-size model (README \"Error and speed\")"
+        "(the error column: the flow output's relative L2 error against f32 weights, measured on a mid-size model; README \"Error and speed\")"
     );
     s
 }

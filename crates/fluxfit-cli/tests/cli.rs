@@ -1194,6 +1194,8 @@ fn plan_compares_storage_types_and_plans_quantized_files() {
     ] {
         assert!(auto.contains(row), "`{row}` not in:\n{auto}");
     }
+    let auto = plan(&["--quant", "auto"]);
+    assert!(auto.contains("--quant auto takes"), "{auto}");
     let none = plan(&["--quant", "none"]);
     assert!(
         !none.contains("storage of the flow") && !none.contains("packed"),
