@@ -102,18 +102,17 @@ pub fn run(mut args: EditArgs) -> Result<()> {
         quant: Quant::Stored,
         attn_chunk: Some(fluxfit::model::attention::DEFAULT_CHUNK),
     })?;
-    let mut req = args
+    let req = args
         .run
         .request(&model, args.prompt.as_deref().unwrap_or_default(), w, h);
     if !args.interactive {
         req.validate(false)?;
         return edit_one(&model, &req, &args, &cond).map(|_| ());
     }
-    let first = req.prompt.clone();
     let seed = args.run.seed;
-    interactive_loop(LOOP_HELP, &first, seed, |event| {
+    interactive_loop(LOOP_HELP, req, seed, |event| {
         match event {
-            LoopEvent::Command { name, value } => match name {
+            LoopEvent::Command { name, value, .. } => match name {
                 "i" => {
                     let path = PathBuf::from(value);
                     cond = conditioning(&path, args.keep_size, quiet)?;
@@ -140,22 +139,11 @@ pub fn run(mut args: EditArgs) -> Result<()> {
                         args.height = side;
                     }
                 }
-                "g" => {
-                    if let Some(n) = loop_number(name, value, "the guidance") {
-                        req.guidance = n as f32;
-                    }
-                }
-                "n" => {
-                    if let Some(n) = loop_number(name, value, "the steps") {
-                        req.steps = n as usize;
-                    }
-                }
                 _ => return Ok(false),
             },
-            LoopEvent::Run { prompt, seed } => {
+            LoopEvent::Run(req) => {
+                let mut req = req.clone();
                 (req.width, req.height) = target_size(&args, &cond)?;
-                req.prompt = prompt.to_string();
-                req.seed = seed;
                 req.validate(false)?;
                 edit_one(&model, &req, &args, &cond)?;
             }

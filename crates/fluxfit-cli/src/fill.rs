@@ -14,7 +14,7 @@ use fluxfit::pipeline::{Model, Text2Image};
 
 use crate::generate::{check_output, metadata};
 use crate::run_args::{
-    file_name, interactive_loop, loop_number, on_event, progress, write_image, LoopEvent, RunArgs,
+    file_name, interactive_loop, on_event, progress, write_image, LoopEvent, RunArgs,
 };
 
 #[derive(Args, Debug, Clone)]
@@ -134,18 +134,17 @@ pub fn run(mut args: FillArgs) -> Result<()> {
     check_output(&args.out)?;
     let (mut canvas, mut mask, mut source) = prepare(&args)?;
     let model = args.run.load((canvas.width, canvas.height))?;
-    let mut req = args
+    let req = args
         .run
         .request(&model, &args.prompt, canvas.width, canvas.height);
     if !args.interactive {
         req.validate(false)?;
         return fill_one(&model, &req, &args, &canvas, &mask, &source).map(|_| ());
     }
-    let first = req.prompt.clone();
     let seed = args.run.seed;
-    interactive_loop(LOOP_HELP, &first, seed, |event| {
+    interactive_loop(LOOP_HELP, req, seed, |event| {
         match event {
-            LoopEvent::Command { name, value } => match name {
+            LoopEvent::Command { name, value, req } => match name {
                 "i" | "m" => {
                     let mut next = args.clone();
                     let path = PathBuf::from(value);
@@ -159,23 +158,11 @@ pub fn run(mut args: FillArgs) -> Result<()> {
                     args = next;
                     (req.width, req.height) = (canvas.width, canvas.height);
                 }
-                "g" => {
-                    if let Some(n) = loop_number(name, value, "the guidance") {
-                        req.guidance = n as f32;
-                    }
-                }
-                "n" => {
-                    if let Some(n) = loop_number(name, value, "the steps") {
-                        req.steps = n as usize;
-                    }
-                }
                 _ => return Ok(false),
             },
-            LoopEvent::Run { prompt, seed } => {
-                req.prompt = prompt.to_string();
-                req.seed = seed;
+            LoopEvent::Run(req) => {
                 req.validate(false)?;
-                fill_one(&model, &req, &args, &canvas, &mask, &source)?;
+                fill_one(&model, req, &args, &canvas, &mask, &source)?;
             }
         }
         Ok(true)

@@ -468,62 +468,46 @@ const LOOP_HELP: &str = "Enter a prompt to generate (empty: repeat the last one)
   /q         quit";
 
 /// The reference's `--loop`: settings persist, the seed is reset after each image.
-fn interactive(model: &Model, mut req: Text2Image, mut args: GenerateArgs) -> Result<()> {
-    let first = req.prompt.clone();
+fn interactive(model: &Model, req: Text2Image, mut args: GenerateArgs) -> Result<()> {
     let seed = args.run.seed;
-    interactive_loop(LOOP_HELP, &first, seed, |event| {
+    interactive_loop(LOOP_HELP, req, seed, |event| {
         match event {
-            LoopEvent::Command { name, value } => {
-                let num = |what: &str| loop_number(name, value, what);
-                match name {
-                    "i" => {
-                        let slot = match (&mut args.init_image, &mut args.control_image) {
-                            (Some(p), _) | (None, Some(p)) => p,
-                            (None, None) => {
-                                bail!("/i needs a run started with --init-image or --control-image")
-                            }
-                        };
-                        let path = PathBuf::from(value);
-                        if !path.is_file() {
-                            bail!("/i {value}: no such file");
+            LoopEvent::Command { name, value, req } => match name {
+                "i" => {
+                    let slot = match (&mut args.init_image, &mut args.control_image) {
+                        (Some(p), _) | (None, Some(p)) => p,
+                        (None, None) => {
+                            bail!("/i needs a run started with --init-image or --control-image")
                         }
-                        *slot = path;
+                    };
+                    let path = PathBuf::from(value);
+                    if !path.is_file() {
+                        bail!("/i {value}: no such file");
                     }
-                    "w" | "h" => {
-                        let word = if name == "w" { "width" } else { "height" };
-                        if let Some(n) = num(word) {
-                            let side = floor16(word, n as usize, false);
-                            if name == "w" {
-                                req.width = side;
-                            } else {
-                                req.height = side;
-                            }
-                            eprintln!(
-                                "{}x{} ({:.2} MP)",
-                                req.width,
-                                req.height,
-                                (req.width * req.height) as f64 / 1e6
-                            );
-                        }
-                    }
-                    "g" => {
-                        if let Some(n) = num("the guidance") {
-                            req.guidance = n as f32;
-                        }
-                    }
-                    "n" => {
-                        if let Some(n) = num("the steps") {
-                            req.steps = n as usize;
-                        }
-                    }
-                    _ => return Ok(false),
+                    *slot = path;
                 }
-            }
-            LoopEvent::Run { prompt, seed } => {
-                req.prompt = prompt.to_string();
-                req.seed = seed;
+                "w" | "h" => {
+                    let word = if name == "w" { "width" } else { "height" };
+                    if let Some(n) = loop_number(name, value, word) {
+                        let side = floor16(word, n as usize, false);
+                        if name == "w" {
+                            req.width = side;
+                        } else {
+                            req.height = side;
+                        }
+                        eprintln!(
+                            "{}x{} ({:.2} MP)",
+                            req.width,
+                            req.height,
+                            (req.width * req.height) as f64 / 1e6
+                        );
+                    }
+                }
+                _ => return Ok(false),
+            },
+            LoopEvent::Run(req) => {
                 req.validate(args.allow_large)?;
-                generate_one(model, &req, &args)?;
+                generate_one(model, req, &args)?;
             }
         }
         Ok(true)

@@ -220,27 +220,30 @@ pub fn write_image(image: &Tensor, out: &Path, meta: &[(String, String)]) -> Res
 
 /// What an interactive loop asks of its command.
 pub enum LoopEvent<'a> {
-    /// `/name value` other than the ones every loop has (`/s`, `/q`, `/help`); answer whether
-    /// it was understood.
-    Command { name: &'a str, value: &'a str },
-    /// Generate for this prompt with this seed.
-    Run { prompt: &'a str, seed: u64 },
+    /// `/name value` other than the ones every loop has (`/s`, `/g`, `/n`, `/q`, `/help`),
+    /// with the request to change; answer whether it was understood.
+    Command {
+        name: &'a str,
+        value: &'a str,
+        req: &'a mut Text2Image,
+    },
+    /// Generate this request (its prompt and seed set).
+    Run(&'a Text2Image),
 }
 
-/// The reference's `--loop`: prompts from stdin (an empty line repeats the last one),
-/// `/s <seed>` for the next image (otherwise random: the seed is reset after each), `/q` to
-/// quit, `/help` (or an unknown command) for `help`; everything else goes to `step`, whose
-/// errors are printed without ending the loop.
+/// The reference's `--loop` over `req`: prompts from stdin (an empty line repeats the last
+/// one), `/s <seed>` for the next image (otherwise random: the seed is reset after each),
+/// `/g <x>` guidance, `/n <steps>`, `/q` to quit, `/help` (or an unknown command) for `help`;
+/// everything else goes to `step`, whose errors are printed without ending the loop.
 pub fn interactive_loop(
     help: &str,
-    first_prompt: &str,
+    mut req: Text2Image,
     seed: Option<u64>,
     mut step: impl FnMut(LoopEvent) -> Result<bool>,
 ) -> Result<()> {
     use std::io::{BufRead, Write};
     let stdin = std::io::stdin();
     let mut next_seed = seed;
-    let mut prompt = first_prompt.to_string();
     eprintln!("{help}");
     loop {
         eprint!("> ");
@@ -256,8 +259,22 @@ pub fn interactive_loop(
             match name {
                 "q" => return Ok(()),
                 "s" => next_seed = loop_number(name, value, "the seed").map(|n| n as u64),
+                "g" => {
+                    if let Some(n) = loop_number(name, value, "the guidance") {
+                        req.guidance = n as f32;
+                    }
+                }
+                "n" => {
+                    if let Some(n) = loop_number(name, value, "the steps") {
+                        req.steps = n as usize;
+                    }
+                }
                 "help" => eprintln!("{help}"),
-                _ => match step(LoopEvent::Command { name, value }) {
+                _ => match step(LoopEvent::Command {
+                    name,
+                    value,
+                    req: &mut req,
+                }) {
                     Ok(true) => {}
                     Ok(false) => eprintln!("{help}"),
                     Err(e) => eprintln!("error: {e:#}"),
@@ -266,13 +283,10 @@ pub fn interactive_loop(
             continue;
         }
         if !line.is_empty() {
-            prompt = line.to_string();
+            req.prompt = line.to_string();
         }
-        let seed = next_seed.take().unwrap_or_else(random_seed);
-        if let Err(e) = step(LoopEvent::Run {
-            prompt: &prompt,
-            seed,
-        }) {
+        req.seed = next_seed.take().unwrap_or_else(random_seed);
+        if let Err(e) = step(LoopEvent::Run(&req)) {
             eprintln!("error: {e:#}");
         }
     }
