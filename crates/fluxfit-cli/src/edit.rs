@@ -186,13 +186,6 @@ fn edit_one(model: &Model, req: &Text2Image, args: &EditArgs, cond: &Rgb8) -> Re
     if let Some(ar) = &args.aspect_ratio {
         meta.push(("aspect_ratio".into(), ar.clone()));
     }
-    let path = write_image(&out.image, &args.out, &meta)?;
-    println!(
-        "wrote {} ({}x{}, seed {})",
-        path.display(),
-        req.width,
-        req.height,
-        req.seed
-    );
+    let path = write_image(&out.image, &args.out, &meta, req)?;
     Ok(path)
 }

@@ -201,13 +201,6 @@ fn fill_one(
     let mut meta = metadata(model, req);
     meta.push(("fill_image".into(), file_name(&args.image)));
     meta.push(("fill_mask".into(), mask_source.to_string()));
-    let path = write_image(&out.image, &args.out, &meta)?;
-    println!(
-        "wrote {} ({}x{}, seed {})",
-        path.display(),
-        req.width,
-        req.height,
-        req.seed
-    );
+    let path = write_image(&out.image, &args.out, &meta, req)?;
     Ok(path)
 }

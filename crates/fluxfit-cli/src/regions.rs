@@ -146,12 +146,14 @@ pub fn run(args: RegionsArgs) -> Result<()> {
         meta.push(("regions_from".into(), file_name(p)));
         meta.push(("strength".into(), strength.to_string()));
     }
-    let path = write_image(&canvas.image()?, &args.out, &meta)?;
+    write_image(&canvas.image()?, &args.out, &meta, &req)?;
     println!(
-        "wrote {} ({w}x{h}, {} regions, seed {})",
-        path.display(),
+        "{} regions of {}x{}, seeds {}..{}",
         grid.len(),
-        req.seed
+        grid[0].w,
+        grid[0].h,
+        req.seed,
+        req.seed + grid.len() as u64 - 1
     );
     if args.report_memory {
         println!("region  x     y     w     h     peak MiB");

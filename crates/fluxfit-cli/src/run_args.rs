@@ -210,11 +210,23 @@ pub fn file_name(path: &Path) -> String {
 }
 
 /// Writes `image` (`[1, 3, H, W]` in [−1, 1]) to `out`, or the next free name beside it, with
-/// `meta`; returns the path written.
-pub fn write_image(image: &Tensor, out: &Path, meta: &[(String, String)]) -> Result<PathBuf> {
+/// `meta`, and says so with `req`'s size and seed; returns the path written.
+pub fn write_image(
+    image: &Tensor,
+    out: &Path,
+    meta: &[(String, String)],
+    req: &Text2Image,
+) -> Result<PathBuf> {
     let rgb = to_rgb8(image)?;
     let path = next_free_path(out);
     save(&rgb, &path, meta)?;
+    println!(
+        "wrote {} ({}x{}, seed {})",
+        path.display(),
+        rgb.width,
+        rgb.height,
+        req.seed
+    );
     Ok(path)
 }
 
