@@ -3,15 +3,13 @@
 //!
 //! Images are tiny (64×64, 1–2 steps) so the whole file runs in seconds.
 
-use std::io::Write;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
+use common::*;
 use fluxfit::image::png_text;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 fn bfl_flow() -> PathBuf {
     fixtures().join("tiny-bfl/flux1-tiny-dev.safetensors")
@@ -34,28 +32,6 @@ fn parts() -> Vec<String> {
 /// one of these build their own list).
 const SMALL: &[&str] = &["--width", "64", "--height", "64", "--steps", "2"];
 
-fn fluxfit(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fluxfit"));
-    cmd.current_dir(dir)
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("run fluxfit");
-    {
-        let mut pipe = child.stdin.take().expect("stdin");
-        if let Some(text) = stdin {
-            pipe.write_all(text.as_bytes()).expect("write stdin");
-        }
-    }
-    child.wait_with_output().expect("fluxfit output")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 /// Runs `fluxfit generate ARGS` and expects success.
 fn generate(dir: &Path, args: &[&str]) -> Output {
     generate_stdin(dir, args, None)
@@ -64,13 +40,7 @@ fn generate(dir: &Path, args: &[&str]) -> Output {
 fn generate_stdin(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
     let mut all = vec!["generate"];
     all.extend_from_slice(args);
-    let o = fluxfit(dir, &all, stdin);
-    assert!(
-        o.status.success(),
-        "fluxfit {all:?} failed:\n{}",
-        stderr(&o)
-    );
-    o
+    succeeds_with(dir, &all, stdin)
 }
 
 /// Runs `fluxfit generate ARGS`, expects a clean failure and returns stderr, which must name
@@ -92,26 +62,6 @@ fn chunk(chunks: &[(String, String)], key: &str) -> String {
         .find(|(k, _)| k == key)
         .map(|(_, v)| v.clone())
         .unwrap_or_else(|| panic!("no `{key}` text chunk in {chunks:?}"))
-}
-
-/// (width, height, RGB bytes) of a PNG.
-fn pixels(path: &Path) -> (u32, u32, Vec<u8>) {
-    let file = std::fs::File::open(path).expect("png");
-    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
-        .read_info()
-        .expect("png header");
-    let mut buf = vec![0; reader.output_buffer_size().expect("size")];
-    let info = reader.next_frame(&mut buf).expect("png frame");
-    buf.truncate(info.buffer_size());
-    (info.width, info.height, buf)
-}
-
-fn tempdir() -> tempfile::TempDir {
-    tempfile::tempdir().expect("temp dir")
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -645,42 +595,6 @@ fn fill_inpaints_and_outpaints_with_a_tiny_fill_model() {
 // ---------------------------------------------------------------------------------------------
 // Editing (Kontext), structural control (Canny / Depth) and control LoRAs
 
-/// Runs `fluxfit ARGS` (subcommand included) and expects success.
-#[track_caller]
-fn succeeds(dir: &Path, args: &[&str]) -> Output {
-    let o = fluxfit(dir, args, None);
-    assert!(
-        o.status.success(),
-        "fluxfit {args:?} failed:\n{}",
-        stderr(&o)
-    );
-    o
-}
-
-/// Runs `fluxfit ARGS` (subcommand included), expects a clean failure and returns stderr,
-/// which must name every one of `names`.
-#[track_caller]
-fn command_fails(dir: &Path, args: &[&str], names: &[&str]) -> String {
-    let o = fluxfit(dir, args, None);
-    let err = stderr(&o);
-    assert!(!o.status.success(), "fluxfit {args:?} succeeded:\n{err}");
-    assert!(
-        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
-        "fluxfit {args:?} panicked:\n{err}"
-    );
-    assert!(
-        err.contains("error"),
-        "fluxfit {args:?}: no error line:\n{err}"
-    );
-    for name in names {
-        assert!(
-            err.contains(name),
-            "fluxfit {args:?}: stderr does not name `{name}`:\n{err}"
-        );
-    }
-    err
-}
-
 fn size(path: &Path) -> (u32, u32) {
     let (w, h, _) = pixels(path);
     (w, h)
@@ -1060,7 +974,7 @@ fn loops_take_the_next_input_image() {
         "a gold robot\n/i {}\n/s 3\na silver robot\n/i /nope.png\n/q\n",
         s(&other)
     );
-    let o = fluxfit(
+    let o = succeeds_with(
         d,
         &[
             "generate",
@@ -1078,7 +992,6 @@ fn loops_take_the_next_input_image() {
         ],
         Some(&stdin),
     );
-    assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("/i /nope.png: no such file"),
         "{}",
@@ -1098,7 +1011,7 @@ fn loops_take_the_next_input_image() {
         "make it blue\n/i {}\n/ar 1000:1\nmake it red\n/q\n",
         s(&other)
     );
-    let o = fluxfit(
+    let o = succeeds_with(
         d,
         &[
             "edit",
@@ -1117,7 +1030,6 @@ fn loops_take_the_next_input_image() {
         ],
         Some(&stdin),
     );
-    assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("too extreme"), "{}", stderr(&o));
     assert_eq!(size(&d.join("e.png")), (64, 80));
     assert_eq!(size(&d.join("e-1.png")), (96, 64));
@@ -1135,7 +1047,7 @@ fn fill_loop_takes_the_next_mask() {
     let image = fixtures().join("fill_image.png");
     let mask = fixtures().join("fill_mask.png");
     let stdin = format!("a cup\n/m {}\n/s 4\na plate\n/i /nope.png\n/q\n", s(&mask));
-    let o = fluxfit(
+    let o = succeeds_with(
         d,
         &[
             "fill",
@@ -1156,7 +1068,6 @@ fn fill_loop_takes_the_next_mask() {
         ],
         Some(&stdin),
     );
-    assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("/nope.png"), "{}", stderr(&o));
     // The first outpaints (96 + 48 rounded to 32: 128 wide), the second inpaints with the mask
     // given by `/m`.

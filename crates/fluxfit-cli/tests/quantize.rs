@@ -6,60 +6,24 @@
 //! fallback) 2.37; the bounds are about 1.7× that. For scale, the same prompt with another seed
 //! differs by far more (asserted: over 10× the loosest bound).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod common;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use std::path::Path;
 
-fn fluxfit(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fluxfit"))
-        .current_dir(dir)
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run fluxfit")
-}
-
-#[track_caller]
-fn ok(dir: &Path, args: &[&str]) -> Output {
-    let o = fluxfit(dir, args);
-    assert!(
-        o.status.success(),
-        "fluxfit {args:?} failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
-
-#[track_caller]
-fn fails(dir: &Path, args: &[&str], names: &[&str]) -> String {
-    let o = fluxfit(dir, args);
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(!o.status.success(), "fluxfit {args:?} should fail");
-    assert!(!err.contains("panicked"), "{err}");
-    for n in names {
-        assert!(err.contains(n), "`{n}` not in:\n{err}");
-    }
-    err
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
+use common::*;
 
 /// RGB bytes of a PNG.
-fn pixels(path: &Path) -> Vec<u8> {
-    let file = std::fs::File::open(path).expect("png");
-    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
-        .read_info()
-        .expect("png header");
-    let mut buf = vec![0; reader.output_buffer_size().expect("size")];
-    let info = reader.next_frame(&mut buf).expect("png frame");
-    buf.truncate(info.buffer_size());
-    buf
+fn rgb(path: &Path) -> Vec<u8> {
+    pixels(path).2
+}
+
+/// `fluxfit quantize --in INPUT --out OUT --type T`, which must succeed; its stderr.
+fn quantize(dir: &Path, input: &Path, out: &Path, t: &str) -> String {
+    let o = succeeds(
+        dir,
+        &["quantize", "--in", &s(input), "--out", &s(out), "--type", t],
+    );
+    stderr(&o)
 }
 
 fn mean_abs_diff(a: &[u8], b: &[u8]) -> f64 {
@@ -78,7 +42,7 @@ fn image(dir: &Path, flow: &Path, t5: &Path, out: &str) -> Vec<u8> {
 
 fn image_seed(dir: &Path, flow: &Path, t5: &Path, out: &str, seed: &str) -> Vec<u8> {
     let f = fixtures();
-    ok(
+    succeeds(
         dir,
         &[
             "generate",
@@ -103,7 +67,7 @@ fn image_seed(dir: &Path, flow: &Path, t5: &Path, out: &str, seed: &str) -> Vec<
             out,
         ],
     );
-    pixels(&dir.join(out))
+    rgb(&dir.join(out))
 }
 
 #[test]
@@ -120,19 +84,7 @@ fn quantize_then_generate() {
 
     // Flow model, Q8_0.
     let q8 = d.join("flux1-tiny-dev-Q8_0.gguf");
-    let o = ok(
-        d,
-        &[
-            "quantize",
-            "--in",
-            &s(&flow),
-            "--out",
-            &s(&q8),
-            "--type",
-            "q8_0",
-        ],
-    );
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = quantize(d, &flow, &q8, "q8_0");
     assert!(
         err.contains("flux architecture") && err.contains("wrote"),
         "{err}"
@@ -143,19 +95,7 @@ fn quantize_then_generate() {
 
     // Q4_K: the 64-wide rows fall back (said so), the image stays close.
     let q4 = d.join("flux1-tiny-dev-Q4_K.gguf");
-    let o = ok(
-        d,
-        &[
-            "quantize",
-            "--in",
-            &s(&flow),
-            "--out",
-            &s(&q4),
-            "--type",
-            "q4_k",
-        ],
-    );
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = quantize(d, &flow, &q4, "q4_k");
     assert!(
         err.contains("q4_k → q5_0") && err.contains("not a multiple of 256"),
         "{err}"
@@ -172,19 +112,8 @@ fn quantize_then_generate() {
         &d.join("tokenizer_2"),
     );
     let t5q = d.join("t5-encoder-Q8_0.gguf");
-    let o = ok(
-        d,
-        &[
-            "quantize",
-            "--in",
-            &s(&t5),
-            "--out",
-            &s(&t5q),
-            "--type",
-            "q8_0",
-        ],
-    );
-    assert!(String::from_utf8_lossy(&o.stderr).contains("t5encoder"));
+    let err = quantize(d, &t5, &t5q, "q8_0");
+    assert!(err.contains("t5encoder"), "{err}");
     let diff = mean_abs_diff(&image(d, &flow, &t5q, "t5q.png"), &reference);
     println!("q8_0 T5: mean |Δ| {diff:.3}");
     assert!(diff < 0.7, "q8_0 T5 image differs by {diff} on average");
@@ -205,7 +134,7 @@ fn quantize_refuses_bad_requests() {
     let flow = fixtures().join("tiny-bfl/flux1-tiny-dev.safetensors");
     let out = d.join("out.gguf");
     std::fs::write(&out, b"precious").unwrap();
-    fails(
+    command_fails(
         d,
         &["quantize", "--in", &s(&flow), "--out", &s(&out)],
         &["out.gguf", "exists"],
@@ -213,7 +142,7 @@ fn quantize_refuses_bad_requests() {
     assert_eq!(std::fs::read(&out).unwrap(), b"precious");
 
     let fresh = s(&d.join("fresh.gguf"));
-    fails(
+    command_fails(
         d,
         &[
             "quantize",
@@ -226,7 +155,7 @@ fn quantize_refuses_bad_requests() {
         ],
         &["--type", "q9_k", "q4_k"],
     );
-    fails(
+    command_fails(
         d,
         &[
             "quantize",
@@ -240,7 +169,7 @@ fn quantize_refuses_bad_requests() {
         &["--keep", "PATTERN=TYPE"],
     );
     let ae = fixtures().join("tiny-bfl/ae.safetensors");
-    fails(
+    command_fails(
         d,
         &["quantize", "--in", &s(&ae), "--out", &fresh],
         &[

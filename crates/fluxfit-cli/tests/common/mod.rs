@@ -1,0 +1,94 @@
+//! Helpers shared by the CLI's test binaries: running `fluxfit`, its outcome, fixtures, PNGs.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+pub fn fluxfit(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fluxfit"));
+    cmd.current_dir(dir)
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("run fluxfit");
+    {
+        let mut pipe = child.stdin.take().expect("stdin");
+        if let Some(text) = stdin {
+            pipe.write_all(text.as_bytes()).expect("write stdin");
+        }
+    }
+    child.wait_with_output().expect("fluxfit output")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs `fluxfit ARGS` (subcommand included) with `stdin` and expects success.
+#[track_caller]
+pub fn succeeds_with(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let o = fluxfit(dir, args, stdin);
+    assert!(
+        o.status.success(),
+        "fluxfit {args:?} failed:\n{}",
+        stderr(&o)
+    );
+    o
+}
+
+/// (width, height, RGB bytes) of a PNG.
+pub fn pixels(path: &Path) -> (u32, u32, Vec<u8>) {
+    let file = std::fs::File::open(path).expect("png");
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .expect("png header");
+    let mut buf = vec![0; reader.output_buffer_size().expect("size")];
+    let info = reader.next_frame(&mut buf).expect("png frame");
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, buf)
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+pub fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Runs `fluxfit ARGS` (subcommand included) and expects success.
+#[track_caller]
+pub fn succeeds(dir: &Path, args: &[&str]) -> Output {
+    succeeds_with(dir, args, None)
+}
+
+/// Runs `fluxfit ARGS` (subcommand included), expects a clean failure and returns stderr,
+/// which must name every one of `names`.
+#[track_caller]
+pub fn command_fails(dir: &Path, args: &[&str], names: &[&str]) -> String {
+    let o = fluxfit(dir, args, None);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "fluxfit {args:?} succeeded:\n{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "fluxfit {args:?} panicked:\n{err}"
+    );
+    assert!(
+        err.contains("error"),
+        "fluxfit {args:?}: no error line:\n{err}"
+    );
+    for name in names {
+        assert!(
+            err.contains(name),
+            "fluxfit {args:?}: stderr does not name `{name}`:\n{err}"
+        );
+    }
+    err
+}
