@@ -63,6 +63,45 @@ fn weights_peak(r: &MemoryReport, phase: &str) -> usize {
         .weights_peak
 }
 
+/// The ledger's weight peaks of `mem` against the planner's shadow for the model's plan: equal
+/// to the byte.
+fn assert_weights_predicted(model: &Model, spec: &ModelSpec, mem: &MemoryReport, what: &str) {
+    let predicted = planner::predict(
+        spec,
+        &Request::for_text2image(&request()),
+        model.plan(),
+        &DeviceProfile::cpu_fixed(),
+    );
+    for m in &mem.phases {
+        let p = predicted.phase(&m.phase).unwrap();
+        println!(
+            "  {:<8} weights peak measured {:>9} predicted {:>9}",
+            m.phase, m.weights_peak, p.weights_peak
+        );
+        assert_eq!(
+            p.weights_peak as usize, m.weights_peak,
+            "{what} {}: the shadow holds what the ledger saw",
+            m.phase
+        );
+    }
+}
+
+/// Bytes a packed residency over `store` holds: block-quantized tensors at their stored size,
+/// the others in f32.
+fn packed_bytes(store: &fluxfit::checkpoint::store::TensorStore) -> usize {
+    store
+        .keys()
+        .map(|k| {
+            let info = store.info(k).unwrap();
+            if store.is_packable(k) {
+                info.stored_bytes()
+            } else {
+                info.numel() * 4
+            }
+        })
+        .sum()
+}
+
 #[test]
 fn packed_plans_give_the_same_image_hold_fewer_bytes_and_are_predicted() {
     let mut model = Model::load(&sources(), "q8 fixture", LoadOptions::default()).unwrap();
@@ -70,7 +109,6 @@ fn packed_plans_give_the_same_image_hold_fewer_bytes_and_are_predicted() {
     let flow_dense = model.flow.weights.held_bytes();
     let t5_dense = model.t5.weights.held_bytes();
     let spec = ModelSpec::from_model(&model);
-    let device = DeviceProfile::cpu_fixed();
     for plan in [
         "flow=resident+packed",
         "packed",
@@ -82,24 +120,7 @@ fn packed_plans_give_the_same_image_hold_fewer_bytes_and_are_predicted() {
         let diff = max_abs_diff(&latents, &base);
         println!("{plan:<55} latents differ by {diff:e}");
         assert_eq!(diff, 0.0, "{plan}: the same dequantized values");
-        let predicted = planner::predict(
-            &spec,
-            &Request::for_text2image(&request()),
-            model.plan(),
-            &device,
-        );
-        for m in &mem.phases {
-            let p = predicted.phase(&m.phase).unwrap();
-            println!(
-                "  {:<8} weights peak measured {:>9} predicted {:>9}",
-                m.phase, m.weights_peak, p.weights_peak
-            );
-            assert_eq!(
-                p.weights_peak as usize, m.weights_peak,
-                "{plan} {}: the shadow holds what the ledger saw",
-                m.phase
-            );
-        }
+        assert_weights_predicted(&model, &spec, &mem, plan);
     }
     // Resident and packed: each block-quantized tensor held at its stored size, the others
     // (norms, biases, what the quantizer kept in F32) in the compute dtype.
@@ -108,18 +129,7 @@ fn packed_plans_give_the_same_image_hold_fewer_bytes_and_are_predicted() {
         ("flow", &model.flow.weights, flow_dense),
         ("t5", &model.t5.weights, t5_dense),
     ] {
-        let store = w.store();
-        let expected: usize = store
-            .keys()
-            .map(|k| {
-                let info = store.info(k).unwrap();
-                if store.is_packable(k) {
-                    info.stored_bytes()
-                } else {
-                    info.numel() * 4
-                }
-            })
-            .sum();
+        let expected = packed_bytes(w.store());
         println!("{name} held {dense} → {} bytes", w.held_bytes());
         assert_eq!(w.held_bytes(), expected, "{name}");
         assert!(w.held_bytes() < dense, "{name}");
@@ -151,7 +161,6 @@ fn qmatmul_plans_multiply_q8_weights_as_stored() {
     let (base, _) = run(&mut model, "resident");
     let (_, packed_mem) = run(&mut model, "packed");
     let spec = ModelSpec::from_model(&model);
-    let device = DeviceProfile::cpu_fixed();
     for plan in ["qmatmul", "stream:1:2,qmatmul", "phase,flow=phase+qmatmul"] {
         let (latents, mem) = run(&mut model, plan);
         // Activations are quantized to 8 bits inside the matmul: close, not equal. Measured
@@ -159,20 +168,7 @@ fn qmatmul_plans_multiply_q8_weights_as_stored() {
         let err = rel_err(&latents, &base);
         println!("{plan:<28} latents relative error {err:.2e}");
         assert!(err > 0.0 && err < 9e-3, "{plan}: {err}");
-        let predicted = planner::predict(
-            &spec,
-            &Request::for_text2image(&request()),
-            model.plan(),
-            &device,
-        );
-        for m in &mem.phases {
-            let p = predicted.phase(&m.phase).unwrap();
-            assert_eq!(
-                p.weights_peak as usize, m.weights_peak,
-                "{plan} {}: the shadow holds what the ledger saw",
-                m.phase
-            );
-        }
+        assert_weights_predicted(&model, &spec, &mem, plan);
         if plan == "qmatmul" {
             // No dequantized copy of the Q8_0 matrices while a block computes.
             assert!(weights_peak(&mem, "denoise") < weights_peak(&packed_mem, "denoise"));
@@ -207,29 +203,11 @@ fn dense_files_are_quantized_on_load_for_packed_plans() {
     println!("q8_0 on load: latents relative error {err:.2e}");
     // Measured 4.8e-3 (flow and T5 in Q8_0); bound ×1.5 rounded up.
     assert!(err > 0.0 && err < 8e-3, "{err}");
-    let predicted = planner::predict(
-        &spec,
-        &Request::for_text2image(&request()),
-        model.plan(),
-        &DeviceProfile::cpu_fixed(),
+    assert_weights_predicted(&model, &spec, &mem, "q8_0 on load");
+    assert_eq!(
+        model.flow.weights.held_bytes(),
+        packed_bytes(model.flow.weights.store())
     );
-    for m in &mem.phases {
-        let p = predicted.phase(&m.phase).unwrap();
-        assert_eq!(p.weights_peak as usize, m.weights_peak, "{}", m.phase);
-    }
-    let store = model.flow.weights.store();
-    let expected: usize = store
-        .keys()
-        .map(|k| {
-            let info = store.info(k).unwrap();
-            if store.is_packable(k) {
-                info.stored_bytes()
-            } else {
-                info.numel() * 4
-            }
-        })
-        .sum();
-    assert_eq!(model.flow.weights.held_bytes(), expected);
     assert!(model.flow.weights.held_bytes() * 2 < dense.flow.weights.held_bytes());
     // Streamed, the blocks come from the bytes quantized once: the same image.
     let (streamed, _) = run(&mut model, "stream:1:2,packed");
