@@ -14,7 +14,7 @@ use fluxfit::checkpoint::layout::open_flow;
 use fluxfit::checkpoint::quantize::{self, QuantSpec};
 use fluxfit::checkpoint::store::TensorStore;
 use fluxfit::memory::residency::{Placement, Residency};
-use fluxfit::model::flow::{FlowConfig, FlowInputs, Flux};
+use fluxfit::model::flow::{FlowConfig, FlowSample, Flux};
 use fluxfit::model::ops::linear;
 use fluxfit::noise::{torch_randn, NoiseKind};
 use fluxfit::pipeline::tiny::{self, TinyConfigs};
@@ -70,39 +70,13 @@ fn ab<T, U>(
     Ok((ta, tb))
 }
 
-struct Inputs {
-    img: Tensor,
-    img_ids: Tensor,
-    txt: Tensor,
-    txt_ids: Tensor,
-    t: Tensor,
-    y: Tensor,
-    g: Tensor,
-}
-
-fn inputs(cfg: &FlowConfig, tokens: usize) -> Result<Inputs> {
+/// Seeded inputs of `tokens` image tokens (a square number) and 64 text tokens.
+fn inputs(cfg: &FlowConfig, tokens: usize) -> Result<FlowSample> {
     let side = (tokens as f64).sqrt() as usize;
     if side * side != tokens {
         bail!("--tokens {tokens}: must be a square number");
     }
-    let dev = Device::Cpu;
-    let randn = |seed: u64, shape: &[usize]| -> Result<Tensor> {
-        let n = shape.iter().product();
-        Ok(Tensor::from_vec(
-            torch_randn(seed, n, NoiseKind::TorchF32),
-            shape,
-            &dev,
-        )?)
-    };
-    Ok(Inputs {
-        img: randn(1, &[1, tokens, cfg.in_channels])?,
-        img_ids: fluxfit::sampling::image_ids(1, 2 * side, 2 * side, 0.0, &dev)?,
-        txt: randn(2, &[1, 64, cfg.context_in_dim])?,
-        txt_ids: fluxfit::sampling::text_ids(1, 64, &dev)?,
-        t: Tensor::new(&[0.7f32], &dev)?,
-        y: randn(3, &[1, cfg.vec_in_dim])?,
-        g: Tensor::new(&[3.5f32], &dev)?,
-    })
+    Ok(FlowSample::seeded(cfg, side, 64, 0)?)
 }
 
 /// One configuration's numbers: times relative to f32, measured alternately with it.
@@ -176,19 +150,8 @@ impl Setup {
     }
 }
 
-fn forward(flux: &Flux, w: &Residency, inp: &Inputs) -> Result<Tensor> {
-    Ok(flux.forward(
-        w,
-        &FlowInputs {
-            img: &inp.img,
-            img_ids: &inp.img_ids,
-            txt: &inp.txt,
-            txt_ids: &inp.txt_ids,
-            timesteps: &inp.t,
-            y: &inp.y,
-            guidance: flux.config.guidance_embed.then_some(&inp.g),
-        },
-    )?)
+fn forward(flux: &Flux, w: &Residency, inp: &FlowSample) -> Result<Tensor> {
+    Ok(flux.forward(w, &inp.inputs(&flux.config))?)
 }
 
 fn rel_err(y: &Tensor, want: &Tensor) -> Result<f32> {
@@ -202,7 +165,7 @@ fn measure(
     base: &Setup,
     it: &Setup,
     flux: &Flux,
-    inp: &Inputs,
+    inp: &FlowSample,
     want: &Tensor,
     repeat: usize,
 ) -> Result<Row> {

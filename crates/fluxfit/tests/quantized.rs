@@ -26,9 +26,9 @@ use fluxfit::checkpoint::quantize::{self, QuantSpec, Reason};
 use fluxfit::checkpoint::safetensors::SafetensorsFile;
 use fluxfit::checkpoint::store::TensorStore;
 use fluxfit::memory::residency::{Placement, Residency};
-use fluxfit::model::flow::{FlowConfig, FlowInputs, Flux};
+use fluxfit::model::flow::{FlowConfig, FlowSample, Flux};
 use fluxfit::model::t5::{T5Config, T5Encoder};
-use fluxfit::noise::{torch_randn, NoiseKind};
+
 use fluxfit::pipeline::tiny::{self, TinyConfigs};
 use fluxfit::pipeline::LoadOptions;
 use fluxfit::variant::Variant;
@@ -74,52 +74,21 @@ fn flux_of(store: &TensorStore) -> Flux {
     Flux::new(cfg, None)
 }
 
-/// Inputs of one forward pass: the golden ones of the tiny dev model, or seeded random ones
-/// of the right widths (8×8 image tokens, 16 text tokens).
-struct Inputs {
-    img: Tensor,
-    img_ids: Tensor,
-    txt: Tensor,
-    txt_ids: Tensor,
-    t: Tensor,
-    y: Tensor,
-    guidance: Tensor,
-}
-
-impl Inputs {
-    fn golden() -> Self {
-        let g = |n: &str| golden("flow_dev.safetensors", n);
-        Self {
-            img: g("img"),
-            img_ids: g("img_ids"),
-            txt: g("txt"),
-            txt_ids: g("txt_ids"),
-            t: g("timesteps"),
-            y: g("y"),
-            guidance: g("guidance"),
-        }
-    }
-
-    fn random(cfg: &FlowConfig, seed: u64) -> Self {
-        let dev = Device::Cpu;
-        let randn = |s: u64, shape: &[usize]| {
-            let n = shape.iter().product();
-            Tensor::from_vec(torch_randn(seed + s, n, NoiseKind::TorchF32), shape, &dev).unwrap()
-        };
-        let (l_img, l_txt) = (64, 16);
-        Self {
-            img: randn(1, &[1, l_img, cfg.in_channels]),
-            img_ids: fluxfit::sampling::image_ids(1, 16, 16, 0.0, &dev).unwrap(),
-            txt: randn(2, &[1, l_txt, cfg.context_in_dim]),
-            txt_ids: fluxfit::sampling::text_ids(1, l_txt, &dev).unwrap(),
-            t: Tensor::new(&[0.7f32], &dev).unwrap(),
-            y: randn(3, &[1, cfg.vec_in_dim]),
-            guidance: Tensor::new(&[3.5f32], &dev).unwrap(),
-        }
+/// The golden inputs of one forward pass of the tiny dev model.
+fn golden_inputs() -> FlowSample {
+    let g = |n: &str| golden("flow_dev.safetensors", n);
+    FlowSample {
+        img: g("img"),
+        img_ids: g("img_ids"),
+        txt: g("txt"),
+        txt_ids: g("txt_ids"),
+        timesteps: g("timesteps"),
+        y: g("y"),
+        guidance: g("guidance"),
     }
 }
 
-fn forward(store: TensorStore, dtype: DType, placement: Placement, inp: &Inputs) -> Tensor {
+fn forward(store: TensorStore, dtype: DType, placement: Placement, inp: &FlowSample) -> Tensor {
     let flux = flux_of(&store);
     let w = Residency::new(
         Arc::new(store),
@@ -129,23 +98,12 @@ fn forward(store: TensorStore, dtype: DType, placement: Placement, inp: &Inputs)
         placement,
     );
     let out = flux
-        .forward(
-            &w,
-            &FlowInputs {
-                img: &inp.img,
-                img_ids: &inp.img_ids,
-                txt: &inp.txt,
-                txt_ids: &inp.txt_ids,
-                timesteps: &inp.t,
-                y: &inp.y,
-                guidance: flux.config.guidance_embed.then_some(&inp.guidance),
-            },
-        )
+        .forward(&w, &inp.inputs(&flux.config))
         .expect("forward");
     out.to_dtype(DType::F32).unwrap()
 }
 
-fn f32_forward(path: &Path, inp: &Inputs) -> Tensor {
+fn f32_forward(path: &Path, inp: &FlowSample) -> Tensor {
     forward(
         open_flow(path).unwrap(),
         DType::F32,
@@ -252,7 +210,7 @@ fn flux_gguf_from_gguf_py_loads_and_runs() {
         let b = reference.load(key, &Device::Cpu, DType::F32).unwrap();
         assert_bits_equal(key, &a, &b);
     }
-    let inp = Inputs::golden();
+    let inp = golden_inputs();
     let want = f32_forward(&tiny_dev(), &inp);
     let got = forward(store, DType::F32, Placement::Resident, &inp);
     let err = rel_err(&got, &want);
@@ -420,7 +378,7 @@ fn quantized_t5_round_trips_in_llama_names() {
 // ------------------------------------------------------------------------------------------
 // Error per storage type
 
-fn type_errors(src: &Path, types: &[GgmlDType], inp: &Inputs) -> Vec<(GgmlDType, f32, usize)> {
+fn type_errors(src: &Path, types: &[GgmlDType], inp: &FlowSample) -> Vec<(GgmlDType, f32, usize)> {
     let dir = tempfile::tempdir().unwrap();
     let want = f32_forward(src, inp);
     let store = open_flow(src).unwrap();
@@ -463,7 +421,7 @@ fn tiny_flow_error_per_type() {
         (GgmlDType::Q4_0, 8e-2), // 5.2e-2
     ];
     let types: Vec<GgmlDType> = bounds.iter().map(|(t, _)| *t).collect();
-    let errs = type_errors(&tiny_dev(), &types, &Inputs::golden());
+    let errs = type_errors(&tiny_dev(), &types, &golden_inputs());
     for ((t, err, _), (_, bound)) in errs.iter().zip(bounds) {
         assert!(
             *err <= bound,
@@ -492,7 +450,7 @@ fn mid_size_flow_error_per_type() {
     ];
     let types: Vec<GgmlDType> = bounds.iter().map(|(t, _)| *t).collect();
     let cfg = flux_of(&open_flow(&src).unwrap()).config;
-    let errs = type_errors(&src, &types, &Inputs::random(&cfg, 7));
+    let errs = type_errors(&src, &types, &FlowSample::seeded(&cfg, 8, 16, 7).unwrap());
     for ((t, err, fallbacks), (_, bound)) in errs.iter().zip(bounds) {
         assert_eq!(
             *fallbacks,
@@ -518,7 +476,7 @@ fn mid_size_flow_error_per_type() {
 /// Compute in bf16 / f16 (weights converted per stage) against f32 compute.
 #[test]
 fn compute_dtype_error() {
-    let inp = Inputs::golden();
+    let inp = golden_inputs();
     let want = f32_forward(&tiny_dev(), &inp);
     // Measured: bf16 6.9e-3, f16 8.5e-4.
     for (dtype, bound) in [(DType::BF16, 1.05e-2), (DType::F16, 1.3e-3)] {
@@ -584,7 +542,7 @@ fn write_scaled_fp8(src: &Path, dst: &Path) {
 fn scaled_fp8_flow_loads_and_runs() {
     let dir = tempfile::tempdir().unwrap();
     let reference = open_flow(&tiny_dev()).unwrap();
-    let inp = Inputs::golden();
+    let inp = golden_inputs();
     let want = f32_forward(&tiny_dev(), &inp);
 
     let bfl = dir.path().join("flux1-tiny-dev-fp8-scaled.safetensors");
@@ -620,7 +578,7 @@ fn scaled_fp8_flow_loads_and_runs() {
 #[test]
 fn gguf_streams_under_every_plan() {
     let path = quant("flux1-tiny-dev-Q8_0.gguf");
-    let inp = Inputs::golden();
+    let inp = golden_inputs();
     let resident = forward(
         open_flow(&path).unwrap(),
         DType::F32,

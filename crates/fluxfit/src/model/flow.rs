@@ -219,6 +219,57 @@ pub struct FlowInputs<'a> {
     pub guidance: Option<&'a Tensor>,
 }
 
+/// [`FlowInputs`] owned: for benchmarks and tests that run the flow model on fixed inputs.
+#[derive(Debug, Clone)]
+pub struct FlowSample {
+    pub img: Tensor,
+    pub img_ids: Tensor,
+    pub txt: Tensor,
+    pub txt_ids: Tensor,
+    pub timesteps: Tensor,
+    pub y: Tensor,
+    pub guidance: Tensor,
+}
+
+impl FlowSample {
+    /// Seeded random inputs of `cfg`'s widths (torch f32 `randn` with seeds `seed + 1..=3`):
+    /// a `side × side` grid of image tokens, `txt_tokens` text tokens, t = 0.7, guidance 3.5.
+    pub fn seeded(cfg: &FlowConfig, side: usize, txt_tokens: usize, seed: u64) -> Result<Self> {
+        use crate::noise::{torch_randn, NoiseKind};
+        let dev = Device::Cpu;
+        let randn = |s: u64, shape: &[usize]| -> Result<Tensor> {
+            let n = shape.iter().product();
+            Ok(Tensor::from_vec(
+                torch_randn(seed + s, n, NoiseKind::TorchF32),
+                shape,
+                &dev,
+            )?)
+        };
+        Ok(Self {
+            img: randn(1, &[1, side * side, cfg.in_channels])?,
+            img_ids: crate::sampling::image_ids(1, 2 * side, 2 * side, 0.0, &dev)?,
+            txt: randn(2, &[1, txt_tokens, cfg.context_in_dim])?,
+            txt_ids: crate::sampling::text_ids(1, txt_tokens, &dev)?,
+            timesteps: Tensor::new(&[0.7f32], &dev)?,
+            y: randn(3, &[1, cfg.vec_in_dim])?,
+            guidance: Tensor::new(&[3.5f32], &dev)?,
+        })
+    }
+
+    /// The borrowed inputs of one forward pass (guidance only for a model that embeds it).
+    pub fn inputs(&self, cfg: &FlowConfig) -> FlowInputs<'_> {
+        FlowInputs {
+            img: &self.img,
+            img_ids: &self.img_ids,
+            txt: &self.txt,
+            txt_ids: &self.txt_ids,
+            timesteps: &self.timesteps,
+            y: &self.y,
+            guidance: cfg.guidance_embed.then_some(&self.guidance),
+        }
+    }
+}
+
 impl Flux {
     pub fn new(config: FlowConfig, attn_chunk: Option<usize>) -> Self {
         Self { config, attn_chunk }
