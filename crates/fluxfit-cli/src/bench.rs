@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use fluxfit::candle_core::{DType, Device};
+use fluxfit::candle_core::DType;
 use fluxfit::memory::alloc;
 use fluxfit::memory::plan::Plan;
 use fluxfit::noise::NoiseKind;
@@ -106,12 +106,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         &configs,
         None,
         LoadOptions {
-            device: Device::Cpu,
-            dtype: DType::F32,
             attn_chunk: chunk,
             variant: Some(Variant::Schnell),
-            lora: None,
-            quantize: None,
+            ..LoadOptions::default()
         },
     )?;
     let base = Plan::resident(DType::F32, chunk);

@@ -68,12 +68,9 @@ fn fill_conditioning_matches_prepare_fill() {
 #[test]
 fn tiny_fill_model_runs_end_to_end() {
     let model = tiny::load(LoadOptions {
-        device: Device::Cpu,
-        dtype: DType::F32,
         attn_chunk: Some(256),
         variant: Some(Variant::DevFill),
-        lora: None,
-        quantize: None,
+        ..LoadOptions::default()
     })
     .unwrap();
     assert_eq!(model.flow.net.config.in_channels, 384);
@@ -93,12 +90,9 @@ fn tiny_fill_model_runs_end_to_end() {
     assert_eq!(out.image.dims(), &[1, 3, 32, 64]);
     // A text-to-image model is refused.
     let t2i = tiny::load(LoadOptions {
-        device: Device::Cpu,
-        dtype: DType::F32,
         attn_chunk: Some(256),
         variant: Some(Variant::Dev),
-        lora: None,
-        quantize: None,
+        ..LoadOptions::default()
     })
     .unwrap();
     let Err(err) = t2i.fill(&req, &image, &mask, None, &mut |_| {}) else {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use fluxfit::memory::alloc::{self, CountingAlloc};
 use fluxfit::memory::ledger::MemoryReport;
 use fluxfit::memory::plan::{ComponentKind, Placement, Plan};
@@ -43,12 +43,9 @@ fn request(side: usize, steps: usize) -> Text2Image {
 
 fn options() -> LoadOptions {
     LoadOptions {
-        device: Device::Cpu,
-        dtype: DType::F32,
         attn_chunk: Some(256),
         variant: Some(Variant::Schnell),
-        lora: None,
-        quantize: None,
+        ..LoadOptions::default()
     }
 }
 

@@ -3,7 +3,7 @@
 //! allocator and the ledger; the predicted peak of every phase must be within ±10% of the
 //! measured one.
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use fluxfit::memory::alloc::CountingAlloc;
 use fluxfit::memory::ledger::MemoryReport;
 use fluxfit::memory::plan::Plan;
@@ -20,12 +20,9 @@ const MIB: f64 = (1 << 20) as f64;
 
 fn options(chunk: Option<usize>) -> LoadOptions {
     LoadOptions {
-        device: Device::Cpu,
-        dtype: DType::F32,
         attn_chunk: chunk,
         variant: Some(Variant::Schnell),
-        lora: None,
-        quantize: None,
+        ..LoadOptions::default()
     }
 }
 

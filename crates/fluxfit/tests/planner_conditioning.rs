@@ -22,12 +22,9 @@ fn model(variant: Variant) -> Model {
         &TinyConfigs::sized(variant, 128, 2, 2).unwrap(),
         None,
         LoadOptions {
-            device: Device::Cpu,
-            dtype: DType::F32,
             attn_chunk: Some(256),
             variant: Some(variant),
-            lora: None,
-            quantize: None,
+            ..LoadOptions::default()
         },
     )
     .unwrap()

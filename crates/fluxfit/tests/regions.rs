@@ -28,12 +28,9 @@ fn model(variant: Variant) -> Model {
         &TinyConfigs::sized(variant, 128, 1, 1).unwrap(),
         None,
         LoadOptions {
-            device: Device::Cpu,
-            dtype: DType::F32,
             attn_chunk: Some(256),
             variant: Some(variant),
-            lora: None,
-            quantize: None,
+            ..LoadOptions::default()
         },
     )
     .unwrap();

@@ -25,12 +25,9 @@ fn model() -> Model {
         &TinyConfigs::sized(Variant::Schnell, 128, 1, 1).unwrap(),
         None,
         LoadOptions {
-            device: Device::Cpu,
-            dtype: DType::F32,
             attn_chunk: Some(256),
             variant: Some(Variant::Schnell),
-            lora: None,
-            quantize: None,
+            ..LoadOptions::default()
         },
     )
     .unwrap()
