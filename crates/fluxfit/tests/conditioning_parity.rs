@@ -12,25 +12,11 @@ use candle_core::Tensor;
 use common::*;
 use fluxfit::image::{read_mask, read_rgb8};
 use fluxfit::model::flow::FlowInputs;
-use fluxfit::noise::NoiseKind;
 use fluxfit::pipeline::fill::fill_tensors;
 use fluxfit::pipeline::kontext::image_tensor;
-use fluxfit::pipeline::{LoadOptions, LoraSpec, Model, Text2Image};
+use fluxfit::pipeline::{LoadOptions, LoraSpec, Model};
 use fluxfit::sampling;
 use fluxfit::variant::Variant;
-
-fn request(json: &serde_json::Value) -> Text2Image {
-    Text2Image {
-        prompt: json["prompt"].as_str().unwrap().to_string(),
-        width: json["width"].as_u64().unwrap() as usize,
-        height: json["height"].as_u64().unwrap() as usize,
-        steps: json["num_steps"].as_u64().unwrap() as usize,
-        guidance: json["guidance"].as_f64().unwrap() as f32,
-        seed: json["seed"].as_u64().unwrap(),
-        t5_tokens: 16,
-        noise: NoiseKind::TorchBf16,
-    }
-}
 
 fn model(flow: &str, variant: Variant, lora: Option<&str>) -> Model {
     Model::load(
@@ -90,7 +76,7 @@ fn check_first_velocity(model: &Model, file: &str, cond: &Tensor) {
 #[test]
 fn fill_matches_reference() {
     let file = "fill_dev.safetensors";
-    let req = request(&golden_json("fill_dev.json"));
+    let req = golden_request(&golden_json("fill_dev.json"));
     let model = model(
         "../tiny-variants/flux1-tiny-fill-dev.safetensors",
         Variant::DevFill,
@@ -117,7 +103,7 @@ fn fill_matches_reference() {
 #[test]
 fn control_matches_reference() {
     let file = "control_dev.safetensors";
-    let req = request(&golden_json("control_dev.json"));
+    let req = golden_request(&golden_json("control_dev.json"));
     let model = model(
         "../tiny-variants/flux1-tiny-canny-dev.safetensors",
         Variant::DevCanny,
@@ -152,7 +138,7 @@ fn control_lora_on_dev_matches_reference() {
         json["lora_scale"].as_f64().unwrap(),
         LoraSpec::DEFAULT_SCALE
     );
-    let req = request(&json);
+    let req = golden_request(&json);
     // The variant comes from the LoRA's file name: dev + canny LoRA = a Canny model.
     let model = Model::load(
         &bfl_sources("flux1-tiny-dev.safetensors"),
@@ -185,7 +171,7 @@ fn control_lora_on_dev_matches_reference() {
 #[test]
 fn kontext_matches_reference() {
     let file = "kontext_dev.safetensors";
-    let req = request(&golden_json("kontext_dev.json"));
+    let req = golden_request(&golden_json("kontext_dev.json"));
     let model = model("flux1-tiny-dev.safetensors", Variant::DevKontext, None);
     let image = image_tensor(&read_rgb8(&fixtures().join("kontext_image.png")).unwrap()).unwrap();
     assert_eq!(image.dims(), &[1, 3, 80, 64]);
@@ -213,7 +199,7 @@ fn kontext_matches_reference() {
 #[test]
 fn wrong_models_are_refused_with_the_fix() {
     let (txt, vec) = embeddings();
-    let req = request(&golden_json("control_dev.json"));
+    let req = golden_request(&golden_json("control_dev.json"));
     let dev = model("flux1-tiny-dev.safetensors", Variant::Dev, None);
     let image = Tensor::zeros(
         (1, 3, 64, 96),

@@ -12,26 +12,13 @@ use candle_core::{DType, Tensor};
 use common::*;
 use fluxfit::image::to_rgb8;
 use fluxfit::noise::NoiseKind;
-use fluxfit::pipeline::{Model, Text2Image};
-
-fn request(case: &serde_json::Value) -> Text2Image {
-    Text2Image {
-        prompt: case["prompt"].as_str().unwrap().to_string(),
-        width: case["width"].as_u64().unwrap() as usize,
-        height: case["height"].as_u64().unwrap() as usize,
-        steps: case["num_steps"].as_u64().unwrap() as usize,
-        guidance: case["guidance"].as_f64().unwrap_or(0.0) as f32,
-        seed: case["seed"].as_u64().unwrap(),
-        t5_tokens: case["t5_max_length"].as_u64().unwrap() as usize,
-        noise: NoiseKind::TorchBf16,
-    }
-}
+use fluxfit::pipeline::Model;
 
 /// Checks one model against one golden case; returns its 8-bit pixels.
 fn check(model: &Model, case: &str) -> Vec<u8> {
     let json = golden_json(&format!("{case}.json"));
     let file = format!("{case}.safetensors");
-    let req = request(&json);
+    let req = golden_request(&json);
 
     // Text: our encoders, then the same bf16 rounding as the reference.
     let (txt, vec) = model.encode_text(&req.prompt, req.t5_tokens).unwrap();
@@ -57,12 +44,7 @@ fn check(model: &Model, case: &str) -> Vec<u8> {
             &mut |_| {},
         )
         .unwrap();
-    let expected_t: Vec<f32> = json["timesteps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap() as f32)
-        .collect();
+    let expected_t = golden_timesteps(&json);
     assert_eq!(out.timesteps, expected_t, "{case}: schedule");
     assert_close(
         &format!("{case} final latents"),
@@ -119,7 +101,7 @@ fn schnell_text_to_image_matches_reference() {
 #[test]
 fn noise_and_packing_match_reference() {
     let json = golden_json("e2e_dev.json");
-    let req = request(&json);
+    let req = golden_request(&json);
     let dev = candle_core::Device::Cpu;
     let noise = fluxfit::sampling::noise(
         1,

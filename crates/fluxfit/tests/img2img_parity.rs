@@ -10,8 +10,7 @@ mod common;
 
 use common::*;
 use fluxfit::image::{init_image, read_rgb8};
-use fluxfit::noise::NoiseKind;
-use fluxfit::pipeline::{ImageInit, Text2Image};
+use fluxfit::pipeline::ImageInit;
 use fluxfit::sampling;
 
 const FILE: &str = "img2img_dev.safetensors";
@@ -20,16 +19,7 @@ const FILE: &str = "img2img_dev.safetensors";
 fn img2img_matches_reference() {
     let json = golden_json("img2img_dev.json");
     let model = load(&bfl_sources("flux1-tiny-dev.safetensors"), None);
-    let req = Text2Image {
-        prompt: json["prompt"].as_str().unwrap().to_string(),
-        width: json["width"].as_u64().unwrap() as usize,
-        height: json["height"].as_u64().unwrap() as usize,
-        steps: json["num_steps"].as_u64().unwrap() as usize,
-        guidance: json["guidance"].as_f64().unwrap() as f32,
-        seed: json["seed"].as_u64().unwrap(),
-        t5_tokens: json["t5_max_length"].as_u64().unwrap() as usize,
-        noise: NoiseKind::TorchBf16,
-    };
+    let req = golden_request(&json);
     let strength = json["strength"].as_f64().unwrap();
     let png = fixtures().join(json["init_image"].as_str().unwrap());
     let image = init_image(&read_rgb8(&png).unwrap(), None).unwrap();
@@ -60,12 +50,7 @@ fn img2img_matches_reference() {
         sampling::img2img_t_idx(strength, req.steps) as u64,
         json["t_idx"].as_u64().unwrap()
     );
-    let expected_t: Vec<f32> = json["timesteps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap() as f32)
-        .collect();
+    let expected_t = golden_timesteps(&json);
     assert_eq!(ts, expected_t, "remaining schedule");
     assert_close("start latent", &start, &golden(FILE, "start"), 1e-4);
 

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use fluxfit::checkpoint::layout::ModelPaths;
 use fluxfit::checkpoint::safetensors::SafetensorsFile;
-use fluxfit::pipeline::{LoadOptions, Model, ModelSources};
+use fluxfit::noise::NoiseKind;
+use fluxfit::pipeline::{LoadOptions, Model, ModelSources, Text2Image};
 
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -24,6 +25,31 @@ pub fn golden(file: &str, name: &str) -> Tensor {
 pub fn golden_json(file: &str) -> serde_json::Value {
     let text = std::fs::read_to_string(fixtures().join("golden").join(file)).expect("golden json");
     serde_json::from_str(&text).expect("valid json")
+}
+
+/// The request of a golden case's json: prompt, size, steps, guidance (none for schnell),
+/// seed, T5 length (the conditioning goldens give embeddings of 16 tokens and no length).
+pub fn golden_request(case: &serde_json::Value) -> Text2Image {
+    Text2Image {
+        prompt: case["prompt"].as_str().unwrap().to_string(),
+        width: case["width"].as_u64().unwrap() as usize,
+        height: case["height"].as_u64().unwrap() as usize,
+        steps: case["num_steps"].as_u64().unwrap() as usize,
+        guidance: case["guidance"].as_f64().unwrap_or(0.0) as f32,
+        seed: case["seed"].as_u64().unwrap(),
+        t5_tokens: case["t5_max_length"].as_u64().unwrap_or(16) as usize,
+        noise: NoiseKind::TorchBf16,
+    }
+}
+
+/// The schedule a golden case's json records.
+pub fn golden_timesteps(case: &serde_json::Value) -> Vec<f32> {
+    case["timesteps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect()
 }
 
 /// Largest absolute difference.
