@@ -169,6 +169,43 @@ pub fn multiplied_quantized(device: &Device, key: &str, shape: &[usize], t: Ggml
     key.ends_with(".weight") && shape.len() == 2 && fast_qmatmul(device, t)
 }
 
+/// Streaming's eviction rule (shared with the planner's shadow, which must hold the same
+/// groups): drops the least recently entered groups other than `keep` until at most `limit`
+/// are held or in flight (`pending`: a prefetch is).
+pub(crate) fn evict_groups<T>(
+    groups: &mut VecDeque<(usize, T)>,
+    pending: bool,
+    limit: usize,
+    keep: usize,
+) {
+    while groups.len() + usize::from(pending) > limit {
+        match groups.iter().position(|(h, _)| *h != keep) {
+            Some(pos) => drop(groups.remove(pos)),
+            None => break,
+        }
+    }
+}
+
+/// Streaming's prefetch rule (shared with the planner's shadow): after entering group `g` of
+/// `ngroups`, the following group or, after the last one when passes repeat, the group this
+/// pass started with; none if it is `g` or already held.
+pub(crate) fn group_to_prefetch<T>(
+    g: usize,
+    ngroups: usize,
+    repeats: bool,
+    start: Option<usize>,
+    held: &VecDeque<(usize, T)>,
+) -> Option<usize> {
+    let next = if g + 1 < ngroups {
+        Some(g + 1)
+    } else if repeats {
+        start
+    } else {
+        None
+    };
+    next.filter(|n| *n != g && !held.iter().any(|(h, _)| h == n))
+}
+
 /// What networks see: stages by name.
 pub trait Weights {
     fn stage(&self, name: &str) -> Result<Arc<StageWeights>>;
@@ -601,12 +638,7 @@ impl Residency {
     /// Drops the least recently entered groups other than `keep` until at most `limit` are
     /// held or in flight.
     fn evict(st: &mut State, limit: usize, keep: usize) {
-        while st.groups.len() + usize::from(st.pending.is_some()) > limit {
-            match st.groups.iter().position(|(h, _)| *h != keep) {
-                Some(pos) => drop(st.groups.remove(pos)),
-                None => break,
-            }
-        }
+        evict_groups(&mut st.groups, st.pending.is_some(), limit, keep);
     }
 
     /// Waits for the prefetch in flight; `None` if it was skipped or its thread is gone.
@@ -656,14 +688,7 @@ impl Residency {
 
         // Prefetch what comes next: the following group or, after the last one when passes
         // repeat, the group this pass started with.
-        let next = if g + 1 < ngroups {
-            Some(g + 1)
-        } else if st.repeats {
-            st.start
-        } else {
-            None
-        };
-        let next = next.filter(|n| *n != g && !st.groups.iter().any(|(h, _)| h == n));
+        let next = group_to_prefetch(g, ngroups, st.repeats, st.start, &st.groups);
         if let (Some(next), true) = (next, window >= 2) {
             Self::evict(st, window - 1, g);
             if let Some(jobs) = self.worker_jobs(group) {

@@ -25,6 +25,7 @@ use std::rc::Rc;
 use candle_core::DType;
 
 use crate::memory::plan::{ComponentKind, Placement};
+use crate::memory::residency::{evict_groups, group_to_prefetch};
 
 /// What a block of bytes is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -757,12 +758,7 @@ impl ShadowWeights {
     }
 
     fn evict(st: &mut Held, limit: usize, keep: usize) {
-        while st.groups.len() + usize::from(st.pending.is_some()) > limit {
-            match st.groups.iter().position(|(h, _)| *h != keep) {
-                Some(pos) => drop(st.groups.remove(pos)),
-                None => break,
-            }
-        }
+        evict_groups(&mut st.groups, st.pending.is_some(), limit, keep);
     }
 
     fn enter(&self, sim: &Sim, st: &mut Held, g: usize, group: usize, window: usize) {
@@ -795,14 +791,7 @@ impl ShadowWeights {
             st.groups.push_back((g, t));
         }
         st.current = Some(g);
-        let next = if g + 1 < ngroups {
-            Some(g + 1)
-        } else if st.repeats {
-            st.start
-        } else {
-            None
-        };
-        let next = next.filter(|x| *x != g && !st.groups.iter().any(|(h, _)| h == x));
+        let next = group_to_prefetch(g, ngroups, st.repeats, st.start, &st.groups);
         if let (Some(next), true) = (next, window >= 2) {
             Self::evict(st, window - 1, g);
             let t = self.materialise(sim, range(next), true);
