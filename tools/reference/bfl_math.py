@@ -1,5 +1,5 @@
 """Independent float32 implementation of the FLUX.1 flow model and autoencoder, written from
-/work/shared/spec/flux-reference.md (sections 2.1, 2.2 and 3) and using the BFL / LDM state-dict
+docs/flux.md (§2.1, §2.2 and §3) and using the BFL / LDM state-dict
 key names. It is NOT a copy of the BFL reference code.
 
 make_fixtures.py uses these modules to (a) define the key layout and shapes of the tiny BFL-layout
@@ -356,7 +356,7 @@ class AutoEncoder(nn.Module):
 
 
 # --------------------------------------------------------------------------------------
-# Sampling helpers (spec section 3)
+# Sampling helpers (docs/flux.md §3)
 # --------------------------------------------------------------------------------------
 
 def get_lin_function(x1=256.0, y1=0.5, x2=4096.0, y2=1.15):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Golden edge maps for fluxfit's Canny (the FLUX.1-Canny control image, spec §2.3).
+"""Golden edge maps for fluxfit's Canny (the FLUX.1-Canny control image, docs/flux.md §2.3).
 
 Run (needs only numpy, Pillow, torch and opencv-python-headless from requirements.txt):
     tools/reference/.venv/bin/python tools/reference/make_canny_golden.py

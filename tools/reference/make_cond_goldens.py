@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Tiny Fill / Control (canny-depth, full and LoRA) / Kontext checkpoints and their end-to-end
-goldens (spec §1.2, §2.1 "LoRA wrapper", §3 prepare_fill / prepare_control / prepare_kontext /
+goldens (docs/flux.md §1.2, §2.1 "LoRA", §3 prepare_fill / prepare_control / prepare_kontext /
 denoise), all float32.
 
 Run after make_fixtures.py and make_fill_golden.py (it reads tiny-bfl/, tiny-diffusers/vae,
@@ -12,7 +12,7 @@ Every golden reuses e2e_dev's text embeddings (`txt` [1,16,32], `vec` [1,16]), n
 packed [1,24,64]), 96x64 target, 3 steps, guidance 3.5 and its shifted schedule (L = 24). The
 goldens come from diffusers' FluxTransformer2DModel (weights converted from the BFL files with
 diffusers' own checkpoint converter) in a plain Euler loop x <- x + (t_prev - t_curr)*pred,
-model called at t_curr; each is cross-checked against bfl_math (our spec implementation) and
+model called at t_curr; each is cross-checked against bfl_math (our implementation of docs/flux.md) and
 against diffusers' own pipeline (FluxFillPipeline / FluxControlPipeline / FluxKontextPipeline).
 
 Writes
@@ -51,7 +51,7 @@ Conditioning, as the reference prepares it (ae = posterior mean, (mean - 0.1159)
            cond_ids (1, r, c), r < 5, c < 4; model input is the sequence [img ; cond_seq] with
            ids [img_ids ; cond_ids] (text first inside the model), prediction sliced to the first
            24 tokens; schedule L = 24 (target tokens only).
-The bf16 rounding of the conditioning latents is the reference's (spec §3); the tensors before
+The bf16 rounding of the conditioning latents is the reference's (docs/flux.md §3); the tensors before
 rounding are saved too (`*_f32`).
 
 diffusers' LoRA cross-check needs peft (not in requirements.txt); without it that one check is
@@ -184,7 +184,7 @@ class Ctx:
         return fn
 
     def denoise(self, fn, img_cond=None, cond_seq=None, cond_ids=None):
-        """spec §3 denoise in f32. Returns (final packed latents, the first step's prediction)."""
+        """docs/flux.md §3 denoise in f32. Returns (final packed latents, the first step's prediction)."""
         img = self.packed_noise.clone()
         v0 = None
         for i, (t_curr, t_prev) in enumerate(zip(self.timesteps[:-1], self.timesteps[1:])):
@@ -263,7 +263,7 @@ def make_lora():
 
 
 class LoraLinear(nn.Module):
-    """base(x) + scale * (x A^T B^T + b_B): the spec's LinearLora, unmerged."""
+    """base(x) + scale * (x A^T B^T + b_B): the reference's LoRA Linear (docs/flux.md §2.1), unmerged."""
 
     def __init__(self, base, a, b, bias, scale):
         super().__init__()

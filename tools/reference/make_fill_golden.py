@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Golden for Fill's conditioning (spec §3 prepare_fill) on the tiny fixture autoencoder.
+"""Golden for Fill's conditioning (docs/flux.md §3 prepare_fill) on the tiny fixture autoencoder.
 
 Run after make_fixtures.py:
     tools/reference/.venv/bin/python tools/reference/make_fill_golden.py

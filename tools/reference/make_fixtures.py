@@ -6,7 +6,7 @@ Run (after make_tokenizers.py, whose tokenizer files this script reads):
 
 Everything is deterministic (fixed seeds, one CPU thread): two runs give byte-identical files.
 The golden math is done in float32 with diffusers / transformers modules as the reference
-implementation; bfl_math.py (written from the spec) cross-checks it on the BFL-layout files.
+implementation; bfl_math.py (written from docs/flux.md) cross-checks it on the BFL-layout files.
 See README.md for the list of files.
 """
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Golden for img2img (demo_st.py's rule, spec §3) on the tiny dev fixture, in float32.
+"""Golden for img2img (demo_st.py's rule, docs/flux.md §3) on the tiny dev fixture, in float32.
 
 Run after make_fixtures.py (it reads tests/fixtures/tiny-diffusers and golden/e2e_dev.*):
     tools/reference/.venv/bin/python tools/reference/make_img2img_golden.py
