@@ -13,6 +13,7 @@ pub mod noise;
 pub mod pipeline;
 pub mod resample;
 pub mod sampling;
+pub mod tensor;
 pub mod tokenizer;
 pub mod variant;
 

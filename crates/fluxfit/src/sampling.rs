@@ -1,11 +1,12 @@
-//! Sampling as pure functions (spec §3): latent geometry, packing, position ids, the timestep
+//! Sampling as pure functions (docs/flux.md §3): latent geometry, packing, position ids, the timestep
 //! schedule and the Euler loop on the predicted velocity. Floating-point steps follow the
 //! reference's order and precision so schedules agree to the last bit.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::DType;
 
 use crate::error::Result;
 use crate::noise::{torch_randn, NoiseKind};
+use crate::tensor::Tensor;
 
 /// Latent channels of the FLUX autoencoder.
 pub const LATENT_CHANNELS: usize = 16;
@@ -22,60 +23,68 @@ pub fn image_seq_len(height: usize, width: usize) -> usize {
 }
 
 /// Initial noise `[n, 16, h, w]` as the reference draws it for `seed`, in f32.
-pub fn noise(
+pub fn noise<T: Tensor>(
     n: usize,
     height: usize,
     width: usize,
     seed: u64,
     kind: NoiseKind,
-    device: &Device,
-) -> Result<Tensor> {
+    device: &T::Device,
+) -> Result<T> {
     let (h, w) = latent_hw(height, width);
     let numel = n * LATENT_CHANNELS * h * w;
-    let v = torch_randn(seed, numel, kind);
-    Ok(Tensor::from_vec(v, (n, LATENT_CHANNELS, h, w), &Device::Cpu)?.to_device(device)?)
+    T::from_f32(&[n, LATENT_CHANNELS, h, w], &T::host_of(device), || {
+        torch_randn(seed, numel, kind)
+    })?
+    .to_device(device)
 }
 
 /// "b c (h 2) (w 2) -> b (h w) (c 2 2)": channel-major, then the row, then the column of the patch.
-pub fn pack(x: &Tensor) -> Result<Tensor> {
+pub fn pack<T: Tensor>(x: &T) -> Result<T> {
     let (b, c, h, w) = x.dims4()?;
-    Ok(x.reshape((b, c, h / 2, 2, w / 2, 2))?
-        .permute((0, 2, 4, 1, 3, 5))?
-        .reshape((b, (h / 2) * (w / 2), c * 4))?)
+    x.reshape(&[b, c, h / 2, 2, w / 2, 2])?
+        .permute(&[0, 2, 4, 1, 3, 5])?
+        .reshape(&[b, (h / 2) * (w / 2), c * 4])
 }
 
 /// Inverse of [`pack`] for a latent of `lat_h`×`lat_w`.
-pub fn unpack(x: &Tensor, lat_h: usize, lat_w: usize) -> Result<Tensor> {
+pub fn unpack<T: Tensor>(x: &T, lat_h: usize, lat_w: usize) -> Result<T> {
     let (b, _, f) = x.dims3()?;
     let c = f / 4;
-    Ok(x.reshape((b, lat_h / 2, lat_w / 2, c, 2, 2))?
-        .permute((0, 3, 1, 4, 2, 5))?
-        .reshape((b, c, lat_h, lat_w))?)
+    x.reshape(&[b, lat_h / 2, lat_w / 2, c, 2, 2])?
+        .permute(&[0, 3, 1, 4, 2, 5])?
+        .reshape(&[b, c, lat_h, lat_w])
 }
 
 /// Position ids `[b, (lat_h/2)·(lat_w/2), 3]` = (axis0, row, col), row-major. Generated images use
 /// axis0 = 0; Kontext's conditioning tokens use 1.
-pub fn image_ids(
+pub fn image_ids<T: Tensor>(
     b: usize,
     lat_h: usize,
     lat_w: usize,
     axis0: f32,
-    device: &Device,
-) -> Result<Tensor> {
+    device: &T::Device,
+) -> Result<T> {
     let (h, w) = (lat_h / 2, lat_w / 2);
-    let mut v = Vec::with_capacity(h * w * 3);
-    for r in 0..h {
-        for c in 0..w {
-            v.extend_from_slice(&[axis0, r as f32, c as f32]);
+    let ids = T::from_f32(&[1, h * w, 3], device, || {
+        let mut v = Vec::with_capacity(h * w * 3);
+        for r in 0..h {
+            for c in 0..w {
+                v.extend_from_slice(&[axis0, r as f32, c as f32]);
+            }
         }
+        v
+    })?;
+    if b > 1 {
+        T::cat(&vec![&ids; b], 0)
+    } else {
+        Ok(ids)
     }
-    let ids = Tensor::from_vec(v, (1, h * w, 3), device)?;
-    Ok(ids.repeat((b, 1, 1))?)
 }
 
 /// Text tokens all sit at position zero.
-pub fn text_ids(b: usize, len: usize, device: &Device) -> Result<Tensor> {
-    Ok(Tensor::zeros((b, len, 3), DType::F32, device)?)
+pub fn text_ids<T: Tensor>(b: usize, len: usize, device: &T::Device) -> Result<T> {
+    T::zeros(&[b, len, 3], DType::F32, device)
 }
 
 /// `torch.linspace` in f32: the first half counts up from `start`, the second down from `end`.
@@ -129,54 +138,56 @@ pub fn img2img_t_idx(strength: f64, steps: usize) -> usize {
     (((1.0 - strength) * steps as f64) as usize).min(steps)
 }
 
-/// img2img's start (spec §3, demo_st.py): with `t = timesteps[t_idx]`,
+/// img2img's start (docs/flux.md §3, demo_st.py): with `t = timesteps[t_idx]`,
 /// `x = t·noise + (1 − t)·init_latent`, and the remaining schedule `timesteps[t_idx..]`. Each
 /// product and the sum are rounded to `dtype` as torch does with a `dtype` state (f32 maths).
-pub fn img2img_start(
-    noise: &Tensor,
-    init_latent: &Tensor,
+pub fn img2img_start<T: Tensor>(
+    noise: &T,
+    init_latent: &T,
     timesteps: &[f32],
     strength: f64,
     dtype: DType,
-) -> Result<(Tensor, Vec<f32>)> {
+) -> Result<(T, Vec<f32>)> {
     let steps = timesteps.len().saturating_sub(1);
     let t_idx = img2img_t_idx(strength, steps);
     let t = timesteps[t_idx] as f64;
-    let f32_of = |x: &Tensor| -> Result<Tensor> { Ok(x.to_dtype(dtype)?.to_dtype(DType::F32)?) };
-    let a = f32_of(&(f32_of(noise)? * t)?)?;
-    let b = f32_of(&(f32_of(init_latent)? * (1.0 - t))?)?;
-    let x = (a + b)?.to_dtype(dtype)?;
+    let f32_of = |x: &T| -> Result<T> { x.to_dtype(dtype)?.to_dtype(DType::F32) };
+    let a = f32_of(&f32_of(noise)?.affine(t, 0.0)?)?;
+    let b = f32_of(&f32_of(init_latent)?.affine(1.0 - t, 0.0)?)?;
+    let x = a.add(&b)?.to_dtype(dtype)?;
     Ok((x, timesteps[t_idx..].to_vec()))
 }
 
 /// Euler integration of the flow: x ← x + (t_prev − t_curr)·v(x, t_curr) over consecutive
 /// timesteps. `velocity` is the model; `on_step(i, n)` is called after each step.
-pub fn denoise(
-    x: Tensor,
+pub fn denoise<T: Tensor>(
+    x: T,
     timesteps: &[f32],
-    velocity: impl FnMut(&Tensor, f32) -> Result<Tensor>,
+    velocity: impl FnMut(&T, f32) -> Result<T>,
     on_step: impl FnMut(usize, usize),
-) -> Result<Tensor> {
+) -> Result<T> {
     denoise_with(x, timesteps, velocity, |x, _| Ok(x), on_step)
 }
 
 /// [`denoise`] with `after_step(x, t_prev)` applied to the state after each step (holding
 /// known latents in place while the rest is generated, see [`hold_known`]).
-pub fn denoise_with(
-    mut x: Tensor,
+pub fn denoise_with<T: Tensor>(
+    mut x: T,
     timesteps: &[f32],
-    mut velocity: impl FnMut(&Tensor, f32) -> Result<Tensor>,
-    mut after_step: impl FnMut(Tensor, f32) -> Result<Tensor>,
+    mut velocity: impl FnMut(&T, f32) -> Result<T>,
+    mut after_step: impl FnMut(T, f32) -> Result<T>,
     mut on_step: impl FnMut(usize, usize),
-) -> Result<Tensor> {
+) -> Result<T> {
     let n = timesteps.len().saturating_sub(1);
     for (i, pair) in timesteps.windows(2).enumerate() {
         let (t_curr, t_prev) = (pair[0], pair[1]);
         let v = velocity(&x, t_curr)?;
         // Python subtracts the two floats in f64, then the tensor op rounds the factor to f32.
         let dt = (t_prev as f64 - t_curr as f64) as f32;
-        let step = (v.to_dtype(x.dtype())? * dt as f64)?;
-        x = after_step((x + step)?, t_prev)?;
+        let step = v.to_dtype(x.dtype())?.affine(dt as f64, 0.0)?;
+        let moved = x.add(&step)?;
+        drop((x, step));
+        x = after_step(moved, t_prev)?;
         on_step(i + 1, n);
     }
     Ok(x)
@@ -186,25 +197,22 @@ pub fn denoise_with(
 /// `FluxInpaintPipeline`): tokens where `mask` is 1 are replaced by the known latent noised to
 /// time `t`, `t·noise + (1 − t)·known`, so the generated rest is denoised in their context.
 /// `x`, `noise`, `known` packed `[1, L, 64]`; `mask` `[1, L, 1]` of 0/1.
-pub fn hold_known(
-    x: &Tensor,
-    noise: &Tensor,
-    known: &Tensor,
-    mask: &Tensor,
-    t: f32,
-) -> Result<Tensor> {
+pub fn hold_known<T: Tensor>(x: &T, noise: &T, known: &T, mask: &T, t: f32) -> Result<T> {
     let dtype = x.dtype();
-    let f = |a: &Tensor| a.to_dtype(DType::F32);
-    let held = ((f(noise)? * t as f64)? + (f(known)? * (1.0 - t as f64))?)?;
+    let f = |a: &T| a.to_dtype(DType::F32);
+    let held = f(noise)?
+        .affine(t as f64, 0.0)?
+        .add(&f(known)?.affine(1.0 - t as f64, 0.0)?)?;
     let m = f(mask)?;
     let kept = m.broadcast_mul(&held)?;
     let free = m.affine(-1.0, 1.0)?.broadcast_mul(&f(x)?)?;
-    Ok((kept + free)?.to_dtype(dtype)?)
+    kept.add(&free)?.to_dtype(dtype)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{Device, Tensor};
 
     #[test]
     fn schnell_schedule_is_linear() {
@@ -242,7 +250,7 @@ mod tests {
 
     #[test]
     fn image_ids_are_row_major() -> Result<()> {
-        let ids = image_ids(1, 4, 6, 0.0, &Device::Cpu)?;
+        let ids: Tensor = image_ids(1, 4, 6, 0.0, &Device::Cpu)?;
         let v: Vec<Vec<f32>> = ids.get(0)?.to_vec2()?;
         assert_eq!(v.len(), 6);
         assert_eq!(v[1], vec![0.0, 0.0, 1.0]);

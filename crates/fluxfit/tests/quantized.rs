@@ -244,7 +244,7 @@ fn t5_gguf_with_llama_names_loads_and_runs() {
             DType::F32,
             Placement::Resident,
         );
-        enc.forward(&w, &ids).unwrap()
+        enc.forward_ids(&w, &ids).unwrap()
     };
     let err = rel_err(&run(store), &run(reference));
     println!("gguf-py Q8_0 T5: relative error {err:.3e}");

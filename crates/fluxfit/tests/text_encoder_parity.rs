@@ -69,7 +69,7 @@ fn t5_matches_transformers() -> fluxfit::Result<()> {
     let weights = residency(store, encoder.stages());
     let golden = golden("t5.safetensors");
 
-    let hidden = encoder.forward(&weights, &golden["input_ids"])?;
+    let hidden = encoder.forward_ids(&weights, &golden["input_ids"])?;
 
     let err = max_abs_diff(&hidden, &golden["last_hidden_state"]);
     eprintln!("T5 last_hidden_state: max abs error {err:e}");
@@ -85,7 +85,7 @@ fn clip_matches_transformers() -> fluxfit::Result<()> {
     let weights = residency(store, model.stages());
     let golden = golden("clip.safetensors");
 
-    let (hidden, pooled) = model.forward(&weights, &golden["input_ids"])?;
+    let (hidden, pooled) = model.forward_ids(&weights, &golden["input_ids"])?;
 
     let err = max_abs_diff(&hidden, &golden["last_hidden_state"]);
     eprintln!("CLIP last_hidden_state: max abs error {err:e}");
@@ -103,8 +103,8 @@ fn t5_accepts_u32_ids() -> fluxfit::Result<()> {
     let encoder = T5Encoder::new(T5Config::from_store(&store, None)?);
     let weights = residency(store, encoder.stages());
     let ids = &golden("t5.safetensors")["input_ids"];
-    let from_i64 = encoder.forward(&weights, ids)?;
-    let from_u32 = encoder.forward(&weights, &ids.to_dtype(DType::U32)?)?;
+    let from_i64 = encoder.forward_ids(&weights, ids)?;
+    let from_u32 = encoder.forward_ids(&weights, &ids.to_dtype(DType::U32)?)?;
     assert_eq!(max_abs_diff(&from_i64, &from_u32), 0.0);
     Ok(())
 }
@@ -251,7 +251,7 @@ fn out_of_vocabulary_ids_are_refused() -> fluxfit::Result<()> {
     let encoder = T5Encoder::new(config);
     let weights = residency(store, encoder.stages());
     let ids = Tensor::new(&[[0u32, vocab]], &Device::Cpu)?;
-    match encoder.forward(&weights, &ids) {
+    match encoder.forward_ids(&weights, &ids) {
         Err(Error::InvalidRequest(msg)) => assert!(msg.contains(&vocab.to_string()), "{msg}"),
         other => panic!("expected InvalidRequest, got {other:?}"),
     }

@@ -20,14 +20,15 @@
 //! steps.
 
 mod device;
-mod shadow;
-mod sim;
+mod meta_model;
+mod meta_weights;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::DType;
 
+pub use crate::tensor::meta::{ConvImpl, PhaseStat, Segment};
 pub use device::{available_ram, ram, DeviceKind, DeviceProfile, HostProfile};
-pub use sim::{ConvImpl, Segment};
+pub use meta_weights::StageCost;
 
 use crate::checkpoint::gguf;
 use crate::checkpoint::manifest::{Entry, Manifest};
@@ -39,9 +40,12 @@ use crate::model::autoencoder::{AutoEncoder, AutoEncoderConfig};
 use crate::model::clip::{ClipConfig, ClipTextModel};
 use crate::model::flow::{FlowConfig, Flux};
 use crate::model::t5::{T5Config, T5Encoder};
+use crate::pipeline::fill::fill_conditioning;
+use crate::pipeline::run::{self, Cond, Sampling, Start};
+use crate::tensor::meta::{Heap, Meta};
 use crate::variant::Variant;
-use shadow::{PipelineShape, PipelineWeights};
-use sim::{ShadowWeights, Sim, StageCost};
+use meta_model::MetaModel;
+use meta_weights::MetaWeights;
 
 pub const PHASES: [&str; 3] = ["encode", "denoise", "decode"];
 
@@ -150,7 +154,7 @@ impl ModelSpec {
     /// Per stage: device bytes as held in `dtype` (`packed`: GGUF block tensors at their
     /// stored size), the host staging while it is converted (the largest tensor not stored in
     /// `dtype`, as the residency takes it), and what a packed stage dequantizes into.
-    fn stage_costs(
+    pub fn stage_costs(
         &self,
         kind: ComponentKind,
         dtype: DType,
@@ -180,6 +184,16 @@ impl ModelSpec {
                 let dense = |e: &&Entry| e.numel() * dtype.size_in_bytes();
                 StageCost {
                     name: spec.name.clone(),
+                    root: spec.root.clone(),
+                    tensors: entries
+                        .iter()
+                        .map(|e| (e.name.clone(), e.shape.clone()))
+                        .collect(),
+                    qmm: entries
+                        .iter()
+                        .filter(|e| is_packed(e) && by_qmm(e))
+                        .map(|e| e.name.clone())
+                        .collect(),
                     bytes: entries
                         .iter()
                         .map(|e| if is_packed(e) { e.nbytes() } else { dense(e) })
@@ -334,48 +348,22 @@ pub fn effective_dtype(plan: &Plan, kind: ComponentKind, device: &DeviceProfile)
     }
 }
 
-/// Predicts the peak bytes per phase and the time of `plan` for `req`.
+/// Predicts the peak bytes per phase and the time of `plan` for `req`: the pipeline's phases
+/// (`pipeline::run`) and the networks run over meta tensors, with the plan's weights.
 pub fn predict(
     model: &ModelSpec,
     req: &Request,
     plan: &Plan,
     device: &DeviceProfile,
 ) -> Prediction {
-    let sim = Sim::new(device.sim_config());
-    let weights = |kind: ComponentKind| {
-        let dtype = effective_dtype(plan, kind, device);
-        let cpu = device.is_cpu() || plan.component(kind).placement == Placement::Cpu;
-        ShadowWeights::new(
-            kind,
-            plan.component(kind).placement,
-            dtype,
-            model.stage_costs(kind, dtype, cpu, plan.component(kind)),
+    let passes = 2.min(req.steps.max(1));
+    let stats = run_meta(model, req, plan, device, passes).unwrap_or_else(|e| {
+        // The networks refuse only shapes the request validation refuses first.
+        panic!(
+            "planning {} at {}x{}: {e}",
+            model.name, req.width, req.height
         )
-    };
-    let w = PipelineWeights {
-        t5: weights(ComponentKind::T5),
-        clip: weights(ComponentKind::Clip),
-        flow: weights(ComponentKind::Flow),
-        vae: weights(ComponentKind::Vae),
-    };
-    let li = crate::sampling::image_seq_len(req.height, req.width);
-    let shape = PipelineShape {
-        flow: &model.flow,
-        ae: &model.ae,
-        t5: &model.t5,
-        clip: &model.clip,
-        width: req.width,
-        height: req.height,
-        t5_tokens: req.t5_tokens,
-        dtype: plan.flow.compute,
-        attn_chunk: plan.attn_chunk,
-        vae_tile: plan.vae_tile,
-        image_input: req.image_input,
-        cond_size: req.cond_size(),
-        extra_img_tokens: req.image_tokens(model.variant) - li,
-        passes: 2.min(req.steps.max(1)),
-    };
-    let stats = shadow::pipeline(&sim, &shape, &w);
+    });
     let mut phases = Vec::new();
     let (mut time, mut warm) = (0.0, 0.0);
     for st in &stats {
@@ -406,9 +394,126 @@ pub fn predict(
     }
 }
 
+/// One run of the request over meta tensors, `passes` denoising steps: what each phase held.
+fn run_meta(
+    model: &ModelSpec,
+    req: &Request,
+    plan: &Plan,
+    device: &DeviceProfile,
+    passes: usize,
+) -> Result<Vec<PhaseStat>> {
+    let heap = Heap::new(device.meta_config());
+    let weights = |kind: ComponentKind| {
+        let dtype = effective_dtype(plan, kind, device);
+        let cp = plan.component(kind);
+        let cpu = device.is_cpu() || cp.placement == Placement::Cpu;
+        let dev = if cp.placement == Placement::Cpu {
+            heap.host()
+        } else {
+            heap.device()
+        };
+        MetaWeights::new(
+            kind,
+            cp.placement,
+            dtype,
+            dev,
+            model.stage_costs(kind, dtype, cpu, cp),
+        )
+    };
+    let m = MetaModel {
+        name: model.name.clone(),
+        variant: model.variant,
+        heap: heap.clone(),
+        device: heap.device(),
+        dtype: plan.flow.compute,
+        vae_tile: plan.vae_tile,
+        flow: (
+            Flux::new(model.flow.clone(), plan.attn_chunk),
+            weights(ComponentKind::Flow),
+        ),
+        ae: (
+            AutoEncoder::new(model.ae.clone(), plan.attn_chunk),
+            weights(ComponentKind::Vae),
+        ),
+        t5: (T5Encoder::new(model.t5.clone()), weights(ComponentKind::T5)),
+        clip: (
+            ClipTextModel::new(model.clip.clone()),
+            weights(ComponentKind::Clip),
+        ),
+    };
+    let s = Sampling {
+        prompt: "",
+        width: req.width,
+        height: req.height,
+        steps: passes,
+        guidance: 3.5,
+        seed: 0,
+        t5_tokens: req.t5_tokens,
+        noise: crate::noise::NoiseKind::TorchF32,
+    };
+    let on_event = &mut |_| {};
+    let host = heap.host();
+    // Images arrive as f32 tensors on the host, made in the encode phase.
+    let image = |w: usize, h: usize, c: usize| Meta::alloc(&[1, c, h, w], DType::F32, &host);
+    let dtype = m.dtype;
+    let (w, h) = (req.width, req.height);
+    match (req.image_input, model.variant) {
+        (false, _) => {
+            use ComponentKind::{Clip, T5};
+            let (txt, vec) = run::phase(&m, "encode", &[T5, Clip], on_event, |_| {
+                run::encode_text(&m, "", req.t5_tokens)
+            })?;
+            run::denoise_decode(&m, &s, &txt, &vec, Start::Noise, Cond::None, on_event)?;
+        }
+        (true, Variant::DevFill) => {
+            let cond = || {
+                let mask = image(w, h, 1);
+                fill_conditioning(&image(w, h, 3), &mask, dtype, |x| run::encode_image(&m, x))
+            };
+            run::conditioned(&m, &s, None, on_event, cond, |txt, vec, c, on_event| {
+                run::denoise_decode(&m, &s, txt, vec, Start::Noise, Cond::Channels(c), on_event)
+            })?;
+        }
+        (true, Variant::DevCanny | Variant::DevDepth) => {
+            let cond = || run::control_latent(&m, &image(w, h, 3));
+            run::conditioned(&m, &s, None, on_event, cond, |txt, vec, c, on_event| {
+                run::denoise_decode(&m, &s, txt, vec, Start::Noise, Cond::Channels(c), on_event)
+            })?;
+        }
+        (true, Variant::DevKontext) => {
+            let (cw, ch) = req.cond_size();
+            let cond = || run::kontext_tokens(&m, &image(cw, ch, 3));
+            run::conditioned(
+                &m,
+                &s,
+                None,
+                on_event,
+                cond,
+                |txt, vec, (t, ids), on_event| {
+                    let c = Cond::Tokens(t, ids);
+                    run::denoise_decode(&m, &s, txt, vec, Start::Noise, c, on_event)
+                },
+            )?;
+        }
+        (true, _) => {
+            // img2img from the whole schedule (strength 1 costs what any strength does).
+            let cond = || run::encode_image(&m, &image(w, h, 3));
+            run::conditioned(&m, &s, None, on_event, cond, |txt, vec, z, on_event| {
+                let start = Start::Img2Img(z, 1.0);
+                run::denoise_decode(&m, &s, txt, vec, start, Cond::None, on_event)
+            })?;
+        }
+    }
+    let mut phases = heap.take_phases();
+    if let Some(d) = phases.iter_mut().find(|p| p.name == "denoise") {
+        d.passes = passes;
+    }
+    Ok(phases)
+}
+
 /// (time, of which synchronous transfers, of which loads of resident weights) of a phase.
 fn phase_time(
-    st: &sim::PhaseStat,
+    st: &PhaseStat,
     steps: usize,
     device: &DeviceProfile,
     plan: &Plan,
@@ -416,7 +521,8 @@ fn phase_time(
 ) -> (f64, f64, f64) {
     let _ = model;
     let seg_time = |s: &Segment| -> (f64, f64, f64) {
-        let (rate, bw, conv) = match (s.host, s.component) {
+        let component = s.owner.map(|i| ComponentKind::ALL[i]);
+        let (rate, bw, conv) = match (s.host, component) {
             (true, _) => (
                 device.host.f32_flops,
                 device.host.bandwidth,
@@ -437,7 +543,7 @@ fn phase_time(
             (s.flops - s.conv_flops) / rate + s.conv_flops / (rate * conv) + s.traffic / bw;
         let sync = s.sync_bytes / device.link;
         let prefetch = s.async_bytes / device.link;
-        let resident = match s.component {
+        let resident = match component {
             Some(c) if plan.component(c).placement == Placement::Resident => sync,
             _ => 0.0,
         };
@@ -457,12 +563,12 @@ fn phase_time(
     let flow_segs: Vec<&Segment> = st
         .segments
         .iter()
-        .filter(|s| s.component == Some(ComponentKind::Flow))
+        .filter(|s| s.owner == Some(ComponentKind::Flow as usize))
         .collect();
     let other: Vec<&Segment> = st
         .segments
         .iter()
-        .filter(|s| s.component != Some(ComponentKind::Flow))
+        .filter(|s| s.owner != Some(ComponentKind::Flow as usize))
         .collect();
     let (mut t, mut tr, mut res) = (0.0, 0.0, 0.0);
     for s in other {

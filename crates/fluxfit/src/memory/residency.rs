@@ -1,4 +1,5 @@
-//! The one seam between what a network computes and where its weights are (DESIGN principle 1).
+//! Where a component's weights are, under a plan: the candle side of the seam the networks
+//! define in [`crate::model::weights`] (docs/architecture.md principle 1).
 //!
 //! A network names the stage it is about to run (`double_blocks.7`, `decoder.up.2`) and receives
 //! that stage's tensors on its compute device in its compute dtype. Whether they were resident all
@@ -29,65 +30,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::Module;
 use candle_core::{DType, Device, Tensor};
 
 use super::ledger::{Entry, Kind, Ledger};
 pub use super::plan::Placement;
 use crate::checkpoint::store::TensorStore;
 use crate::error::{Error, Result};
-
-/// A named group of weights a network uses as one unit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StageSpec {
-    pub name: String,
-    /// Prepended to the names a network asks for (`double_blocks.7.`).
-    pub root: String,
-    /// Key prefixes under `root` that belong to the stage; empty means everything under `root`.
-    pub members: Vec<String>,
-}
-
-impl StageSpec {
-    /// A stage that owns every key under `root.`.
-    pub fn under(name: impl Into<String>) -> Self {
-        let name = name.into();
-        Self {
-            root: format!("{name}."),
-            name,
-            members: Vec::new(),
-        }
-    }
-
-    /// A stage made of several top-level groups (`img_in.`, `time_in.`, ...).
-    pub fn groups(name: impl Into<String>, members: &[&str]) -> Self {
-        Self {
-            name: name.into(),
-            root: String::new(),
-            members: members.iter().map(|m| format!("{m}.")).collect(),
-        }
-    }
-
-    /// The canonical keys of this stage present in `store`.
-    pub fn keys<'a>(&'a self, store: &'a TensorStore) -> Vec<&'a String> {
-        if self.members.is_empty() {
-            store.keys_with_prefix(&self.root).collect()
-        } else {
-            self.members
-                .iter()
-                .flat_map(|m| store.keys_with_prefix(m))
-                .collect()
-        }
-    }
-
-    /// Bytes this stage occupies in storage.
-    pub fn storage_bytes(&self, store: &TensorStore) -> usize {
-        self.keys(store)
-            .into_iter()
-            .filter_map(|k| store.info(k).ok())
-            .map(|i| i.stored_bytes())
-            .sum()
-    }
-}
+pub use crate::model::weights::{Stage, StageSpec, Weights};
 
 /// One stage's tensors, on the compute device.
 #[derive(Debug)]
@@ -114,44 +63,6 @@ impl StageWeights {
     /// Device bytes held by this stage.
     pub fn bytes(&self) -> usize {
         self.bytes
-    }
-
-    /// The tensor at `root + rel`; a missing one names the full key and the stage.
-    pub fn get(&self, rel: &str) -> Result<Tensor> {
-        self.get_opt(rel).ok_or_else(|| Error::MissingKey {
-            path: format!("stage {}", self.name).into(),
-            key: format!("{}{rel}", self.root),
-            hint: String::new(),
-        })
-    }
-
-    pub fn get_opt(&self, rel: &str) -> Option<Tensor> {
-        self.tensors.get(&format!("{}{rel}", self.root)).cloned()
-    }
-
-    /// The Linear layer `name`: `x·Wᵀ + b` with `name.weight` (and `name.bias` if present), by a
-    /// quantized matmul where the stage holds the weight for one (`+qmatmul`), which takes f32
-    /// activations (quantized to 8 bits inside) and gives them back in `x`'s dtype.
-    pub fn linear(&self, name: &str, x: &Tensor) -> Result<Tensor> {
-        let weight = format!("{name}.weight");
-        let bias = self.get_opt(&format!("{name}.bias"));
-        match self.qmm.get(&format!("{}{weight}", self.root)) {
-            Some(q) => {
-                let y = q
-                    .forward(&x.to_dtype(DType::F32)?.contiguous()?)?
-                    .to_dtype(x.dtype())?;
-                Ok(match bias {
-                    Some(b) => y.broadcast_add(&b)?,
-                    None => y,
-                })
-            }
-            None => crate::model::ops::linear(x, &self.get(&weight)?, bias.as_ref()),
-        }
-    }
-
-    /// Whether the Linear weight `rel` is multiplied quantized.
-    pub fn is_quantized_matmul(&self, rel: &str) -> bool {
-        self.qmm.contains_key(&format!("{}{rel}", self.root))
     }
 }
 
@@ -204,13 +115,6 @@ pub(crate) fn group_to_prefetch<T>(
         None
     };
     next.filter(|n| *n != g && !held.iter().any(|(h, _)| h == n))
-}
-
-/// What networks see: stages by name.
-pub trait Weights {
-    fn stage(&self, name: &str) -> Result<Arc<StageWeights>>;
-    fn device(&self) -> &Device;
-    fn dtype(&self) -> DType;
 }
 
 /// What the residency and its prefetch thread share.
@@ -725,7 +629,24 @@ impl Drop for Residency {
     }
 }
 
-impl Weights for Residency {
+impl Stage<Tensor> for Arc<StageWeights> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn root(&self) -> &str {
+        &self.root
+    }
+    fn get_opt(&self, rel: &str) -> Option<Tensor> {
+        self.tensors.get(&format!("{}{rel}", self.root)).cloned()
+    }
+    fn quantized(&self, rel: &str) -> Option<&QMatMul> {
+        self.qmm.get(&format!("{}{rel}", self.root))
+    }
+}
+
+impl Weights<Tensor> for Residency {
+    type Stage = Arc<StageWeights>;
+
     fn stage(&self, name: &str) -> Result<Arc<StageWeights>> {
         let idx = self.spec_index(name)?;
         if let Placement::Stream { group, window } = self.placement {

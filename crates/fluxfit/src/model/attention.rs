@@ -4,25 +4,28 @@
 //! (heads × L² elements: 1 GB at 1024² in bf16). Computing it a chunk of queries at a time bounds
 //! it by heads × chunk × L; the result equals the unchunked one up to f32 rounding.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, D};
 
 use crate::error::Result;
+use crate::tensor::Tensor;
 
 /// Default query-chunk length: large enough to keep matmuls efficient, small enough to bound memory.
 pub const DEFAULT_CHUNK: usize = 1024;
 
 /// Softmax attention over `[B, H, L, D]` tensors with no mask, scale 1/√D.
 /// `chunk` = None computes all queries at once.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, chunk: Option<usize>) -> Result<Tensor> {
+pub fn attention<T: Tensor>(q: &T, k: &T, v: &T, chunk: Option<usize>) -> Result<T> {
     let d = q.dim(D::Minus1)?;
     let scale = 1.0 / (d as f64).sqrt();
     let l = q.dim(2)?;
     let kt = k.t()?.contiguous()?;
-    let block = |q: &Tensor| -> Result<Tensor> {
-        let scores = (q.contiguous()?.matmul(&kt)? * scale)?;
-        let probs =
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-        Ok(probs.matmul(&v.contiguous()?)?)
+    let block = |q: &T| -> Result<T> {
+        let scores = q.contiguous()?.matmul(&kt)?.affine(scale, 0.0)?;
+        let probs = scores
+            .to_dtype(DType::F32)?
+            .softmax_last_dim()?
+            .to_dtype(v.dtype())?;
+        probs.matmul(&v.contiguous()?)
     };
     match chunk {
         Some(c) if c < l => {
@@ -33,34 +36,37 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, chunk: Option<usize>) -> Re
                 outs.push(block(&q.narrow(2, start, n)?)?);
                 start += n;
             }
-            Ok(Tensor::cat(&outs, 2)?)
+            T::cat(&outs.iter().collect::<Vec<_>>(), 2)
         }
         _ => block(q),
     }
 }
 
 /// Rotation angles for FLUX's n-axis RoPE: returns (cos, sin), each `[B, 1, L, head_dim/2]` f32.
-/// `ids` is `[B, L, n_axes]` f32 positions; axis i uses `axes_dim[i]` of the head dims.
-pub fn rope_angles(
-    ids: &Tensor,
+/// `ids` is `[B, L, n_axes]` f32 positions; axis i uses `axes_dim[i]` of the head dims. Computed
+/// on the host, then moved to `device`.
+pub fn rope_angles<T: Tensor>(
+    ids: &T,
     axes_dim: &[usize],
     theta: f64,
-    device: &Device,
-) -> Result<(Tensor, Tensor)> {
+    device: &T::Device,
+) -> Result<(T, T)> {
     let ids = ids.to_dtype(DType::F32)?;
+    let host = T::host_of(device);
     let mut parts = Vec::with_capacity(axes_dim.len());
     for (i, &dim) in axes_dim.iter().enumerate() {
-        let omega: Vec<f32> = (0..dim / 2)
-            .map(|k| {
-                let scale = (2 * k) as f64 / dim as f64;
-                (1.0 / theta.powf(scale)) as f32
-            })
-            .collect();
-        let omega = Tensor::from_vec(omega, (1, 1, dim / 2), &Device::Cpu)?;
-        let pos = ids.narrow(D::Minus1, i, 1)?.to_device(&Device::Cpu)?;
+        let omega = T::from_f32(&[1, 1, dim / 2], &host, || {
+            (0..dim / 2)
+                .map(|k| {
+                    let scale = (2 * k) as f64 / dim as f64;
+                    (1.0 / theta.powf(scale)) as f32
+                })
+                .collect()
+        })?;
+        let pos = ids.narrow(D::Minus1, i, 1)?.to_device(&host)?;
         parts.push(pos.broadcast_mul(&omega)?);
     }
-    let angles = Tensor::cat(&parts, D::Minus1)?.unsqueeze(1)?;
+    let angles = T::cat(&parts.iter().collect::<Vec<_>>(), D::Minus1)?.unsqueeze(1)?;
     Ok((
         angles.cos()?.to_device(device)?,
         angles.sin()?.to_device(device)?,
@@ -68,21 +74,23 @@ pub fn rope_angles(
 }
 
 /// Rotates interleaved pairs (2p, 2p+1) of `x` `[B, H, L, D]`; computed in f32 like the reference.
-pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+pub fn apply_rope<T: Tensor>(x: &T, cos: &T, sin: &T) -> Result<T> {
     let dtype = x.dtype();
     let (b, h, l, d) = x.dims4()?;
-    let x = x.to_dtype(DType::F32)?.reshape((b, h, l, d / 2, 2))?;
+    let x = x.to_dtype(DType::F32)?.reshape(&[b, h, l, d / 2, 2])?;
     let x0 = x.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 1, 1)?.squeeze(D::Minus1)?;
-    let out0 = (x0.broadcast_mul(cos)? - x1.broadcast_mul(sin)?)?;
-    let out1 = (x0.broadcast_mul(sin)? + x1.broadcast_mul(cos)?)?;
-    let out = Tensor::stack(&[out0, out1], D::Minus1)?.reshape((b, h, l, d))?;
-    Ok(out.to_dtype(dtype)?)
+    let out0 = x0.broadcast_mul(cos)?.sub(&x1.broadcast_mul(sin)?)?;
+    let out1 = x0.broadcast_mul(sin)?.add(&x1.broadcast_mul(cos)?)?;
+    let out = T::stack(&[&out0, &out1], D::Minus1)?.reshape(&[b, h, l, d])?;
+    drop((out0, out1));
+    out.to_dtype(dtype)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{Device, Tensor};
 
     #[test]
     fn chunked_attention_matches_unchunked() -> Result<()> {

@@ -1,13 +1,14 @@
 //! The FLUX autoencoder (spec §2.2): an LDM-style VAE with 16 latent channels, 8× down-sampling,
 //! one single-head attention in the middle, and a scale/shift on the latent.
 
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 
 use crate::checkpoint::store::TensorStore;
 use crate::error::{Error, Result};
-use crate::memory::residency::{StageSpec, StageWeights, Weights};
 use crate::model::attention::attention;
 use crate::model::t5::dims;
+use crate::model::weights::{Stage, StageSpec, Weights};
+use crate::tensor::{HostBuffer, Tensor};
 
 const NORM_GROUPS: usize = 32;
 const NORM_EPS: f64 = 1e-6;
@@ -185,7 +186,7 @@ impl AutoEncoder {
     }
 
     /// Image `[B, 3, H, W]` in [−1, 1] → scaled latent `[B, 16, H/8, W/8]` (the mean, no sampling).
-    pub fn encode(&self, w: &dyn Weights, x: &Tensor) -> Result<Tensor> {
+    pub fn encode<T: Tensor, W: Weights<T>>(&self, w: &W, x: &T) -> Result<T> {
         let cfg = &self.config;
         let s = w.stage("encoder.conv_in")?;
         let mut h = conv(&s, "", &x.to_dtype(w.dtype())?, 1, 1)?;
@@ -199,20 +200,24 @@ impl AutoEncoder {
                 h = conv(&s, "downsample.conv.", &h, 0, 2)?;
             }
         }
-        h = self.mid(&*w.stage("encoder.mid")?, &h)?;
+        h = self.mid(&w.stage("encoder.mid")?, &h)?;
         let s = w.stage("encoder.out")?;
         h = swish(&group_norm(&s, "encoder.norm_out.", &h)?)?;
         h = conv(&s, "encoder.conv_out.", &h, 1, 1)?;
         let mean = h.narrow(1, 0, cfg.z_channels)?;
-        Ok(((mean - cfg.shift_factor)? * cfg.scale_factor)?)
+        mean.affine(1.0, -cfg.shift_factor)?
+            .affine(cfg.scale_factor, 0.0)
     }
 
     /// Scaled latent → image in roughly [−1, 1].
-    pub fn decode(&self, w: &dyn Weights, z: &Tensor) -> Result<Tensor> {
+    pub fn decode<T: Tensor, W: Weights<T>>(&self, w: &W, z: &T) -> Result<T> {
         let cfg = &self.config;
-        let z = ((z.to_dtype(w.dtype())? / cfg.scale_factor)? + cfg.shift_factor)?;
-        let mut h = conv(&*w.stage("decoder.conv_in")?, "", &z, 1, 1)?;
-        h = self.mid(&*w.stage("decoder.mid")?, &h)?;
+        let z = z
+            .to_dtype(w.dtype())?
+            .affine(1.0 / cfg.scale_factor, 0.0)?
+            .affine(1.0, cfg.shift_factor)?;
+        let mut h = conv(&w.stage("decoder.conv_in")?, "", &z, 1, 1)?;
+        h = self.mid(&w.stage("decoder.mid")?, &h)?;
         for i in (0..cfg.levels()).rev() {
             let s = w.stage(&format!("decoder.up.{i}"))?;
             for j in 0..=cfg.num_res_blocks {
@@ -242,7 +247,7 @@ impl AutoEncoder {
     ///
     /// Not bit-identical to the whole decode: every GroupNorm takes its statistics over the tile,
     /// not the image, and the mid attention sees the tile only; the overlaps hide the seams.
-    pub fn decode_tiled(&self, w: &dyn Weights, z: &Tensor, tile: usize) -> Result<Tensor> {
+    pub fn decode_tiled<T: Tensor, W: Weights<T>>(&self, w: &W, z: &T, tile: usize) -> Result<T> {
         let (b, _, lh, lw) = z.dims4()?;
         let t = (tile / 8).max(1);
         let overlap = vae_tile_overlap(t);
@@ -253,37 +258,19 @@ impl AutoEncoder {
         let wx = tile_weights(&xs, tw, lw, 8);
         let (ph, pw) = (8 * lh, 8 * lw);
         let oc = self.config.out_ch;
-        let mut out = vec![0f32; b * oc * ph * pw];
+        let host = T::host_of(z.device());
+        let mut out = T::Host::zeros(b * oc * ph * pw, &host)?;
         for (iy, &y0) in ys.iter().enumerate() {
             for (ix, &x0) in xs.iter().enumerate() {
                 let zt = z.narrow(2, y0, th)?.narrow(3, x0, tw)?.contiguous()?;
                 let img = self.decode(w, &zt)?;
                 drop(zt);
-                let dev = img.device().clone();
-                let wt = Tensor::from_slice(&wy[iy], (8 * th, 1), &dev)?
-                    .broadcast_mul(&Tensor::from_slice(&wx[ix], (1, 8 * tw), &dev)?)?;
-                let img = img
-                    .to_dtype(DType::F32)?
-                    .broadcast_mul(&wt)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
-                let (tph, tpw) = (8 * th, 8 * tw);
-                for plane in 0..b * oc {
-                    for r in 0..tph {
-                        let src = &img[(plane * tph + r) * tpw..][..tpw];
-                        let dst = &mut out[(plane * ph + 8 * y0 + r) * pw + 8 * x0..][..tpw];
-                        for (d, s) in dst.iter_mut().zip(src) {
-                            *d += s;
-                        }
-                    }
-                }
+                let wt = tile_weight::<T>(&wy[iy], &wx[ix], img.device())?;
+                let weighted = img.to_dtype(DType::F32)?.broadcast_mul(&wt)?;
+                out.add_tile(&weighted, b * oc, ph, pw, 8 * y0, 8 * x0)?;
             }
         }
-        Ok(Tensor::from_vec(
-            out,
-            (b, oc, ph, pw),
-            &candle_core::Device::Cpu,
-        )?)
+        out.into_tensor(&[b, oc, ph, pw], &host)
     }
 
     /// [`AutoEncoder::encode`] tile by tile: overlapping image tiles of `tile` pixels a side
@@ -291,7 +278,7 @@ impl AutoEncoder {
     /// into the latent with linear weights over the overlaps (normalised to sum to one). Images
     /// whose sides are not multiples of 8, or that fit in one tile, are encoded whole. The
     /// result is on the input's device, in f32.
-    pub fn encode_tiled(&self, w: &dyn Weights, x: &Tensor, tile: usize) -> Result<Tensor> {
+    pub fn encode_tiled<T: Tensor, W: Weights<T>>(&self, w: &W, x: &T, tile: usize) -> Result<T> {
         let (b, _, ph, pw) = x.dims4()?;
         let t = (tile / 8).max(1);
         if !ph.is_multiple_of(8) || !pw.is_multiple_of(8) || 8 * t >= ph.max(pw) {
@@ -305,7 +292,7 @@ impl AutoEncoder {
         let wy = tile_weights(&ys, th, lh, 1);
         let wx = tile_weights(&xs, tw, lw, 1);
         let zc = self.config.z_channels;
-        let mut out = vec![0f32; b * zc * lh * lw];
+        let mut out = T::Host::zeros(b * zc * lh * lw, x.device())?;
         for (iy, &y0) in ys.iter().enumerate() {
             for (ix, &x0) in xs.iter().enumerate() {
                 let xt = x
@@ -314,46 +301,39 @@ impl AutoEncoder {
                     .contiguous()?;
                 let z = self.encode(w, &xt)?;
                 drop(xt);
-                let dev = z.device().clone();
-                let wt = Tensor::from_slice(&wy[iy], (th, 1), &dev)?
-                    .broadcast_mul(&Tensor::from_slice(&wx[ix], (1, tw), &dev)?)?;
-                let z = z
-                    .to_dtype(DType::F32)?
-                    .broadcast_mul(&wt)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
-                for plane in 0..b * zc {
-                    for r in 0..th {
-                        let src = &z[(plane * th + r) * tw..][..tw];
-                        let dst = &mut out[(plane * lh + y0 + r) * lw + x0..][..tw];
-                        for (d, s) in dst.iter_mut().zip(src) {
-                            *d += s;
-                        }
-                    }
-                }
+                let wt = tile_weight::<T>(&wy[iy], &wx[ix], z.device())?;
+                let weighted = z.to_dtype(DType::F32)?.broadcast_mul(&wt)?;
+                out.add_tile(&weighted, b * zc, lh, lw, y0, x0)?;
             }
         }
-        Ok(Tensor::from_vec(out, (b, zc, lh, lw), x.device())?)
+        out.into_tensor(&[b, zc, lh, lw], x.device())
     }
 
-    fn mid(&self, s: &StageWeights, h: &Tensor) -> Result<Tensor> {
+    fn mid<T: Tensor, S: Stage<T>>(&self, s: &S, h: &T) -> Result<T> {
         let h = resnet(s, "block_1.", h)?;
         let h = self.attn(s, "attn_1.", &h)?;
         resnet(s, "block_2.", &h)
     }
 
     /// Single-head self-attention over the h·w positions, channels as the head dim.
-    fn attn(&self, s: &StageWeights, p: &str, x: &Tensor) -> Result<Tensor> {
+    fn attn<T: Tensor, S: Stage<T>>(&self, s: &S, p: &str, x: &T) -> Result<T> {
         let (b, c, hh, ww) = x.dims4()?;
         let n = group_norm(s, &format!("{p}norm."), x)?;
-        let tokens = |name: &str| -> Result<Tensor> {
+        let tokens = |name: &str| -> Result<T> {
             let t = conv(s, &format!("{p}{name}."), &n, 0, 1)?;
-            Ok(t.reshape((b, 1, c, hh * ww))?.transpose(2, 3)?)
+            t.reshape(&[b, 1, c, hh * ww])?.transpose(2, 3)
         };
         let a = attention(&tokens("q")?, &tokens("k")?, &tokens("v")?, self.attn_chunk)?;
-        let a = a.transpose(2, 3)?.reshape((b, c, hh, ww))?;
-        Ok((x + conv(s, &format!("{p}proj_out."), &a, 0, 1)?)?)
+        let a = a.transpose(2, 3)?.reshape(&[b, c, hh, ww])?;
+        x.add(&conv(s, &format!("{p}proj_out."), &a, 0, 1)?)
     }
+}
+
+/// A tile's 2-D blending weight `[h, w]`: the product of its two axes' weights.
+fn tile_weight<T: Tensor>(wy: &[f32], wx: &[f32], device: &T::Device) -> Result<T> {
+    let y = T::from_f32(&[wy.len(), 1], device, || wy.to_vec())?;
+    let x = T::from_f32(&[1, wx.len()], device, || wx.to_vec())?;
+    y.broadcast_mul(&x)
 }
 
 /// The overlap (latent pixels) between neighbouring VAE tiles of `t` latent pixels a side.
@@ -414,7 +394,7 @@ fn tile_weights(starts: &[usize], t: usize, len: usize, scale: usize) -> Vec<Vec
     ws
 }
 
-fn resnet(s: &StageWeights, p: &str, x: &Tensor) -> Result<Tensor> {
+fn resnet<T: Tensor, S: Stage<T>>(s: &S, p: &str, x: &T) -> Result<T> {
     let h = conv(
         s,
         &format!("{p}conv1."),
@@ -434,35 +414,35 @@ fn resnet(s: &StageWeights, p: &str, x: &Tensor) -> Result<Tensor> {
     } else {
         x.clone()
     };
-    Ok((skip + h)?)
+    skip.add(&h)
 }
 
-fn conv(s: &StageWeights, p: &str, x: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+fn conv<T: Tensor, S: Stage<T>>(s: &S, p: &str, x: &T, padding: usize, stride: usize) -> Result<T> {
     let w = s.get(&format!("{p}weight"))?;
     let b = s.get(&format!("{p}bias"))?;
-    let y = x.conv2d(&w, padding, stride, 1, 1)?;
-    Ok(y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?)
+    let y = x.conv2d(&w, padding, stride)?;
+    y.broadcast_add(&b.reshape(&[1, b.dim(0)?, 1, 1])?)
 }
 
 /// GroupNorm(32, eps 1e-6) with affine parameters, statistics in f32.
-fn group_norm(s: &StageWeights, p: &str, x: &Tensor) -> Result<Tensor> {
+fn group_norm<T: Tensor, S: Stage<T>>(s: &S, p: &str, x: &T) -> Result<T> {
     let (b, c, h, w) = x.dims4()?;
     let dtype = x.dtype();
     let xf = x
         .to_dtype(DType::F32)?
-        .reshape((b, NORM_GROUPS, (c / NORM_GROUPS) * h * w))?;
+        .reshape(&[b, NORM_GROUPS, (c / NORM_GROUPS) * h * w])?;
     let mean = xf.mean_keepdim(2)?;
     let centred = xf.broadcast_sub(&mean)?;
     let var = centred.sqr()?.mean_keepdim(2)?;
-    let y = centred.broadcast_div(&(var + NORM_EPS)?.sqrt()?)?;
-    let y = y.reshape((b, c, h, w))?.to_dtype(dtype)?;
-    let weight = s.get(&format!("{p}weight"))?.reshape((1, c, 1, 1))?;
-    let bias = s.get(&format!("{p}bias"))?.reshape((1, c, 1, 1))?;
-    Ok(y.broadcast_mul(&weight)?.broadcast_add(&bias)?)
+    let y = centred.broadcast_div(&var.affine(1.0, NORM_EPS)?.sqrt()?)?;
+    let y = y.reshape(&[b, c, h, w])?.to_dtype(dtype)?;
+    let weight = s.get(&format!("{p}weight"))?.reshape(&[1, c, 1, 1])?;
+    let bias = s.get(&format!("{p}bias"))?.reshape(&[1, c, 1, 1])?;
+    y.broadcast_mul(&weight)?.broadcast_add(&bias)
 }
 
-fn swish(x: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::silu(x)?)
+fn swish<T: Tensor>(x: &T) -> Result<T> {
+    x.silu()
 }
 
 /// Builder of (key, shape) lists for [`AutoEncoderConfig::expected_shapes`].

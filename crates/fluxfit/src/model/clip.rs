@@ -6,14 +6,15 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::DType;
 use serde::Deserialize;
 
-use super::t5::{count_blocks, dims, ids_tensor, token_rows};
+use super::t5::{check_rows, count_blocks, dims, ids_tensor, token_rows};
 use crate::checkpoint::store::TensorStore;
 use crate::error::{Error, Result};
-use crate::memory::residency::{StageSpec, StageWeights, Weights};
 use crate::model::ops;
+use crate::model::weights::{Stage, StageSpec, Weights};
+use crate::tensor::Tensor;
 
 /// The MLP's activation (`hidden_act`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,11 +268,12 @@ pub fn eos_positions(rows: &[Vec<u32>], eos_token_id: u32) -> Vec<usize> {
 }
 
 /// Additive causal mask `[L, L]` in f32: 0 on and below the diagonal, −∞ above.
-fn causal_mask(len: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..len)
-        .flat_map(|q| (0..len).map(move |k| if k > q { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Ok(Tensor::from_vec(mask, (len, len), device)?)
+fn causal_mask<T: Tensor>(len: usize, device: &T::Device) -> Result<T> {
+    T::from_f32(&[len, len], device, || {
+        (0..len)
+            .flat_map(|q| (0..len).map(move |k| if k > q { f32::NEG_INFINITY } else { 0.0 }))
+            .collect()
+    })
 }
 
 pub struct ClipTextModel {
@@ -302,12 +304,12 @@ impl ClipTextModel {
         stages
     }
 
-    /// `input_ids` `[B, L]` → (`last_hidden_state` `[B, L, H]`, `pooler_output` `[B, H]`), in
+    /// Token rows `[B][L]` → (`last_hidden_state` `[B, L, H]`, `pooler_output` `[B, H]`), in
     /// the weights' dtype.
-    pub fn forward(&self, w: &dyn Weights, input_ids: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn forward<T: Tensor, W: Weights<T>>(&self, w: &W, rows: &[Vec<u32>]) -> Result<(T, T)> {
         let c = &self.config;
-        let rows = token_rows(input_ids, c.vocab_size)?;
-        let ids = ids_tensor(&rows, w.device())?;
+        check_rows(rows, c.vocab_size)?;
+        let ids: T = ids_tensor(rows, w.device())?;
         let len = ids.dim(1)?;
         if len > c.max_position_embeddings {
             return Err(Error::InvalidRequest(format!(
@@ -315,69 +317,78 @@ impl ClipTextModel {
                 c.max_position_embeddings
             )));
         }
-        let mut h = self.embed(&*w.stage("embeddings")?, &ids)?;
-        let mask = causal_mask(len, w.device())?;
+        let mut h = self.embed(&w.stage("embeddings")?, &ids)?;
+        let mask: T = causal_mask(len, w.device())?;
         for i in 0..c.num_layers {
-            h = self.layer(&*w.stage(&layer_stage(i))?, &h, &mask)?;
+            h = self.layer(&w.stage(&layer_stage(i))?, &h, &mask)?;
         }
-        let last = self.norm(&*w.stage("final_layer_norm")?, "", &h)?;
-        let pooled = pool(&last, &eos_positions(&rows, c.eos_token_id))?;
+        let last = self.norm(&w.stage("final_layer_norm")?, "", &h)?;
+        let pooled = pool(&last, &eos_positions(rows, c.eos_token_id))?;
         Ok((last, pooled))
     }
 
+    /// [`Self::forward`] for an id tensor `[B, L]` (u32 or i64).
+    pub fn forward_ids<W: Weights<candle_core::Tensor>>(
+        &self,
+        w: &W,
+        input_ids: &candle_core::Tensor,
+    ) -> Result<(candle_core::Tensor, candle_core::Tensor)> {
+        self.forward(w, &token_rows(input_ids, self.config.vocab_size)?)
+    }
+
     /// Token embedding plus the learned embedding of positions 0..L.
-    fn embed(&self, stage: &StageWeights, ids: &Tensor) -> Result<Tensor> {
+    fn embed<T: Tensor, S: Stage<T>>(&self, stage: &S, ids: &T) -> Result<T> {
         let (b, l) = ids.dims2()?;
         let tokens = stage
             .get(TOKEN_EMBEDDING)?
             .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, l, self.config.hidden_size))?;
+            .reshape(&[b, l, self.config.hidden_size])?;
         let positions = stage.get(POSITION_EMBEDDING)?.narrow(0, 0, l)?;
-        Ok(tokens.broadcast_add(&positions)?)
+        tokens.broadcast_add(&positions)
     }
 
-    fn norm(&self, s: &StageWeights, name: &str, x: &Tensor) -> Result<Tensor> {
+    fn norm<T: Tensor, S: Stage<T>>(&self, s: &S, name: &str, x: &T) -> Result<T> {
         let w = s.get(&format!("{name}weight"))?;
         let b = s.get(&format!("{name}bias"))?;
         ops::layer_norm(x, &w, &b, self.config.layer_norm_eps)
     }
 
     /// Pre-norm: `h + attn(ln1(h))`, then `h + mlp(ln2(h))`.
-    fn layer(&self, s: &StageWeights, h: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn layer<T: Tensor, S: Stage<T>>(&self, s: &S, h: &T, mask: &T) -> Result<T> {
         let x = self.norm(s, "layer_norm1.", h)?;
-        let h = (h + self.self_attention(s, &x, mask)?)?;
+        let h = h.add(&self.self_attention(s, &x, mask)?)?;
         let x = self.norm(s, "layer_norm2.", &h)?;
-        Ok((&h + self.mlp(s, &x)?)?)
+        h.add(&self.mlp(s, &x)?)
     }
 
-    fn linear(&self, s: &StageWeights, name: &str, x: &Tensor) -> Result<Tensor> {
+    fn linear<T: Tensor, S: Stage<T>>(&self, s: &S, name: &str, x: &T) -> Result<T> {
         let w = s.get(&format!("{name}.weight"))?;
         let b = s.get(&format!("{name}.bias"))?;
         ops::linear(x, &w, Some(&b))
     }
 
     /// Causal softmax(q·kᵀ/√d)·v per head; scores in the compute dtype, softmax in f32.
-    fn self_attention(&self, s: &StageWeights, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn self_attention<T: Tensor, S: Stage<T>>(&self, s: &S, x: &T, mask: &T) -> Result<T> {
         let (b, l, h) = x.dims3()?;
         let q = self.split_heads(&self.linear(s, "self_attn.q_proj", x)?)?;
         let k = self.split_heads(&self.linear(s, "self_attn.k_proj", x)?)?;
         let v = self.split_heads(&self.linear(s, "self_attn.v_proj", x)?)?;
         let scale = 1.0 / (self.config.head_dim() as f64).sqrt();
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+        let scores = q.matmul(&k.t()?.contiguous()?)?.affine(scale, 0.0)?;
         let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
+        let probs = scores.softmax_last_dim()?.to_dtype(v.dtype())?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape(&[b, l, h])?;
         self.linear(s, "self_attn.out_proj", &out)
     }
 
     /// `[B, L, H]` → `[B, heads, L, head_dim]`.
-    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+    fn split_heads<T: Tensor>(&self, x: &T) -> Result<T> {
         let (b, l, _) = x.dims3()?;
         let (n, d) = (self.config.num_heads, self.config.head_dim());
-        Ok(x.reshape((b, l, n, d))?.transpose(1, 2)?.contiguous()?)
+        x.reshape(&[b, l, n, d])?.transpose(1, 2)?.contiguous()
     }
 
-    fn mlp(&self, s: &StageWeights, x: &Tensor) -> Result<Tensor> {
+    fn mlp<T: Tensor, S: Stage<T>>(&self, s: &S, x: &T) -> Result<T> {
         let x = self.linear(s, "mlp.fc1", x)?;
         let x = match self.config.activation {
             ClipActivation::QuickGelu => quick_gelu(&x)?,
@@ -388,20 +399,21 @@ impl ClipTextModel {
 }
 
 /// `x·σ(1.702·x)`, the sigmoid approximation of GELU that OpenAI's CLIP was trained with.
-fn quick_gelu(x: &Tensor) -> Result<Tensor> {
-    Ok((x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)
+fn quick_gelu<T: Tensor>(x: &T) -> Result<T> {
+    x.mul(&x.affine(1.702, 0.0)?.sigmoid()?)
 }
 
 /// Row `positions[b]` of each batch element of `hidden` `[B, L, H]` → `[B, H]`.
-fn pool(hidden: &Tensor, positions: &[usize]) -> Result<Tensor> {
+fn pool<T: Tensor>(hidden: &T, positions: &[usize]) -> Result<T> {
     let (b, l, h) = hidden.dims3()?;
-    let flat: Vec<u32> = positions
-        .iter()
-        .enumerate()
-        .map(|(i, &p)| (i * l + p) as u32)
-        .collect();
-    let index = Tensor::from_vec(flat, b, hidden.device())?;
-    Ok(hidden.reshape((b * l, h))?.index_select(&index, 0)?)
+    let index = T::from_u32(&[b], hidden.device(), || {
+        positions
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| (i * l + p) as u32)
+            .collect()
+    })?;
+    hidden.reshape(&[b * l, h])?.index_select(&index, 0)
 }
 
 #[cfg(test)]

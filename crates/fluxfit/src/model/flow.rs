@@ -2,14 +2,15 @@
 //! the final layer (spec §2.1). Each block is a small function that reads like the paper; weights
 //! come per stage from the residency seam.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, D};
 
 use crate::checkpoint::store::TensorStore;
 use crate::error::{Error, Result};
-use crate::memory::residency::{StageSpec, StageWeights, Weights};
 use crate::model::attention::{apply_rope, attention, rope_angles};
 use crate::model::ops::{gelu_tanh, layer_norm_plain, linear, modulate, rms_norm, silu};
 use crate::model::t5::dims;
+use crate::model::weights::{Stage, StageSpec, Weights};
+use crate::tensor::Tensor;
 
 const LN_EPS: f64 = 1e-6;
 const TIME_DIM: usize = 256;
@@ -201,34 +202,34 @@ pub struct Flux {
     pub attn_chunk: Option<usize>,
 }
 
-/// Inputs of one forward pass (spec §2.1 `Flux.forward`).
-pub struct FlowInputs<'a> {
+/// Inputs of one forward pass (docs/flux.md §2.1 `Flux.forward`).
+pub struct FlowInputs<'a, T> {
     /// `[B, L_img, in_channels]`
-    pub img: &'a Tensor,
+    pub img: &'a T,
     /// `[B, L_img, 3]` f32
-    pub img_ids: &'a Tensor,
+    pub img_ids: &'a T,
     /// `[B, L_txt, context_in_dim]`
-    pub txt: &'a Tensor,
+    pub txt: &'a T,
     /// `[B, L_txt, 3]` f32
-    pub txt_ids: &'a Tensor,
+    pub txt_ids: &'a T,
     /// `[B]`, in [0, 1]
-    pub timesteps: &'a Tensor,
+    pub timesteps: &'a T,
     /// `[B, vec_in_dim]` (CLIP pooled)
-    pub y: &'a Tensor,
+    pub y: &'a T,
     /// `[B]`, required by guidance-distilled models
-    pub guidance: Option<&'a Tensor>,
+    pub guidance: Option<&'a T>,
 }
 
 /// [`FlowInputs`] owned: for benchmarks and tests that run the flow model on fixed inputs.
 #[derive(Debug, Clone)]
 pub struct FlowSample {
-    pub img: Tensor,
-    pub img_ids: Tensor,
-    pub txt: Tensor,
-    pub txt_ids: Tensor,
-    pub timesteps: Tensor,
-    pub y: Tensor,
-    pub guidance: Tensor,
+    pub img: candle_core::Tensor,
+    pub img_ids: candle_core::Tensor,
+    pub txt: candle_core::Tensor,
+    pub txt_ids: candle_core::Tensor,
+    pub timesteps: candle_core::Tensor,
+    pub y: candle_core::Tensor,
+    pub guidance: candle_core::Tensor,
 }
 
 impl FlowSample {
@@ -237,9 +238,9 @@ impl FlowSample {
     pub fn seeded(cfg: &FlowConfig, side: usize, txt_tokens: usize, seed: u64) -> Result<Self> {
         use crate::noise::{torch_randn, NoiseKind};
         let dev = Device::Cpu;
-        let randn = |s: u64, shape: &[usize]| -> Result<Tensor> {
+        let randn = |s: u64, shape: &[usize]| -> Result<candle_core::Tensor> {
             let n = shape.iter().product();
-            Ok(Tensor::from_vec(
+            Ok(candle_core::Tensor::from_vec(
                 torch_randn(seed + s, n, NoiseKind::TorchF32),
                 shape,
                 &dev,
@@ -250,14 +251,14 @@ impl FlowSample {
             img_ids: crate::sampling::image_ids(1, 2 * side, 2 * side, 0.0, &dev)?,
             txt: randn(2, &[1, txt_tokens, cfg.context_in_dim])?,
             txt_ids: crate::sampling::text_ids(1, txt_tokens, &dev)?,
-            timesteps: Tensor::new(&[0.7f32], &dev)?,
+            timesteps: candle_core::Tensor::new(&[0.7f32], &dev)?,
             y: randn(3, &[1, cfg.vec_in_dim])?,
-            guidance: Tensor::new(&[3.5f32], &dev)?,
+            guidance: candle_core::Tensor::new(&[3.5f32], &dev)?,
         })
     }
 
     /// The borrowed inputs of one forward pass (guidance only for a model that embeds it).
-    pub fn inputs(&self, cfg: &FlowConfig) -> FlowInputs<'_> {
+    pub fn inputs(&self, cfg: &FlowConfig) -> FlowInputs<'_, candle_core::Tensor> {
         FlowInputs {
             img: &self.img,
             img_ids: &self.img_ids,
@@ -289,7 +290,7 @@ impl Flux {
         s
     }
 
-    pub fn forward(&self, w: &dyn Weights, inp: &FlowInputs) -> Result<Tensor> {
+    pub fn forward<T: Tensor, W: Weights<T>>(&self, w: &W, inp: &FlowInputs<T>) -> Result<T> {
         let cfg = &self.config;
         let dtype = w.dtype();
         let emb = w.stage("embed")?;
@@ -304,12 +305,16 @@ impl Flux {
                         .into(),
                 )
             })?;
-            vec = (vec + mlp_embedder(&emb, "guidance_in", &timestep_embedding(g, dtype)?)?)?;
+            vec = vec.add(&mlp_embedder(
+                &emb,
+                "guidance_in",
+                &timestep_embedding(g, dtype)?,
+            )?)?;
         }
-        vec = (vec + mlp_embedder(&emb, "vector_in", &inp.y.to_dtype(dtype)?)?)?;
+        vec = vec.add(&mlp_embedder(&emb, "vector_in", &inp.y.to_dtype(dtype)?)?)?;
         drop(emb);
 
-        let ids = Tensor::cat(&[inp.txt_ids, inp.img_ids], 1)?;
+        let ids = T::cat(&[inp.txt_ids, inp.img_ids], 1)?;
         let pe = rope_angles(&ids, &cfg.axes_dim, cfg.theta, w.device())?;
 
         let (mut img, mut txt) = (img, txt);
@@ -319,7 +324,7 @@ impl Flux {
         }
         let l_txt = txt.dim(1)?;
         let l_img = img.dim(1)?;
-        let mut x = Tensor::cat(&[&txt, &img], 1)?;
+        let mut x = T::cat(&[&txt, &img], 1)?;
         for i in 0..cfg.depth_single {
             let b = w.stage(&format!("single_blocks.{i}"))?;
             x = self.single_block(&b, &x, &vec, &pe)?;
@@ -339,14 +344,14 @@ impl Flux {
         )
     }
 
-    fn double_block(
+    fn double_block<T: Tensor, S: Stage<T>>(
         &self,
-        b: &StageWeights,
-        img: &Tensor,
-        txt: &Tensor,
-        vec: &Tensor,
-        pe: &(Tensor, Tensor),
-    ) -> Result<(Tensor, Tensor)> {
+        b: &S,
+        img: &T,
+        txt: &T,
+        vec: &T,
+        pe: &(T, T),
+    ) -> Result<(T, T)> {
         let im = modulation(b, "img_mod.lin", vec, 6)?;
         let tm = modulation(b, "txt_mod.lin", vec, 6)?;
         let (iq, ik, iv) = self.qkv(
@@ -359,20 +364,25 @@ impl Flux {
             "txt_attn",
             &modulate(&layer_norm_plain(txt, LN_EPS)?, &tm[0], &tm[1])?,
         )?;
-        let q = Tensor::cat(&[tq, iq], 2)?;
-        let k = Tensor::cat(&[tk, ik], 2)?;
-        let v = Tensor::cat(&[tv, iv], 2)?;
+        // Each stream's part is dropped once joined.
+        let q = T::cat(&[&tq, &iq], 2)?;
+        drop((tq, iq));
+        let k = T::cat(&[&tk, &ik], 2)?;
+        drop((tk, ik));
+        let v = T::cat(&[&tv, &iv], 2)?;
+        drop((tv, iv));
         let a = self.attend(&q, &k, &v, pe)?;
         let l_txt = txt.dim(1)?;
         let txt_a = a.narrow(1, 0, l_txt)?;
         let img_a = a.narrow(1, l_txt, img.dim(1)?)?;
 
-        let stream = |x: &Tensor, attn: &Tensor, m: &[Tensor], s: &str| -> Result<Tensor> {
-            let x = (x + m[2].broadcast_mul(&linear_of(b, &format!("{s}_attn.proj"), attn)?)?)?;
+        let stream = |x: &T, attn: &T, m: &[T], s: &str| -> Result<T> {
+            let x =
+                x.add(&m[2].broadcast_mul(&linear_of(b, &format!("{s}_attn.proj"), attn)?)?)?;
             let h = modulate(&layer_norm_plain(&x, LN_EPS)?, &m[3], &m[4])?;
             let h = linear_of(b, &format!("{s}_mlp.0"), &h)?;
             let h = linear_of(b, &format!("{s}_mlp.2"), &gelu_tanh(&h)?)?;
-            Ok((x + m[5].broadcast_mul(&h)?)?)
+            x.add(&m[5].broadcast_mul(&h)?)
         };
         Ok((
             stream(img, &img_a, &im, "img")?,
@@ -380,13 +390,13 @@ impl Flux {
         ))
     }
 
-    fn single_block(
+    fn single_block<T: Tensor, S: Stage<T>>(
         &self,
-        b: &StageWeights,
-        x: &Tensor,
-        vec: &Tensor,
-        pe: &(Tensor, Tensor),
-    ) -> Result<Tensor> {
+        b: &S,
+        x: &T,
+        vec: &T,
+        pe: &(T, T),
+    ) -> Result<T> {
         let h = self.config.hidden_size;
         let m = modulation(b, "modulation.lin", vec, 3)?;
         let x_mod = modulate(&layer_norm_plain(x, LN_EPS)?, &m[0], &m[1])?;
@@ -396,16 +406,13 @@ impl Flux {
         let (q, k, v) = self.split_heads(&qkv)?;
         let (q, k) = qk_norm(b, "norm", &q, &k, &v)?;
         let a = self.attend(&q, &k, &v, pe)?;
-        let out = linear_of(
-            b,
-            "linear2",
-            &Tensor::cat(&[a, gelu_tanh(&mlp)?], D::Minus1)?,
-        )?;
-        Ok((x + m[2].broadcast_mul(&out)?)?)
+        let out = linear_of(b, "linear2", &T::cat(&[&a, &gelu_tanh(&mlp)?], D::Minus1)?)?;
+        drop(a);
+        x.add(&m[2].broadcast_mul(&out)?)
     }
 
     /// `qkv` projection, head split and QK-norm of one stream.
-    fn qkv(&self, b: &StageWeights, prefix: &str, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    fn qkv<T: Tensor, S: Stage<T>>(&self, b: &S, prefix: &str, x: &T) -> Result<(T, T, T)> {
         let qkv = linear_of(b, &format!("{prefix}.qkv"), x)?;
         let (q, k, v) = self.split_heads(&qkv)?;
         let (q, k) = qk_norm(b, &format!("{prefix}.norm"), &q, &k, &v)?;
@@ -413,27 +420,27 @@ impl Flux {
     }
 
     /// `[B, L, 3·H]` read as (3, heads, head_dim) → three `[B, heads, L, head_dim]`.
-    fn split_heads(&self, qkv: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    fn split_heads<T: Tensor>(&self, qkv: &T) -> Result<(T, T, T)> {
         let (b, l, _) = qkv.dims3()?;
         let nh = self.config.num_heads;
         let d = self.config.head_dim();
-        let t = qkv.reshape((b, l, 3, nh, d))?.permute((2, 0, 3, 1, 4))?;
+        let t = qkv.reshape(&[b, l, 3, nh, d])?.permute(&[2, 0, 3, 1, 4])?;
         Ok((t.get(0)?, t.get(1)?, t.get(2)?))
     }
 
     /// RoPE on q and k, attention, heads merged back: `[B, L, H]`.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, pe: &(Tensor, Tensor)) -> Result<Tensor> {
+    fn attend<T: Tensor>(&self, q: &T, k: &T, v: &T, pe: &(T, T)) -> Result<T> {
         let q = apply_rope(q, &pe.0, &pe.1)?;
         let k = apply_rope(k, &pe.0, &pe.1)?;
         let a = attention(&q, &k, v, self.attn_chunk)?;
         let (b, nh, l, d) = a.dims4()?;
-        Ok(a.transpose(1, 2)?.reshape((b, l, nh * d))?)
+        a.transpose(1, 2)?.reshape(&[b, l, nh * d])
     }
 }
 
 /// A Linear layer, plus its LoRA term `B(A(x))` when a LoRA is attached (B carries the scale;
 /// see `checkpoint::lora`).
-fn linear_of(s: &StageWeights, name: &str, x: &Tensor) -> Result<Tensor> {
+fn linear_of<T: Tensor, S: Stage<T>>(s: &S, name: &str, x: &T) -> Result<T> {
     let y = s.linear(name, x)?;
     match s.get_opt(&format!("{name}.lora_A.weight")) {
         None => Ok(y),
@@ -441,46 +448,41 @@ fn linear_of(s: &StageWeights, name: &str, x: &Tensor) -> Result<Tensor> {
             let h = linear(x, &a, s.get_opt(&format!("{name}.lora_A.bias")).as_ref())?;
             let up = s.get(&format!("{name}.lora_B.weight"))?;
             let d = linear(&h, &up, s.get_opt(&format!("{name}.lora_B.bias")).as_ref())?;
-            Ok((y + d)?)
+            y.add(&d)
         }
     }
 }
 
 /// in_layer → SiLU → out_layer.
-fn mlp_embedder(s: &StageWeights, name: &str, x: &Tensor) -> Result<Tensor> {
+fn mlp_embedder<T: Tensor, S: Stage<T>>(s: &S, name: &str, x: &T) -> Result<T> {
     let h = linear_of(s, &format!("{name}.in_layer"), x)?;
     linear_of(s, &format!("{name}.out_layer"), &silu(&h)?)
 }
 
 /// `lin(SiLU(vec))` split into `k` chunks `[B, 1, H]`, ordered shift, scale, gate (, shift, scale, gate).
-fn modulation(s: &StageWeights, name: &str, vec: &Tensor, k: usize) -> Result<Vec<Tensor>> {
+fn modulation<T: Tensor, S: Stage<T>>(s: &S, name: &str, vec: &T, k: usize) -> Result<Vec<T>> {
     let m = linear_of(s, name, &silu(vec)?)?.unsqueeze(1)?;
-    Ok(m.chunk(k, D::Minus1)?)
+    m.chunk(k, D::Minus1)
 }
 
 /// RMS-normalises q and k (f32 math), cast to v's dtype as the reference does.
-fn qk_norm(
-    s: &StageWeights,
-    prefix: &str,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-) -> Result<(Tensor, Tensor)> {
+fn qk_norm<T: Tensor, S: Stage<T>>(s: &S, prefix: &str, q: &T, k: &T, v: &T) -> Result<(T, T)> {
     let q = rms_norm(q, &s.get(&format!("{prefix}.query_norm.scale"))?, 1e-6)?;
     let k = rms_norm(k, &s.get(&format!("{prefix}.key_norm.scale"))?, 1e-6)?;
     Ok((q.to_dtype(v.dtype())?, k.to_dtype(v.dtype())?))
 }
 
-/// Sinusoidal embedding of t·1000, 256 dims, cosines first (spec §2.1).
-pub fn timestep_embedding(t: &Tensor, dtype: DType) -> Result<Tensor> {
+/// Sinusoidal embedding of t·1000, 256 dims, cosines first (docs/flux.md §2.1).
+pub fn timestep_embedding<T: Tensor>(t: &T, dtype: DType) -> Result<T> {
     let half = TIME_DIM / 2;
-    let device = t.device();
-    let freqs: Vec<f32> = (0..half)
-        // f32 arithmetic in the reference's order, so arguments up to 1000 agree to the last bit.
-        .map(|k| ((-(10_000f64.ln()) as f32) * k as f32 / half as f32).exp())
-        .collect();
-    let freqs = Tensor::from_vec(freqs, (1, half), &Device::Cpu)?.to_device(device)?;
-    let t = (t.to_dtype(DType::F32)? * 1000.0)?;
+    let freqs = T::from_f32(&[1, half], &T::host_of(t.device()), || {
+        (0..half)
+            // f32 arithmetic in the reference's order, so arguments up to 1000 agree to the last bit.
+            .map(|k| ((-(10_000f64.ln()) as f32) * k as f32 / half as f32).exp())
+            .collect()
+    })?
+    .to_device(t.device())?;
+    let t = t.to_dtype(DType::F32)?.affine(1000.0, 0.0)?;
     let args = t.unsqueeze(1)?.broadcast_mul(&freqs)?;
-    Ok(Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)?.to_dtype(dtype)?)
+    T::cat(&[&args.cos()?, &args.sin()?], D::Minus1)?.to_dtype(dtype)
 }

@@ -1,5 +1,6 @@
-//! The networks. Each holds only its configuration; weights arrive per stage through
-//! [`crate::memory::residency::Weights`].
+//! The networks, written against [`crate::tensor::Tensor`] so that the same code computes (over
+//! candle) and plans (over meta tensors). Each holds only its configuration; weights arrive per
+//! stage through the seam in [`weights`].
 
 pub mod attention;
 pub mod autoencoder;
@@ -7,3 +8,4 @@ pub mod clip;
 pub mod flow;
 pub mod ops;
 pub mod t5;
+pub mod weights;

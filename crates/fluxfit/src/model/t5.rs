@@ -7,13 +7,14 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, D};
 use serde::Deserialize;
 
 use crate::checkpoint::store::TensorStore;
 use crate::error::{Error, Result};
-use crate::memory::residency::{StageSpec, StageWeights, Weights};
 use crate::model::ops;
+use crate::model::weights::{Stage, StageSpec, Weights};
+use crate::tensor::Tensor;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct T5Config {
@@ -295,7 +296,7 @@ pub(crate) fn count_blocks(store: &TensorStore, prefix: &str) -> usize {
 
 /// Token ids `[B, L]` (u32 or i64) read back to the host and checked against the vocabulary, so
 /// a bad id is an error, not an out-of-bounds gather.
-pub(crate) fn token_rows(input_ids: &Tensor, vocab_size: usize) -> Result<Vec<Vec<u32>>> {
+pub fn token_rows(input_ids: &candle_core::Tensor, vocab_size: usize) -> Result<Vec<Vec<u32>>> {
     let rows: Vec<Vec<i64>> = match input_ids.dtype() {
         DType::U32 => input_ids
             .to_vec2::<u32>()?
@@ -323,11 +324,20 @@ pub(crate) fn token_rows(input_ids: &Tensor, vocab_size: usize) -> Result<Vec<Ve
         .collect()
 }
 
+/// Refuses ids outside the vocabulary: an error, not an out-of-bounds gather.
+pub(crate) fn check_rows(rows: &[Vec<u32>], vocab_size: usize) -> Result<()> {
+    match rows.iter().flatten().find(|&&id| id as usize >= vocab_size) {
+        Some(id) => Err(Error::InvalidRequest(format!(
+            "token id {id} is outside the text encoder's vocabulary of {vocab_size}"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The `[B, L]` id tensor of `rows` on `device`.
-pub(crate) fn ids_tensor(rows: &[Vec<u32>], device: &Device) -> Result<Tensor> {
+pub(crate) fn ids_tensor<T: Tensor>(rows: &[Vec<u32>], device: &T::Device) -> Result<T> {
     let len = rows.first().map_or(0, Vec::len);
-    let flat: Vec<u32> = rows.concat();
-    Ok(Tensor::from_vec(flat, (rows.len(), len), device)?)
+    T::from_u32(&[rows.len(), len], device, || rows.concat())
 }
 
 /// Mesh-TensorFlow's bucketing of a relative position `key − query`: exact buckets for the
@@ -364,40 +374,36 @@ pub fn relative_position_bucket(
 }
 
 /// T5's layer norm: RMS only (no mean, no bias), accumulated in f32, cast to the weight's dtype.
-fn t5_layer_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+fn t5_layer_norm<T: Tensor>(x: &T, weight: &T, eps: f64) -> Result<T> {
     let xf = x.to_dtype(DType::F32)?;
     let variance = xf.sqr()?.mean_keepdim(D::Minus1)?;
-    let y = xf.broadcast_mul(&(variance + eps)?.sqrt()?.recip()?)?;
-    Ok(y.to_dtype(weight.dtype())?.broadcast_mul(weight)?)
+    let y = xf.broadcast_mul(&variance.affine(1.0, eps)?.sqrt()?.recip()?)?;
+    y.to_dtype(weight.dtype())?.broadcast_mul(weight)
 }
 
 /// `a + b` with PyTorch's promotion: the residual stream becomes f32 once an f32 term joins it.
-fn residual_add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+fn residual_add<T: Tensor>(a: &T, b: &T) -> Result<T> {
     if a.dtype() == b.dtype() {
-        Ok((a + b)?)
+        a.add(b)
     } else {
-        Ok((a.to_dtype(DType::F32)? + b.to_dtype(DType::F32)?)?)
+        a.to_dtype(DType::F32)?.add(&b.to_dtype(DType::F32)?)
     }
 }
 
 /// transformers clamps f16 hidden states after each sublayer so that an overflow to ±∞ becomes
 /// a large finite value instead of NaNs downstream.
-fn clamp_f16(h: Tensor) -> Result<Tensor> {
+fn clamp_f16<T: Tensor>(h: T) -> Result<T> {
     if h.dtype() != DType::F16 {
         return Ok(h);
     }
     let max = f64::from(half::f16::MAX);
-    let peak = h
-        .abs()?
-        .max_all()?
-        .to_dtype(DType::F32)?
-        .to_scalar::<f32>()?;
+    let peak = h.max_abs()?;
     let limit = if peak.is_infinite() {
         max - 1000.0
     } else {
         max
     };
-    Ok(h.clamp(-limit, limit)?)
+    h.clamp(-limit, limit)
 }
 
 pub struct T5Encoder {
@@ -424,12 +430,12 @@ impl T5Encoder {
         stages
     }
 
-    /// `input_ids` `[B, L]` → `last_hidden_state` `[B, L, d_model]` in the weights' dtype.
-    pub fn forward(&self, w: &dyn Weights, input_ids: &Tensor) -> Result<Tensor> {
-        let rows = token_rows(input_ids, self.config.vocab_size)?;
-        let ids = ids_tensor(&rows, w.device())?;
+    /// Token rows `[B][L]` → `last_hidden_state` `[B, L, d_model]` in the weights' dtype.
+    pub fn forward<T: Tensor, W: Weights<T>>(&self, w: &W, rows: &[Vec<u32>]) -> Result<T> {
+        check_rows(rows, self.config.vocab_size)?;
+        let ids: T = ids_tensor(rows, w.device())?;
         let len = ids.dim(1)?;
-        let mut h = self.embed(&*w.stage("shared")?, &ids)?;
+        let mut h = self.embed(&w.stage("shared")?, &ids)?;
         let mut bias = None;
         for i in 0..self.config.num_layers {
             let block = w.stage(&block_stage(i))?;
@@ -443,44 +449,54 @@ impl T5Encoder {
         t5_layer_norm(&h, &norm.get("weight")?, self.config.layer_norm_epsilon)
     }
 
-    fn embed(&self, stage: &StageWeights, ids: &Tensor) -> Result<Tensor> {
+    /// [`Self::forward`] for an id tensor `[B, L]` (u32 or i64).
+    pub fn forward_ids<W: Weights<candle_core::Tensor>>(
+        &self,
+        w: &W,
+        input_ids: &candle_core::Tensor,
+    ) -> Result<candle_core::Tensor> {
+        self.forward(w, &token_rows(input_ids, self.config.vocab_size)?)
+    }
+
+    fn embed<T: Tensor, S: Stage<T>>(&self, stage: &S, ids: &T) -> Result<T> {
         let table = match stage.get_opt(SHARED) {
             Some(t) => t,
             None => stage.get(EMBED_TOKENS)?,
         };
         let (b, l) = ids.dims2()?;
-        Ok(table
+        table
             .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, l, self.config.d_model))?)
+            .reshape(&[b, l, self.config.d_model])
     }
 
     /// The additive score bias `[1, H, L, L]`, looked up by bucket in block 0's table.
-    fn position_bias(&self, block0: &StageWeights, len: usize) -> Result<Tensor> {
+    fn position_bias<T: Tensor, S: Stage<T>>(&self, block0: &S, len: usize) -> Result<T> {
         let c = &self.config;
         let table = block0.get(REL_BIAS)?;
-        let buckets: Vec<u32> = (0..len as i64)
-            .flat_map(|query| {
-                (0..len as i64).map(move |key| {
-                    relative_position_bucket(
-                        key - query,
-                        true,
-                        c.relative_attention_num_buckets,
-                        c.relative_attention_max_distance,
-                    ) as u32
+        let buckets = T::from_u32(&[len * len], table.device(), || {
+            (0..len as i64)
+                .flat_map(|query| {
+                    (0..len as i64).map(move |key| {
+                        relative_position_bucket(
+                            key - query,
+                            true,
+                            c.relative_attention_num_buckets,
+                            c.relative_attention_max_distance,
+                        ) as u32
+                    })
                 })
-            })
-            .collect();
-        let buckets = Tensor::from_vec(buckets, len * len, table.device())?;
-        Ok(table
+                .collect()
+        })?;
+        table
             .index_select(&buckets, 0)?
-            .reshape((len, len, c.num_heads))?
-            .permute((2, 0, 1))?
+            .reshape(&[len, len, c.num_heads])?
+            .permute(&[2, 0, 1])?
             .unsqueeze(0)?
-            .contiguous()?)
+            .contiguous()
     }
 
     /// Pre-norm self-attention then pre-norm feed-forward, each added to the residual stream.
-    fn block(&self, s: &StageWeights, h: Tensor, bias: &Tensor) -> Result<Tensor> {
+    fn block<T: Tensor, S: Stage<T>>(&self, s: &S, h: T, bias: &T) -> Result<T> {
         let eps = self.config.layer_norm_epsilon;
         let x = t5_layer_norm(&h, &s.get("layer.0.layer_norm.weight")?, eps)?;
         let h = clamp_f16(residual_add(&h, &self.self_attention(s, &x, bias)?)?)?;
@@ -489,27 +505,29 @@ impl T5Encoder {
     }
 
     /// softmax(q·kᵀ + bias)·v per head, without the 1/√d_kv of the usual formulation.
-    fn self_attention(&self, s: &StageWeights, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    fn self_attention<T: Tensor, S: Stage<T>>(&self, s: &S, x: &T, bias: &T) -> Result<T> {
         let (b, l, _) = x.dims3()?;
         let attn = "layer.0.SelfAttention";
         let q = self.split_heads(&s.linear(&format!("{attn}.q"), x)?)?;
         let k = self.split_heads(&s.linear(&format!("{attn}.k"), x)?)?;
         let v = self.split_heads(&s.linear(&format!("{attn}.v"), x)?)?;
         let scores = q.matmul(&k.t()?.contiguous()?)?.broadcast_add(bias)?;
-        let probs =
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+        let probs = scores
+            .to_dtype(DType::F32)?
+            .softmax_last_dim()?
+            .to_dtype(v.dtype())?;
         let out = probs
             .matmul(&v)?
             .transpose(1, 2)?
-            .reshape((b, l, self.config.inner_dim()))?;
+            .reshape(&[b, l, self.config.inner_dim()])?;
         s.linear(&format!("{attn}.o"), &out)
     }
 
     /// `[B, L, H·D]` → `[B, H, L, D]`.
-    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+    fn split_heads<T: Tensor>(&self, x: &T) -> Result<T> {
         let (b, l, _) = x.dims3()?;
         let (h, d) = (self.config.num_heads, self.config.d_kv);
-        Ok(x.reshape((b, l, h, d))?.transpose(1, 2)?.contiguous()?)
+        x.reshape(&[b, l, h, d])?.transpose(1, 2)?.contiguous()
     }
 
     /// Gated-GELU (v1.1) or ReLU feed-forward.
@@ -517,17 +535,17 @@ impl T5Encoder {
     /// transformers keeps `wo` in f32 when the model runs in f16 (`_keep_in_fp32_modules`), since
     /// T5 v1.1's activations overflow f16 there; we do the same, which (by promotion) also
     /// moves the residual stream to f32 from the first block on.
-    fn feed_forward(&self, s: &StageWeights, x: &Tensor) -> Result<Tensor> {
+    fn feed_forward<T: Tensor, S: Stage<T>>(&self, s: &S, x: &T) -> Result<T> {
         let dense = "layer.1.DenseReluDense";
         let hidden = if self.config.gated {
             let gate = ops::gelu_tanh(&s.linear(&format!("{dense}.wi_0"), x)?)?;
             let up = s.linear(&format!("{dense}.wi_1"), x)?;
-            (gate * up)?
+            gate.mul(&up)?
         } else {
             s.linear(&format!("{dense}.wi"), x)?.relu()?
         };
         let wo_name = format!("{dense}.wo");
-        if s.is_quantized_matmul(&format!("{wo_name}.weight")) {
+        if s.quantized(&format!("{wo_name}.weight")).is_some() {
             return s.linear(&wo_name, &hidden);
         }
         let wo = s.get(&format!("{wo_name}.weight"))?;

@@ -1,13 +1,12 @@
 //! FLUX.1 Canny / Depth structural control (spec §3 `prepare_control`): the control image's
 //! latent joins the noisy latent channel-wise (64 + 64 = the model's 128 input features).
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use super::model::Model;
 use super::text2image::{Cond, Event, Generated, Start, Text2Image};
 use crate::error::{Error, Result};
 use crate::image::Rgb8;
-use crate::sampling;
 
 /// The reference's Canny thresholds (`CannyImageEncoder(min_t=50, max_t=200)`).
 pub const CANNY_LOW: f64 = 50.0;
@@ -42,8 +41,7 @@ impl Model {
     /// The control latent `[1, L, 64]`: encoded, rounded through bf16, packed, in the compute
     /// dtype, on the compute device.
     pub fn control_conditioning(&self, image: &Tensor) -> Result<Tensor> {
-        let z = self.encode_image(image)?.to_dtype(DType::BF16)?;
-        Ok(sampling::pack(&z)?.to_dtype(self.dtype())?)
+        super::run::control_latent(self, image)
     }
 
     /// Structural control: `image` `[1, 3, H, W]` in [−1, 1] is the control image (Canny

@@ -212,12 +212,12 @@ pub fn outpaint_canvas(
 /// rounded through bf16 as the reference does, then in `dtype`. `image` `[1, 3, H, W]` in
 /// [−1, 1] (`b/127.5 − 1`), `mask` `[1, 1, H, W]` in [0, 1] (soft values kept); sides multiples
 /// of 16. `encode` is the autoencoder's (scaled latent).
-pub fn fill_conditioning(
-    image: &Tensor,
-    mask: &Tensor,
+pub fn fill_conditioning<T: crate::tensor::Tensor>(
+    image: &T,
+    mask: &T,
     dtype: DType,
-    encode: impl FnOnce(&Tensor) -> Result<Tensor>,
-) -> Result<Tensor> {
+    encode: impl FnOnce(&T) -> Result<T>,
+) -> Result<T> {
     let (_, _, h, w) = image.dims4()?;
     if !h.is_multiple_of(16) || !w.is_multiple_of(16) {
         return Err(Error::InvalidRequest(format!(
@@ -238,11 +238,11 @@ pub fn fill_conditioning(
     let m = mask
         .to_device(z.device())?
         .to_dtype(DType::BF16)?
-        .reshape((1, lh, 8, lw, 8))?
-        .permute((0, 2, 4, 1, 3))?
-        .reshape((1, 64, lh, lw))?;
+        .reshape(&[1, lh, 8, lw, 8])?
+        .permute(&[0, 2, 4, 1, 3])?
+        .reshape(&[1, 64, lh, lw])?;
     let m = sampling::pack(&m)?.to_dtype(dtype)?;
-    Ok(Tensor::cat(&[&z, &m], 2)?)
+    T::cat(&[&z, &m], 2)
 }
 
 /// An 8-bit image and mask as `prepare_fill` reads them: the image `b/127.5 − 1`, the mask

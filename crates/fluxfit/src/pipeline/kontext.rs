@@ -1,12 +1,11 @@
 //! FLUX.1 Kontext editing (spec §3 `prepare_kontext`): the conditioning image becomes extra
 //! tokens at ids (1, r, c) after the target's, and only the target's prediction is integrated.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use super::model::Model;
 use super::text2image::{Cond, Event, Generated, Start, Text2Image};
 use crate::error::{Error, Result};
-use crate::sampling;
 use crate::variant::Variant;
 
 /// The ~1 MP (width, height) pairs Kontext was trained on; the conditioning image is snapped to
@@ -103,16 +102,7 @@ impl Model {
     /// Kontext's conditioning tokens `[1, Lc, 64]` (encoded, rounded through bf16, packed, in
     /// the compute dtype) and their ids (1, r, c) `[1, Lc, 3]`, on the compute device.
     pub fn kontext_conditioning(&self, image: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (_, _, h, w) = image.dims4()?;
-        if !h.is_multiple_of(16) || !w.is_multiple_of(16) {
-            return Err(Error::InvalidRequest(format!(
-                "the Kontext conditioning image must have sides that are multiples of 16, not {w}x{h}"
-            )));
-        }
-        let z = self.encode_image(image)?.to_dtype(DType::BF16)?;
-        let tokens = sampling::pack(&z)?.to_dtype(self.dtype())?;
-        let ids = sampling::image_ids(1, h / 8, w / 8, 1.0, self.device())?;
-        Ok((tokens, ids))
+        super::run::kontext_tokens(self, image)
     }
 
     /// Kontext editing (spec §3 `prepare_kontext`): `image` `[1, 3, h, w]` in [−1, 1] is the

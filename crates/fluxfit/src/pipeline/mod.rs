@@ -5,6 +5,7 @@ pub mod fill;
 pub mod kontext;
 pub mod model;
 pub mod regions;
+pub mod run;
 pub mod text2image;
 pub mod tiny;
 

@@ -285,10 +285,11 @@ impl Model {
         on_event: &mut dyn FnMut(RegionEvent),
     ) -> Result<Vec<RegionRun>> {
         self.ledger().begin_run();
-        let encoders = [&self.t5.weights, &self.clip.weights];
-        let encoded = self.phase(
+        use crate::memory::plan::ComponentKind::{Clip, T5};
+        let encoded = super::run::phase(
+            self,
             "encode",
-            &encoders,
+            &[T5, Clip],
             &mut |e| on_event(RegionEvent::Run(e)),
             |_| self.encode_text(&req.prompt, req.t5_tokens),
         );

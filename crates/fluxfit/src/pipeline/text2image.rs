@@ -3,15 +3,20 @@
 //! generation mode shares (`conditioned`, `denoise_decode`), which Fill, Control, Kontext and
 //! region generation feed with their conditioning.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::model::Model;
+use super::run::{self, Parts, Sampling};
+pub(crate) use super::run::{Cond, Start};
 use crate::error::{Error, Result};
 use crate::memory::ledger::MemoryReport;
-use crate::memory::residency::{Residency, Weights};
-use crate::model::flow::FlowInputs;
+use crate::memory::plan::ComponentKind;
+use crate::memory::residency::Residency;
+use crate::model::autoencoder::AutoEncoder;
+use crate::model::clip::ClipTextModel;
+use crate::model::flow::Flux;
+use crate::model::t5::T5Encoder;
 use crate::noise::NoiseKind;
-use crate::sampling;
 use crate::variant::Variant;
 
 /// Largest side accepted without an explicit opt-in: beyond it memory and time explode.
@@ -65,7 +70,7 @@ impl Text2Image {
     }
 }
 
-/// img2img's init image (spec §3, demo_st.py): the generation starts from
+/// img2img's init image (docs/flux.md §3, demo_st.py): the generation starts from
 /// `t·noise + (1 − t)·encode(image)` at `t = timesteps[int((1 − strength)·steps)]`.
 #[derive(Debug, Clone)]
 pub struct ImageInit {
@@ -101,29 +106,6 @@ impl ImageInit {
     }
 }
 
-/// Where denoising starts.
-#[derive(Clone, Copy)]
-pub(crate) enum Start<'a> {
-    /// Text to image: the seed's noise, the whole schedule.
-    Noise,
-    /// img2img: the init latent and the strength.
-    Img2Img(&'a Tensor, f64),
-    /// Latent inpainting: the seed's noise, with the packed known latent `[1, L, 64]` held
-    /// where the token mask `[1, L, 1]` is 1 (see [`sampling::hold_known`]).
-    Hold(&'a Tensor, &'a Tensor),
-}
-
-/// What joins the noisy latent at every flow call.
-#[derive(Clone, Copy)]
-pub(crate) enum Cond<'a> {
-    None,
-    /// Fill (`[1, L, 320]`) and control (`[1, L, 64]`): concatenated channel-wise.
-    Channels(&'a Tensor),
-    /// Kontext: conditioning tokens `[1, Lc, 64]` with their ids `[1, Lc, 3]`, appended to the
-    /// image sequence; the prediction is cut back to the target tokens.
-    Tokens(&'a Tensor, &'a Tensor),
-}
-
 /// Progress of a generation, for bars and event streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
@@ -144,49 +126,76 @@ pub struct Generated {
     pub memory: MemoryReport,
 }
 
-/// Rounds through bf16 as the reference's embedders do with the encoders' outputs.
-fn through_bf16(t: &Tensor, dtype: DType) -> Result<Tensor> {
-    Ok(t.to_dtype(DType::BF16)?.to_dtype(dtype)?)
+impl Parts<Tensor> for Model {
+    type T5 = Residency;
+    type Clip = Residency;
+    type Flow = Residency;
+    type Vae = Residency;
+    fn t5(&self) -> (&T5Encoder, &Residency) {
+        (&self.t5.net, &self.t5.weights)
+    }
+    fn clip(&self) -> (&ClipTextModel, &Residency) {
+        (&self.clip.net, &self.clip.weights)
+    }
+    fn flow(&self) -> (&Flux, &Residency) {
+        (&self.flow.net, &self.flow.weights)
+    }
+    fn vae(&self) -> (&AutoEncoder, &Residency) {
+        (&self.ae.net, &self.ae.weights)
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn variant(&self) -> Variant {
+        self.variant
+    }
+    fn device(&self) -> &Device {
+        Model::device(self)
+    }
+    fn dtype(&self) -> DType {
+        Model::dtype(self)
+    }
+    fn vae_tile(&self) -> Option<usize> {
+        self.plan().vae_tile
+    }
+    fn tokens(&self, prompt: &str, t5_tokens: usize) -> Result<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
+        Ok((
+            vec![self.t5_tokenizer.encode(prompt, t5_tokens)?],
+            vec![self.clip_tokenizer.encode(prompt, 77)?],
+        ))
+    }
+    fn begin_phase(&self, name: &'static str) {
+        self.ledger().begin_phase(name);
+    }
+    fn end_phase(&self, released: &[ComponentKind]) {
+        for &c in released {
+            self.weights(c).release();
+        }
+        self.ledger().end_phase();
+    }
+}
+
+impl Text2Image {
+    /// The sampling settings the phases read.
+    pub fn sampling(&self) -> Sampling<'_> {
+        Sampling {
+            prompt: &self.prompt,
+            width: self.width,
+            height: self.height,
+            steps: self.steps,
+            guidance: self.guidance,
+            seed: self.seed,
+            t5_tokens: self.t5_tokens,
+            noise: self.noise,
+        }
+    }
 }
 
 impl Model {
-    /// Runs `f` as phase `name` of the current run: the ledger's figures are kept per phase, and
-    /// the phase's components are released at its end (which drops all but resident weights),
-    /// whether `f` succeeded or not.
-    pub(crate) fn phase<T>(
-        &self,
-        name: &'static str,
-        components: &[&Residency],
-        on_event: &mut dyn FnMut(Event),
-        f: impl FnOnce(&mut dyn FnMut(Event)) -> Result<T>,
-    ) -> Result<T> {
-        on_event(Event::Phase(name));
-        self.ledger().begin_phase(name);
-        let out = f(on_event);
-        for c in components {
-            c.release();
-        }
-        self.ledger().end_phase();
-        out
-    }
-
     /// T5 sequence `[1, L, d]` and CLIP pooled vector `[1, d]`, rounded through bf16, on the
     /// compute device (the encoders may compute elsewhere under a `cpu` placement).
     pub fn encode_text(&self, prompt: &str, t5_tokens: usize) -> Result<(Tensor, Tensor)> {
-        let dev = self.device();
-        let t5 = &self.t5.weights;
-        let ids = self.t5_tokenizer.encode(prompt, t5_tokens)?;
-        let ids = Tensor::from_vec(ids, (1, t5_tokens), t5.device())?;
-        let txt = self.t5.net.forward(t5, &ids)?;
-        let clip = &self.clip.weights;
-        let ids = self.clip_tokenizer.encode(prompt, 77)?;
-        let n = ids.len();
-        let ids = Tensor::from_vec(ids, (1, n), clip.device())?;
-        let (_, pooled) = self.clip.net.forward(clip, &ids)?;
-        Ok((
-            through_bf16(&txt, self.dtype())?.to_device(dev)?,
-            through_bf16(&pooled, self.dtype())?.to_device(dev)?,
-        ))
+        run::encode_text(self, prompt, t5_tokens)
     }
 
     pub fn text_to_image(
@@ -194,15 +203,20 @@ impl Model {
         req: &Text2Image,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Generated> {
-        self.expect_conditioning(0)?;
-        self.ledger().begin_run();
-        let encoders = [&self.t5.weights, &self.clip.weights];
-        let encoded = self.phase("encode", &encoders, on_event, |_| {
-            self.encode_text(&req.prompt, req.t5_tokens)
-        });
-        let out = encoded.and_then(|(txt, vec)| {
+        run::expect_conditioning(self, 0)?;
+        self.run(|| {
+            use ComponentKind::{Clip, T5};
+            let (txt, vec) = run::phase(self, "encode", &[T5, Clip], on_event, |_| {
+                self.encode_text(&req.prompt, req.t5_tokens)
+            })?;
             self.denoise_decode(req, &txt, &vec, Start::Noise, Cond::None, on_event)
-        });
+        })
+    }
+
+    /// `f` as one run: the ledger's figures of its phases make the returned memory report.
+    fn run(&self, f: impl FnOnce() -> Result<Generated>) -> Result<Generated> {
+        self.ledger().begin_run();
+        let out = f();
         let memory = self.ledger().end_run();
         out.map(|g| Generated { memory, ..g })
     }
@@ -210,18 +224,12 @@ impl Model {
     /// The scaled latent `[1, 16, H/8, W/8]` (f32, on the compute device) of an image in
     /// [−1, 1], tiled when the plan has a VAE tile.
     pub fn encode_image(&self, image: &Tensor) -> Result<Tensor> {
-        let ae = &self.ae;
-        let x = image.to_device(ae.weights.device())?;
-        let z = match self.plan().vae_tile {
-            Some(t) => ae.net.encode_tiled(&ae.weights, &x, t)?,
-            None => ae.net.encode(&ae.weights, &x)?,
-        };
-        Ok(z.to_dtype(DType::F32)?.to_device(self.device())?)
+        run::encode_image(self, image)
     }
 
-    /// img2img (spec §3, demo_st.py): text and init image encoded in the encode phase, then
-    /// the remaining schedule from the noised init latent. `embeddings`: already encoded text
-    /// (`req.prompt` is then not read).
+    /// img2img (docs/flux.md §3, demo_st.py): text and init image encoded in the encode phase,
+    /// then the remaining schedule from the noised init latent. `embeddings`: already encoded
+    /// text (`req.prompt` is then not read).
     pub fn image_to_image(
         &self,
         req: &Text2Image,
@@ -230,7 +238,7 @@ impl Model {
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Generated> {
         init.validate(req)?;
-        self.expect_conditioning(0)?;
+        run::expect_conditioning(self, 0)?;
         self.conditioned(
             req,
             embeddings,
@@ -243,29 +251,16 @@ impl Model {
         )
     }
 
-    /// A generation with image inputs: the encode phase makes the text embeddings (unless
-    /// given; `req.prompt` is then not read) and, with the autoencoder, whatever `condition`
-    /// derives from the images; `run` denoises and decodes.
+    /// A generation with image inputs: see [`run::conditioned`].
     pub(crate) fn conditioned<C>(
         &self,
         req: &Text2Image,
         embeddings: Option<(&Tensor, &Tensor)>,
         on_event: &mut dyn FnMut(Event),
         condition: impl FnOnce() -> Result<C>,
-        run: impl FnOnce(&Tensor, &Tensor, &C, &mut dyn FnMut(Event)) -> Result<Generated>,
+        then: impl FnOnce(&Tensor, &Tensor, &C, &mut dyn FnMut(Event)) -> Result<Generated>,
     ) -> Result<Generated> {
-        self.ledger().begin_run();
-        let encoders = [&self.t5.weights, &self.clip.weights, &self.ae.weights];
-        let encoded = self.phase("encode", &encoders, on_event, |_| {
-            let (txt, vec) = match embeddings {
-                Some((t, v)) => (t.clone(), v.clone()),
-                None => self.encode_text(&req.prompt, req.t5_tokens)?,
-            };
-            Ok((txt, vec, condition()?))
-        });
-        let out = encoded.and_then(|(txt, vec, c)| run(&txt, &vec, &c, on_event));
-        let memory = self.ledger().end_run();
-        out.map(|g| Generated { memory, ..g })
+        self.run(|| run::conditioned(self, &req.sampling(), embeddings, on_event, condition, then))
     }
 
     /// Denoise and decode for already encoded text (`req.prompt` is not read).
@@ -276,33 +271,7 @@ impl Model {
         vec: &Tensor,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Generated> {
-        self.ledger().begin_run();
-        let out = self.denoise_decode(req, txt, vec, Start::Noise, Cond::None, on_event);
-        let memory = self.ledger().end_run();
-        out.map(|g| Generated { memory, ..g })
-    }
-
-    /// Refuses, naming what is missing, a run whose conditioning does not fill the flow
-    /// model's input (a Canny model asked for plain text to image, say).
-    fn expect_conditioning(&self, channels: usize) -> Result<()> {
-        let (given, need) = (64 + channels, self.flow.net.config.in_channels);
-        if given == need {
-            return Ok(());
-        }
-        let what = match self.variant {
-            Variant::DevFill => "a mask and an image: use `fluxfit fill`".to_string(),
-            Variant::DevCanny | Variant::DevDepth => {
-                "a control image (--control-image)".to_string()
-            }
-            _ => format!(
-                "{} conditioning features per token",
-                need.saturating_sub(64)
-            ),
-        };
-        Err(Error::InvalidRequest(format!(
-            "{} ({}) takes {need} input features per token and needs {what}; this request gives {given}",
-            self.name, self.variant
-        )))
+        self.run(|| self.denoise_decode(req, txt, vec, Start::Noise, Cond::None, on_event))
     }
 
     /// The denoise and decode phases; the memory report is filled in by the caller.
@@ -311,114 +280,12 @@ impl Model {
         req: &Text2Image,
         txt: &Tensor,
         vec: &Tensor,
-        start: Start,
-        cond: Cond,
+        start: Start<Tensor>,
+        cond: Cond<Tensor>,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Generated> {
-        self.expect_conditioning(match cond {
-            Cond::Channels(c) => c.dim(2)?,
-            _ => 0,
-        })?;
-        let dev = self.device().clone();
-        let dtype = self.dtype();
-        let txt = txt.to_dtype(dtype)?.to_device(&dev)?;
-        let vec = vec.to_dtype(dtype)?.to_device(&dev)?;
-        let (lat_h, lat_w) = sampling::latent_hw(req.height, req.width);
-        let flow = &self.flow;
-        let (x, timesteps) = self.phase("denoise", &[&flow.weights], on_event, |on_event| {
-            let x = sampling::noise(1, req.height, req.width, req.seed, req.noise, &dev)?
-                .to_dtype(dtype)?;
-            let timesteps = sampling::schedule(
-                req.steps,
-                (lat_h / 2) * (lat_w / 2),
-                self.variant.shift_schedule(),
-            );
-            let (x, timesteps) = match start {
-                Start::Img2Img(z, strength) => {
-                    sampling::img2img_start(&x, z, &timesteps, strength, dtype)?
-                }
-                Start::Noise | Start::Hold(..) => (x, timesteps),
-            };
-            // Under a `cpu` placement the flow computes on the CPU: its inputs go there and
-            // its velocity comes back.
-            let wdev = flow.weights.device().clone();
-            let to_w = |t: &Tensor| t.to_device(&wdev);
-            let img = sampling::pack(&x)?;
-            let l_img = img.dim(1)?;
-            let img_ids = sampling::image_ids(1, lat_h, lat_w, 0.0, &dev)?;
-            let (channels_w, tokens_w, img_ids_w) = match cond {
-                Cond::None => (None, None, to_w(&img_ids)?),
-                Cond::Channels(c) => (Some(to_w(&c.to_dtype(dtype)?)?), None, to_w(&img_ids)?),
-                Cond::Tokens(c, ids) => (
-                    None,
-                    Some(to_w(&c.to_dtype(dtype)?)?),
-                    to_w(&Tensor::cat(&[&img_ids, &ids.to_device(&dev)?], 1)?)?,
-                ),
-            };
-            let txt_ids = sampling::text_ids(1, txt.dim(1)?, &dev)?;
-            let guidance = Tensor::new(&[req.guidance], &dev)?.to_dtype(dtype)?;
-            let (txt_w, txt_ids_w, vec_w, guidance_w) =
-                (to_w(&txt)?, to_w(&txt_ids)?, to_w(&vec)?, to_w(&guidance)?);
-            let velocity = |x: &Tensor, t: f32| -> Result<Tensor> {
-                let t = Tensor::new(&[t], &wdev)?.to_dtype(dtype)?;
-                let mut img = x.to_device(&wdev)?;
-                if let Some(c) = &channels_w {
-                    img = Tensor::cat(&[&img, c], 2)?;
-                }
-                if let Some(c) = &tokens_w {
-                    img = Tensor::cat(&[&img, c], 1)?;
-                }
-                let v = flow.net.forward(
-                    &flow.weights,
-                    &FlowInputs {
-                        img: &img,
-                        img_ids: &img_ids_w,
-                        txt: &txt_w,
-                        txt_ids: &txt_ids_w,
-                        timesteps: &t,
-                        y: &vec_w,
-                        guidance: flow.net.config.guidance_embed.then_some(&guidance_w),
-                    },
-                )?;
-                // Kontext: only the target tokens' prediction moves the latent.
-                let v = if tokens_w.is_some() {
-                    v.narrow(1, 0, l_img)?
-                } else {
-                    v
-                };
-                Ok(v.to_device(&dev)?)
-            };
-            let hold = match start {
-                Start::Hold(known, mask) => Some((
-                    img.clone(),
-                    known.to_dtype(dtype)?.to_device(&dev)?,
-                    mask.to_device(&dev)?,
-                )),
-                _ => None,
-            };
-            let after = |x: Tensor, t: f32| match &hold {
-                Some((noise, known, mask)) => sampling::hold_known(&x, noise, known, mask, t),
-                None => Ok(x),
-            };
-            let x = sampling::denoise_with(img, &timesteps, velocity, after, |step, total| {
-                on_event(Event::Step { step, total })
-            })?;
-            Ok((x, timesteps))
-        })?;
-
-        let ae = &self.ae;
-        let (latents, image) = self.phase("decode", &[&ae.weights], on_event, |_| {
-            let latents = sampling::unpack(&x.to_dtype(DType::F32)?, lat_h, lat_w)?;
-            let z = latents.to_device(ae.weights.device())?;
-            let image = match self.plan().vae_tile {
-                Some(t) if t < 8 * lat_h.max(lat_w) => ae.net.decode_tiled(&ae.weights, &z, t)?,
-                _ => ae.net.decode(&ae.weights, &z)?,
-            }
-            .to_dtype(DType::F32)?
-            .to_device(&dev)?;
-            drop(z);
-            Ok((latents, image))
-        })?;
+        let (latents, image, timesteps) =
+            run::denoise_decode(self, &req.sampling(), txt, vec, start, cond, on_event)?;
         Ok(Generated {
             latents,
             image,

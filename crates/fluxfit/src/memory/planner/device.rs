@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::sim::{ConvImpl, SimConfig};
+use crate::tensor::meta::{ConvImpl, MetaConfig};
 
 const GIB: u64 = 1 << 30;
 
@@ -237,8 +237,8 @@ impl DeviceProfile {
         }
     }
 
-    pub(crate) fn sim_config(&self) -> SimConfig {
-        SimConfig {
+    pub(crate) fn meta_config(&self) -> MetaConfig {
+        MetaConfig {
             host_is_device: self.is_cpu(),
             conv: if self.is_cpu() {
                 ConvImpl::CpuTiled {

@@ -1,0 +1,265 @@
+//! The weight seam over meta tensors: a component's stages held, streamed and released by the
+//! residency's rules (`memory/residency.rs`, whose streaming schedule — [`evict_groups`],
+//! [`group_to_prefetch`] — both sides call), with the stage bytes of a manifest instead of
+//! tensors. A stage a network asks for gives views of its weights' shapes that share the held
+//! block, so the networks' own code runs unchanged over it.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+
+use candle_core::DType;
+
+use crate::error::{Error, Result};
+use crate::memory::plan::{ComponentKind, Placement};
+use crate::memory::residency::{evict_groups, group_to_prefetch};
+use crate::model::weights::{Stage, Weights};
+use crate::tensor::meta::{Block, Cat, Meta, MetaDevice, MetaQWeight};
+
+/// One stage: its name, bytes on the device as held, host staging bytes while it is
+/// materialised (0 when its tensors are read as they are stored), and what the network sees.
+#[derive(Debug, Clone)]
+pub struct StageCost {
+    pub name: String,
+    /// The stage's key prefix (`double_blocks.7.`).
+    pub root: String,
+    /// Device bytes as held (packed tensors at their stored size).
+    pub bytes: usize,
+    pub staging: usize,
+    /// `+packed`: bytes of the packed tensors dequantized to the compute dtype, a transient
+    /// the network holds while it computes the stage.
+    pub unpacked: usize,
+    /// Every tensor (full key, shape) the network can ask for.
+    pub tensors: Vec<(String, Vec<usize>)>,
+    /// Linear weights (full key) a `+qmatmul` plan multiplies as stored.
+    pub qmm: Vec<String>,
+}
+
+#[derive(Default)]
+struct Held {
+    held: HashMap<usize, Rc<Block>>,
+    groups: VecDeque<(usize, Rc<Block>)>,
+    pending: Option<(usize, Rc<Block>)>,
+    current: Option<usize>,
+    start: Option<usize>,
+    repeats: bool,
+}
+
+/// A component's weights under a placement, over meta tensors.
+pub(crate) struct MetaWeights {
+    pub kind: ComponentKind,
+    pub placement: Placement,
+    dtype: DType,
+    device: MetaDevice,
+    stages: Vec<Rc<StageCost>>,
+    index: HashMap<String, usize>,
+    state: RefCell<Held>,
+}
+
+/// One stage as the network sees it.
+pub(crate) struct MetaStage {
+    cost: Rc<StageCost>,
+    /// The held block (a group's when streamed), or the dequantized transient of a packed stage.
+    block: Rc<Block>,
+    qmm: HashMap<String, MetaQWeight>,
+    dtype: DType,
+    device: MetaDevice,
+}
+
+impl MetaWeights {
+    /// `device`: the compute device, or the host for a `cpu` placement.
+    pub fn new(
+        kind: ComponentKind,
+        placement: Placement,
+        dtype: DType,
+        device: MetaDevice,
+        stages: Vec<StageCost>,
+    ) -> Self {
+        let index = stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.clone(), i))
+            .collect();
+        Self {
+            kind,
+            placement: placement.normalised(),
+            dtype,
+            device,
+            stages: stages.into_iter().map(Rc::new).collect(),
+            index,
+            state: RefCell::new(Held::default()),
+        }
+    }
+
+    fn on_cpu(&self) -> bool {
+        self.placement == Placement::Cpu
+    }
+
+    fn cpu_side(&self) -> bool {
+        self.device.heap().cfg.host_is_device || self.on_cpu()
+    }
+
+    fn materialise(&self, range: std::ops::Range<usize>, prefetch: bool) -> Rc<Block> {
+        let heap = self.device.heap();
+        let bytes: usize = self.stages[range.clone()].iter().map(|s| s.bytes).sum();
+        let staging = self.stages[range]
+            .iter()
+            .map(|s| s.staging)
+            .max()
+            .unwrap_or(0);
+        let block = heap.block(&self.device, Cat::Weights, bytes);
+        // The storage-dtype copy of the largest tensor, on the heap while it is converted.
+        if staging > 0 && self.cpu_side() {
+            heap.transient(&heap.host(), staging);
+        }
+        if !self.cpu_side() {
+            heap.transfer(bytes, prefetch);
+        }
+        block
+    }
+
+    fn stream_stage(&self, idx: usize, group: usize, window: usize) -> Rc<Block> {
+        let g = idx / group;
+        let mut st = self.state.borrow_mut();
+        if st.current != Some(g) || !st.groups.iter().any(|(h, _)| *h == g) {
+            self.enter(&mut st, g, group, window);
+        }
+        st.groups
+            .iter()
+            .find(|(h, _)| *h == g)
+            .map(|(_, b)| b.clone())
+            .expect("the entered group is held")
+    }
+
+    fn evict(st: &mut Held, limit: usize, keep: usize) {
+        evict_groups(&mut st.groups, st.pending.is_some(), limit, keep);
+    }
+
+    /// `Residency::enter`, with materialisation in place of the prefetch thread.
+    fn enter(&self, st: &mut Held, g: usize, group: usize, window: usize) {
+        let n = self.stages.len();
+        let ngroups = n.div_ceil(group);
+        let range = |g: usize| g * group..((g + 1) * group).min(n);
+        if st.current.is_some() && st.start == Some(g) {
+            st.repeats = true;
+        }
+        st.start.get_or_insert(g);
+        if let Some(pos) = st.groups.iter().position(|(h, _)| *h == g) {
+            let e = st.groups.remove(pos).expect("in range");
+            st.groups.push_back(e);
+        } else {
+            let mut got = None;
+            if let Some((h, b)) = st.pending.take() {
+                if h == g {
+                    got = Some(b);
+                } else {
+                    st.groups.push_front((h, b));
+                }
+            }
+            let b = match got {
+                Some(b) => b,
+                None => {
+                    Self::evict(st, window.saturating_sub(1), g);
+                    self.materialise(range(g), false)
+                }
+            };
+            st.groups.push_back((g, b));
+        }
+        st.current = Some(g);
+        let next = group_to_prefetch(g, ngroups, st.repeats, st.start, &st.groups);
+        if let (Some(next), true) = (next, window >= 2) {
+            Self::evict(st, window - 1, g);
+            let b = self.materialise(range(next), true);
+            st.pending = Some((next, b));
+        }
+        Self::evict(st, window, g);
+    }
+
+    /// End of the component's phase (`Residency::release`).
+    pub fn release(&self) {
+        if self.placement != Placement::Resident {
+            *self.state.borrow_mut() = Held::default();
+        }
+    }
+}
+
+impl Weights<Meta> for MetaWeights {
+    type Stage = MetaStage;
+
+    fn stage(&self, name: &str) -> Result<MetaStage> {
+        let idx = *self.index.get(name).ok_or_else(|| {
+            Error::Config(format!("{} has no stage named `{name}`", self.kind.name()))
+        })?;
+        let heap = self.device.heap();
+        let (group, streamed) = match self.placement {
+            Placement::Stream { group, .. } => (Some(idx / group), true),
+            _ => (None, false),
+        };
+        heap.begin_segment(self.kind as usize, name, group, streamed, self.on_cpu());
+        let held = match self.placement {
+            Placement::Stream { group, window } => self.stream_stage(idx, group, window),
+            _ => {
+                let mut st = self.state.borrow_mut();
+                st.held
+                    .entry(idx)
+                    .or_insert_with(|| self.materialise(idx..idx + 1, false))
+                    .clone()
+            }
+        };
+        let cost = self.stages[idx].clone();
+        // `Residency`'s `unpacked`: packed tensors dequantized into a transient stage.
+        let block = match cost.unpacked {
+            0 => held,
+            n => {
+                heap.traffic(1.5 * n as f64);
+                heap.block(&self.device, Cat::Weights, n)
+            }
+        };
+        let qmm = cost
+            .qmm
+            .iter()
+            .filter_map(|k| {
+                let (_, shape) = cost.tensors.iter().find(|(n, _)| n == k)?;
+                Some((
+                    k.clone(),
+                    MetaQWeight {
+                        out: shape[0],
+                        inp: shape[1],
+                    },
+                ))
+            })
+            .collect();
+        Ok(MetaStage {
+            cost,
+            block,
+            qmm,
+            dtype: self.dtype,
+            device: self.device.clone(),
+        })
+    }
+
+    fn device(&self) -> &MetaDevice {
+        &self.device
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+}
+
+impl Stage<Meta> for MetaStage {
+    fn name(&self) -> &str {
+        &self.cost.name
+    }
+    fn root(&self) -> &str {
+        &self.cost.root
+    }
+    fn get_opt(&self, rel: &str) -> Option<Meta> {
+        let key = format!("{}{rel}", self.cost.root);
+        let (_, shape) = self.cost.tensors.iter().find(|(k, _)| *k == key)?;
+        Some(Meta::in_block(&self.block, shape, self.dtype, &self.device))
+    }
+    fn quantized(&self, rel: &str) -> Option<&MetaQWeight> {
+        self.qmm.get(&format!("{}{rel}", self.cost.root))
+    }
+}

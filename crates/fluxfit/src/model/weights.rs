@@ -1,0 +1,127 @@
+//! The seam between what a network computes and where its weights are (docs/architecture.md
+//! principle 1), defined here, by the networks that use it.
+//!
+//! A network names the stage it is about to run (`double_blocks.7`, `decoder.up.2`) and receives
+//! that stage's tensors on its compute device in its compute dtype. `memory::residency`
+//! implements [`Weights`] over candle under every plan (resident, per phase, streamed with
+//! prefetch, on the CPU); the planner implements it over meta tensors with the same rules. The
+//! network code is the same under every plan and in the planner.
+
+use candle_core::DType;
+
+use crate::checkpoint::store::TensorStore;
+use crate::error::{Error, Result};
+use crate::model::ops;
+use crate::tensor::Tensor;
+
+/// A named group of weights a network uses as one unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageSpec {
+    pub name: String,
+    /// Prepended to the names a network asks for (`double_blocks.7.`).
+    pub root: String,
+    /// Key prefixes under `root` that belong to the stage; empty means everything under `root`.
+    pub members: Vec<String>,
+}
+
+impl StageSpec {
+    /// A stage that owns every key under `root.`.
+    pub fn under(name: impl Into<String>) -> Self {
+        let name = name.into();
+        Self {
+            root: format!("{name}."),
+            name,
+            members: Vec::new(),
+        }
+    }
+
+    /// A stage made of several top-level groups (`img_in.`, `time_in.`, ...).
+    pub fn groups(name: impl Into<String>, members: &[&str]) -> Self {
+        Self {
+            name: name.into(),
+            root: String::new(),
+            members: members.iter().map(|m| format!("{m}.")).collect(),
+        }
+    }
+
+    /// Whether canonical key `key` belongs to this stage.
+    pub fn owns(&self, key: &str) -> bool {
+        if self.members.is_empty() {
+            key.starts_with(&self.root)
+        } else {
+            self.members.iter().any(|m| key.starts_with(m.as_str()))
+        }
+    }
+
+    /// The canonical keys of this stage present in `store`.
+    pub fn keys<'a>(&'a self, store: &'a TensorStore) -> Vec<&'a String> {
+        if self.members.is_empty() {
+            store.keys_with_prefix(&self.root).collect()
+        } else {
+            self.members
+                .iter()
+                .flat_map(|m| store.keys_with_prefix(m))
+                .collect()
+        }
+    }
+
+    /// Bytes this stage occupies in storage.
+    pub fn storage_bytes(&self, store: &TensorStore) -> usize {
+        self.keys(store)
+            .into_iter()
+            .filter_map(|k| store.info(k).ok())
+            .map(|i| i.stored_bytes())
+            .sum()
+    }
+}
+
+/// What networks see: stages by name.
+pub trait Weights<T: Tensor> {
+    type Stage: Stage<T>;
+    fn stage(&self, name: &str) -> Result<Self::Stage>;
+    fn device(&self) -> &T::Device;
+    fn dtype(&self) -> DType;
+}
+
+/// One stage's tensors, by name relative to the stage's root.
+pub trait Stage<T: Tensor> {
+    /// The stage's name, for messages.
+    fn name(&self) -> &str;
+    /// The stage's key prefix (`double_blocks.7.`).
+    fn root(&self) -> &str;
+    fn get_opt(&self, rel: &str) -> Option<T>;
+    /// The Linear weight `rel` (`….weight`) when the plan multiplies it block-quantized
+    /// (`+qmatmul`).
+    fn quantized(&self, rel: &str) -> Option<&T::QWeight>;
+
+    /// The tensor at `root + rel`; a missing one names the full key and the stage.
+    fn get(&self, rel: &str) -> Result<T> {
+        self.get_opt(rel).ok_or_else(|| Error::MissingKey {
+            path: format!("stage {}", self.name()).into(),
+            key: format!("{}{rel}", self.root()),
+            hint: String::new(),
+        })
+    }
+
+    /// The Linear layer `name`: `x·Wᵀ + b` with `name.weight` (and `name.bias` if present), by
+    /// a quantized matmul where the stage holds the weight for one, which takes f32 activations
+    /// (quantized to 8 bits inside) and gives them back in `x`'s dtype.
+    fn linear(&self, name: &str, x: &T) -> Result<T> {
+        let weight = format!("{name}.weight");
+        let bias = self.get_opt(&format!("{name}.bias"));
+        match self.quantized(&weight) {
+            Some(q) => {
+                let y = x
+                    .to_dtype(DType::F32)?
+                    .contiguous()?
+                    .qmatmul(q)?
+                    .to_dtype(x.dtype())?;
+                match bias {
+                    Some(b) => y.broadcast_add(&b),
+                    None => Ok(y),
+                }
+            }
+            None => ops::linear(x, &self.get(&weight)?, bias.as_ref()),
+        }
+    }
+}
