@@ -81,10 +81,21 @@ impl Model {
             embeddings,
             on_event,
             || self.control_conditioning(image),
-            |txt, vec, cond, on_event| {
-                self.denoise_decode(req, txt, vec, Start::Noise, Cond::Channels(cond), on_event)
-            },
+            |txt, vec, cond, on_event| self.control_from_latent(req, cond, txt, vec, on_event),
         )
+    }
+
+    /// Denoise and decode with a control latent already made ([`Model::control_conditioning`])
+    /// and encoded text (`req.prompt` is not read).
+    pub fn control_from_latent(
+        &self,
+        req: &Text2Image,
+        cond: &Tensor,
+        txt: &Tensor,
+        vec: &Tensor,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Generated> {
+        self.denoise_decode(req, txt, vec, Start::Noise, Cond::Channels(cond), on_event)
     }
 }
 

@@ -126,3 +126,22 @@ pub fn load(src: &ModelSources, chunk: Option<usize>) -> Model {
     )
     .expect("fixture model loads")
 }
+
+/// Holds `ours` to `golden`, both rounded through bf16, within one bf16 step at the golden
+/// value plus 1e-6: an encoder difference of ~1e-7 (another CPU's matmul kernels) can land a
+/// value on the neighbouring bf16 value. Returns the worst error in bf16 steps.
+#[allow(dead_code)]
+pub fn assert_within_bf16_step(what: &str, ours: &Tensor, golden: &Tensor) -> f32 {
+    assert_eq!(ours.dims(), golden.dims(), "{what}: shape");
+    let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    // One bf16 step at y: 2^(⌊log2 |y|⌋ − 7).
+    let step = |y: f32| 2f32.powi(y.abs().max(1e-30).log2().floor() as i32 - 7);
+    let worst = v(ours)
+        .iter()
+        .zip(&v(golden))
+        .map(|(x, y)| (x - y).abs() / (step(*y) + 1e-6))
+        .fold(0f32, f32::max);
+    println!("{what}: worst error {worst:.3} bf16 steps");
+    assert!(worst <= 1.0, "{what}: {worst} bf16 steps");
+    worst
+}
