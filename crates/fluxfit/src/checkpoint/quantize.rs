@@ -334,7 +334,7 @@ pub fn quantize_tensor(t: &Tensor, ggml: GgmlDType) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// What [`write`] did.
+/// What [`write()`] did.
 #[derive(Debug, Clone, Default)]
 pub struct Summary {
     pub tensors: usize,

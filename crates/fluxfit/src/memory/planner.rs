@@ -5,18 +5,17 @@
 //! # The model
 //!
 //! `peak(plan) = max over phases [weights held + activations + workspace]` (weights held:
-//! resident ones, this phase's, a stream window in flight), each term obtained by a shadow execution of the pipeline ([`sim`]): the
-//! networks' code replayed over sizes instead of tensors, with candle's allocation behaviour
-//! (every op allocates its output; `contiguous`, strided `reshape` and `cat` copy; views share
-//! storage; Rust drops temporaries at the end of the statement and locals at the end of the
-//! scope) and the residency's rules (resident / phase / stream with its window and prefetch /
-//! cpu). Weights per stage come from manifests (names, shapes, storage dtypes) of the real
-//! checkpoints or from a checkpoint's headers, converted to the compute dtype.
+//! resident ones, this phase's, a stream window in flight). Each term comes from running the
+//! pipeline's own phases (`pipeline::run`) and the networks' own code over meta tensors
+//! ([`crate::tensor::meta`]), which allocate and free sizes as candle does, with the weights of
+//! a manifest (names, shapes, storage dtypes of the real checkpoints, or a checkpoint's
+//! headers) held by the residency's rules (`meta_weights`). No network is described twice: a
+//! change to a network or to the pipeline changes the prediction with it.
 //!
 //! Time per stage is `max(compute, prefetch)` plus any synchronous transfer, where
 //! compute = FLOPs / matmul rate + elementwise traffic / bandwidth and transfers are weight
-//! bytes over the link; the denoising pass is simulated twice (the first pays the loads of
-//! resident and per-phase weights, the second is the steady state) and multiplied out over the
+//! bytes over the link; the denoising pass runs twice (the first pays the loads of resident
+//! and per-phase weights, the second is the steady state) and is multiplied out over the
 //! steps.
 
 mod device;

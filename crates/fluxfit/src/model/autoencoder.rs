@@ -282,7 +282,7 @@ impl AutoEncoder {
         let (b, _, ph, pw) = x.dims4()?;
         let t = (tile / 8).max(1);
         if !ph.is_multiple_of(8) || !pw.is_multiple_of(8) || 8 * t >= ph.max(pw) {
-            return Ok(self.encode(w, x)?.to_dtype(DType::F32)?);
+            return self.encode(w, x)?.to_dtype(DType::F32);
         }
         let (lh, lw) = (ph / 8, pw / 8);
         let overlap = vae_tile_overlap(t);

@@ -144,7 +144,7 @@ impl T5Config {
     }
 
     /// Every encoder tensor with the shape this configuration implies, in execution order.
-    /// The token embedding is listed under [`SHARED`]; [`Self::check`] accepts either name.
+    /// The token embedding is listed under `shared.weight`; [`Self::check`] accepts either name.
     pub fn expected_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let (d, inner, ff) = (self.d_model, self.inner_dim(), self.d_ff);
         let mut out = vec![(SHARED.to_string(), vec![self.vocab_size, d])];

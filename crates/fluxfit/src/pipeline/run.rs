@@ -38,11 +38,14 @@ pub trait Parts<T: Tensor> {
     /// The plan's VAE tile (pixels), if any.
     fn vae_tile(&self) -> Option<usize>;
     /// T5 and CLIP token rows of `prompt`.
-    fn tokens(&self, prompt: &str, t5_tokens: usize) -> Result<(Vec<Vec<u32>>, Vec<Vec<u32>>)>;
+    fn tokens(&self, prompt: &str, t5_tokens: usize) -> Result<Tokens>;
     fn begin_phase(&self, name: &'static str);
     /// End of a phase: `released` components drop all but resident weights.
     fn end_phase(&self, released: &[ComponentKind]);
 }
+
+/// Token rows `[B][L]` of the two encoders: (T5, CLIP).
+pub type Tokens = (Vec<Vec<u32>>, Vec<Vec<u32>>);
 
 /// What the phases are asked: the image's size and the sampling settings.
 #[derive(Debug, Clone, Copy)]

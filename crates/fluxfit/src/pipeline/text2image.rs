@@ -158,7 +158,7 @@ impl Parts<Tensor> for Model {
     fn vae_tile(&self) -> Option<usize> {
         self.plan().vae_tile
     }
-    fn tokens(&self, prompt: &str, t5_tokens: usize) -> Result<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
+    fn tokens(&self, prompt: &str, t5_tokens: usize) -> Result<run::Tokens> {
         Ok((
             vec![self.t5_tokenizer.encode(prompt, t5_tokens)?],
             vec![self.clip_tokenizer.encode(prompt, 77)?],

@@ -12,7 +12,7 @@ use crate::model::autoencoder::AutoEncoder;
 use crate::model::clip::ClipTextModel;
 use crate::model::flow::Flux;
 use crate::model::t5::T5Encoder;
-use crate::pipeline::run::Parts;
+use crate::pipeline::run::{Parts, Tokens};
 use crate::tensor::meta::{Heap, Meta, MetaDevice};
 use crate::variant::Variant;
 
@@ -73,7 +73,7 @@ impl Parts<Meta> for MetaModel {
         self.vae_tile
     }
     /// Token rows of the request's lengths (the ids' values change no size).
-    fn tokens(&self, _: &str, t5_tokens: usize) -> Result<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
+    fn tokens(&self, _: &str, t5_tokens: usize) -> Result<Tokens> {
         Ok((vec![vec![0; t5_tokens]], vec![vec![0; 77]]))
     }
     fn begin_phase(&self, name: &'static str) {
