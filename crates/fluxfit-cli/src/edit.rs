@@ -1,4 +1,4 @@
-//! `fluxfit edit`: instruction editing with FLUX.1 Kontext (spec §3 `prepare_kontext`, the
+//! `fluxfit edit`: instruction editing with FLUX.1 Kontext (docs/flux.md §3 `prepare_kontext`, the
 //! kontext CLI's sizes, §4.3).
 
 use std::path::{Path, PathBuf};

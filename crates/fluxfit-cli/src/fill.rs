@@ -1,4 +1,4 @@
-//! `fluxfit fill`: inpainting and outpainting with a FLUX.1 Fill model (spec §3 `prepare_fill`,
+//! `fluxfit fill`: inpainting and outpainting with a FLUX.1 Fill model (docs/flux.md §3 `prepare_fill`,
 //! the fill demo's size rule and outpainting geometry, §4.3–4.4).
 
 use std::path::PathBuf;

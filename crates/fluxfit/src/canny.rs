@@ -1,7 +1,7 @@
 //! Canny edge detection, bit-identical to OpenCV's `cv2.Canny(img, low, high)` with the default
 //! 3×3 Sobel aperture and the L1 gradient (`L2gradient=False`).
 //!
-//! FLUX.1-Canny's control image is `cv2.Canny(uint8 HWC RGB, 50, 200)` (spec §2.3). Edges are a
+//! FLUX.1-Canny's control image is `cv2.Canny(uint8 HWC RGB, 50, 200)` (docs/flux.md §2.3). Edges are a
 //! hard {0, 255} map, so "close" is not good enough: a one-pixel shift changes the conditioning.
 //! The rules below were read from OpenCV's `imgproc/src/canny.cpp` and checked pixel for pixel
 //! against opencv-python-headless 4.13.0.92 and 5.0.0.93 on the goldens of

@@ -1,7 +1,7 @@
 //! fluxfit: FLUX.1 text-to-image (and image-conditioned) generation that fits the memory you have.
 //!
-//! The library computes; the `fluxfit` binary parses flags and writes files. See DESIGN.md in the
-//! shared folder for the architecture: one network, many plans; weights have one home.
+//! The library computes; the `fluxfit` binary parses flags and writes files. The architecture
+//! (one network, run and planned; weights have one home) is in docs/architecture.md.
 
 pub mod canny;
 pub mod checkpoint;

@@ -1,4 +1,4 @@
-//! The FLUX.1 model family (spec §1.2): what differs between variants, and their defaults.
+//! The FLUX.1 model family (docs/flux.md §1.2): what differs between variants, and their defaults.
 
 use crate::error::{Error, Result};
 use crate::model::flow::FlowConfig;

@@ -1,4 +1,4 @@
-//! img2img against the reference rule (demo_st.py, spec §3) on the tiny dev fixture, f32:
+//! img2img against the reference rule (demo_st.py, docs/flux.md §3) on the tiny dev fixture, f32:
 //! the init image as read from its PNG, its latent, the start latent and the final latents
 //! (golden from tools/reference/make_img2img_golden.py, e2e_dev's embeddings and noise).
 //!

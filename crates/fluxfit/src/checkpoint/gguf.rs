@@ -2,7 +2,7 @@
 //!
 //! The header is parsed with candle's reader (`gguf_file::Content`, which reads the metadata and
 //! the tensor table, not the data); the file itself is memory-mapped, so a tensor's bytes leave
-//! the map only when a stage asks for it (DESIGN principle 2), and become a dense tensor there
+//! the map only when a stage asks for it (docs/architecture.md principle 2), and become a dense tensor there
 //! through candle's dequantisation (`QTensor::dequantize`).
 //!
 //! GGUF lists dimensions innermost first (ggml's `ne[0]` is the row length); candle's reader

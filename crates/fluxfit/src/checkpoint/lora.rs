@@ -2,7 +2,7 @@
 //! flow store without merging.
 //!
 //! The reference wraps every Linear as `base(x) + scale·B(A(x))` and loads the LoRA tensors
-//! beside the base weights (spec §1.2, §2.1). We do the same at run time: the LoRA tensors
+//! beside the base weights (docs/flux.md §1.2, §2.1). We do the same at run time: the LoRA tensors
 //! become keys of the store next to the weights they adapt, so every residency plan stages
 //! them with their block and `linear` adds the low-rank term. Merging instead would cost
 //! 2·r·in·out flops per weight each time a streamed block is staged. The scale is folded into

@@ -227,7 +227,7 @@ mod tests {
     use super::*;
     use crate::model::flow::{FlowConfig, Flux};
 
-    /// The totals of spec §1.6, computed there from the module formulas.
+    /// The totals of docs/flux.md §1.6, computed there from the module formulas.
     #[test]
     fn published_checkpoints_match_the_spec_totals() {
         let flow = |v| Manifest::flow(v).params();

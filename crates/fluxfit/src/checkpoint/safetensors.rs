@@ -1,4 +1,4 @@
-//! A memory-mapped safetensors file: the one home of its weights (DESIGN principle 2).
+//! A memory-mapped safetensors file: the one home of its weights (docs/architecture.md principle 2).
 //!
 //! We parse the header ourselves so that a truncated or corrupt file is reported with its path
 //! and what is wrong, before any tensor is touched.

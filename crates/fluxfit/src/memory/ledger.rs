@@ -1,4 +1,4 @@
-//! Every byte a plan holds on the compute device, by owner (DESIGN principle 3).
+//! Every byte a plan holds on the compute device, by owner (docs/architecture.md principle 3).
 //!
 //! Owners are stage weights (`flow/double_blocks.7`), workspace (staging buffers of a
 //! materialisation in progress) and, per phase, activations. The first two are counted exactly:

@@ -1,4 +1,4 @@
-//! A plan is data (DESIGN principle 4): for each component, where its weights live and in what
+//! A plan is data (docs/architecture.md principle 4): for each component, where its weights live and in what
 //! precision, plus the activation-side knobs. It is chosen before the run (by the user or by
 //! the planner from a budget), printed, and recorded in the output's metadata.
 

@@ -1093,7 +1093,7 @@ mod tests {
     fn activations_follow_the_spec_scale() {
         let m = ModelSpec::published(Variant::Dev);
         let d = gpu();
-        // Spec §5: the single-block linear1 output alone is 198 MB at 1024² (L = 4608) and
+        // docs/flux.md §5: the single-block linear1 output alone is 198 MB at 1024² (L = 4608) and
         // 66 MB at 512² (L = 1536); the denoise activations hold it and more.
         for (side, lin1) in [(1024, 198_180_864u64), (512, 66_060_288)] {
             let p = predict(

@@ -1,4 +1,4 @@
-//! The FLUX autoencoder (spec §2.2): an LDM-style VAE with 16 latent channels, 8× down-sampling,
+//! The FLUX autoencoder (docs/flux.md §2.2): an LDM-style VAE with 16 latent channels, 8× down-sampling,
 //! one single-head attention in the middle, and a scale/shift on the latent.
 
 use candle_core::DType;

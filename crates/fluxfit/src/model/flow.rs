@@ -1,5 +1,5 @@
 //! The FLUX rectified-flow transformer: embedders, double-stream blocks, single-stream blocks and
-//! the final layer (spec §2.1). Each block is a small function that reads like the paper; weights
+//! the final layer (docs/flux.md §2.1). Each block is a small function that reads like the paper; weights
 //! come per stage from the residency seam.
 
 use candle_core::{DType, Device, D};
@@ -34,7 +34,7 @@ pub struct FlowConfig {
 }
 
 impl FlowConfig {
-    /// FLUX.1-dev (and krea, kontext): spec §1.1.
+    /// FLUX.1-dev (and krea, kontext): docs/flux.md §1.1.
     pub fn dev() -> Self {
         Self {
             in_channels: 64,

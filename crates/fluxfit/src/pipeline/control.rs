@@ -1,4 +1,4 @@
-//! FLUX.1 Canny / Depth structural control (spec §3 `prepare_control`): the control image's
+//! FLUX.1 Canny / Depth structural control (docs/flux.md §3 `prepare_control`): the control image's
 //! latent joins the noisy latent channel-wise (64 + 64 = the model's 128 input features).
 
 use candle_core::Tensor;

@@ -1,5 +1,5 @@
-//! FLUX.1 Fill (inpainting and outpainting): the conditioning of spec §3 `prepare_fill` and the
-//! reference demo's geometry (spec §4.3 `resize`, §4.4 `add_border_and_mask`).
+//! FLUX.1 Fill (inpainting and outpainting): the conditioning of docs/flux.md §3 `prepare_fill` and the
+//! reference demo's geometry (docs/flux.md §4.3 `resize`, §4.4 `add_border_and_mask`).
 
 use candle_core::{DType, Tensor};
 
@@ -23,7 +23,7 @@ fn snap32(v: f64) -> usize {
     (32.0 * round_half_even(v / 32.0)) as usize
 }
 
-/// The demo's `resize(img, min_mp=0.5, max_mp=2.0)` size (spec §4.3): within 0.5–2 MP (10⁶
+/// The demo's `resize(img, min_mp=0.5, max_mp=2.0)` size (docs/flux.md §4.3): within 0.5–2 MP (10⁶
 /// pixels) the sides are only snapped to multiples of 32; outside, the image is first scaled by
 /// √(bound / MP). Returns the new (width, height); the caller resizes (Lanczos) if it changed.
 pub fn fill_size(width: usize, height: usize) -> (usize, usize) {
@@ -124,7 +124,7 @@ fn pads(orig: usize, a: f64, b: f64, zoom: f64) -> (usize, usize) {
     )
 }
 
-/// The reference's canvas and paste offset (spec §4.4): the canvas is rounded to a multiple of
+/// The reference's canvas and paste offset (docs/flux.md §4.4): the canvas is rounded to a multiple of
 /// 32 but the original stays at (left pad, top pad), so the rounding is all taken from (or
 /// given to) the right and bottom border, and a canvas rounded down can cut the original off.
 pub fn reference_outpaint(
@@ -207,7 +207,7 @@ pub fn outpaint_canvas(
     )
 }
 
-/// The 320 conditioning features per token (spec §3 `prepare_fill`):
+/// The 320 conditioning features per token (docs/flux.md §3 `prepare_fill`):
 /// `[ae.encode(image·(1 − mask)) packed 64 ‖ mask 8×8-unshuffled and packed 256]`, both
 /// rounded through bf16 as the reference does, then in `dtype`. `image` `[1, 3, H, W]` in
 /// [−1, 1] (`b/127.5 − 1`), `mask` `[1, 1, H, W]` in [0, 1] (soft values kept); sides multiples
@@ -270,7 +270,7 @@ pub fn fill_tensors(img: &crate::image::Rgb8, mask: &[u8]) -> Result<(Tensor, Te
 }
 
 impl Model {
-    /// Fill (inpainting / outpainting, spec §3 `prepare_fill`): `image` `[1, 3, H, W]` in
+    /// Fill (inpainting / outpainting, docs/flux.md §3 `prepare_fill`): `image` `[1, 3, H, W]` in
     /// [−1, 1] and `mask` `[1, 1, H, W]` in [0, 1] (1 = generate) at the request's size; the
     /// conditioning is made in the encode phase. Needs a Fill model (flow in_channels 384).
     pub fn fill(

@@ -1,4 +1,4 @@
-//! FLUX.1 Kontext editing (spec §3 `prepare_kontext`): the conditioning image becomes extra
+//! FLUX.1 Kontext editing (docs/flux.md §3 `prepare_kontext`): the conditioning image becomes extra
 //! tokens at ids (1, r, c) after the target's, and only the target's prediction is integrated.
 
 use candle_core::Tensor;
@@ -105,7 +105,7 @@ impl Model {
         super::run::kontext_tokens(self, image)
     }
 
-    /// Kontext editing (spec §3 `prepare_kontext`): `image` `[1, 3, h, w]` in [−1, 1] is the
+    /// Kontext editing (docs/flux.md §3 `prepare_kontext`): `image` `[1, 3, h, w]` in [−1, 1] is the
     /// conditioning image, already at the size it is encoded at (the reference snaps it to
     /// [`conditioning_size`]); the target is the request's size. `embeddings`: already
     /// encoded text (`req.prompt` is then not read).
