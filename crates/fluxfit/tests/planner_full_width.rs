@@ -1,0 +1,91 @@
+//! The planner at FLUX's full width: one double and one single block of hidden 3072, 24 heads
+//! of 128, MLP 12288 (the real blocks' shapes, random values) at 1024×1024 with 64 T5 tokens,
+//! measured by the counting allocator and the ledger against the prediction, resident and
+//! streamed one block at a time. Every phase's peak must be within ±10%.
+
+use candle_core::DType;
+use fluxfit::memory::alloc::CountingAlloc;
+use fluxfit::memory::plan::Plan;
+use fluxfit::memory::planner::{self, DeviceProfile, ModelSpec, Request};
+use fluxfit::model::flow::FlowConfig;
+use fluxfit::noise::NoiseKind;
+use fluxfit::pipeline::tiny::{self, TinyConfigs};
+use fluxfit::pipeline::{LoadOptions, Text2Image};
+use fluxfit::variant::Variant;
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+const MIB: f64 = (1 << 20) as f64;
+
+#[test]
+fn full_width_blocks_at_one_megapixel_are_predicted_within_ten_percent() {
+    if std::env::var("RAYON_NUM_THREADS").is_err() {
+        std::env::set_var("RAYON_NUM_THREADS", "2");
+    }
+    let mut configs = TinyConfigs::sized(Variant::Schnell, 3072, 1, 1).unwrap();
+    configs.flow.num_heads = 24;
+    configs.flow.mlp_hidden = 12288;
+    configs.flow.axes_dim = FlowConfig::default_axes(128).unwrap();
+    assert_eq!(configs.flow.axes_dim, vec![16, 56, 56]);
+    let dir = tempfile::tempdir().unwrap();
+    let options = LoadOptions {
+        attn_chunk: Some(1024),
+        variant: Some(Variant::Schnell),
+        ..LoadOptions::default()
+    };
+    let mut model = tiny::load_with(&configs, Some(dir.path()), options).unwrap();
+    let req = |side: usize| Text2Image {
+        prompt: "a lighthouse on a cliff at dusk".into(),
+        width: side,
+        height: side,
+        steps: 1,
+        guidance: 3.5,
+        seed: 7,
+        t5_tokens: 64,
+        noise: NoiseKind::TorchF32,
+    };
+    let mut worst = 0.0f64;
+    let mut lines = Vec::new();
+    for spec in ["stream:1:1", "resident"] {
+        let plan = Plan::resident(DType::F32, Some(1024))
+            .with_spec(spec)
+            .unwrap();
+        // Warm the kernels' thread-local buffers at a small size, then start afresh.
+        model.set_plan(plan.clone());
+        model.text_to_image(&req(64), &mut |_| {}).unwrap();
+        model.set_plan(plan.clone());
+        let measured = model.text_to_image(&req(1024), &mut |_| {}).unwrap().memory;
+        let predicted = planner::predict(
+            &ModelSpec::from_model(&model),
+            &Request::for_text2image(&req(1024)),
+            &plan,
+            &DeviceProfile::cpu_fixed(),
+        );
+        for m in &measured.phases {
+            let p = predicted.phase(&m.phase).unwrap();
+            assert_eq!(
+                p.weights_peak as usize, m.weights_peak,
+                "`{spec}` {}: weights",
+                m.phase
+            );
+            let err = p.total as f64 / m.total_peak as f64 - 1.0;
+            worst = worst.max(err.abs());
+            lines.push(format!(
+                "{spec:<11} {:<8} measured {:>8.1} MiB (w {:>7.1} a {:>7.1}) predicted {:>8.1} MiB (w {:>7.1} a {:>7.1} ws {:>6.1}) {:+6.1}%",
+                m.phase,
+                m.total_peak as f64 / MIB,
+                m.weights_peak as f64 / MIB,
+                m.activations_peak.unwrap_or(0) as f64 / MIB,
+                p.total as f64 / MIB,
+                p.weights as f64 / MIB,
+                p.activations as f64 / MIB,
+                p.workspace as f64 / MIB,
+                100.0 * err
+            ));
+        }
+    }
+    println!("{}", lines.join("\n"));
+    println!("worst {:.1}%", 100.0 * worst);
+    assert!(worst <= 0.10, "worst error {:.1}%", 100.0 * worst);
+}
