@@ -55,7 +55,7 @@ pub struct BenchArgs {
 /// The planner's prediction of a run's peak device bytes under `plan`, to set beside the
 /// measurement.
 fn predicted_peak(model: &Model, req: &Text2Image, plan: &Plan) -> Option<usize> {
-    use fluxfit::memory::planner::{predict, DeviceProfile, ModelSpec, Request};
+    use fluxfit::planner::{predict, DeviceProfile, ModelSpec, Request};
     let spec = ModelSpec::from_model(model);
     let r = Request::for_text2image(req);
     let device = if model.device().is_cpu() {

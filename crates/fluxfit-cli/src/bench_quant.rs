@@ -275,8 +275,8 @@ pub fn run(args: BenchQuantArgs) -> Result<()> {
 /// File sizes of the published FLUX.1-dev flow model and T5-XXL encoder in each type, under
 /// `fluxfit quantize`'s default rules (from their manifests, no weights needed).
 fn published_sizes(types: &[String]) -> Result<()> {
-    use fluxfit::checkpoint::manifest::Manifest;
     use fluxfit::checkpoint::quantize::Component;
+    use fluxfit::planner::manifest::Manifest;
     let size = |m: &Manifest, c: Component, t: GgmlDType| -> Result<(f64, f64)> {
         let shapes = m.entries.iter().map(|e| (e.name.clone(), e.shape.clone()));
         let plan = quantize::plan_shapes(shapes, c, &QuantSpec::new(t))

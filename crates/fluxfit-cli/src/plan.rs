@@ -12,11 +12,11 @@ use fluxfit::candle_core::DType;
 use fluxfit::checkpoint::gguf;
 use fluxfit::checkpoint::quantize::{measured_error, QuantSpec};
 use fluxfit::memory::plan::{ComponentKind, Plan};
-use fluxfit::memory::planner::{
+use fluxfit::pipeline::{LoadOptions, Model};
+use fluxfit::planner::{
     self, alternatives, candidates, format_bytes, Budget, Candidate, DeviceProfile, ModelSpec,
     PlanTable, Prediction, Request, Row,
 };
-use fluxfit::pipeline::{LoadOptions, Model};
 use fluxfit::variant::Variant;
 
 use crate::source::ModelArgs;

@@ -11,6 +11,7 @@ pub mod memory;
 pub mod model;
 pub mod noise;
 pub mod pipeline;
+pub mod planner;
 pub mod resample;
 pub mod sampling;
 pub mod tensor;

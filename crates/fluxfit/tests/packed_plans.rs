@@ -8,9 +8,9 @@ use candle_core::{DType, Tensor};
 use common::*;
 use fluxfit::memory::ledger::MemoryReport;
 use fluxfit::memory::plan::Plan;
-use fluxfit::memory::planner::{self, DeviceProfile, ModelSpec, Request};
 use fluxfit::noise::NoiseKind;
 use fluxfit::pipeline::{LoadOptions, Model, ModelSources, Text2Image};
+use fluxfit::planner::{self, DeviceProfile, ModelSpec, Request};
 
 fn sources() -> ModelSources {
     let f = fixtures();

@@ -7,10 +7,10 @@ use candle_core::{DType, Device, Tensor};
 use fluxfit::memory::alloc::CountingAlloc;
 use fluxfit::memory::ledger::MemoryReport;
 use fluxfit::memory::plan::Plan;
-use fluxfit::memory::planner::{self, DeviceProfile, ModelSpec, Request};
 use fluxfit::noise::NoiseKind;
 use fluxfit::pipeline::tiny::{self, TinyConfigs};
 use fluxfit::pipeline::{LoadOptions, LoraSpec, Model, Text2Image};
+use fluxfit::planner::{self, DeviceProfile, ModelSpec, Request};
 use fluxfit::variant::Variant;
 
 #[global_allocator]

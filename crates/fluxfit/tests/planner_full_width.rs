@@ -6,11 +6,11 @@
 use candle_core::DType;
 use fluxfit::memory::alloc::CountingAlloc;
 use fluxfit::memory::plan::Plan;
-use fluxfit::memory::planner::{self, DeviceProfile, ModelSpec, Request};
 use fluxfit::model::flow::FlowConfig;
 use fluxfit::noise::NoiseKind;
 use fluxfit::pipeline::tiny::{self, TinyConfigs};
 use fluxfit::pipeline::{LoadOptions, Text2Image};
+use fluxfit::planner::{self, DeviceProfile, ModelSpec, Request};
 use fluxfit::variant::Variant;
 
 #[global_allocator]

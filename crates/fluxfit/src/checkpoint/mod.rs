@@ -4,7 +4,7 @@ pub mod diffusers;
 pub mod gguf;
 pub mod layout;
 pub mod lora;
-pub mod manifest;
+pub mod quant_rules;
 pub mod quantize;
 pub mod safetensors;
 pub mod store;

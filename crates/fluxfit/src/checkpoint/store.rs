@@ -208,15 +208,15 @@ impl TensorStore {
     /// size. Returns how many tensors will be quantized.
     pub fn quantize_on_load(
         &mut self,
-        component: super::quantize::Component,
-        spec: &super::quantize::QuantSpec,
+        component: super::quant_rules::Component,
+        spec: &super::quant_rules::QuantSpec,
     ) -> Result<usize> {
         let shapes = self
             .keys
             .iter()
             .filter(|(k, _)| !self.is_packable(k))
             .map(|(k, (_, i))| (k.clone(), i.shape.clone()));
-        let choices = super::quantize::plan_shapes(shapes, component, spec).map_err(|key| {
+        let choices = super::quant_rules::plan_shapes(shapes, component, spec).map_err(|key| {
             Error::Config(format!(
                 "{}: `{key}` has no GGUF name for a {} file",
                 self.origin.display(),
@@ -250,7 +250,10 @@ impl TensorStore {
             let bytes = match cached {
                 Some(b) => b,
                 None => {
-                    let b = Arc::new(super::quantize::quantize_tensor(&self.build(source)?, t)?);
+                    let b = Arc::new(super::quant_rules::quantize_tensor(
+                        &self.build(source)?,
+                        t,
+                    )?);
                     self.quantized
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())

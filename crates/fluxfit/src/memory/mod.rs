@@ -4,5 +4,4 @@
 pub mod alloc;
 pub mod ledger;
 pub mod plan;
-pub mod planner;
 pub mod residency;

@@ -5,7 +5,6 @@
 
 use candle_core::DType;
 
-use super::text2image::Event;
 use crate::error::{Error, Result};
 use crate::memory::plan::ComponentKind;
 use crate::model::autoencoder::AutoEncoder;
@@ -16,6 +15,15 @@ use crate::model::weights::Weights;
 use crate::sampling;
 use crate::tensor::Tensor;
 use crate::variant::Variant;
+
+/// Progress of a generation, for bars and event streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A phase begins: "encode", "denoise", "decode".
+    Phase(&'static str),
+    /// A denoising step finished.
+    Step { step: usize, total: usize },
+}
 
 /// What the phases need of a model: its four networks with their weights, where and in what
 /// precision it computes, and the bookkeeping of phase boundaries.

@@ -6,6 +6,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::model::Model;
+pub use super::run::Event;
 use super::run::{self, Parts, Sampling};
 pub(crate) use super::run::{Cond, Start};
 use crate::error::{Error, Result};
@@ -104,15 +105,6 @@ impl ImageInit {
         }
         Ok(())
     }
-}
-
-/// Progress of a generation, for bars and event streams.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Event {
-    /// A phase begins: "encode", "denoise", "decode".
-    Phase(&'static str),
-    /// A denoising step finished.
-    Step { step: usize, total: usize },
 }
 
 /// What a generation produced.

@@ -10,14 +10,14 @@ use candle_core::DType;
 
 use candle_core::quantized::GgmlDType;
 
-use super::gguf;
-use super::quantize::{self, QuantSpec};
-use super::store::TensorStore;
+use crate::checkpoint::gguf;
+use crate::checkpoint::quantize::{self, QuantSpec};
+use crate::checkpoint::store::TensorStore;
 use crate::memory::plan::ComponentKind;
-use crate::memory::residency::StageSpec;
 use crate::model::autoencoder::AutoEncoderConfig;
 use crate::model::clip::ClipConfig;
 use crate::model::t5::T5Config;
+use crate::model::weights::StageSpec;
 use crate::variant::Variant;
 
 /// One tensor: canonical name, shape, storage dtype.

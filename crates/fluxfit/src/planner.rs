@@ -19,6 +19,7 @@
 //! steps.
 
 mod device;
+pub mod manifest;
 mod meta_model;
 mod meta_weights;
 
@@ -30,17 +31,17 @@ pub use device::{available_ram, ram, DeviceKind, DeviceProfile, HostProfile};
 pub use meta_weights::StageCost;
 
 use crate::checkpoint::gguf;
-use crate::checkpoint::manifest::{Entry, Manifest};
 use crate::checkpoint::quantize::{self, QuantSpec};
 use crate::error::{Error, Result};
 use crate::memory::plan::{ComponentKind, ComponentPlan, Placement, Plan};
-use crate::memory::residency::StageSpec;
 use crate::model::autoencoder::{AutoEncoder, AutoEncoderConfig};
 use crate::model::clip::{ClipConfig, ClipTextModel};
 use crate::model::flow::{FlowConfig, Flux};
 use crate::model::t5::{T5Config, T5Encoder};
+use crate::model::weights::StageSpec;
 use crate::pipeline::fill::fill_conditioning;
 use crate::pipeline::run::{self, Cond, Sampling, Start};
+use crate::planner::manifest::{Entry, Manifest};
 use crate::tensor::meta::{Heap, Meta};
 use crate::variant::Variant;
 use meta_model::MetaModel;
