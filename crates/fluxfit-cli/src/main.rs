@@ -5,8 +5,6 @@ mod bench_quant;
 mod edit;
 mod fill;
 mod generate;
-#[cfg(feature = "hub")]
-mod hub;
 mod plan;
 mod quantize;
 mod regions;

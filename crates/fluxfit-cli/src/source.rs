@@ -1,11 +1,11 @@
 //! `--model` and the part overrides → a loaded model.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use fluxfit::checkpoint::layout::ModelPaths;
-use fluxfit::pipeline::{tiny, LoadOptions, LoraSpec, Model, ModelSources};
+use fluxfit::pipeline::{tiny, LoadOptions, LoraSpec, Model, ModelRef, ModelSources};
 use fluxfit::variant::Variant;
 
 #[derive(Args, Debug, Clone)]
@@ -76,10 +76,12 @@ impl ModelArgs {
             }
         }
         let has_parts = self.flow.is_some() || self.ae.is_some();
-        if self.model == "tiny" && !has_parts {
-            return Ok(tiny::load(options)?);
-        }
-        let dir = self.model_dir()?;
+        let dir = match ModelRef::parse(&self.model, self.variant()?)? {
+            ModelRef::Tiny if !has_parts => return Ok(tiny::load(options)?),
+            ModelRef::Tiny => None,
+            ModelRef::Folder(dir) => Some(dir),
+            ModelRef::Hub { repo, flow_file } => Some(hub_snapshot(&repo, &flow_file)?),
+        };
         let sources = ModelSources::resolve(dir.as_deref(), self.overrides())?;
         let name = dir
             .as_deref()
@@ -87,48 +89,11 @@ impl ModelArgs {
             .unwrap_or_else(|| sources.flow.display().to_string());
         Model::load(&sources, &name, options).with_context(|| format!("loading {name}"))
     }
-
-    /// The local folder `--model` stands for, downloading a hub snapshot when needed.
-    fn model_dir(&self) -> Result<Option<PathBuf>> {
-        let m = self.model.as_str();
-        if m == "tiny" {
-            return Ok(None);
-        }
-        let path = Path::new(m);
-        if path.is_dir() {
-            return Ok(Some(path.to_path_buf()));
-        }
-        if path.is_file() {
-            bail!("--model {m} is a file; pass a flow checkpoint with --flow FILE (and --ae, --t5, --clip)");
-        }
-        let (repo, flow_file) = match Variant::from_name(m) {
-            Ok(v) => (v.repo_id().to_string(), v.flow_file().to_string()),
-            Err(_) if m.contains('/') && !m.starts_with('.') && !path.is_absolute() => {
-                let v = self.variant()?.unwrap_or(Variant::Dev);
-                (m.to_string(), guess_flow_file(m, v))
-            }
-            Err(_) => bail!(
-                "--model {m}: no such folder, and not a variant name ({}) or a Hugging Face repo id (org/name)",
-                Variant::ALL.map(|v| v.name()).join(", ")
-            ),
-        };
-        hub_snapshot(&repo, &flow_file).map(Some)
-    }
-}
-
-/// The BFL file name in a repo: the official repos name it after the variant.
-fn guess_flow_file(repo: &str, fallback: Variant) -> String {
-    Variant::ALL
-        .into_iter()
-        .find(|v| v.repo_id().eq_ignore_ascii_case(repo))
-        .unwrap_or(fallback)
-        .flow_file()
-        .to_string()
 }
 
 #[cfg(feature = "hub")]
 fn hub_snapshot(repo: &str, flow_file: &str) -> Result<PathBuf> {
-    crate::hub::snapshot(repo, None, &crate::hub::Wanted::flux(flow_file))
+    fluxfit_hub::snapshot(repo, None, &fluxfit_hub::Wanted::flux(flow_file))
 }
 
 #[cfg(not(feature = "hub"))]

@@ -4,10 +4,12 @@ pub mod control;
 pub mod fill;
 pub mod kontext;
 pub mod model;
+pub mod model_ref;
 pub mod regions;
 pub mod run;
 pub mod text2image;
 pub mod tiny;
 
 pub use model::{LoadOptions, LoraSpec, Model, ModelSources};
+pub use model_ref::ModelRef;
 pub use text2image::{Event, Generated, ImageInit, Text2Image};

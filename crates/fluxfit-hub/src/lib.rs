@@ -1,4 +1,4 @@
-//! `--model org/name`: a Hugging Face Hub repository, turned into a local snapshot folder.
+//! A Hugging Face Hub repository (`--model org/name`), turned into a local snapshot folder.
 //!
 //! Files go to the standard HF cache (`models--org--name/` with `blobs/`, `snapshots/<commit>/`
 //! and `refs/<revision>`), the layout Python's `huggingface_hub` uses, so a model downloaded by
