@@ -10,11 +10,11 @@ use fluxfit::pipeline::kontext::{aspect_ratio_size, conditioning_size, image_ten
 use fluxfit::pipeline::{Model, Text2Image};
 
 use crate::generate::{check_output, metadata};
-use crate::plan::Quant;
 use crate::run_args::{
     file_name, interactive_loop, loop_number, on_event, progress, write_image, LoopEvent, Planning,
     RunArgs,
 };
+use fluxfit::planner::choice::Quant;
 
 #[derive(Args, Debug)]
 pub struct EditArgs {

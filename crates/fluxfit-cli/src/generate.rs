@@ -62,8 +62,8 @@ pub struct GenerateArgs {
     /// --vram GGUF weights may stay packed), `none` (never packed), a type (`q8_0`, `q6_k`,
     /// `q4_k`, ...: dense files quantized to it on load and kept packed), or with --vram `auto`
     /// (quantizing on load allowed: the least lossy storage within 10% of the fastest plan).
-    #[arg(long, default_value = "stored", value_parser = crate::plan::parse_quant)]
-    pub quant: crate::plan::Quant,
+    #[arg(long, default_value = "stored")]
+    pub quant: fluxfit::planner::choice::Quant,
     /// After the run, print what each phase held on the compute device: weights (from the
     /// ledger), activations and total peak (measured on the CPU).
     #[arg(long)]
@@ -238,7 +238,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         req.seed = args.run.seed.unwrap_or_else(random_seed);
         req.validate(args.allow_large)?;
         return match generate_one(&model, &req, &args) {
-            Err(e) if !model.device().is_cpu() && crate::plan::is_out_of_memory(&e) => {
+            Err(e) if !model.device().is_cpu() && out_of_memory(&e) => {
                 retry_smaller(&mut model, &req, &args, e)
             }
             other => other.map(|_| ()),
@@ -254,7 +254,7 @@ fn retry_smaller(
     args: &GenerateArgs,
     e: anyhow::Error,
 ) -> Result<()> {
-    let Some(smaller) = crate::plan::smaller_plan(model, req, model.plan()) else {
+    let Some(smaller) = fluxfit::planner::choice::smaller_plan(model, req, model.plan()) else {
         return Err(e.context("the device ran out of memory and no smaller plan exists"));
     };
     eprintln!(
@@ -264,6 +264,14 @@ fn retry_smaller(
     );
     model.set_plan(smaller);
     generate_one(model, req, args).map(|_| ())
+}
+
+/// Whether the library said the device ran out of memory (a smaller plan may cure it).
+fn out_of_memory(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<fluxfit::Error>()
+            .is_some_and(fluxfit::Error::is_out_of_memory)
+    })
 }
 
 fn parse_strength(s: &str) -> std::result::Result<f64, String> {

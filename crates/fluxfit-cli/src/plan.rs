@@ -2,20 +2,21 @@
 //! fits a budget; and the `--vram` choice of `fluxfit generate`. Works without any weights for
 //! the published variants (built-in manifests); a local folder or `tiny` uses its headers.
 
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use fluxfit::candle_core::quantized::GgmlDType;
-use fluxfit::candle_core::DType;
-use fluxfit::checkpoint::gguf;
-use fluxfit::checkpoint::quantize::{measured_error, QuantSpec};
+use fluxfit::checkpoint::quantize::QuantSpec;
 use fluxfit::memory::plan::{ComponentKind, Plan};
 use fluxfit::pipeline::{LoadOptions, Model};
+use fluxfit::planner::choice::{
+    auto_storage, choose, default_size, gpu_index, plan_candidates, storage_choices, Choosing,
+    Quant,
+};
+use fluxfit::planner::report::{chart, render_storage, render_table};
 use fluxfit::planner::{
-    self, alternatives, candidates, format_bytes, Budget, Candidate, DeviceProfile, ModelSpec,
-    PlanTable, Prediction, Request, Row,
+    alternatives, candidates, Budget, DeviceProfile, ModelSpec, PlanTable, Request,
 };
 use fluxfit::variant::Variant;
 
@@ -62,7 +63,7 @@ pub struct PlanArgs {
     /// `auto` (also says which storage `generate --vram --quant auto` would take), `none`
     /// (never packed), or a type (`q8_0`, `q6_k`, `q5_k`, `q4_k`, ...) to plan as if the files
     /// were quantized to it (on load, or by `fluxfit quantize`).
-    #[arg(long, default_value = "stored", value_parser = parse_quant)]
+    #[arg(long, default_value = "stored")]
     pub quant: Quant,
     /// One JSON object on stdout instead of the table.
     #[arg(long)]
@@ -71,61 +72,6 @@ pub struct PlanArgs {
     /// an SVG file.
     #[arg(long, value_name = "FILE.svg")]
     pub chart: Option<PathBuf>,
-}
-
-/// `--quant`: which storage of the flow and T5 weights the planner may use.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Quant {
-    /// As the files are, never packed on the device.
-    None,
-    /// As the files are; GGUF block types may stay packed on the device.
-    Stored,
-    /// The user allows quantizing dense files on load: the least lossy storage whose fastest
-    /// fitting plan is within [`AUTO_SLACK`] of the fastest of all.
-    Auto,
-    /// Stored in this type (dense files quantized to it on load).
-    Type(GgmlDType),
-}
-
-/// How much slower than the fastest storage `--quant auto` accepts for better quality.
-pub const AUTO_SLACK: f64 = 1.10;
-
-/// The types `--quant auto` may quantize to: q3_k and below lose too much (flow output error
-/// 0.19 and more) to be taken without being asked for.
-const AUTO_CHOICES: [GgmlDType; 4] = [
-    GgmlDType::Q8_0,
-    GgmlDType::Q6K,
-    GgmlDType::Q5K,
-    GgmlDType::Q4K,
-];
-
-pub fn parse_quant(s: &str) -> std::result::Result<Quant, String> {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "none" => Ok(Quant::None),
-        "stored" => Ok(Quant::Stored),
-        "auto" => Ok(Quant::Auto),
-        t => gguf::parse_type(t)
-            .map(Quant::Type)
-            .map_err(|e| format!("{e}; or stored, auto, none")),
-    }
-}
-
-/// The storage types `plan --quant auto` compares, best quality first.
-const STORAGE_CHOICES: [GgmlDType; 5] = [
-    GgmlDType::Q8_0,
-    GgmlDType::Q6K,
-    GgmlDType::Q5K,
-    GgmlDType::Q4K,
-    GgmlDType::Q3K,
-];
-
-/// The plans to consider for `spec` under `quant`: packed variants where its files (or the
-/// asked type) are block-quantized and packing is allowed.
-fn plan_candidates(spec: &ModelSpec, cands: &[Candidate], quant: Quant) -> Vec<Candidate> {
-    match quant {
-        Quant::None => cands.to_vec(),
-        _ => planner::with_packed(cands, spec),
-    }
 }
 
 /// The published variant `--model` names (a variant name or its official repo id), when no
@@ -175,64 +121,8 @@ fn model_spec(m: &ModelArgs, options: LoadOptions) -> Result<ModelSpec> {
     Ok(ModelSpec::from_model(&model))
 }
 
-fn profile(name: &str) -> Result<DeviceProfile> {
-    match name {
-        "cpu" => Ok(DeviceProfile::cpu()),
-        "cuda" | "gpu" => Ok(DeviceProfile::generic_cuda(None)),
-        n => DeviceProfile::gpu(n).with_context(|| {
-            format!(
-                "--device {n}: expected cpu, cuda or one of {}",
-                DeviceProfile::gpu_names().join(", ")
-            )
-        }),
-    }
-}
-
-/// `--vram`: a size, or `auto` (of GPU `gpu`).
-pub fn budget(vram: Option<&str>, device: &DeviceProfile, gpu: usize) -> Result<Option<Budget>> {
-    let bytes = match vram {
-        None => device.memory,
-        Some("auto") => Some(auto_budget(device, gpu)?),
-        Some(s) => Some(planner::parse_bytes(s).with_context(|| format!("--vram {s}"))?),
-    };
-    Ok(bytes.map(|bytes| Budget { bytes }))
-}
-
-/// Free memory now: the GPU's free memory (nvidia-smi) less nothing more than the profile's
-/// reserve (taken when fitting), or the CPU's available RAM.
-fn auto_budget(device: &DeviceProfile, gpu: usize) -> Result<u64> {
-    if device.is_cpu() {
-        return planner::available_ram()
-            .context("--vram auto: cannot read MemAvailable from /proc/meminfo; give a size");
-    }
-    let out = std::process::Command::new("nvidia-smi")
-        .args([
-            "--query-gpu=memory.free",
-            "--format=csv,noheader,nounits",
-            "-i",
-            &gpu.to_string(),
-        ])
-        .output()
-        .context("--vram auto: nvidia-smi is not available to read the free GPU memory; give a size such as --vram 12GB")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mib: u64 = text
-        .trim()
-        .lines()
-        .next()
-        .unwrap_or("")
-        .trim()
-        .parse()
-        .with_context(|| {
-            format!(
-                "--vram auto: cannot read nvidia-smi's free memory from `{}`",
-                text.trim()
-            )
-        })?;
-    Ok(mib << 20)
-}
-
 pub fn run(args: PlanArgs) -> Result<()> {
-    let device = profile(&args.device)?;
+    let device = DeviceProfile::named(&args.device)?;
     let dtype = crate::generate::DtypeArg::resolve(args.dtype, device.is_cpu());
     let chunk = (args.attn_chunk > 0).then_some(args.attn_chunk);
     let options = LoadOptions {
@@ -248,8 +138,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         Quant::Type(t) => spec.quantized(&QuantSpec::new(t)),
         _ => spec,
     };
-    let tiny = spec.name.starts_with("tiny");
-    let (dw, dh) = if tiny { (256, 256) } else { (1360, 768) };
+    let (dw, dh) = default_size(&spec);
     let req = Request {
         width: args.width.unwrap_or(dw) / 16 * 16,
         height: args.height.unwrap_or(dh) / 16 * 16,
@@ -261,7 +150,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
     if req.width < 64 || req.height < 64 {
         bail!("--width and --height must be at least 64 pixels");
     }
-    let budget = budget(args.vram.as_deref(), &device, 0)?;
+    let budget = Budget::resolve(args.vram.as_deref(), &device, 0)?;
     let cands = plan_candidates(&spec, &candidates(&device, dtype, chunk), args.quant);
     let table = PlanTable::new(&spec, &req, &device, &cands);
     let pick = budget.and_then(|b| table.fastest_fitting(b, &device));
@@ -301,7 +190,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
     }
     print!(
         "{}",
-        render(&spec, &req, &device, dtype, chunk, &table, budget, pick, &alts)
+        render_table(&spec, &req, &device, dtype, chunk, &table, budget, pick, &alts)
     );
     if !storage.is_empty() {
         print!("{}", render_storage(&storage));
@@ -321,269 +210,19 @@ pub fn run(args: PlanArgs) -> Result<()> {
     Ok(())
 }
 
-fn dtype_name(d: DType) -> &'static str {
-    d.as_str()
-}
-
-fn secs(t: f64) -> String {
-    if t >= 7200.0 {
-        format!("{:.1} h", t / 3600.0)
-    } else if t >= 100.0 {
-        format!("{t:.0} s")
-    } else if t >= 1.0 {
-        format!("{t:.1} s")
-    } else {
-        format!("{:.0} ms", t * 1e3)
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn render(
-    spec: &ModelSpec,
-    req: &Request,
-    device: &DeviceProfile,
-    dtype: DType,
-    chunk: Option<usize>,
-    table: &PlanTable,
-    budget: Option<Budget>,
-    pick: Option<&Row>,
-    alts: &[planner::Alternative],
-) -> String {
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "{} ({}), {}x{}, {} T5 tokens, {} steps, {}, attention chunk {}{}",
-        spec.name,
-        spec.variant,
-        req.width,
-        req.height,
-        req.t5_tokens,
-        req.steps,
-        dtype_name(dtype),
-        chunk.map_or("none".to_string(), |c| c.to_string()),
-        if req.image_input {
-            ", with a conditioning image"
-        } else {
-            ""
-        },
-    );
-    let weights: Vec<String> = ComponentKind::ALL
-        .iter()
-        .map(|k| {
-            format!(
-                "{} {}",
-                k.name(),
-                format_bytes(spec.manifest(*k).storage_bytes() as u64)
-            )
-        })
-        .collect();
-    let _ = writeln!(s, "weights in storage: {}", weights.join(", "));
-    let _ = writeln!(
-        s,
-        "device: {}{}",
-        device.description,
-        match budget {
-            Some(b) if device.reserve > 0 => format!(
-                "; budget {} ({} of it kept in reserve)",
-                format_bytes(b.bytes),
-                format_bytes(device.reserve)
-            ),
-            Some(b) => format!("; budget {}", format_bytes(b.bytes)),
-            None => "; no budget given (--vram)".into(),
-        }
-    );
-    let _ = writeln!(s);
-    let _ = writeln!(
-        s,
-        "{:<44} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>6}  fits",
-        "plan", "encode", "denoise", "decode", "peak", "host", "time", "next", "×res."
-    );
-    for r in &table.rows {
-        let p = &r.prediction;
-        let ph = |n: &str| p.phase(n).map_or("-".into(), |x| format_bytes(x.total));
-        let fits = match (budget, r.needs) {
-            (_, Some(need)) => format!("needs {need}"),
-            (Some(b), None) if b.fits(p, device) => "yes".into(),
-            (Some(_), None) => "no".into(),
-            (None, None) => "".into(),
-        };
-        let _ = writeln!(
-            s,
-            "{:<44} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>6.2}  {}",
-            p.label,
-            ph("encode"),
-            ph("denoise"),
-            ph("decode"),
-            format_bytes(p.peak),
-            if p.host_peak > 0 {
-                format_bytes(p.host_peak)
-            } else {
-                "-".into()
-            },
-            secs(p.time_s),
-            secs(p.warm_time_s),
-            r.relative,
-            fits
-        );
-    }
-    let _ = writeln!(s);
-    match (budget, pick) {
-        (Some(_), Some(r)) => {
-            let _ = writeln!(
-                s,
-                "picked: {} — peak {}, about {} per image ({:.2}× all-resident)\n  fluxfit generate --plan {}",
-                r.prediction.label,
-                format_bytes(r.prediction.peak),
-                secs(r.prediction.time_s),
-                r.relative,
-                r.prediction.spec
-            );
-        }
-        (Some(b), None) => {
-            let smallest = table.smallest().map(|r| &r.prediction);
-            let _ = writeln!(
-                s,
-                "no plan fits {}{}",
-                format_bytes(b.bytes),
-                smallest.map_or(String::new(), |p| format!(
-                    ": the smallest, `{}`, needs {} plus {} reserved",
-                    p.label,
-                    format_bytes(p.peak),
-                    format_bytes(device.reserve)
-                ))
-            );
-            if !alts.is_empty() {
-                let _ = writeln!(s, "nearest alternatives:");
-                for a in alts {
-                    let _ = writeln!(
-                        s,
-                        "  - {} (peak {}){}",
-                        a.description,
-                        format_bytes(a.peak),
-                        a.needs
-                            .map_or(String::new(), |n| format!(" — once fluxfit has {n}"))
-                    );
-                }
-            }
-        }
-        (None, _) => {
-            let _ = writeln!(s, "give --vram BUDGET (or --device CARD) to pick a plan");
-        }
-    }
-    s
-}
-
-/// One storage type of the flow and T5 weights, and the fastest plan it allows in a budget.
-#[derive(Debug, Clone)]
-pub struct StorageChoice {
-    pub storage: String,
-    pub flow_bytes: u64,
-    pub t5_bytes: u64,
-    /// The fastest fitting plan's label, spec, peak and time relative to the files' storage
-    /// all-resident; `None` when nothing fits.
-    pub plan: Option<(String, String, u64, f64)>,
-    /// The flow output's measured relative error for this type (README "Error and speed").
-    pub error: Option<f64>,
-}
-
-/// The files' storage and each of [`STORAGE_CHOICES`]: what fits `budget` and how fast.
-fn storage_choices(
-    spec: &ModelSpec,
-    req: &Request,
-    device: &DeviceProfile,
-    dtype: DType,
-    chunk: Option<usize>,
-    budget: Budget,
-) -> Vec<StorageChoice> {
-    let base = candidates(device, dtype, chunk);
-    let stored = spec.manifest(ComponentKind::Flow);
-    let stored_name = match stored.entries.iter().find_map(|e| e.ggml) {
-        Some(_) => format!("as stored ({})", stored.origin),
-        None => format!("as stored ({})", stored.storage_dtype().as_str()),
-    };
-    let stored_error = measured_error(stored.storage_dtype().as_str());
-    let reference = PlanTable::new(spec, req, device, &base).resident_time_s;
-    let mut specs = vec![(stored_name, spec.clone(), stored_error)];
-    for t in STORAGE_CHOICES {
-        let name = gguf::type_name(t);
-        specs.push((
-            name.to_string(),
-            spec.quantized(&QuantSpec::new(t)),
-            measured_error(name),
-        ));
-    }
-    specs
-        .into_iter()
-        .map(|(storage, s, error)| {
-            let table = PlanTable::new(&s, req, device, &planner::with_packed(&base, &s));
-            StorageChoice {
-                storage,
-                flow_bytes: s.manifest(ComponentKind::Flow).storage_bytes() as u64,
-                t5_bytes: s.manifest(ComponentKind::T5).storage_bytes() as u64,
-                plan: table.fastest_fitting(budget, device).map(|r| {
-                    (
-                        r.prediction.label.clone(),
-                        r.prediction.spec.clone(),
-                        r.prediction.peak,
-                        r.prediction.time_s / reference,
-                    )
-                }),
-                error,
-            }
-        })
-        .collect()
-}
-
-fn render_storage(choices: &[StorageChoice]) -> String {
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "\nstorage of the flow and T5 weights in this budget (--quant TYPE plans one; `fluxfit quantize` writes it):"
-    );
-    let _ = writeln!(
-        s,
-        "{:<28} {:>9} {:>9}  {:<52} {:>9} {:>6} {:>9}",
-        "storage", "flow", "t5", "fastest plan that fits", "peak", "×res.", "error"
-    );
-    for c in choices {
-        let (label, peak, rel) = match &c.plan {
-            Some((label, _, peak, rel)) => {
-                (label.clone(), format_bytes(*peak), format!("{rel:.2}"))
-            }
-            None => ("none fits".into(), "-".into(), "-".into()),
-        };
-        let _ = writeln!(
-            s,
-            "{:<28} {:>9} {:>9}  {:<52} {:>9} {:>6} {:>9}",
-            c.storage,
-            format_bytes(c.flow_bytes),
-            format_bytes(c.t5_bytes),
-            label,
-            peak,
-            rel,
-            c.error.map_or("-".into(), |e| format!("{e:.1e}"))
-        );
-    }
-    let _ = writeln!(
-        s,
-        "(the error column: the flow output's relative L2 error against f32 weights, measured on a mid-size model; README \"Error and speed\")"
-    );
-    s
-}
-
 // ---- generate --vram ----
 
-/// What `generate --vram` needs to know of the request before the model is loaded.
+/// What `generate --vram` knows of the request before the model is loaded.
 pub struct VramRequest<'a> {
     pub vram: &'a str,
     pub device: &'a fluxfit::candle_core::Device,
-    pub dtype: DType,
+    pub dtype: fluxfit::candle_core::DType,
     pub attn_chunk: Option<usize>,
     pub width: Option<usize>,
     pub height: Option<usize>,
     pub steps: Option<usize>,
     pub t5_tokens: Option<usize>,
-    /// An image is encoded too (img2img): the VAE encoder's phase joins the plan.
+    /// An image is encoded too: the VAE encoder's phase joins the plan.
     pub image_input: bool,
     /// The conditioning image's size where it is not the output's (Kontext).
     pub cond_size: Option<(usize, usize)>,
@@ -592,16 +231,7 @@ pub struct VramRequest<'a> {
     pub quiet: bool,
 }
 
-fn generate_profile(device: &fluxfit::candle_core::Device) -> DeviceProfile {
-    if device.is_cpu() {
-        DeviceProfile::cpu()
-    } else {
-        DeviceProfile::generic_cuda(None)
-    }
-}
-
-/// What `--vram` decided: the plan, and the type the flow and T5 weights are quantized to on
-/// load when the files are dense (`--quant TYPE`, or `auto` when nothing fits as stored).
+/// The plan, and the type the weights are quantized to on load.
 pub type VramChoice = (Plan, Option<GgmlDType>);
 
 /// The plan `--vram` picks for a published variant named by `--model`, decided before anything
@@ -621,10 +251,9 @@ pub fn vram_plan_for_model(model: &Model, r: &VramRequest) -> Result<VramChoice>
 }
 
 fn pick_plan(spec: &ModelSpec, r: &VramRequest) -> Result<VramChoice> {
-    let device = generate_profile(r.device);
-    let tiny = spec.name.starts_with("tiny");
-    let (dw, dh) = if tiny { (256, 256) } else { (1360, 768) };
-    let req = Request {
+    let device = DeviceProfile::for_device(r.device);
+    let (dw, dh) = default_size(spec);
+    let request = Request {
         width: r.width.unwrap_or(dw) / 16 * 16,
         height: r.height.unwrap_or(dh) / 16 * 16,
         t5_tokens: r.t5_tokens.unwrap_or(spec.variant.t5_tokens()),
@@ -632,142 +261,26 @@ fn pick_plan(spec: &ModelSpec, r: &VramRequest) -> Result<VramChoice> {
         image_input: r.image_input,
         cond_size: r.cond_size,
     };
-    let gpu = match r.device.location() {
-        fluxfit::candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,
-        _ => 0,
-    };
-    let budget = budget(Some(r.vram), &device, gpu)?.expect("a budget was given");
-    // `--quant TYPE` on dense files: planned as they will be once quantized on load.
-    let quantized;
-    let (spec, on_load) = match r.quant {
-        Quant::Type(t) if !spec.packable(ComponentKind::Flow) => {
-            quantized = spec.quantized(&QuantSpec::new(t));
-            (&quantized, Some(t))
-        }
-        _ => (spec, None),
-    };
-    let cands = plan_candidates(spec, &candidates(&device, r.dtype, r.attn_chunk), r.quant);
-    let table = PlanTable::new(spec, &req, &device, &cands);
-    if r.quant == Quant::Auto && !spec.packable(ComponentKind::Flow) {
-        if let Some((plan, t, line)) = auto_storage(spec, &req, &device, &cands, budget) {
-            if !r.quiet {
-                eprintln!("--vram {}: {line}", format_bytes(budget.bytes));
-            }
-            return Ok((plan, t));
-        }
+    let budget =
+        Budget::resolve(Some(r.vram), &device, gpu_index(r.device))?.expect("a budget was given");
+    let choice = choose(
+        spec,
+        &Choosing {
+            request,
+            device,
+            budget,
+            dtype: r.dtype,
+            attn_chunk: r.attn_chunk,
+            quant: r.quant,
+        },
+    )?;
+    if !r.quiet {
+        eprintln!("{}", choice.why);
     }
-    match table.fastest_fitting(budget, &device) {
-        Some(row) => {
-            if !r.quiet {
-                eprintln!(
-                    "--vram {}: plan `{}` (predicted peak {}, {:.2}× the all-resident time) — --plan {}",
-                    format_bytes(budget.bytes),
-                    row.prediction.label,
-                    format_bytes(row.prediction.peak),
-                    row.relative,
-                    row.prediction.spec
-                );
-            }
-            Ok((row.prediction.plan.clone(), on_load))
-        }
-        None => {
-            let alts = alternatives(spec, &req, &device, &cands, budget);
-            let smallest = table.smallest().map(|r| &r.prediction);
-            let mut msg = format!(
-                "no plan fits {}x{} of {} in {}",
-                req.width,
-                req.height,
-                spec.name,
-                format_bytes(budget.bytes)
-            );
-            if let Some(p) = smallest {
-                let _ = write!(
-                    msg,
-                    ": the smallest plan, `{}`, needs {}{}",
-                    p.label,
-                    format_bytes(p.peak),
-                    if device.reserve > 0 {
-                        format!(" plus {} kept in reserve", format_bytes(device.reserve))
-                    } else {
-                        String::new()
-                    }
-                );
-            }
-            if !alts.is_empty() {
-                msg += "; nearest alternatives:";
-                for a in &alts {
-                    let _ = write!(
-                        msg,
-                        "\n  - {} (peak {}){}",
-                        a.description,
-                        format_bytes(a.peak),
-                        a.needs
-                            .map_or(String::new(), |n| format!(" — once fluxfit has {n}"))
-                    );
-                }
-            }
-            bail!(msg)
-        }
-    }
-}
-
-/// `--quant auto` on dense files: for the files as stored and each of [`AUTO_CHOICES`]
-/// quantized on load, the fastest plan that fits; the least lossy whose time is within
-/// [`AUTO_SLACK`] of the fastest wins. Returns its plan, the type (`None`: as stored) and a
-/// line saying why.
-fn auto_storage(
-    spec: &ModelSpec,
-    req: &Request,
-    device: &DeviceProfile,
-    cands: &[Candidate],
-    budget: Budget,
-) -> Option<(Plan, Option<GgmlDType>, String)> {
-    let mut options: Vec<(Option<GgmlDType>, Prediction)> = Vec::new();
-    let stored = PlanTable::new(spec, req, device, cands);
-    if let Some(row) = stored.fastest_fitting(budget, device) {
-        options.push((None, row.prediction.clone()));
-    }
-    for t in AUTO_CHOICES {
-        let q = spec.quantized(&QuantSpec::new(t));
-        let table = PlanTable::new(&q, req, device, &planner::with_packed(cands, &q));
-        if let Some(row) = table.fastest_fitting(budget, device) {
-            options.push((Some(t), row.prediction.clone()));
-        }
-    }
-    let fastest = options
-        .iter()
-        .map(|(_, p)| p.time_s)
-        .min_by(f64::total_cmp)?;
-    let (t, p) = options
-        .into_iter()
-        .find(|(_, p)| p.time_s <= AUTO_SLACK * fastest)?;
-    let storage = match t {
-        None => "the files as stored".to_string(),
-        Some(t) => {
-            let name = gguf::type_name(t);
-            format!(
-                "the flow and T5 weights quantized to {name} on load (measured error {})",
-                measured_error(name).map_or("-".into(), |e| format!("{e:.1e}"))
-            )
-        }
-    };
-    let line = format!(
-        "{storage}, plan `{}` (predicted peak {}, about {}; the least lossy storage within {:.0}% of the fastest) — --plan {}",
-        p.label,
-        format_bytes(p.peak),
-        secs(p.time_s),
-        100.0 * (AUTO_SLACK - 1.0),
-        p.spec
-    );
-    Some((p.plan, t, line))
+    Ok((choice.plan, choice.quantize_on_load))
 }
 
 // ---- the chart ----
-
-const COLORS: [&str; 10] = [
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-    "#bcbd22", "#17becf",
-];
 
 fn write_chart(path: &Path, svg: &str) -> Result<()> {
     let ext = path
@@ -783,416 +296,4 @@ fn write_chart(path: &Path, svg: &str) -> Result<()> {
         );
     }
     std::fs::write(path, svg).with_context(|| format!("--chart {}", path.display()))
-}
-
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
-/// Peak memory against resolution (same aspect ratio, 0.25 to 4 megapixels) for each runnable
-/// plan, the budget as a dashed line; on the right, the picked (or smallest) plan's phases at
-/// the requested size as stacked bars of weights, activations and workspace, beside the
-/// components' weights.
-fn chart(
-    spec: &ModelSpec,
-    req: &Request,
-    device: &DeviceProfile,
-    cands: &[Candidate],
-    table: &PlanTable,
-    budget: Option<Budget>,
-    pick: Option<&Row>,
-) -> String {
-    let gib = (1u64 << 30) as f64;
-    let aspect = req.width as f64 / req.height as f64;
-    let mps = [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0];
-    let sized = |mp: f64| -> Request {
-        let h = (mp * 1e6 / aspect).sqrt();
-        let w = h * aspect;
-        Request {
-            width: ((w as usize) / 16 * 16).max(64),
-            height: ((h as usize) / 16 * 16).max(64),
-            ..req.clone()
-        }
-    };
-    let runnable: Vec<&Candidate> = cands.iter().filter(|c| c.needs.is_none()).collect();
-    let series: Vec<(String, Vec<(f64, f64)>)> = runnable
-        .iter()
-        .map(|c| {
-            let pts = mps
-                .iter()
-                .map(|&mp| {
-                    let r = sized(mp);
-                    let p = planner::predict(spec, &r, &c.plan, device);
-                    ((r.width * r.height) as f64 / 1e6, p.peak as f64 / gib)
-                })
-                .collect();
-            (planner::label(&c.plan), pts)
-        })
-        .collect();
-    let ymax_data = series
-        .iter()
-        .flat_map(|(_, p)| p.iter().map(|q| q.1))
-        .chain(budget.map(|b| b.bytes as f64 / gib))
-        .fold(1.0f64, f64::max);
-    let ymax = nice_ceiling(ymax_data);
-    let (w, h) = (1420.0, 560.0);
-    let (x0, y0, pw, ph) = (70.0, 50.0, 560.0, 420.0);
-    let xmax = 4.2;
-    let px = |x: f64| x0 + x / xmax * pw;
-    let py = |y: f64| y0 + ph - y / ymax * ph;
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{x0}" y="24" font-size="15">{} — peak device memory by plan ({}, {} T5 tokens, {})</text>"#,
-        esc(&spec.name),
-        esc(&device.description),
-        req.t5_tokens,
-        if aspect == 1.0 {
-            "square".to_string()
-        } else {
-            format!("aspect {}:{}", req.width, req.height)
-        }
-    );
-    // Axes and grid.
-    let ystep = nice_step(ymax);
-    let mut y = 0.0;
-    while y <= ymax + 1e-9 {
-        let _ = writeln!(
-            s,
-            r##"<line x1="{x0}" y1="{py:.1}" x2="{x1}" y2="{py:.1}" stroke="#ddd"/><text x="{tx}" y="{ty:.1}" text-anchor="end">{y}</text>"##,
-            py = py(y),
-            x1 = x0 + pw,
-            tx = x0 - 6.0,
-            ty = py(y) + 4.0
-        );
-        y += ystep;
-    }
-    for mp in [0.0, 1.0, 2.0, 3.0, 4.0] {
-        let _ = writeln!(
-            s,
-            r##"<line x1="{x:.1}" y1="{y0}" x2="{x:.1}" y2="{yb}" stroke="#eee"/><text x="{x:.1}" y="{ty}" text-anchor="middle">{mp}</text>"##,
-            x = px(mp),
-            yb = y0 + ph,
-            ty = y0 + ph + 16.0
-        );
-    }
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="{}" text-anchor="middle">megapixels</text><text transform="translate(22 {}) rotate(-90)" text-anchor="middle">peak GiB</text>"#,
-        x0 + pw / 2.0,
-        y0 + ph + 34.0,
-        y0 + ph / 2.0
-    );
-    if let Some(b) = budget {
-        let by = py(b.bytes as f64 / gib);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{x0}" y1="{by:.1}" x2="{x1}" y2="{by:.1}" stroke="#000" stroke-dasharray="6 4"/><text x="{x1}" y="{ty:.1}" text-anchor="end">budget {}</text>"##,
-            format_bytes(b.bytes),
-            x1 = x0 + pw,
-            ty = by - 5.0
-        );
-    }
-    for (i, (name, pts)) in series.iter().enumerate() {
-        let c = COLORS[i % COLORS.len()];
-        let path: Vec<String> = pts
-            .iter()
-            .map(|(x, y)| format!("{:.1},{:.1}", px(*x), py(y.min(ymax))))
-            .collect();
-        let _ = writeln!(
-            s,
-            r#"<polyline points="{}" fill="none" stroke="{c}" stroke-width="2"/>"#,
-            path.join(" ")
-        );
-        let ly = y0 + 6.0 + 18.0 * i as f64;
-        let lx = x0 + pw + 24.0;
-        let _ = writeln!(
-            s,
-            r#"<line x1="{lx}" y1="{ly}" x2="{b}" y2="{ly}" stroke="{c}" stroke-width="3"/><text x="{t}" y="{ty}">{}</text>"#,
-            esc(name),
-            b = lx + 20.0,
-            t = lx + 26.0,
-            ty = ly + 4.0
-        );
-    }
-    // Bars: the picked (or smallest) plan at the requested size.
-    let row = pick.or_else(|| table.smallest());
-    if let Some(row) = row {
-        let p: &Prediction = &row.prediction;
-        let bx0 = 960.0;
-        let bmax = nice_ceiling(
-            p.peak
-                .max(
-                    ComponentKind::ALL
-                        .iter()
-                        .map(|k| spec.manifest(*k).storage_bytes() as u64)
-                        .sum(),
-                )
-                .max(1) as f64
-                / gib,
-        );
-        let by = |v: f64| y0 + ph - v / bmax * ph;
-        let _ = writeln!(
-            s,
-            r#"<text x="{bx0}" y="{}" font-size="13">{} at {}x{}: {}</text>"#,
-            y0 - 8.0,
-            if pick.is_some() { "picked" } else { "smallest" },
-            req.width,
-            req.height,
-            esc(&p.label)
-        );
-        let mut yv = 0.0;
-        while yv <= bmax + 1e-9 {
-            let _ = writeln!(
-                s,
-                r##"<line x1="{bx0}" y1="{y:.1}" x2="{x1}" y2="{y:.1}" stroke="#eee"/><text x="{tx}" y="{ty:.1}" text-anchor="end">{yv}</text>"##,
-                y = by(yv),
-                x1 = bx0 + 420.0,
-                tx = bx0 - 6.0,
-                ty = by(yv) + 4.0
-            );
-            yv += nice_step(bmax);
-        }
-        let parts = [
-            ("weights", "#4c72b0"),
-            ("activations", "#dd8452"),
-            ("workspace", "#937860"),
-        ];
-        for (i, ph_) in p.phases.iter().enumerate() {
-            let x = bx0 + 20.0 + 80.0 * i as f64;
-            let mut base = 0.0;
-            for (j, v) in [ph_.weights, ph_.activations, ph_.workspace]
-                .into_iter()
-                .enumerate()
-            {
-                let v = v as f64 / gib;
-                let _ = writeln!(
-                    s,
-                    r#"<rect x="{x}" y="{y:.1}" width="50" height="{hh:.1}" fill="{}"><title>{} {:.2} GiB</title></rect>"#,
-                    parts[j].1,
-                    parts[j].0,
-                    v,
-                    y = by(base + v),
-                    hh = (v / bmax * ph).max(0.0)
-                );
-                base += v;
-            }
-            let _ = writeln!(
-                s,
-                r#"<text x="{tx}" y="{ty}" text-anchor="middle">{}</text>"#,
-                ph_.phase,
-                tx = x + 25.0,
-                ty = y0 + ph + 16.0
-            );
-        }
-        // The components' weights in storage, stacked.
-        let x = bx0 + 20.0 + 80.0 * 3.0 + 30.0;
-        let mut base = 0.0;
-        for (i, k) in ComponentKind::ALL.iter().enumerate() {
-            let v = spec.manifest(*k).storage_bytes() as f64 / gib;
-            let c = ["#8172b3", "#937860", "#55a868", "#c44e52"][i];
-            let _ = writeln!(
-                s,
-                r#"<rect x="{x}" y="{y:.1}" width="50" height="{hh:.1}" fill="{c}"><title>{} {:.2} GiB</title></rect><text x="{tx}" y="{ty:.1}">{} {}</text>"#,
-                k.name(),
-                v,
-                k.name(),
-                format_bytes(spec.manifest(*k).storage_bytes() as u64),
-                y = by(base + v),
-                hh = v / bmax * ph,
-                tx = x + 56.0,
-                ty = by(base + v / 2.0) + 4.0
-            );
-            base += v;
-        }
-        let _ = writeln!(
-            s,
-            r#"<text x="{tx}" y="{ty}" text-anchor="middle">weights</text>"#,
-            tx = x + 25.0,
-            ty = y0 + ph + 16.0
-        );
-        for (j, (name, c)) in parts.iter().enumerate() {
-            let lx = bx0 + 20.0 + 110.0 * j as f64;
-            let _ = writeln!(
-                s,
-                r#"<rect x="{lx}" y="{ly}" width="12" height="12" fill="{c}"/><text x="{tx}" y="{ty}">{name}</text>"#,
-                ly = y0 + ph + 30.0,
-                tx = lx + 16.0,
-                ty = y0 + ph + 40.0
-            );
-        }
-    }
-    let _ = writeln!(s, "</svg>");
-    s
-}
-
-fn nice_step(max: f64) -> f64 {
-    let raw = max / 6.0;
-    let mag = 10f64.powf(raw.log10().floor());
-    let f = raw / mag;
-    let n = if f <= 1.0 {
-        1.0
-    } else if f <= 2.0 {
-        2.0
-    } else if f <= 5.0 {
-        5.0
-    } else {
-        10.0
-    };
-    n * mag
-}
-
-fn nice_ceiling(v: f64) -> f64 {
-    let step = nice_step(v);
-    (v / step).ceil() * step
-}
-
-/// The plan to retry with once after the device ran out of memory under `current`: the
-/// runnable candidate with the largest predicted peak below `current`'s (the least slowdown
-/// that still lowers the peak). `None` when nothing smaller exists.
-pub fn smaller_plan(
-    model: &Model,
-    req: &fluxfit::pipeline::Text2Image,
-    current: &Plan,
-) -> Option<Plan> {
-    let device = generate_profile(model.device());
-    let spec = ModelSpec::from_model(model);
-    let request = Request::for_text2image(req);
-    let cands = candidates(&device, model.dtype(), current.attn_chunk);
-    let peak_of = |p: &Plan| planner::predict(&spec, &request, p, &device).peak;
-    let now = peak_of(current);
-    cands
-        .iter()
-        .filter(|c| c.needs.is_none())
-        .map(|c| (peak_of(&c.plan), &c.plan))
-        .filter(|(peak, _)| *peak < now)
-        .max_by_key(|(peak, _)| *peak)
-        .map(|(_, p)| p.clone())
-}
-
-/// Whether an error is the device running out of memory (CUDA or Metal), as opposed to a bug
-/// or bad input that a smaller plan would not cure.
-pub fn is_out_of_memory(e: &anyhow::Error) -> bool {
-    let text = format!("{e:#}").to_ascii_lowercase();
-    text.contains("out of memory") || text.contains("out_of_memory") || text.contains("outofmemory")
-}
-
-#[cfg(test)]
-mod fallback_tests {
-    use super::*;
-    use fluxfit::memory::plan::Placement;
-    use fluxfit::noise::NoiseKind;
-    use fluxfit::pipeline::{tiny, Text2Image};
-
-    #[test]
-    fn out_of_memory_retry_picks_a_plan_with_a_lower_peak() {
-        let model = tiny::load(LoadOptions::default()).unwrap();
-        let req = Text2Image {
-            prompt: "x".into(),
-            width: 256,
-            height: 256,
-            steps: 2,
-            guidance: 0.0,
-            seed: 0,
-            t5_tokens: 32,
-            noise: NoiseKind::TorchBf16,
-        };
-        let current = model.plan().clone();
-        let smaller = smaller_plan(&model, &req, &current).expect("a smaller plan exists");
-        let device = generate_profile(model.device());
-        let spec = ModelSpec::from_model(&model);
-        let request = Request::for_text2image(&req);
-        let peak = |p: &Plan| planner::predict(&spec, &request, p, &device).peak;
-        assert!(peak(&smaller) < peak(&current));
-    }
-
-    #[test]
-    fn out_of_memory_is_told_apart_from_other_errors() {
-        let oom =
-            anyhow::anyhow!("compute: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
-        assert!(is_out_of_memory(&oom));
-        assert!(!is_out_of_memory(&anyhow::anyhow!(
-            "tensor `img_in.weight` has shape [3]"
-        )));
-    }
-
-    /// FLUX.1-dev at 1 MP: `--quant auto` takes the least lossy storage within 10% of the
-    /// fastest; `stored` and `none` keep the files as they are; a type plans that type,
-    /// quantized on load.
-    #[test]
-    fn auto_picks_the_least_lossy_storage_near_the_fastest() {
-        let spec = ModelSpec::published(Variant::Dev);
-        let device = fluxfit::candle_core::Device::Cpu;
-        let request = |vram: &'static str, quant: Quant| VramRequest {
-            vram,
-            device: &device,
-            dtype: DType::F32,
-            attn_chunk: Some(1024),
-            width: Some(1024),
-            height: Some(1024),
-            steps: Some(4),
-            t5_tokens: Some(512),
-            image_input: false,
-            cond_size: None,
-            quant,
-            quiet: true,
-        };
-        // Plenty: as stored, nothing quantized.
-        let (plan, q) = pick_plan(&spec, &request("400GB", Quant::Auto)).unwrap();
-        assert_eq!(q, None);
-        assert!(!plan.flow.packed);
-        for budget in ["16GB", "24GB", "48GB"] {
-            let (plan, q) = pick_plan(&spec, &request(budget, Quant::Auto)).unwrap();
-            let stored = pick_plan(&spec, &request(budget, Quant::Stored)).unwrap();
-            let none = pick_plan(&spec, &request(budget, Quant::None)).unwrap();
-            assert_eq!((stored.1, none.1), (None, None));
-            println!("{budget}: auto {:?} {}", q, plan.spec());
-            if let Some(t) = q {
-                assert!(plan.flow.packed, "{}", plan.spec());
-                assert!(STORAGE_CHOICES.contains(&t));
-            }
-        }
-        let (_, q) = pick_plan(&spec, &request("12GB", Quant::Type(GgmlDType::Q4K))).unwrap();
-        assert_eq!(q, Some(GgmlDType::Q4K));
-    }
-
-    /// On a GPU (3090 rates) at 1 MP: `--quant auto` keeps bf16 where it runs resident, takes
-    /// q8_0 where that runs per phase at about resident speed, a smaller type on smaller
-    /// cards, and never one below q4_k.
-    #[test]
-    fn auto_storage_on_a_gpu() {
-        let spec = ModelSpec::published(Variant::Dev);
-        let device = DeviceProfile::generic_cuda(None);
-        let req = Request::new(Variant::Dev, 1024, 1024);
-        let cands = candidates(&device, DType::BF16, Some(1024));
-        let pick = |gib: u64| {
-            let c = auto_storage(&spec, &req, &device, &cands, Budget { bytes: gib << 30 });
-            let c = c.expect("something fits");
-            println!("{gib} GiB: {}", c.2);
-            (c.1, c.0)
-        };
-        assert_eq!(pick(48).0, None);
-        let (t, plan) = pick(16);
-        assert_eq!(t, Some(GgmlDType::Q8_0));
-        assert!(
-            plan.flow.packed
-                && plan.flow.placement
-                    != Placement::Stream {
-                        group: 1,
-                        window: 2
-                    }
-        );
-        for gib in [8, 12] {
-            let (t, plan) = pick(gib);
-            assert!(AUTO_CHOICES.contains(&t.expect("quantized")), "{t:?}");
-            assert!(plan.flow.packed);
-        }
-    }
 }

@@ -13,8 +13,9 @@ use fluxfit::pipeline::{Event, LoadOptions, Model, Text2Image};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::generate::{parse_device, parse_vae_tile, random_seed, DtypeArg};
-use crate::plan::{vram_plan_before_load, vram_plan_for_model, Quant, VramRequest};
+use crate::plan::{vram_plan_before_load, vram_plan_for_model, VramRequest};
 use crate::source::ModelArgs;
+use fluxfit::planner::choice::Quant;
 
 /// What the planner needs to know of a run before the model is loaded.
 pub struct Planning {

@@ -68,11 +68,41 @@ pub enum Error {
     #[error("{0}")]
     Config(String),
 
+    /// No plan fits the budget; the message names the smallest plan and the nearest
+    /// alternatives.
+    #[error("{0}")]
+    NoPlanFits(String),
+
+    /// The compute device ran out of memory: a smaller plan may succeed where this one failed.
+    #[error("the device ran out of memory: {0}")]
+    OutOfMemory(String),
+
     #[error("compute: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for Error {
+    /// candle reports a device allocation failure (CUDA, Metal) only in its message: it is
+    /// told apart here, once, so that callers match a type.
+    fn from(e: candle_core::Error) -> Self {
+        let text = e.to_string().to_ascii_lowercase();
+        if ["out of memory", "out_of_memory", "outofmemory"]
+            .iter()
+            .any(|p| text.contains(p))
+        {
+            Error::OutOfMemory(e.to_string())
+        } else {
+            Error::Candle(e)
+        }
+    }
 }
 
 impl Error {
+    /// Whether a smaller plan could cure this error.
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, Error::OutOfMemory(_))
+    }
+
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

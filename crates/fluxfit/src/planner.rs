@@ -18,10 +18,12 @@
 //! and per-phase weights, the second is the steady state) and is multiplied out over the
 //! steps.
 
+pub mod choice;
 mod device;
 pub mod manifest;
 mod meta_model;
 mod meta_weights;
+pub mod report;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::DType;

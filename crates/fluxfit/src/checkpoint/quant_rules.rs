@@ -77,7 +77,7 @@ impl Component {
 
 /// Relative L2 error of the flow model's output against f32 weights, per storage type, as
 /// `fluxfit bench-quant` measured it (flow model of hidden size 512 with random weights, 320
-/// tokens; README "Error and speed"). bf16 is the published checkpoints' storage. A guide to
+/// tokens; docs/quantization.md "Error and speed"). bf16 is the published checkpoints' storage. A guide to
 /// what a type costs in quality, not a promise for real weights.
 pub const MEASURED_ERROR: [(&str, f64); 10] = [
     ("bf16", 4.2e-3),

@@ -67,9 +67,9 @@ impl StageWeights {
 }
 
 /// Whether candle's quantized matmul beats dequantize + dense matmul for `t` on `device`, as
-/// measured (`fluxfit bench-quant`, README "Quantized matmul vs dequantize"): on the CPU, for
-/// Q8_0, Q6_K and Q4_K (0.4–0.6× the f32 matmul's time); slower for every other type there, and
-/// not yet measured on a GPU, where dequantizing stays the choice.
+/// measured (`fluxfit bench-quant`, docs/quantization.md "Quantized matmul vs dequantize + f32
+/// matmul"): on the CPU, for Q8_0, Q6_K and Q4_K (0.4–0.6× the f32 matmul's time); slower for
+/// every other type there, and not yet measured on a GPU, where dequantizing stays the choice.
 pub fn fast_qmatmul(device: &Device, t: GgmlDType) -> bool {
     device.is_cpu() && matches!(t, GgmlDType::Q8_0 | GgmlDType::Q6K | GgmlDType::Q4K)
 }
