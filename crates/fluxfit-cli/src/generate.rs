@@ -5,7 +5,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use fluxfit::candle_core::{DType, Device};
 use fluxfit::image::{
     init_image, next_free_path, read_rgb8, resize_lanczos, save, to_rgb8, Format,
 };
@@ -17,7 +16,7 @@ use fluxfit::pipeline::{Event, ImageInit, Model, Text2Image};
 use fluxfit::variant::Variant;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::run_args::{interactive_loop, loop_number, LoopEvent, Planning, RunArgs};
+use crate::run_args::{interactive_loop, loop_number, random_seed, LoopEvent, Planning, RunArgs};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -85,49 +84,9 @@ pub struct GenerateArgs {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum DtypeArg {
-    F32,
-    Bf16,
-    F16,
-}
-
-impl DtypeArg {
-    /// The compute dtype: the one asked for, else f32 on the CPU (candle's fast path there)
-    /// and bf16 on a GPU (the reference's precision).
-    pub fn resolve(arg: Option<Self>, on_cpu: bool) -> DType {
-        match arg {
-            Some(Self::F32) => DType::F32,
-            Some(Self::Bf16) => DType::BF16,
-            Some(Self::F16) => DType::F16,
-            None if on_cpu => DType::F32,
-            None => DType::BF16,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum NoiseArg {
     Bf16,
     F32,
-}
-
-pub fn parse_device(s: &str) -> Result<Device> {
-    let dev = match s {
-        "cpu" => Device::Cpu,
-        "metal" => Device::new_metal(0).context("--device metal")?,
-        _ => match s.strip_prefix("cuda") {
-            Some("") => Device::new_cuda(0).context("--device cuda")?,
-            Some(n) => {
-                let idx: usize = n
-                    .strip_prefix(':')
-                    .and_then(|n| n.parse().ok())
-                    .with_context(|| format!("--device {s}: expected cuda or cuda:N"))?;
-                Device::new_cuda(idx).with_context(|| format!("--device {s}"))?
-            }
-            None => bail!("--device {s}: expected cpu, cuda, cuda:N or metal"),
-        },
-    };
-    Ok(dev)
 }
 
 /// Floors a side to a multiple of 16 as the reference does, saying so when it changes.
@@ -137,19 +96,6 @@ fn floor16(name: &str, v: usize, quiet: bool) -> usize {
         eprintln!("{name} {v} floored to {f} (a multiple of 16)");
     }
     f
-}
-
-pub(crate) fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    // 32 bits: torch seeds its CPU generator with the low 32 bits only.
-    h.finish() & 0xFFFF_FFFF
 }
 
 /// Fails early, before any compute, if the output cannot be written.
@@ -316,15 +262,6 @@ fn load_control(
         (rgb, "as given")
     };
     Ok(Some((image_tensor(&rgb).with_context(ctx)?, how)))
-}
-
-pub(crate) fn parse_vae_tile(s: &str) -> std::result::Result<usize, String> {
-    match s.trim().parse::<usize>() {
-        Ok(n) if n >= 64 && n.is_multiple_of(8) => Ok(n),
-        _ => Err(format!(
-            "`{s}` is not a VAE tile side: a whole number of pixels, a multiple of 8, at least 64"
-        )),
-    }
 }
 
 fn report_memory(report: &MemoryReport, model: &Model, args: &GenerateArgs) -> Result<()> {

@@ -6,13 +6,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use fluxfit::candle_core::quantized::GgmlDType;
 use fluxfit::checkpoint::quantize::QuantSpec;
-use fluxfit::memory::plan::{ComponentKind, Plan};
-use fluxfit::pipeline::{LoadOptions, Model};
+use fluxfit::memory::plan::ComponentKind;
+use fluxfit::pipeline::LoadOptions;
 use fluxfit::planner::choice::{
-    auto_storage, choose, default_size, gpu_index, plan_candidates, storage_choices, Choosing,
-    Quant,
+    auto_storage, default_size, plan_candidates, storage_choices, Quant,
 };
 use fluxfit::planner::report::{chart, render_storage, render_table};
 use fluxfit::planner::{
@@ -50,7 +48,7 @@ pub struct PlanArgs {
     pub steps: Option<usize>,
     /// Compute precision [default: bf16 on a GPU, f32 on the CPU].
     #[arg(long, value_enum)]
-    pub dtype: Option<crate::generate::DtypeArg>,
+    pub dtype: Option<crate::run_args::DtypeArg>,
     /// Attention query-chunk length; 0 = unchunked.
     #[arg(long, default_value_t = fluxfit::model::attention::DEFAULT_CHUNK)]
     pub attn_chunk: usize,
@@ -74,29 +72,10 @@ pub struct PlanArgs {
     pub chart: Option<PathBuf>,
 }
 
-/// The published variant `--model` names (a variant name or its official repo id), when no
-/// local folder or part overrides it: planned from built-in manifests, nothing downloaded.
-/// A LoRA's tensors are only known from its file, so `--lora` plans from headers.
-fn published_variant(m: &ModelArgs) -> Option<Variant> {
-    let parts = m.flow.is_some()
-        || m.ae.is_some()
-        || m.t5.is_some()
-        || m.clip.is_some()
-        || m.lora.is_some();
-    if parts || m.model == "tiny" || Path::new(&m.model).exists() {
-        return None;
-    }
-    Variant::from_name(&m.model).ok().or_else(|| {
-        Variant::ALL
-            .into_iter()
-            .find(|v| v.repo_id().eq_ignore_ascii_case(&m.model))
-    })
-}
-
 /// A model to plan for: built-in manifests for a published variant, headers otherwise (a local
 /// folder or `tiny`; nothing is downloaded).
 fn model_spec(m: &ModelArgs, options: LoadOptions) -> Result<ModelSpec> {
-    if let Some(v) = published_variant(m) {
+    if let Some(v) = m.published_variant() {
         let mut spec = ModelSpec::published(v);
         if let Some(forced) = m.variant()? {
             spec = ModelSpec::published(forced);
@@ -123,7 +102,7 @@ fn model_spec(m: &ModelArgs, options: LoadOptions) -> Result<ModelSpec> {
 
 pub fn run(args: PlanArgs) -> Result<()> {
     let device = DeviceProfile::named(&args.device)?;
-    let dtype = crate::generate::DtypeArg::resolve(args.dtype, device.is_cpu());
+    let dtype = crate::run_args::DtypeArg::resolve(args.dtype, device.is_cpu());
     let chunk = (args.attn_chunk > 0).then_some(args.attn_chunk);
     let options = LoadOptions {
         device: fluxfit::candle_core::Device::Cpu,
@@ -208,76 +187,6 @@ pub fn run(args: PlanArgs) -> Result<()> {
         println!("chart: {}", path.display());
     }
     Ok(())
-}
-
-// ---- generate --vram ----
-
-/// What `generate --vram` knows of the request before the model is loaded.
-pub struct VramRequest<'a> {
-    pub vram: &'a str,
-    pub device: &'a fluxfit::candle_core::Device,
-    pub dtype: fluxfit::candle_core::DType,
-    pub attn_chunk: Option<usize>,
-    pub width: Option<usize>,
-    pub height: Option<usize>,
-    pub steps: Option<usize>,
-    pub t5_tokens: Option<usize>,
-    /// An image is encoded too: the VAE encoder's phase joins the plan.
-    pub image_input: bool,
-    /// The conditioning image's size where it is not the output's (Kontext).
-    pub cond_size: Option<(usize, usize)>,
-    /// Which storage the plan may use (`--quant`).
-    pub quant: Quant,
-    pub quiet: bool,
-}
-
-/// The plan, and the type the weights are quantized to on load.
-pub type VramChoice = (Plan, Option<GgmlDType>);
-
-/// The plan `--vram` picks for a published variant named by `--model`, decided before anything
-/// is downloaded or loaded; `None` when `--model` is not a variant name (the model's own headers
-/// are then read after it is opened: see [`vram_plan_for_model`]). A request no plan fits is an
-/// error naming the nearest alternatives.
-pub fn vram_plan_before_load(m: &ModelArgs, r: &VramRequest) -> Result<Option<VramChoice>> {
-    match published_variant(m) {
-        Some(v) => pick_plan(&ModelSpec::published(m.variant()?.unwrap_or(v)), r).map(Some),
-        None => Ok(None),
-    }
-}
-
-/// The plan `--vram` picks for an opened model (its weights are not read yet).
-pub fn vram_plan_for_model(model: &Model, r: &VramRequest) -> Result<VramChoice> {
-    pick_plan(&ModelSpec::from_model(model), r)
-}
-
-fn pick_plan(spec: &ModelSpec, r: &VramRequest) -> Result<VramChoice> {
-    let device = DeviceProfile::for_device(r.device);
-    let (dw, dh) = default_size(spec);
-    let request = Request {
-        width: r.width.unwrap_or(dw) / 16 * 16,
-        height: r.height.unwrap_or(dh) / 16 * 16,
-        t5_tokens: r.t5_tokens.unwrap_or(spec.variant.t5_tokens()),
-        steps: r.steps.unwrap_or(spec.variant.default_steps()),
-        image_input: r.image_input,
-        cond_size: r.cond_size,
-    };
-    let budget =
-        Budget::resolve(Some(r.vram), &device, gpu_index(r.device))?.expect("a budget was given");
-    let choice = choose(
-        spec,
-        &Choosing {
-            request,
-            device,
-            budget,
-            dtype: r.dtype,
-            attn_chunk: r.attn_chunk,
-            quant: r.quant,
-        },
-    )?;
-    if !r.quiet {
-        eprintln!("{}", choice.why);
-    }
-    Ok((choice.plan, choice.quantize_on_load))
 }
 
 // ---- the chart ----

@@ -1,21 +1,22 @@
-//! Flags and chores shared by the commands that take image inputs (`fill`, `edit`, `regions`):
-//! the model and how to run it, the sampling settings, progress and output.
+//! Flags and chores the generating commands share (`generate`, `fill`, `edit`, `regions`): the
+//! model and how to run it (device, precision, plan or `--vram`), the sampling settings,
+//! progress and output.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
-use clap::Args;
-use fluxfit::candle_core::Tensor;
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use fluxfit::candle_core::quantized::GgmlDType;
+use fluxfit::candle_core::{DType, Device, Tensor};
 use fluxfit::image::{next_free_path, save, to_rgb8};
 use fluxfit::memory::plan::Plan;
 use fluxfit::noise::NoiseKind;
 use fluxfit::pipeline::{Event, LoadOptions, Model, Text2Image};
+use fluxfit::planner::choice::{choose, default_size, gpu_index, Choosing, Quant};
+use fluxfit::planner::{Budget, DeviceProfile, ModelSpec, Request};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::generate::{parse_device, parse_vae_tile, random_seed, DtypeArg};
-use crate::plan::{vram_plan_before_load, vram_plan_for_model, VramRequest};
 use crate::source::ModelArgs;
-use fluxfit::planner::choice::Quant;
 
 /// What the planner needs to know of a run before the model is loaded.
 pub struct Planning {
@@ -312,4 +313,136 @@ pub fn loop_number(name: &str, value: &str, what: &str) -> Option<f64> {
         eprintln!("/{name} needs a number for {what}; got `{value}`");
     }
     n
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl DtypeArg {
+    /// The compute dtype: the one asked for, else f32 on the CPU (candle's fast path there)
+    /// and bf16 on a GPU (the reference's precision).
+    pub fn resolve(arg: Option<Self>, on_cpu: bool) -> DType {
+        match arg {
+            Some(Self::F32) => DType::F32,
+            Some(Self::Bf16) => DType::BF16,
+            Some(Self::F16) => DType::F16,
+            None if on_cpu => DType::F32,
+            None => DType::BF16,
+        }
+    }
+}
+
+pub fn parse_device(s: &str) -> Result<Device> {
+    let dev = match s {
+        "cpu" => Device::Cpu,
+        "metal" => Device::new_metal(0).context("--device metal")?,
+        _ => match s.strip_prefix("cuda") {
+            Some("") => Device::new_cuda(0).context("--device cuda")?,
+            Some(n) => {
+                let idx: usize = n
+                    .strip_prefix(':')
+                    .and_then(|n| n.parse().ok())
+                    .with_context(|| format!("--device {s}: expected cuda or cuda:N"))?;
+                Device::new_cuda(idx).with_context(|| format!("--device {s}"))?
+            }
+            None => bail!("--device {s}: expected cpu, cuda, cuda:N or metal"),
+        },
+    };
+    Ok(dev)
+}
+
+pub(crate) fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    // 32 bits: torch seeds its CPU generator with the low 32 bits only.
+    h.finish() & 0xFFFF_FFFF
+}
+
+pub(crate) fn parse_vae_tile(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n >= 64 && n.is_multiple_of(8) => Ok(n),
+        _ => Err(format!(
+            "`{s}` is not a VAE tile side: a whole number of pixels, a multiple of 8, at least 64"
+        )),
+    }
+}
+
+// ---- --vram ----
+
+/// What `generate --vram` knows of the request before the model is loaded.
+pub struct VramRequest<'a> {
+    pub vram: &'a str,
+    pub device: &'a fluxfit::candle_core::Device,
+    pub dtype: fluxfit::candle_core::DType,
+    pub attn_chunk: Option<usize>,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub steps: Option<usize>,
+    pub t5_tokens: Option<usize>,
+    /// An image is encoded too: the VAE encoder's phase joins the plan.
+    pub image_input: bool,
+    /// The conditioning image's size where it is not the output's (Kontext).
+    pub cond_size: Option<(usize, usize)>,
+    /// Which storage the plan may use (`--quant`).
+    pub quant: Quant,
+    pub quiet: bool,
+}
+
+/// The plan, and the type the weights are quantized to on load.
+pub type VramChoice = (Plan, Option<GgmlDType>);
+
+/// The plan `--vram` picks for a published variant named by `--model`, decided before anything
+/// is downloaded or loaded; `None` when `--model` is not a variant name (the model's own headers
+/// are then read after it is opened: see [`vram_plan_for_model`]). A request no plan fits is an
+/// error naming the nearest alternatives.
+pub fn vram_plan_before_load(m: &ModelArgs, r: &VramRequest) -> Result<Option<VramChoice>> {
+    match m.published_variant() {
+        Some(v) => pick_plan(&ModelSpec::published(m.variant()?.unwrap_or(v)), r).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The plan `--vram` picks for an opened model (its weights are not read yet).
+pub fn vram_plan_for_model(model: &Model, r: &VramRequest) -> Result<VramChoice> {
+    pick_plan(&ModelSpec::from_model(model), r)
+}
+
+fn pick_plan(spec: &ModelSpec, r: &VramRequest) -> Result<VramChoice> {
+    let device = DeviceProfile::for_device(r.device);
+    let (dw, dh) = default_size(spec);
+    let request = Request {
+        width: r.width.unwrap_or(dw) / 16 * 16,
+        height: r.height.unwrap_or(dh) / 16 * 16,
+        t5_tokens: r.t5_tokens.unwrap_or(spec.variant.t5_tokens()),
+        steps: r.steps.unwrap_or(spec.variant.default_steps()),
+        image_input: r.image_input,
+        cond_size: r.cond_size,
+    };
+    let budget =
+        Budget::resolve(Some(r.vram), &device, gpu_index(r.device))?.expect("a budget was given");
+    let choice = choose(
+        spec,
+        &Choosing {
+            request,
+            device,
+            budget,
+            dtype: r.dtype,
+            attn_chunk: r.attn_chunk,
+            quant: r.quant,
+        },
+    )?;
+    if !r.quiet {
+        eprintln!("{}", choice.why);
+    }
+    Ok((choice.plan, choice.quantize_on_load))
 }

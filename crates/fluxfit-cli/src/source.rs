@@ -1,6 +1,6 @@
 //! `--model` and the part overrides → a loaded model.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -42,6 +42,25 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// The published variant `--model` names (a variant name or its official repo id), when no
+    /// local folder or part overrides it: planned from built-in manifests, nothing downloaded.
+    /// A LoRA's tensors are only known from its file, so `--lora` plans from headers.
+    pub fn published_variant(&self) -> Option<Variant> {
+        let parts = self.flow.is_some()
+            || self.ae.is_some()
+            || self.t5.is_some()
+            || self.clip.is_some()
+            || self.lora.is_some();
+        if parts || self.model == "tiny" || Path::new(&self.model).exists() {
+            return None;
+        }
+        Variant::from_name(&self.model).ok().or_else(|| {
+            Variant::ALL
+                .into_iter()
+                .find(|v| v.repo_id().eq_ignore_ascii_case(&self.model))
+        })
+    }
+
     fn overrides(&self) -> ModelPaths {
         ModelPaths {
             flow: self.flow.clone(),

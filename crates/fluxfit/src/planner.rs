@@ -772,6 +772,19 @@ pub fn format_bytes(bytes: u64) -> String {
     }
 }
 
+/// A duration for people: ms, s or h.
+pub fn format_secs(t: f64) -> String {
+    if t >= 7200.0 {
+        format!("{:.1} h", t / 3600.0)
+    } else if t >= 100.0 {
+        format!("{t:.0} s")
+    } else if t >= 1.0 {
+        format!("{t:.1} s")
+    } else {
+        format!("{:.0} ms", t * 1e3)
+    }
+}
+
 /// Every candidate's prediction for one request, and the choice for a budget.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PlanTable {

@@ -9,10 +9,9 @@ use std::str::FromStr;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, DeviceLocation};
 
-use super::report::secs;
 use super::{
-    alternatives, available_ram, candidates, format_bytes, parse_bytes, predict, with_packed,
-    Budget, Candidate, DeviceProfile, ModelSpec, PlanTable, Prediction, Request,
+    alternatives, available_ram, candidates, format_bytes, format_secs, parse_bytes, predict,
+    with_packed, Budget, Candidate, DeviceProfile, ModelSpec, PlanTable, Prediction, Request,
 };
 use crate::checkpoint::gguf;
 use crate::checkpoint::quantize::{measured_error, QuantSpec};
@@ -376,7 +375,7 @@ pub fn auto_storage(
         "{storage}, plan `{}` (predicted peak {}, about {}; the least lossy storage within {:.0}% of the fastest) — --plan {}",
         p.label,
         format_bytes(p.peak),
-        secs(p.time_s),
+        format_secs(p.time_s),
         100.0 * (AUTO_SLACK - 1.0),
         p.spec
     );

@@ -7,23 +7,10 @@ use candle_core::DType;
 
 use super::choice::StorageChoice;
 use super::{
-    format_bytes, label, predict, Alternative, Budget, Candidate, DeviceProfile, ModelSpec,
-    PlanTable, Prediction, Request, Row,
+    format_bytes, format_secs, label, predict, Alternative, Budget, Candidate, DeviceProfile,
+    ModelSpec, PlanTable, Prediction, Request, Row,
 };
 use crate::memory::plan::ComponentKind;
-
-/// A duration for people: ms, s or h.
-pub fn secs(t: f64) -> String {
-    if t >= 7200.0 {
-        format!("{:.1} h", t / 3600.0)
-    } else if t >= 100.0 {
-        format!("{t:.0} s")
-    } else if t >= 1.0 {
-        format!("{t:.1} s")
-    } else {
-        format!("{:.0} ms", t * 1e3)
-    }
-}
 
 #[allow(clippy::too_many_arguments)]
 pub fn render_table(
@@ -108,8 +95,8 @@ pub fn render_table(
             } else {
                 "-".into()
             },
-            secs(p.time_s),
-            secs(p.warm_time_s),
+            format_secs(p.time_s),
+            format_secs(p.warm_time_s),
             r.relative,
             fits
         );
@@ -122,7 +109,7 @@ pub fn render_table(
                 "picked: {} — peak {}, about {} per image ({:.2}× all-resident)\n  fluxfit generate --plan {}",
                 r.prediction.label,
                 format_bytes(r.prediction.peak),
-                secs(r.prediction.time_s),
+                format_secs(r.prediction.time_s),
                 r.relative,
                 r.prediction.spec
             );
