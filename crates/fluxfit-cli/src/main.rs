@@ -1,7 +1,5 @@
 //! The `fluxfit` command: parses flags, calls the library, shows progress, writes files.
 
-mod bench;
-mod bench_quant;
 mod edit;
 mod fill;
 mod generate;
@@ -45,7 +43,7 @@ enum Command {
     Regions(regions::RegionsArgs),
     /// Time and measured peak memory of each residency plan at several resolutions, on a
     /// mid-size built-in model (CPU).
-    Bench(bench::BenchArgs),
+    Bench(fluxfit::bench::plans::BenchArgs),
     /// Which residency plans fit a memory budget for a request, predicted without weights:
     /// peak per phase, time relative to all-resident, the fastest that fits.
     Plan(plan::PlanArgs),
@@ -54,7 +52,13 @@ enum Command {
     Quantize(quantize::QuantizeArgs),
     /// Storage types on a mid-size built-in flow model (CPU): bits per weight, error against
     /// f32, forward time resident and streamed, quantized matmul against dequantize + matmul.
-    BenchQuant(bench_quant::BenchQuantArgs),
+    BenchQuant(fluxfit::bench::quant::BenchQuantArgs),
+}
+
+/// A library report printed as it is.
+fn print_report(report: fluxfit::Result<String>) -> anyhow::Result<()> {
+    print!("{}", report?);
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -64,10 +68,10 @@ fn main() -> ExitCode {
         Command::Fill(args) => fill::run(args),
         Command::Edit(args) => edit::run(args),
         Command::Regions(args) => regions::run(args),
-        Command::Bench(args) => bench::run(args),
+        Command::Bench(args) => print_report(fluxfit::bench::plans::run(&args)),
         Command::Plan(args) => plan::run(args),
         Command::Quantize(args) => quantize::run(args),
-        Command::BenchQuant(args) => bench_quant::run(args),
+        Command::BenchQuant(args) => print_report(fluxfit::bench::quant::run(&args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,6 +3,7 @@
 //! The library computes; the `fluxfit` binary parses flags and writes files. The architecture
 //! (one network, run and planned; weights have one home) is in docs/architecture.md.
 
+pub mod bench;
 pub mod canny;
 pub mod checkpoint;
 pub mod error;

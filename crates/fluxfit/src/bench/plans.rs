@@ -3,59 +3,65 @@
 
 use std::time::Instant;
 
-use anyhow::{Context, Result};
-use clap::Args;
-use fluxfit::candle_core::DType;
-use fluxfit::memory::alloc;
-use fluxfit::memory::plan::Plan;
-use fluxfit::noise::NoiseKind;
-use fluxfit::pipeline::tiny::{self, TinyConfigs};
-use fluxfit::pipeline::{LoadOptions, Model, Text2Image};
-use fluxfit::variant::Variant;
+use crate::candle_core::DType;
+use crate::error::{Error, Result};
+use crate::memory::alloc;
+use crate::memory::plan::Plan;
+use crate::noise::NoiseKind;
+use crate::pipeline::tiny::{self, TinyConfigs};
+use crate::pipeline::{LoadOptions, Model, Text2Image};
+use crate::variant::Variant;
 
-#[derive(Args, Debug)]
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct BenchArgs {
     /// Flow model width (MLP 4×, heads of 64).
-    #[arg(long, default_value_t = 256)]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 256))]
     pub hidden: usize,
     /// Double-stream blocks.
-    #[arg(long, default_value_t = 4)]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 4))]
     pub depth: usize,
     /// Single-stream blocks.
-    #[arg(long, default_value_t = 4)]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 4))]
     pub depth_single: usize,
     /// Square image sides, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "256,384,512")]
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, value_delimiter = ',', default_value = "256,384,512")
+    )]
     pub sizes: Vec<usize>,
     /// Plans (as `generate --plan`), separated by `;`; the first is the baseline of the
     /// relative time.
-    #[arg(
-        long,
-        value_delimiter = ';',
-        default_value = "resident;phase;stream:1:2;stream:2:3;stream:1:1;t5-cpu"
+    #[cfg_attr(
+        feature = "clap",
+        arg(
+            long,
+            value_delimiter = ';',
+            default_value = "resident;phase;stream:1:2;stream:2:3;stream:1:1;t5-cpu"
+        )
     )]
     pub plans: Vec<String>,
     /// Denoising steps per run.
-    #[arg(long, default_value_t = 4)]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 4))]
     pub steps: usize,
-    #[arg(long, default_value_t = 64)]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 64))]
     pub t5_tokens: usize,
     /// Rounds over the plans; each plan's fastest run is reported (peaks are the same run to
     /// run).
-    #[arg(long, default_value_t = 1)]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 1))]
     pub repeat: usize,
     /// Attention query-chunk length; 0 = unchunked.
-    #[arg(long, default_value_t = fluxfit::model::attention::DEFAULT_CHUNK)]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = crate::model::attention::DEFAULT_CHUNK))]
     pub attn_chunk: usize,
     /// One JSON object per row instead of the table.
-    #[arg(long)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub json: bool,
 }
 
 /// The planner's prediction of a run's peak device bytes under `plan`, to set beside the
 /// measurement.
 fn predicted_peak(model: &Model, req: &Text2Image, plan: &Plan) -> Option<usize> {
-    use fluxfit::planner::{predict, DeviceProfile, ModelSpec, Request};
+    use crate::planner::{predict, DeviceProfile, ModelSpec, Request};
     let spec = ModelSpec::from_model(model);
     let r = Request::for_text2image(req);
     let device = if model.device().is_cpu() {
@@ -95,13 +101,16 @@ fn mib(b: usize) -> String {
     format!("{:.1}", b as f64 / (1024.0 * 1024.0))
 }
 
-pub fn run(args: BenchArgs) -> Result<()> {
+/// Runs the benchmark; returns its table (or one JSON object per row).
+pub fn run(args: &BenchArgs) -> Result<String> {
+    let mut out = String::new();
     if !alloc::installed() {
-        anyhow::bail!("the counting allocator is not installed: peaks cannot be measured");
+        return Err(Error::Config(
+            "the counting allocator is not installed: peaks cannot be measured".into(),
+        ));
     }
     let chunk = (args.attn_chunk > 0).then_some(args.attn_chunk);
-    let configs = TinyConfigs::sized(Variant::Schnell, args.hidden, args.depth, args.depth_single)
-        .context("model size")?;
+    let configs = TinyConfigs::sized(Variant::Schnell, args.hidden, args.depth, args.depth_single)?;
     let mut model = tiny::load_with(
         &configs,
         None,
@@ -117,7 +126,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .iter()
         .map(|s| {
             base.with_spec(s)
-                .with_context(|| format!("--plans: `{s}`"))
+                .map_err(|e| Error::InvalidRequest(format!("--plans: `{s}`: {e}")))
                 .map(|p| (s.clone(), p))
         })
         .collect::<Result<Vec<_>>>()?;
@@ -132,7 +141,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         std::thread::available_parallelism().map_or(1, |n| n.get()),
     );
     if !args.json {
-        println!(
+        outln!(
+            out,
             "{:<26} {:>9} {:>11} {:>11} {:>11} {:>11} {:>11} {:>9} {:>8} {:>9} {:>8} {:>11}",
             "plan",
             "size",
@@ -207,7 +217,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     .map_or(0, |(_, b)| *b)
             };
             if args.json {
-                println!(
+                outln!(
+                    out,
                     "{}",
                     serde_json::json!({
                         "plan": row.plan,
@@ -226,7 +237,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     })
                 );
             } else {
-                println!(
+                outln!(out,
                     "{:<26} {:>9} {:>11} {:>11} {:>11} {:>11} {:>11} {:>9.2} {:>7.2}x {:>9} {:>8} {:>11.3}",
                     row.plan,
                     format!("{}x{}", row.side, row.side),
@@ -244,5 +255,5 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(out)
 }

@@ -5,48 +5,51 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
-use clap::Args;
-use fluxfit::candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use fluxfit::candle_core::{DType, Device, Module, Tensor};
-use fluxfit::checkpoint::gguf;
-use fluxfit::checkpoint::layout::open_flow;
-use fluxfit::checkpoint::quantize::{self, QuantSpec};
-use fluxfit::checkpoint::store::TensorStore;
-use fluxfit::memory::residency::{Placement, Residency};
-use fluxfit::model::flow::{FlowConfig, FlowSample, Flux};
-use fluxfit::model::ops::linear;
-use fluxfit::noise::{torch_randn, NoiseKind};
-use fluxfit::pipeline::tiny::{self, TinyConfigs};
-use fluxfit::pipeline::LoadOptions;
-use fluxfit::variant::Variant;
+use crate::candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use crate::candle_core::{DType, Device, Module, Tensor};
+use crate::checkpoint::gguf;
+use crate::checkpoint::layout::open_flow;
+use crate::checkpoint::quantize::{self, QuantSpec};
+use crate::checkpoint::store::TensorStore;
+use crate::error::{Error, Result};
+use crate::memory::residency::{Placement, Residency};
+use crate::model::flow::{FlowConfig, FlowSample, Flux};
+use crate::model::ops::linear;
+use crate::noise::{torch_randn, NoiseKind};
+use crate::pipeline::tiny::{self, TinyConfigs};
+use crate::pipeline::LoadOptions;
+use crate::variant::Variant;
 
-#[derive(Args, Debug)]
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct BenchQuantArgs {
     /// Flow model width (MLP 4×, heads of 64); a multiple of 256 so that every K-quant applies.
-    #[arg(long, default_value_t = 512)]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 512))]
     pub hidden: usize,
     /// Double-stream blocks.
-    #[arg(long, default_value_t = 2)]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 2))]
     pub depth: usize,
     /// Single-stream blocks.
-    #[arg(long, default_value_t = 4)]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 4))]
     pub depth_single: usize,
     /// Image tokens per forward (a square number); 64 text tokens are added.
-    #[arg(long, default_value_t = 256)]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 256))]
     pub tokens: usize,
     /// Timed runs per measurement, alternating with f32; the fastest is reported.
-    #[arg(long, default_value_t = 5)]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 5))]
     pub repeat: usize,
     /// Storage types, comma-separated (`fp8` is e4m3 with a per-tensor scale, ComfyUI's layout).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "bf16,f16,fp8,q8_0,q6_k,q5_k,q5_0,q4_k,q4_0,q3_k,q2_k"
+    #[cfg_attr(
+        feature = "clap",
+        arg(
+            long,
+            value_delimiter = ',',
+            default_value = "bf16,f16,fp8,q8_0,q6_k,q5_k,q5_0,q4_k,q4_0,q3_k,q2_k"
+        )
     )]
     pub types: Vec<String>,
     /// Keep the model and its quantized copies in this folder (default: a temporary one).
-    #[arg(long)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub dir: Option<std::path::PathBuf>,
 }
 
@@ -74,9 +77,11 @@ fn ab<T, U>(
 fn inputs(cfg: &FlowConfig, tokens: usize) -> Result<FlowSample> {
     let side = (tokens as f64).sqrt() as usize;
     if side * side != tokens {
-        bail!("--tokens {tokens}: must be a square number");
+        return Err(Error::InvalidRequest(format!(
+            "--tokens {tokens}: must be a square number"
+        )));
     }
-    Ok(FlowSample::seeded(cfg, side, 64, 0)?)
+    FlowSample::seeded(cfg, side, 64, 0)
 }
 
 /// One configuration's numbers: times relative to f32, measured alternately with it.
@@ -151,7 +156,7 @@ impl Setup {
 }
 
 fn forward(flux: &Flux, w: &Residency, inp: &FlowSample) -> Result<Tensor> {
-    Ok(flux.forward(w, &inp.inputs(&flux.config))?)
+    flux.forward(w, &inp.inputs(&flux.config))
 }
 
 fn rel_err(y: &Tensor, want: &Tensor) -> Result<f32> {
@@ -205,7 +210,7 @@ fn measure(
     let fast = it.store.keys().any(|k| {
         it.store
             .gguf_raw(k)
-            .is_some_and(|(t, _)| fluxfit::memory::residency::fast_qmatmul(&Device::Cpu, t))
+            .is_some_and(|(t, _)| crate::memory::residency::fast_qmatmul(&Device::Cpu, t))
     });
     let qmatmul = if fast {
         let y = forward(flux, &it.qmatmul, inp)?;
@@ -248,60 +253,63 @@ fn write_fp8(store: &TensorStore, path: &std::path::Path) -> Result<()> {
             tensors.insert(key.clone(), w);
         }
     }
-    fluxfit::candle_core::safetensors::save(&tensors, path)?;
+    crate::candle_core::safetensors::save(&tensors, path)?;
     Ok(())
 }
 
-pub fn run(args: BenchQuantArgs) -> Result<()> {
+/// Runs the benchmark; returns its tables (Markdown).
+pub fn run(args: &BenchQuantArgs) -> Result<String> {
     let tmp;
     let dir = match &args.dir {
         Some(d) => {
-            std::fs::create_dir_all(d).with_context(|| d.display().to_string())?;
+            std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
             d.clone()
         }
         None => {
             tmp = std::env::temp_dir().join(format!("fluxfit-bench-quant-{}", std::process::id()));
-            std::fs::create_dir_all(&tmp)?;
+            std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
             tmp.clone()
         }
     };
-    let result = bench(&args, &dir);
+    let mut out = String::new();
+    let result = bench(args, &dir, &mut out);
     if args.dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    result
+    result.map(|()| out)
 }
 
 /// File sizes of the published FLUX.1-dev flow model and T5-XXL encoder in each type, under
 /// `fluxfit quantize`'s default rules (from their manifests, no weights needed).
-fn published_sizes(types: &[String]) -> Result<()> {
-    use fluxfit::checkpoint::quantize::Component;
-    use fluxfit::planner::manifest::Manifest;
+fn published_sizes(types: &[String], out: &mut String) -> Result<()> {
+    use crate::checkpoint::quantize::Component;
+    use crate::planner::manifest::Manifest;
     let size = |m: &Manifest, c: Component, t: GgmlDType| -> Result<(f64, f64)> {
         let shapes = m.entries.iter().map(|e| (e.name.clone(), e.shape.clone()));
         let plan = quantize::plan_shapes(shapes, c, &QuantSpec::new(t))
-            .map_err(|k| anyhow::anyhow!("no GGUF name for `{k}`"))?;
+            .map_err(|k| Error::Config(format!("no GGUF name for `{k}`")))?;
         let bytes: usize = plan.iter().map(|c| c.nbytes()).sum();
         Ok((bytes as f64 / 1e9, 8.0 * bytes as f64 / m.params() as f64))
     };
     let (flow, t5) = (Manifest::flow(Variant::Dev), Manifest::t5_xxl());
-    println!(
+    outln!(
+        out,
         "
 | type | FLUX.1-dev flow | bits/weight | T5-XXL encoder |"
     );
-    println!("|---|---|---|---|");
+    outln!(out, "|---|---|---|---|");
     for t in std::iter::once("f32").chain(types.iter().map(String::as_str)) {
         let Ok(ggml) = gguf::parse_type(t) else {
             continue;
         };
         let (f, bits) = size(&flow, Component::Flow, ggml)?;
         let (e, _) = size(&t5, Component::T5, ggml)?;
-        println!("| {t} | {f:.2} GB | {bits:.2} | {e:.2} GB |");
+        outln!(out, "| {t} | {f:.2} GB | {bits:.2} | {e:.2} GB |");
     }
     Ok(())
 }
 
-fn bench(args: &BenchQuantArgs, dir: &std::path::Path) -> Result<()> {
+fn bench(args: &BenchQuantArgs, dir: &std::path::Path, out: &mut String) -> Result<()> {
     let src = dir.join("flow.safetensors");
     if !src.exists() {
         let configs = TinyConfigs::sized(Variant::Dev, args.hidden, args.depth, args.depth_single)?;
@@ -380,13 +388,14 @@ fn bench(args: &BenchQuantArgs, dir: &std::path::Path) -> Result<()> {
         rows.push(measure(t, &base, &it, &flux, &inp, &want, args.repeat)?);
     }
 
-    println!(
+    outln!(out,
         "| storage | bits/weight | flow rel. error | materialise in f32 | resident forward | streamed forward | packed resident forward | packed bytes held | qmatmul resident forward | qmatmul error |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    outln!(out, "|---|---|---|---|---|---|---|---|---|---|");
     let opt = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.2}×"));
     for r in &rows {
-        println!(
+        outln!(
+            out,
             "| {} | {:.2} | {:.1e} | {:.2}× | {:.2}× | {:.2}× | {} | {} | {} | {} |",
             r.name,
             r.bits,
@@ -401,7 +410,8 @@ fn bench(args: &BenchQuantArgs, dir: &std::path::Path) -> Result<()> {
                 .map_or("—".to_string(), |q| format!("{:.1e}", q.1))
         );
     }
-    println!(
+    outln!(
+        out,
         "\nf32: materialise {:.0} ms, resident forward {:.0} ms, streamed (stream:1:2) {:.0} ms \
          (fastest of {}; each type's times are relative to f32 runs alternated with its own)",
         l0 * 1e3,
@@ -424,21 +434,22 @@ fn bench(args: &BenchQuantArgs, dir: &std::path::Path) -> Result<()> {
         &Device::Cpu,
     )?;
     let reps = args.repeat.max(3);
-    let (dense, _) = ab(reps, || Ok(linear(&x, &w, None)?), || Ok(()))?;
+    let (dense, _) = ab(reps, || linear(&x, &w, None), || Ok(()))?;
     let exact = linear(&x, &w, None)?;
     let rel = |y: &Tensor| -> Result<f32> {
         let num = (y - &exact)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
         let den = exact.sqr()?.sum_all()?.to_scalar::<f32>()?;
         Ok((num / den).sqrt())
     };
-    println!(
+    outln!(
+        out,
         "\nmatmul [{rows_x}×{h}]·[{m}×{h}]ᵀ: f32 {:.2} ms",
         dense * 1e3
     );
-    println!(
+    outln!(out,
         "| type | QMatMul time | dequantize | dequantize + f32 matmul | error, dequantize + f32 | error, QMatMul |"
     );
-    println!("|---|---|---|---|---|---|");
+    outln!(out, "|---|---|---|---|---|---|");
     for t in &args.types {
         let Ok(ggml) = gguf::parse_type(t) else {
             continue;
@@ -448,17 +459,18 @@ fn bench(args: &BenchQuantArgs, dir: &std::path::Path) -> Result<()> {
         }
         let q = Arc::new(QTensor::quantize(&w, ggml)?);
         let mm = QMatMul::from_arc(q.clone())?;
-        let (dense, qmm) = ab(reps, || Ok(linear(&x, &w, None)?), || Ok(mm.forward(&x)?))?;
+        let (dense, qmm) = ab(reps, || linear(&x, &w, None), || Ok(mm.forward(&x)?))?;
         let (_, deq) = ab(reps, || Ok(()), || Ok(q.dequantize(&Device::Cpu)?))?;
         // QMatMul quantizes the activations too (to 8 bits): its own error on top.
         let e_deq = rel(&linear(&x, &q.dequantize(&Device::Cpu)?, None)?)?;
         let e_qmm = rel(&mm.forward(&x)?)?;
-        println!(
+        outln!(
+            out,
             "| {t} | {:.2}× | {:.2}× | {:.2}× | {e_deq:.1e} | {e_qmm:.1e} |",
             qmm / dense,
             deq / dense,
             (deq + dense) / dense
         );
     }
-    published_sizes(&args.types)
+    published_sizes(&args.types, out)
 }
