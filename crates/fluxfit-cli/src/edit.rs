@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use fluxfit::image::{read_rgb8, resize_lanczos, Rgb8};
 use fluxfit::pipeline::kontext::{aspect_ratio_size, conditioning_size, image_tensor};
-use fluxfit::pipeline::{Model, Text2Image};
+use fluxfit::pipeline::{Model, Request};
 
 use crate::generate::{check_output, metadata};
 use crate::run_args::{
@@ -163,7 +163,7 @@ const LOOP_HELP: &str = "Enter an edit instruction (empty: repeat the last one),
   /q              quit";
 
 /// One edit of `cond` for `req`, written with its metadata.
-fn edit_one(model: &Model, req: &Text2Image, args: &EditArgs, cond: &Rgb8) -> Result<PathBuf> {
+fn edit_one(model: &Model, req: &Request, args: &EditArgs, cond: &Rgb8) -> Result<PathBuf> {
     let (cw, ch) = (cond.width, cond.height);
     if !args.run.quiet {
         eprintln!(

@@ -10,7 +10,7 @@ use fluxfit::image::{read_alpha_mask, read_mask, read_rgb8, resize_lanczos, resi
 use fluxfit::pipeline::fill::{
     fill_size, fill_tensors, outpaint_canvas, outpaint_geometry, Outpaint,
 };
-use fluxfit::pipeline::{Model, Text2Image};
+use fluxfit::pipeline::{Model, Request};
 
 use crate::generate::{check_output, metadata};
 use crate::run_args::{
@@ -182,7 +182,7 @@ const LOOP_HELP: &str =
 /// One fill of `canvas` where `mask` says, written with its metadata.
 fn fill_one(
     model: &Model,
-    req: &Text2Image,
+    req: &Request,
     args: &FillArgs,
     canvas: &Rgb8,
     mask: &[u8],

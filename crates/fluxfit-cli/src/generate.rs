@@ -12,7 +12,7 @@ use fluxfit::memory::ledger::MemoryReport;
 use fluxfit::noise::NoiseKind;
 use fluxfit::pipeline::control::canny_control;
 use fluxfit::pipeline::kontext::image_tensor;
-use fluxfit::pipeline::{Event, ImageInit, Model, Text2Image};
+use fluxfit::pipeline::{Event, ImageInit, Model, Request};
 use fluxfit::variant::Variant;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -154,7 +154,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         None if tiny => (256, 256),
         None => (1360, 768),
     };
-    let mut req = Text2Image {
+    let mut req = Request {
         prompt: args.prompt.clone(),
         width: floor16(
             "width",
@@ -196,7 +196,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 /// Once, after the device ran out of memory: the next smaller plan, said out loud.
 fn retry_smaller(
     model: &mut Model,
-    req: &Text2Image,
+    req: &Request,
     args: &GenerateArgs,
     e: anyhow::Error,
 ) -> Result<()> {
@@ -228,7 +228,7 @@ fn parse_strength(s: &str) -> std::result::Result<f64, String> {
 }
 
 /// The init image as the request needs it (see `--init-image`).
-fn load_init(args: &GenerateArgs, req: &Text2Image) -> Result<Option<ImageInit>> {
+fn load_init(args: &GenerateArgs, req: &Request) -> Result<Option<ImageInit>> {
     let Some(path) = &args.init_image else {
         return Ok(None);
     };
@@ -247,7 +247,7 @@ fn load_init(args: &GenerateArgs, req: &Text2Image) -> Result<Option<ImageInit>>
 fn load_control(
     args: &GenerateArgs,
     model: &Model,
-    req: &Text2Image,
+    req: &Request,
 ) -> Result<Option<(fluxfit::candle_core::Tensor, &'static str)>> {
     let Some(path) = &args.control_image else {
         return Ok(None);
@@ -275,7 +275,7 @@ fn report_memory(report: &MemoryReport, model: &Model, args: &GenerateArgs) -> R
     Ok(())
 }
 
-fn generate_one(model: &Model, req: &Text2Image, args: &GenerateArgs) -> Result<PathBuf> {
+fn generate_one(model: &Model, req: &Request, args: &GenerateArgs) -> Result<PathBuf> {
     if !args.run.quiet {
         eprintln!(
             "{} | {}x{} | {} steps | guidance {} | seed {} | {:?} on {:?} | plan {}",
@@ -306,7 +306,7 @@ fn generate_one(model: &Model, req: &Text2Image, args: &GenerateArgs) -> Result<
     };
     let init = load_init(args, req)?;
     let mut on_event = |e| match e {
-        Event::Phase(p) => bar.set_message(p),
+        Event::Phase(p) => bar.set_message(p.name()),
         Event::Step { step, total } => {
             bar.set_length(total as u64);
             bar.set_position(step as u64)
@@ -361,7 +361,7 @@ fn generate_one(model: &Model, req: &Text2Image, args: &GenerateArgs) -> Result<
 }
 
 /// PNG text chunks: one per field, plus A1111's `parameters` line that many tools read.
-pub fn metadata(model: &Model, req: &Text2Image) -> Vec<(String, String)> {
+pub fn metadata(model: &Model, req: &Request) -> Vec<(String, String)> {
     let dtype = format!("{:?}", model.dtype()).to_lowercase();
     let mut m: Vec<(String, String)> = vec![
         ("prompt".into(), req.prompt.clone()),
@@ -413,7 +413,7 @@ const LOOP_HELP: &str = "Enter a prompt to generate (empty: repeat the last one)
   /q         quit";
 
 /// The reference's `--loop`: settings persist, the seed is reset after each image.
-fn interactive(model: &Model, req: Text2Image, mut args: GenerateArgs) -> Result<()> {
+fn interactive(model: &Model, req: Request, mut args: GenerateArgs) -> Result<()> {
     let seed = args.run.seed;
     interactive_loop(LOOP_HELP, req, seed, |event| {
         match event {

@@ -7,14 +7,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use fluxfit::checkpoint::quantize::QuantSpec;
-use fluxfit::memory::plan::ComponentKind;
+use fluxfit::memory::plan::Component;
 use fluxfit::pipeline::LoadOptions;
 use fluxfit::planner::choice::{
     auto_storage, default_size, plan_candidates, storage_choices, Quant,
 };
 use fluxfit::planner::report::{chart, render_storage, render_table};
 use fluxfit::planner::{
-    alternatives, candidates, Budget, DeviceProfile, ModelSpec, PlanTable, Request,
+    alternatives, candidates, Budget, DeviceProfile, ModelSpec, PlanTable, Workload,
 };
 use fluxfit::variant::Variant;
 
@@ -83,7 +83,7 @@ fn model_spec(m: &ModelArgs, options: LoadOptions) -> Result<ModelSpec> {
         return Ok(spec);
     }
     let local =
-        m.model == "tiny" || Path::new(&m.model).exists() || m.flow.is_some() || m.ae.is_some();
+        m.model == "tiny" || Path::new(&m.model).exists() || m.flow.is_some() || m.vae.is_some();
     if !local {
         bail!(
             "--model {}: `fluxfit plan` reads a local folder, `tiny` or a published variant ({}) and downloads nothing{}",
@@ -118,7 +118,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         _ => spec,
     };
     let (dw, dh) = default_size(&spec);
-    let req = Request {
+    let req = Workload {
         width: args.width.unwrap_or(dw) / 16 * 16,
         height: args.height.unwrap_or(dh) / 16 * 16,
         t5_tokens: args.t5_tokens.unwrap_or(spec.variant.t5_tokens()),
@@ -175,7 +175,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         print!("{}", render_storage(&storage));
     }
     if let (Quant::Auto, Some(b)) = (args.quant, budget) {
-        if !spec.packable(ComponentKind::Flow) {
+        if !spec.packable(Component::Flow) {
             let base = candidates(&device, dtype, chunk);
             match auto_storage(&spec, &req, &device, &base, b) {
                 Some((_, _, line)) => println!("--quant auto takes {line}"),

@@ -11,9 +11,9 @@ use fluxfit::candle_core::{DType, Device, Tensor};
 use fluxfit::image::{next_free_path, save, to_rgb8};
 use fluxfit::memory::plan::Plan;
 use fluxfit::noise::NoiseKind;
-use fluxfit::pipeline::{Event, LoadOptions, Model, Text2Image};
+use fluxfit::pipeline::{Event, LoadOptions, Model, Request};
 use fluxfit::planner::choice::{choose, default_size, gpu_index, Choosing, Quant};
-use fluxfit::planner::{Budget, DeviceProfile, ModelSpec, Request};
+use fluxfit::planner::{Budget, DeviceProfile, ModelSpec, Workload};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::source::ModelArgs;
@@ -163,9 +163,9 @@ impl RunArgs {
     }
 
     /// The request at `width` × `height` with the variant's defaults where no flag is given.
-    pub fn request(&self, model: &Model, prompt: &str, width: usize, height: usize) -> Text2Image {
+    pub fn request(&self, model: &Model, prompt: &str, width: usize, height: usize) -> Request {
         let v = model.variant;
-        Text2Image {
+        Request {
             prompt: prompt.to_string(),
             width,
             height,
@@ -195,7 +195,7 @@ pub fn progress(quiet: bool) -> ProgressBar {
 /// Moves `bar` along with a generation's events.
 pub fn on_event(bar: &ProgressBar) -> impl FnMut(Event) + '_ {
     move |e| match e {
-        Event::Phase(p) => bar.set_message(p),
+        Event::Phase(p) => bar.set_message(p.name()),
         Event::Step { step, total } => {
             bar.set_length(total as u64);
             bar.set_position(step as u64)
@@ -217,7 +217,7 @@ pub fn write_image(
     image: &Tensor,
     out: &Path,
     meta: &[(String, String)],
-    req: &Text2Image,
+    req: &Request,
 ) -> Result<PathBuf> {
     let rgb = to_rgb8(image)?;
     let path = next_free_path(out);
@@ -239,10 +239,10 @@ pub enum LoopEvent<'a> {
     Command {
         name: &'a str,
         value: &'a str,
-        req: &'a mut Text2Image,
+        req: &'a mut Request,
     },
     /// Generate this request (its prompt and seed set).
-    Run(&'a Text2Image),
+    Run(&'a Request),
 }
 
 /// The reference's `--loop` over `req`: prompts from stdin (an empty line repeats the last
@@ -251,7 +251,7 @@ pub enum LoopEvent<'a> {
 /// everything else goes to `step`, whose errors are printed without ending the loop.
 pub fn interactive_loop(
     help: &str,
-    mut req: Text2Image,
+    mut req: Request,
     seed: Option<u64>,
     mut step: impl FnMut(LoopEvent) -> Result<bool>,
 ) -> Result<()> {
@@ -420,7 +420,7 @@ pub fn vram_plan_for_model(model: &Model, r: &VramRequest) -> Result<VramChoice>
 fn pick_plan(spec: &ModelSpec, r: &VramRequest) -> Result<VramChoice> {
     let device = DeviceProfile::for_device(r.device);
     let (dw, dh) = default_size(spec);
-    let request = Request {
+    let request = Workload {
         width: r.width.unwrap_or(dw) / 16 * 16,
         height: r.height.unwrap_or(dh) / 16 * 16,
         t5_tokens: r.t5_tokens.unwrap_or(spec.variant.t5_tokens()),

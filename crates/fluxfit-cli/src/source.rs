@@ -18,9 +18,9 @@ pub struct ModelArgs {
     /// `transformer/` folder, or a GGUF (`fluxfit quantize`, city96's `flux1-*-Q*.gguf`).
     #[arg(long)]
     pub flow: Option<PathBuf>,
-    /// Autoencoder: `ae.safetensors` or a diffusers `vae/` folder.
-    #[arg(long)]
-    pub ae: Option<PathBuf>,
+    /// Autoencoder (VAE): `ae.safetensors` or a diffusers `vae/` folder (`--ae` is accepted too).
+    #[arg(long, alias = "ae")]
+    pub vae: Option<PathBuf>,
     /// T5 encoder folder (`text_encoder_2/`) or GGUF file; its tokenizer is read from the folder
     /// or `../tokenizer_2/`.
     #[arg(long)]
@@ -47,7 +47,7 @@ impl ModelArgs {
     /// A LoRA's tensors are only known from its file, so `--lora` plans from headers.
     pub fn published_variant(&self) -> Option<Variant> {
         let parts = self.flow.is_some()
-            || self.ae.is_some()
+            || self.vae.is_some()
             || self.t5.is_some()
             || self.clip.is_some()
             || self.lora.is_some();
@@ -64,7 +64,7 @@ impl ModelArgs {
     fn overrides(&self) -> ModelPaths {
         ModelPaths {
             flow: self.flow.clone(),
-            ae: self.ae.clone(),
+            vae: self.vae.clone(),
             t5: self.t5.clone(),
             clip: self.clip.clone(),
             ..Default::default()
@@ -94,7 +94,7 @@ impl ModelArgs {
                 bail!("--lora {}: no such file", lora.display());
             }
         }
-        let has_parts = self.flow.is_some() || self.ae.is_some();
+        let has_parts = self.flow.is_some() || self.vae.is_some();
         let dir = match ModelRef::parse(&self.model, self.variant()?)? {
             ModelRef::Tiny if !has_parts => return Ok(tiny::load(options)?),
             ModelRef::Tiny => None,

@@ -15,11 +15,11 @@ fn bfl_flow() -> PathBuf {
     fixtures().join("tiny-bfl/flux1-tiny-dev.safetensors")
 }
 
-/// `--ae`, `--t5`, `--clip` of the tiny fixtures (BFL autoencoder, diffusers text encoders).
+/// `--vae`, `--t5`, `--clip` of the tiny fixtures (BFL autoencoder, diffusers text encoders).
 fn parts() -> Vec<String> {
     let f = fixtures();
     [
-        ("--ae", f.join("tiny-bfl/ae.safetensors")),
+        ("--vae", f.join("tiny-bfl/ae.safetensors")),
         ("--t5", f.join("tiny-diffusers/text_encoder_2")),
         ("--clip", f.join("tiny-diffusers/text_encoder")),
     ]
@@ -231,7 +231,7 @@ fn bfl_files_and_diffusers_folder_give_the_same_pixels() {
 // ---------------------------------------------------------------------------------------------
 // Bad input
 
-/// `--flow FLOW --ae … --t5 … --clip …` plus small sizes.
+/// `--flow FLOW --vae … --t5 … --clip …` plus small sizes.
 fn with_flow(flow: &Path, extra: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = vec!["--flow".into(), s(flow)];
     v.extend(parts());

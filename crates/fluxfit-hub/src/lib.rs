@@ -731,7 +731,7 @@ fn select(listed: &[(String, u64)], wanted: &Wanted) -> Result<Vec<(String, u64)
         bail!(
             "the repo lacks what fluxfit needs: {} (is it a FLUX.1 repo in the official layout, \
              with BFL files and diffusers text encoders? if not, download it yourself and pass \
-             --model the folder, or --flow/--ae/--t5/--clip)",
+             --model the folder, or --flow/--vae/--t5/--clip)",
             lacking.join(", ")
         );
     }

@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod canny;
 pub mod checkpoint;
+pub mod component;
 pub mod error;
 pub mod image;
 pub mod memory;

@@ -34,8 +34,9 @@ pub use meta_weights::StageCost;
 
 use crate::checkpoint::gguf;
 use crate::checkpoint::quantize::{self, QuantSpec};
+use crate::component::{Component, Phase};
 use crate::error::{Error, Result};
-use crate::memory::plan::{ComponentKind, ComponentPlan, Placement, Plan};
+use crate::memory::plan::{ComponentPlan, Placement, Plan};
 use crate::model::autoencoder::{AutoEncoder, AutoEncoderConfig};
 use crate::model::clip::{ClipConfig, ClipTextModel};
 use crate::model::flow::{FlowConfig, Flux};
@@ -49,19 +50,17 @@ use crate::variant::Variant;
 use meta_model::MetaModel;
 use meta_weights::MetaWeights;
 
-pub const PHASES: [&str; 3] = ["encode", "denoise", "decode"];
-
 /// What the planner knows of a model: the four configurations and their checkpoints' manifests.
 #[derive(Debug, Clone)]
 pub struct ModelSpec {
     pub name: String,
     pub variant: Variant,
     pub flow: FlowConfig,
-    pub ae: AutoEncoderConfig,
+    pub vae: AutoEncoderConfig,
     pub t5: T5Config,
     pub clip: ClipConfig,
     pub flow_manifest: Manifest,
-    pub ae_manifest: Manifest,
+    pub vae_manifest: Manifest,
     pub t5_manifest: Manifest,
     pub clip_manifest: Manifest,
 }
@@ -73,11 +72,11 @@ impl ModelSpec {
             name: variant.name().to_string(),
             variant,
             flow: variant.flow_config(),
-            ae: AutoEncoderConfig::flux(),
+            vae: AutoEncoderConfig::flux(),
             t5: T5Config::xxl(),
             clip: ClipConfig::vit_l_14(),
             flow_manifest: Manifest::flow(variant),
-            ae_manifest: Manifest::ae(),
+            vae_manifest: Manifest::vae(),
             t5_manifest: Manifest::t5_xxl(),
             clip_manifest: Manifest::clip_l(),
         }
@@ -89,13 +88,13 @@ impl ModelSpec {
             name: model.name.clone(),
             variant: model.variant,
             flow: model.flow.net.config.clone(),
-            ae: model.ae.net.config.clone(),
+            vae: model.vae.net.config.clone(),
             t5: model.t5.net.config().clone(),
             clip: model.clip.net.config().clone(),
-            flow_manifest: Manifest::from_store(ComponentKind::Flow, model.flow.weights.store()),
-            ae_manifest: Manifest::from_store(ComponentKind::Vae, model.ae.weights.store()),
-            t5_manifest: Manifest::from_store(ComponentKind::T5, model.t5.weights.store()),
-            clip_manifest: Manifest::from_store(ComponentKind::Clip, model.clip.weights.store()),
+            flow_manifest: Manifest::from_store(Component::Flow, model.flow.weights.store()),
+            vae_manifest: Manifest::from_store(Component::Vae, model.vae.weights.store()),
+            t5_manifest: Manifest::from_store(Component::T5, model.t5.weights.store()),
+            clip_manifest: Manifest::from_store(Component::Clip, model.clip.weights.store()),
         }
     }
 
@@ -104,7 +103,7 @@ impl ModelSpec {
         name: &str,
         variant: Variant,
         flow: FlowConfig,
-        ae: AutoEncoderConfig,
+        vae: AutoEncoderConfig,
         t5: T5Config,
         clip: ClipConfig,
         dtype: DType,
@@ -113,34 +112,34 @@ impl ModelSpec {
         Self {
             name: name.to_string(),
             variant,
-            flow_manifest: m(ComponentKind::Flow, flow.expected_shapes()),
-            ae_manifest: m(ComponentKind::Vae, ae.expected_shapes()),
-            t5_manifest: m(ComponentKind::T5, t5.expected_shapes()),
-            clip_manifest: m(ComponentKind::Clip, clip.expected_shapes()),
+            flow_manifest: m(Component::Flow, flow.expected_shapes()),
+            vae_manifest: m(Component::Vae, vae.expected_shapes()),
+            t5_manifest: m(Component::T5, t5.expected_shapes()),
+            clip_manifest: m(Component::Clip, clip.expected_shapes()),
             flow,
-            ae,
+            vae,
             t5,
             clip,
         }
     }
 
-    pub fn manifest(&self, kind: ComponentKind) -> &Manifest {
+    pub fn manifest(&self, kind: Component) -> &Manifest {
         match kind {
-            ComponentKind::T5 => &self.t5_manifest,
-            ComponentKind::Clip => &self.clip_manifest,
-            ComponentKind::Flow => &self.flow_manifest,
-            ComponentKind::Vae => &self.ae_manifest,
+            Component::T5 => &self.t5_manifest,
+            Component::Clip => &self.clip_manifest,
+            Component::Flow => &self.flow_manifest,
+            Component::Vae => &self.vae_manifest,
         }
     }
 
     /// The stages a component's network asks for, in order (as the pipeline builds them).
-    pub fn stages(&self, kind: ComponentKind) -> Vec<StageSpec> {
+    pub fn stages(&self, kind: Component) -> Vec<StageSpec> {
         match kind {
-            ComponentKind::T5 => T5Encoder::new(self.t5.clone()).stages(),
-            ComponentKind::Clip => ClipTextModel::new(self.clip.clone()).stages(),
-            ComponentKind::Flow => Flux::new(self.flow.clone(), None).stages(),
-            ComponentKind::Vae => {
-                let ae = AutoEncoder::new(self.ae.clone(), None);
+            Component::T5 => T5Encoder::new(self.t5.clone()).stages(),
+            Component::Clip => ClipTextModel::new(self.clip.clone()).stages(),
+            Component::Flow => Flux::new(self.flow.clone(), None).stages(),
+            Component::Vae => {
+                let ae = AutoEncoder::new(self.vae.clone(), None);
                 let mut s = ae.encoder_stages();
                 s.extend(ae.decoder_stages());
                 s
@@ -149,7 +148,7 @@ impl ModelSpec {
     }
 
     /// Bytes of a component's weights in `dtype`.
-    pub fn bytes_as(&self, kind: ComponentKind, dtype: DType) -> u64 {
+    pub fn bytes_as(&self, kind: Component, dtype: DType) -> u64 {
         (self.manifest(kind).params() * dtype.size_in_bytes()) as u64
     }
 
@@ -158,7 +157,7 @@ impl ModelSpec {
     /// `dtype`, as the residency takes it), and what a packed stage dequantizes into.
     pub fn stage_costs(
         &self,
-        kind: ComponentKind,
+        kind: Component,
         dtype: DType,
         cpu: bool,
         cp: &ComponentPlan,
@@ -231,14 +230,15 @@ impl ModelSpec {
     }
 
     /// Whether any weight of `kind` is stored in a GGUF block type (a `+packed` plan helps).
-    pub fn packable(&self, kind: ComponentKind) -> bool {
+    pub fn packable(&self, kind: Component) -> bool {
         self.manifest(kind).entries.iter().any(Entry::packable)
     }
 }
 
-/// What is asked: the image and the text length. How it runs is the [`Plan`].
+/// What a run asks of memory and time: the image and text sizes, the steps, any conditioning
+/// image. How it runs is the [`Plan`].
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Request {
+pub struct Workload {
     pub width: usize,
     pub height: usize,
     pub t5_tokens: usize,
@@ -250,9 +250,9 @@ pub struct Request {
     pub cond_size: Option<(usize, usize)>,
 }
 
-impl Request {
-    /// What a text-to-image request asks of memory (no image input).
-    pub fn for_text2image(req: &crate::pipeline::Text2Image) -> Self {
+impl Workload {
+    /// What a request asks of memory (text to image: no image input).
+    pub fn of(req: &crate::pipeline::Request) -> Self {
         Self {
             width: req.width,
             height: req.height,
@@ -295,7 +295,7 @@ impl Request {
 /// One phase's prediction. Bytes on the compute device unless said otherwise.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PhasePrediction {
-    pub phase: &'static str,
+    pub phase: Phase,
     /// The largest total: weights + activations + workspace at the same moment.
     pub total: u64,
     /// Weights held at that moment (resident, this phase's, a stream window in flight).
@@ -333,17 +333,17 @@ pub struct Prediction {
 }
 
 impl Prediction {
-    pub fn phase(&self, name: &str) -> Option<&PhasePrediction> {
-        self.phases.iter().find(|p| p.phase == name)
+    pub fn phase(&self, phase: Phase) -> Option<&PhasePrediction> {
+        self.phases.iter().find(|p| p.phase == phase)
     }
 }
 
 /// The dtype a component computes in under `plan` on `device`, as `pipeline::model` decides it:
 /// the VAE computes in f32 wherever it runs on the CPU (candle has no half-precision CPU conv).
-pub fn effective_dtype(plan: &Plan, kind: ComponentKind, device: &DeviceProfile) -> DType {
+pub fn effective_dtype(plan: &Plan, kind: Component, device: &DeviceProfile) -> DType {
     let cp = plan.component(kind);
     let on_cpu = device.is_cpu() || cp.placement == Placement::Cpu;
-    if kind == ComponentKind::Vae && on_cpu {
+    if kind == Component::Vae && on_cpu {
         DType::F32
     } else {
         cp.compute
@@ -354,7 +354,7 @@ pub fn effective_dtype(plan: &Plan, kind: ComponentKind, device: &DeviceProfile)
 /// (`pipeline::run`) and the networks run over meta tensors, with the plan's weights.
 pub fn predict(
     model: &ModelSpec,
-    req: &Request,
+    req: &Workload,
     plan: &Plan,
     device: &DeviceProfile,
 ) -> Prediction {
@@ -399,13 +399,13 @@ pub fn predict(
 /// One run of the request over meta tensors, `passes` denoising steps: what each phase held.
 fn run_meta(
     model: &ModelSpec,
-    req: &Request,
+    req: &Workload,
     plan: &Plan,
     device: &DeviceProfile,
     passes: usize,
 ) -> Result<Vec<PhaseStat>> {
     let heap = Heap::new(device.meta_config());
-    let weights = |kind: ComponentKind| {
+    let weights = |kind: Component| {
         let dtype = effective_dtype(plan, kind, device);
         let cp = plan.component(kind);
         let cpu = device.is_cpu() || cp.placement == Placement::Cpu;
@@ -431,16 +431,16 @@ fn run_meta(
         vae_tile: plan.vae_tile,
         flow: (
             Flux::new(model.flow.clone(), plan.attn_chunk),
-            weights(ComponentKind::Flow),
+            weights(Component::Flow),
         ),
-        ae: (
-            AutoEncoder::new(model.ae.clone(), plan.attn_chunk),
-            weights(ComponentKind::Vae),
+        vae: (
+            AutoEncoder::new(model.vae.clone(), plan.attn_chunk),
+            weights(Component::Vae),
         ),
-        t5: (T5Encoder::new(model.t5.clone()), weights(ComponentKind::T5)),
+        t5: (T5Encoder::new(model.t5.clone()), weights(Component::T5)),
         clip: (
             ClipTextModel::new(model.clip.clone()),
-            weights(ComponentKind::Clip),
+            weights(Component::Clip),
         ),
     };
     let s = Sampling {
@@ -461,8 +461,8 @@ fn run_meta(
     let (w, h) = (req.width, req.height);
     match (req.image_input, model.variant) {
         (false, _) => {
-            use ComponentKind::{Clip, T5};
-            let (txt, vec) = run::phase(&m, "encode", &[T5, Clip], on_event, |_| {
+            use Component::{Clip, T5};
+            let (txt, vec) = run::phase(&m, Phase::Encode, &[T5, Clip], on_event, |_| {
                 run::encode_text(&m, "", req.t5_tokens)
             })?;
             run::denoise_decode(&m, &s, &txt, &vec, Start::Noise, Cond::None, on_event)?;
@@ -507,7 +507,7 @@ fn run_meta(
         }
     }
     let mut phases = heap.take_phases();
-    if let Some(d) = phases.iter_mut().find(|p| p.name == "denoise") {
+    if let Some(d) = phases.iter_mut().find(|p| p.name == Phase::Denoise) {
         d.passes = passes;
     }
     Ok(phases)
@@ -523,7 +523,7 @@ fn phase_time(
 ) -> (f64, f64, f64) {
     let _ = model;
     let seg_time = |s: &Segment| -> (f64, f64, f64) {
-        let component = s.owner.map(|i| ComponentKind::ALL[i]);
+        let component = s.owner.map(|i| Component::ALL[i]);
         let (rate, bw, conv) = match (s.host, component) {
             (true, _) => (
                 device.host.f32_flops,
@@ -565,12 +565,12 @@ fn phase_time(
     let flow_segs: Vec<&Segment> = st
         .segments
         .iter()
-        .filter(|s| s.owner == Some(ComponentKind::Flow as usize))
+        .filter(|s| s.owner == Some(Component::Flow as usize))
         .collect();
     let other: Vec<&Segment> = st
         .segments
         .iter()
-        .filter(|s| s.owner != Some(ComponentKind::Flow as usize))
+        .filter(|s| s.owner != Some(Component::Flow as usize))
         .collect();
     let (mut t, mut tr, mut res) = (0.0, 0.0, 0.0);
     for s in other {
@@ -600,9 +600,9 @@ fn phase_time(
 
 /// A short name for a plan: its placements, the attention chunk and VAE tile when set.
 pub fn label(plan: &Plan) -> String {
-    let p = |k: ComponentKind| plan.component(k).placement;
-    use ComponentKind::*;
-    let all_same = |pl: Placement| ComponentKind::ALL.iter().all(|k| p(*k) == pl);
+    let p = |k: Component| plan.component(k).placement;
+    use Component::*;
+    let all_same = |pl: Placement| Component::ALL.iter().all(|k| p(*k) == pl);
     let mut s = if all_same(Placement::Resident) {
         "resident".to_string()
     } else if all_same(Placement::Phase) {
@@ -642,8 +642,8 @@ pub fn label(plan: &Plan) -> String {
 /// for the cost of dequantizing each stage when it is used.
 pub fn with_packed(candidates: &[Candidate], model: &ModelSpec) -> Vec<Candidate> {
     let (flow, t5) = (
-        model.packable(ComponentKind::Flow),
-        model.packable(ComponentKind::T5),
+        model.packable(Component::Flow),
+        model.packable(Component::T5),
     );
     let mut out = candidates.to_vec();
     if flow || t5 {
@@ -790,7 +790,7 @@ pub fn format_secs(t: f64) -> String {
 pub struct PlanTable {
     pub model: String,
     pub device: String,
-    pub request: Request,
+    pub request: Workload,
     pub rows: Vec<Row>,
     /// Time of the all-resident plan (the reference for `relative`).
     pub resident_time_s: f64,
@@ -807,7 +807,7 @@ pub struct Row {
 impl PlanTable {
     pub fn new(
         model: &ModelSpec,
-        req: &Request,
+        req: &Workload,
         device: &DeviceProfile,
         candidates: &[Candidate],
     ) -> Self {
@@ -888,14 +888,14 @@ pub struct Alternative {
 /// feature fluxfit does not have yet (tiled VAE, quantized weights).
 pub fn alternatives(
     model: &ModelSpec,
-    req: &Request,
+    req: &Workload,
     device: &DeviceProfile,
     cands: &[Candidate],
     budget: Budget,
 ) -> Vec<Alternative> {
     let mut out = Vec::new();
     let runnable: Vec<&Candidate> = cands.iter().filter(|c| c.needs.is_none()).collect();
-    let best = |r: &Request| -> Option<Prediction> {
+    let best = |r: &Workload| -> Option<Prediction> {
         runnable
             .iter()
             .map(|c| predict(model, r, &c.plan, device))
@@ -904,9 +904,9 @@ pub fn alternatives(
     };
     // The largest size of this aspect ratio that fits, sides multiples of 16.
     let (mut lo, mut hi) = (0.0f64, 1.0f64);
-    let sized = |f: f64| -> Request {
+    let sized = |f: f64| -> Workload {
         let side = |v: usize| (((v as f64 * f) as usize) / 16 * 16).max(64);
-        Request {
+        Workload {
             width: side(req.width),
             height: side(req.height),
             ..req.clone()
@@ -934,7 +934,7 @@ pub fn alternatives(
         }
     }
     if req.t5_tokens > 128 {
-        let r = Request {
+        let r = Workload {
             t5_tokens: 128,
             ..req.clone()
         };
@@ -958,7 +958,7 @@ pub fn alternatives(
     }
     // Quantized storage kept packed on the device: the fastest fitting plan with the flow and
     // T5 weights stored as 8-bit, then 4-bit GGUF (what `fluxfit quantize` writes).
-    if !model.packable(ComponentKind::Flow) {
+    if !model.packable(Component::Flow) {
         let plain: Vec<Candidate> = runnable.iter().map(|c| (*c).clone()).collect();
         for t in [GgmlDType::Q8_0, GgmlDType::Q4K] {
             let q = model.quantized(&QuantSpec::new(t));
@@ -989,7 +989,7 @@ pub fn alternatives(
 pub fn plan_of(
     dtype: DType,
     attn_chunk: Option<usize>,
-    placements: [(ComponentKind, Placement); 4],
+    placements: [(Component, Placement); 4],
 ) -> Plan {
     let mut p = Plan::resident(dtype, attn_chunk);
     for (k, pl) in placements {
@@ -1048,26 +1048,26 @@ mod tests {
     #[test]
     fn resident_holds_every_weight_and_phase_only_its_own() {
         let m = ModelSpec::published(Variant::Dev);
-        let req = Request::new(Variant::Dev, 1024, 1024);
+        let req = Workload::new(Variant::Dev, 1024, 1024);
         let d = gpu();
-        let all: u64 = ComponentKind::ALL
+        let all: u64 = Component::ALL
             .iter()
             .map(|k| m.bytes_as(*k, DType::BF16))
             .sum();
         let r = predict(&m, &req, &plan("resident"), &d);
         // The decode phase of a resident run holds everything but the VAE encoder.
         let enc = {
-            let ae = AutoEncoder::new(m.ae.clone(), None);
+            let ae = AutoEncoder::new(m.vae.clone(), None);
             ae.encoder_stages()
                 .iter()
-                .map(|s| m.ae_manifest.stage_numel(s) as u64 * 2)
+                .map(|s| m.vae_manifest.stage_numel(s) as u64 * 2)
                 .sum::<u64>()
         };
-        assert_eq!(r.phase("decode").unwrap().weights_peak, all - enc);
+        assert_eq!(r.phase(Phase::Decode).unwrap().weights_peak, all - enc);
         assert!(r.peak >= all - enc);
         let p = predict(&m, &req, &plan("phase"), &d);
-        let flow = m.bytes_as(ComponentKind::Flow, DType::BF16);
-        assert_eq!(p.phase("denoise").unwrap().weights_peak, flow);
+        let flow = m.bytes_as(Component::Flow, DType::BF16);
+        assert_eq!(p.phase(Phase::Denoise).unwrap().weights_peak, flow);
         // 23.80 GB of flow weights plus activations: the reference's offload does not fit 24 GiB.
         assert!(p.peak + d.reserve > 24 * GIB);
     }
@@ -1075,9 +1075,9 @@ mod tests {
     #[test]
     fn a_stream_window_bounds_the_weights_in_flight() {
         let m = ModelSpec::published(Variant::Dev);
-        let req = Request::new(Variant::Dev, 1024, 1024);
+        let req = Workload::new(Variant::Dev, 1024, 1024);
         let stages: Vec<u64> = m
-            .stages(ComponentKind::Flow)
+            .stages(Component::Flow)
             .iter()
             .map(|s| m.flow_manifest.stage_numel(s) as u64 * 2)
             .collect();
@@ -1092,7 +1092,7 @@ mod tests {
             let mut sorted = groups.clone();
             sorted.sort_unstable_by(|a, b| b.cmp(a));
             let bound: u64 = sorted.iter().take(w).sum();
-            let d = p.phase("denoise").unwrap();
+            let d = p.phase(Phase::Denoise).unwrap();
             assert!(
                 d.weights_peak <= bound,
                 "{g}x{w}: {} > {bound}",
@@ -1114,24 +1114,24 @@ mod tests {
         for (side, lin1) in [(1024, 198_180_864u64), (512, 66_060_288)] {
             let p = predict(
                 &m,
-                &Request::new(Variant::Dev, side, side),
+                &Workload::new(Variant::Dev, side, side),
                 &plan("phase"),
                 &d,
             );
-            let a = p.phase("denoise").unwrap().activations;
+            let a = p.phase(Phase::Denoise).unwrap().activations;
             assert!(a > lin1 && a < 20 * lin1, "{side}: {a}");
         }
         // The CUDA decoder's im2col of the full-resolution 256-channel conv: 9·256·H·W bf16.
         let p = predict(
             &m,
-            &Request::new(Variant::Dev, 1024, 1024),
+            &Workload::new(Variant::Dev, 1024, 1024),
             &plan("phase"),
             &d,
         );
-        let dec = p.phase("decode").unwrap();
+        let dec = p.phase(Phase::Decode).unwrap();
         assert!(dec.workspace >= 9 * 256 * 1024 * 1024 * 2, "{dec:?}");
         // T5 at 512 tokens: 64 heads of 512² scores in f32 for the softmax.
-        let enc = p.phase("encode").unwrap();
+        let enc = p.phase(Phase::Encode).unwrap();
         assert!(enc.activations > 64 * 512 * 512 * 4);
     }
 
@@ -1142,7 +1142,12 @@ mod tests {
         for c in candidates(&d, DType::BF16, Some(1024)) {
             let mut last = 0;
             for side in [256, 512, 768, 1024, 1536] {
-                let p = predict(&m, &Request::new(Variant::Schnell, side, side), &c.plan, &d);
+                let p = predict(
+                    &m,
+                    &Workload::new(Variant::Schnell, side, side),
+                    &c.plan,
+                    &d,
+                );
                 assert!(p.peak >= last, "{}: {side}", p.label);
                 last = p.peak;
             }
@@ -1152,7 +1157,7 @@ mod tests {
     #[test]
     fn the_fastest_fitting_plan_follows_the_budget() {
         let m = ModelSpec::published(Variant::Dev);
-        let req = Request::new(Variant::Dev, 1024, 1024);
+        let req = Workload::new(Variant::Dev, 1024, 1024);
         let d = gpu();
         let cands = candidates(&d, DType::BF16, Some(1024));
         let table = PlanTable::new(&m, &req, &d, &cands);
@@ -1204,7 +1209,7 @@ mod tests {
         let d = gpu();
         for v in Variant::ALL {
             let m = ModelSpec::published(v);
-            let mut req = Request::new(v, 1024, 1024);
+            let mut req = Workload::new(v, 1024, 1024);
             req.image_input = matches!(
                 v,
                 Variant::DevFill | Variant::DevCanny | Variant::DevDepth | Variant::DevKontext
@@ -1214,24 +1219,24 @@ mod tests {
         }
         // Kontext with its conditioning image has twice the image tokens.
         let m = ModelSpec::published(Variant::DevKontext);
-        let mut req = Request::new(Variant::DevKontext, 1024, 1024);
+        let mut req = Workload::new(Variant::DevKontext, 1024, 1024);
         let plain = predict(&m, &req, &plan("phase"), &d);
         req.image_input = true;
         let cond = predict(&m, &req, &plan("phase"), &d);
         assert!(
-            cond.phase("denoise").unwrap().activations
-                > plain.phase("denoise").unwrap().activations * 3 / 2
+            cond.phase(Phase::Denoise).unwrap().activations
+                > plain.phase(Phase::Denoise).unwrap().activations * 3 / 2
         );
     }
 
     #[test]
     fn t5_on_the_cpu_leaves_the_device_and_takes_host_ram() {
         let m = ModelSpec::published(Variant::Dev);
-        let req = Request::new(Variant::Dev, 1024, 1024);
+        let req = Workload::new(Variant::Dev, 1024, 1024);
         let p = predict(&m, &req, &plan("phase,t5=cpu"), &gpu());
-        let enc = p.phase("encode").unwrap();
+        let enc = p.phase(Phase::Encode).unwrap();
         assert!(enc.total < 300 << 20, "{enc:?}");
         // T5 in f32 on the host (candle's CPU matmul has no bf16): 19 GB.
-        assert!(p.host_peak >= m.bytes_as(ComponentKind::T5, DType::F32));
+        assert!(p.host_peak >= m.bytes_as(Component::T5, DType::F32));
     }
 }

@@ -10,12 +10,12 @@ use fluxfit::checkpoint::layout::{self, ModelPaths};
 use fluxfit::checkpoint::safetensors::{serialize_f32, SafetensorsFile};
 use fluxfit::image::Format;
 use fluxfit::noise::NoiseKind;
-use fluxfit::pipeline::{LoadOptions, Model, ModelSources, Text2Image};
+use fluxfit::pipeline::{LoadOptions, Model, ModelSources, Request};
 use fluxfit::variant::Variant;
 use fluxfit::Error;
 
-fn request() -> Text2Image {
-    Text2Image {
+fn request() -> Request {
+    Request {
         prompt: "a fox".into(),
         width: 256,
         height: 256,
@@ -28,7 +28,7 @@ fn request() -> Text2Image {
 }
 
 #[track_caller]
-fn invalid(req: Text2Image, allow_large: bool, names: &[&str]) {
+fn invalid(req: Request, allow_large: bool, names: &[&str]) {
     match req.validate(allow_large) {
         Err(e @ Error::InvalidRequest(_)) => {
             let msg = e.to_string();
@@ -44,7 +44,7 @@ fn invalid(req: Text2Image, allow_large: bool, names: &[&str]) {
 fn requests_are_validated() {
     assert!(request().validate(false).is_ok());
     invalid(
-        Text2Image {
+        Request {
             width: 32,
             ..request()
         },
@@ -52,21 +52,21 @@ fn requests_are_validated() {
         &["width 32", "64"],
     );
     invalid(
-        Text2Image {
+        Request {
             height: 5008,
             ..request()
         },
         false,
         &["height 5008", "4096"],
     );
-    assert!(Text2Image {
+    assert!(Request {
         height: 5008,
         ..request()
     }
     .validate(true)
     .is_ok());
     invalid(
-        Text2Image {
+        Request {
             steps: 0,
             ..request()
         },
@@ -74,7 +74,7 @@ fn requests_are_validated() {
         &["steps"],
     );
     invalid(
-        Text2Image {
+        Request {
             t5_tokens: 0,
             ..request()
         },
@@ -82,7 +82,7 @@ fn requests_are_validated() {
         &["t5 tokens"],
     );
     invalid(
-        Text2Image {
+        Request {
             guidance: f32::NAN,
             ..request()
         },
@@ -98,13 +98,13 @@ fn layouts_are_detected() {
         bfl.flow.as_deref().and_then(Path::file_name).unwrap(),
         "flux1-tiny-dev.safetensors"
     );
-    assert!(bfl.ae.unwrap().ends_with("ae.safetensors"));
+    assert!(bfl.vae.unwrap().ends_with("ae.safetensors"));
     assert!(bfl.t5.is_none() && bfl.clip.is_none());
 
     let d = fixtures().join("tiny-diffusers");
     let diffusers = ModelPaths::from_dir(&d).unwrap();
     assert_eq!(diffusers.flow, Some(d.join("transformer")));
-    assert_eq!(diffusers.ae, Some(d.join("vae")));
+    assert_eq!(diffusers.vae, Some(d.join("vae")));
     assert_eq!(diffusers.t5, Some(d.join("text_encoder_2")));
     assert_eq!(diffusers.clip_tokenizer, Some(d.join("tokenizer")));
 }
@@ -151,7 +151,7 @@ fn missing_parts_name_the_flag_that_supplies_them() {
     let err = ModelSources::resolve(None, ModelPaths::default())
         .unwrap_err()
         .to_string();
-    for n in ["--flow", "--ae", "--t5", "--clip"] {
+    for n in ["--flow", "--vae", "--t5", "--clip"] {
         assert!(err.contains(n), "`{n}` not in: {err}");
     }
 }

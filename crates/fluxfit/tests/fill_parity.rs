@@ -14,7 +14,7 @@ use common::*;
 use fluxfit::image::{read_mask, read_rgb8};
 use fluxfit::noise::NoiseKind;
 use fluxfit::pipeline::fill::{fill_conditioning, fill_tensors};
-use fluxfit::pipeline::{tiny, LoadOptions, Text2Image};
+use fluxfit::pipeline::{tiny, LoadOptions, Request};
 use fluxfit::variant::Variant;
 
 #[test]
@@ -56,7 +56,7 @@ fn tiny_fill_model_runs_end_to_end() {
     })
     .unwrap();
     assert_eq!(model.flow.net.config.in_channels, 384);
-    let req = Text2Image {
+    let req = Request {
         prompt: "a white paper cup".into(),
         width: 64,
         height: 32,

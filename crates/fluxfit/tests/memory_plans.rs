@@ -7,13 +7,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{DType, Tensor};
+use fluxfit::component::Phase;
 use fluxfit::memory::alloc::{self, CountingAlloc};
 use fluxfit::memory::ledger::MemoryReport;
-use fluxfit::memory::plan::{ComponentKind, Placement, Plan};
+use fluxfit::memory::plan::{Component, Placement, Plan};
 use fluxfit::memory::residency::Weights;
 use fluxfit::noise::NoiseKind;
 use fluxfit::pipeline::tiny::{self, TinyConfigs};
-use fluxfit::pipeline::{Generated, LoadOptions, Model, Text2Image};
+use fluxfit::pipeline::{Generated, LoadOptions, Model, Request};
 use fluxfit::variant::Variant;
 
 #[global_allocator]
@@ -28,8 +29,8 @@ fn measure_lock() -> MutexGuard<'static, ()> {
 
 const MIB: usize = 1 << 20;
 
-fn request(side: usize, steps: usize) -> Text2Image {
-    Text2Image {
+fn request(side: usize, steps: usize) -> Request {
+    Request {
         prompt: "a lighthouse on a cliff at dusk".into(),
         width: side,
         height: side,
@@ -55,7 +56,7 @@ fn plan(model: &Model, spec: &str) -> Plan {
         .unwrap_or_else(|e| panic!("plan `{spec}`: {e}"))
 }
 
-fn run(model: &mut Model, spec: &str, req: &Text2Image) -> Generated {
+fn run(model: &mut Model, spec: &str, req: &Request) -> Generated {
     let p = plan(model, spec);
     model.set_plan(p);
     model
@@ -80,15 +81,11 @@ fn largest(mut groups: Vec<usize>, w: usize) -> usize {
 }
 
 fn flow_bytes(model: &Model) -> usize {
-    model
-        .weights(ComponentKind::Flow)
-        .stage_bytes()
-        .iter()
-        .sum()
+    model.weights(Component::Flow).stage_bytes().iter().sum()
 }
 
 fn denoise(r: &MemoryReport) -> &fluxfit::memory::ledger::PhaseMemory {
-    r.phase("denoise").expect("a denoise phase")
+    r.phase(Phase::Denoise).expect("a denoise phase")
 }
 
 #[test]
@@ -104,14 +101,14 @@ fn every_plan_gives_the_same_image_bit_for_bit() {
     let reference = run(&mut model, "resident", &req);
     // Resident keeps everything it used to the end: all of the flow model, and the ledger
     // agrees with what the residencies hold.
-    let held: usize = ComponentKind::ALL
+    let held: usize = Component::ALL
         .iter()
         .map(|k| model.weights(*k).held_bytes())
         .sum();
-    let decode = reference.memory.phase("decode").unwrap();
+    let decode = reference.memory.phase(Phase::Decode).unwrap();
     assert_eq!(decode.weights_end, held, "{}", reference.memory.table());
     assert_eq!(
-        model.weights(ComponentKind::Flow).held_bytes(),
+        model.weights(Component::Flow).held_bytes(),
         flow_bytes(&model)
     );
 
@@ -134,7 +131,7 @@ fn every_plan_gives_the_same_image_bit_for_bit() {
         assert_eq!(bits(&out.latents), bits(&reference.latents), "{spec}");
         // Nothing but resident weights outlives its phase.
         for p in &out.memory.phases {
-            let resident: usize = ComponentKind::ALL
+            let resident: usize = Component::ALL
                 .iter()
                 .filter(|k| model.plan().component(**k).placement == Placement::Resident)
                 .map(|k| model.weights(*k).stage_bytes().iter().sum::<usize>())
@@ -162,7 +159,7 @@ fn streaming_prefetches_the_next_group_and_restarts_each_step() {
     let steps = 3;
     run(&mut model, "stream:1:2", &request(64, steps));
     // embed, 2 double, 2 single, final layer: 6 groups a pass.
-    let s = model.weights(ComponentKind::Flow).load_stats();
+    let s = model.weights(Component::Flow).load_stats();
     let groups = 6;
     // The first group of the first two passes is loaded in place (the first pass does not
     // know yet that passes repeat); every other group comes from a prefetch.
@@ -179,7 +176,7 @@ fn loading_a_stage_reads_that_stage_and_nothing_else() {
     let plan = Plan::resident(DType::F32, None).with_spec("phase").unwrap();
     let mut model = model;
     model.set_plan(plan);
-    for kind in ComponentKind::ALL {
+    for kind in Component::ALL {
         let w = model.weights(kind);
         let file = w.store().files()[0].clone();
         for spec in w.stages().to_vec() {
@@ -232,7 +229,7 @@ fn a_streamed_flow_holds_its_window_and_a_resident_one_everything() {
         let d = denoise(&report);
         // The encoders were released at the end of their phase: only the flow model is held.
         assert_eq!(d.weights_peak, d.components["flow"], "{}", report.table());
-        let groups = model.weights(ComponentKind::Flow).group_bytes(group);
+        let groups = model.weights(Component::Flow).group_bytes(group);
         let window_bytes = largest(groups, window);
         assert!(
             d.weights_peak <= window_bytes,
@@ -327,7 +324,7 @@ fn a_streamed_run_keeps_no_second_copy_of_the_model_on_the_host() {
     let req = request(128, 2);
 
     let (out, growth) = rss_growth_during(|| model.text_to_image(&req, &mut |_| {}).unwrap());
-    let window = largest(model.weights(ComponentKind::Flow).group_bytes(1), 2);
+    let window = largest(model.weights(Component::Flow).group_bytes(1), 2);
     let d = denoise(&out.memory);
     let activations = out
         .memory

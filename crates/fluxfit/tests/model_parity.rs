@@ -9,7 +9,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use fluxfit::checkpoint::layout::{open_ae, open_flow};
+use fluxfit::checkpoint::layout::{open_flow, open_vae};
 use fluxfit::memory::residency::{Placement, Residency};
 use fluxfit::model::autoencoder::{AutoEncoder, AutoEncoderConfig};
 use fluxfit::model::flow::{FlowConfig, FlowInputs, Flux};
@@ -102,7 +102,7 @@ fn chunked_attention_agrees_with_unchunked() {
 }
 
 fn vae(path: &std::path::Path) -> (AutoEncoder, Residency) {
-    let store = open_ae(path).expect("ae checkpoint");
+    let store = open_vae(path).expect("ae checkpoint");
     let cfg = AutoEncoderConfig::from_store(&store).expect("config");
     cfg.validate(&store).expect("shapes");
     let ae = AutoEncoder::new(cfg, None);

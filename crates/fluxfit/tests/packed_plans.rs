@@ -6,18 +6,19 @@ mod common;
 
 use candle_core::{DType, Tensor};
 use common::*;
+use fluxfit::component::Phase;
 use fluxfit::memory::ledger::MemoryReport;
 use fluxfit::memory::plan::Plan;
 use fluxfit::noise::NoiseKind;
-use fluxfit::pipeline::{LoadOptions, Model, ModelSources, Text2Image};
-use fluxfit::planner::{self, DeviceProfile, ModelSpec, Request};
+use fluxfit::pipeline::{LoadOptions, Model, ModelSources, Request};
+use fluxfit::planner::{self, DeviceProfile, ModelSpec, Workload};
 
 fn sources() -> ModelSources {
     let f = fixtures();
     let d = f.join("tiny-diffusers");
     ModelSources {
         flow: f.join("quant/flux1-tiny-dev-Q8_0.gguf"),
-        ae: f.join("tiny-bfl/ae.safetensors"),
+        vae: f.join("tiny-bfl/ae.safetensors"),
         t5: f.join("quant/t5-tiny-encoder-Q8_0.gguf"),
         clip: d.join("text_encoder"),
         t5_tokenizer: d.join("tokenizer_2"),
@@ -25,8 +26,8 @@ fn sources() -> ModelSources {
     }
 }
 
-fn request() -> Text2Image {
-    Text2Image {
+fn request() -> Request {
+    Request {
         prompt: "a tiny red fox in the snow".into(),
         width: 96,
         height: 64,
@@ -55,12 +56,8 @@ fn run(model: &mut Model, spec: &str) -> (Tensor, MemoryReport) {
     (out.latents, out.memory)
 }
 
-fn weights_peak(r: &MemoryReport, phase: &str) -> usize {
-    r.phases
-        .iter()
-        .find(|p| p.phase == phase)
-        .unwrap()
-        .weights_peak
+fn weights_peak(r: &MemoryReport, phase: Phase) -> usize {
+    r.phase(phase).unwrap().weights_peak
 }
 
 /// The ledger's weight peaks of `mem` against the planner's shadow for the model's plan: equal
@@ -68,12 +65,12 @@ fn weights_peak(r: &MemoryReport, phase: &str) -> usize {
 fn assert_weights_predicted(model: &Model, spec: &ModelSpec, mem: &MemoryReport, what: &str) {
     let predicted = planner::predict(
         spec,
-        &Request::for_text2image(&request()),
+        &Workload::of(&request()),
         model.plan(),
         &DeviceProfile::cpu_fixed(),
     );
     for m in &mem.phases {
-        let p = predicted.phase(&m.phase).unwrap();
+        let p = predicted.phase(m.phase).unwrap();
         println!(
             "  {:<8} weights peak measured {:>9} predicted {:>9}",
             m.phase, m.weights_peak, p.weights_peak
@@ -135,7 +132,7 @@ fn packed_plans_give_the_same_image_hold_fewer_bytes_and_are_predicted() {
         assert!(w.held_bytes() < dense, "{name}");
     }
     assert!(model.flow.weights.held_bytes() * 2 < flow_dense);
-    assert!(weights_peak(&packed_mem, "denoise") < weights_peak(&base_mem, "denoise"));
+    assert!(weights_peak(&packed_mem, Phase::Denoise) < weights_peak(&base_mem, Phase::Denoise));
 }
 
 #[test]
@@ -171,7 +168,7 @@ fn qmatmul_plans_multiply_q8_weights_as_stored() {
         assert_weights_predicted(&model, &spec, &mem, plan);
         if plan == "qmatmul" {
             // No dequantized copy of the Q8_0 matrices while a block computes.
-            assert!(weights_peak(&mem, "denoise") < weights_peak(&packed_mem, "denoise"));
+            assert!(weights_peak(&mem, Phase::Denoise) < weights_peak(&packed_mem, Phase::Denoise));
         }
     }
 }

@@ -9,8 +9,8 @@ use fluxfit::memory::ledger::MemoryReport;
 use fluxfit::memory::plan::Plan;
 use fluxfit::noise::NoiseKind;
 use fluxfit::pipeline::tiny::{self, TinyConfigs};
-use fluxfit::pipeline::{LoadOptions, Model, Text2Image};
-use fluxfit::planner::{self, DeviceProfile, ModelSpec, Prediction, Request};
+use fluxfit::pipeline::{LoadOptions, Model, Request};
+use fluxfit::planner::{self, DeviceProfile, ModelSpec, Prediction, Workload};
 use fluxfit::variant::Variant;
 
 #[global_allocator]
@@ -26,8 +26,8 @@ fn options(chunk: Option<usize>) -> LoadOptions {
     }
 }
 
-fn text2image(width: usize, height: usize, t5_tokens: usize) -> Text2Image {
-    Text2Image {
+fn text2image(width: usize, height: usize, t5_tokens: usize) -> Request {
+    Request {
         prompt: "a lighthouse on a cliff at dusk".into(),
         width,
         height,
@@ -39,7 +39,7 @@ fn text2image(width: usize, height: usize, t5_tokens: usize) -> Text2Image {
     }
 }
 
-fn measure(model: &mut Model, plan: &Plan, req: &Text2Image) -> MemoryReport {
+fn measure(model: &mut Model, plan: &Plan, req: &Request) -> MemoryReport {
     model.set_plan(plan.clone());
     model
         .text_to_image(req, &mut |_| {})
@@ -47,9 +47,9 @@ fn measure(model: &mut Model, plan: &Plan, req: &Text2Image) -> MemoryReport {
         .memory
 }
 
-fn predict(model: &Model, plan: &Plan, req: &Text2Image) -> Prediction {
+fn predict(model: &Model, plan: &Plan, req: &Request) -> Prediction {
     let spec = ModelSpec::from_model(model);
-    let r = Request::for_text2image(req);
+    let r = Workload::of(req);
     planner::predict(&spec, &r, plan, &DeviceProfile::cpu_fixed())
 }
 
@@ -92,7 +92,7 @@ fn predicted_peaks_are_within_ten_percent_of_measured() {
                 let measured = measure(&mut model, &plan, &req);
                 let predicted = predict(&model, &plan, &req);
                 for m in &measured.phases {
-                    let p = predicted.phase(&m.phase).unwrap();
+                    let p = predicted.phase(m.phase).unwrap();
                     // The residency's shadow holds exactly the bytes the ledger saw.
                     assert_eq!(
                         p.weights_peak as usize, m.weights_peak,

@@ -9,8 +9,8 @@ use fluxfit::memory::ledger::MemoryReport;
 use fluxfit::memory::plan::Plan;
 use fluxfit::noise::NoiseKind;
 use fluxfit::pipeline::tiny::{self, TinyConfigs};
-use fluxfit::pipeline::{LoadOptions, LoraSpec, Model, Text2Image};
-use fluxfit::planner::{self, DeviceProfile, ModelSpec, Request};
+use fluxfit::pipeline::{LoadOptions, LoraSpec, Model, Request};
+use fluxfit::planner::{self, DeviceProfile, ModelSpec, Workload};
 use fluxfit::variant::Variant;
 
 #[global_allocator]
@@ -52,8 +52,8 @@ fn lora_on_every_linear(flow: &fluxfit::model::flow::FlowConfig, path: &std::pat
     candle_core::safetensors::save(&tensors, path).unwrap();
 }
 
-fn request(width: usize, height: usize) -> Text2Image {
-    Text2Image {
+fn request(width: usize, height: usize) -> Request {
+    Request {
         prompt: "a cup on a table".into(),
         width,
         height,
@@ -73,7 +73,7 @@ fn image(w: usize, h: usize, c: usize) -> Tensor {
 fn check(
     name: &str,
     model: &mut Model,
-    req: &Request,
+    req: &Workload,
     run: impl Fn(&Model) -> MemoryReport,
 ) -> f64 {
     let mut worst = 0.0f64;
@@ -92,7 +92,7 @@ fn check(
             &DeviceProfile::cpu_fixed(),
         );
         for m in &measured.phases {
-            let p = predicted.phase(&m.phase).unwrap();
+            let p = predicted.phase(m.phase).unwrap();
             assert_eq!(
                 p.weights_peak as usize, m.weights_peak,
                 "{name} `{spec}` {}: weights",
@@ -118,10 +118,10 @@ fn conditioned_runs_are_predicted_within_ten_percent() {
         std::env::set_var("RAYON_NUM_THREADS", "2");
     }
     let (w, h) = (192, 128);
-    let req = |cond: Option<(usize, usize)>| Request {
+    let req = |cond: Option<(usize, usize)>| Workload {
         image_input: true,
         cond_size: cond,
-        ..Request::for_text2image(&request(w, h))
+        ..Workload::of(&request(w, h))
     };
     let mut worst = 0.0f64;
 
@@ -164,7 +164,7 @@ fn conditioned_runs_are_predicted_within_ten_percent() {
         scale: LoraSpec::DEFAULT_SCALE,
     };
     let mut with_lora = model_with(Variant::Dev, Some(lora));
-    let text = Request::for_text2image(&request(w, h));
+    let text = Workload::of(&request(w, h));
     worst = worst.max(check("lora", &mut with_lora, &text, |m| {
         m.text_to_image(&request(w, h), &mut |_| {}).unwrap().memory
     }));

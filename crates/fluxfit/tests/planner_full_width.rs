@@ -9,8 +9,8 @@ use fluxfit::memory::plan::Plan;
 use fluxfit::model::flow::FlowConfig;
 use fluxfit::noise::NoiseKind;
 use fluxfit::pipeline::tiny::{self, TinyConfigs};
-use fluxfit::pipeline::{LoadOptions, Text2Image};
-use fluxfit::planner::{self, DeviceProfile, ModelSpec, Request};
+use fluxfit::pipeline::{LoadOptions, Request};
+use fluxfit::planner::{self, DeviceProfile, ModelSpec, Workload};
 use fluxfit::variant::Variant;
 
 #[global_allocator]
@@ -35,7 +35,7 @@ fn full_width_blocks_at_one_megapixel_are_predicted_within_ten_percent() {
         ..LoadOptions::default()
     };
     let mut model = tiny::load_with(&configs, Some(dir.path()), options).unwrap();
-    let req = |side: usize| Text2Image {
+    let req = |side: usize| Request {
         prompt: "a lighthouse on a cliff at dusk".into(),
         width: side,
         height: side,
@@ -58,12 +58,12 @@ fn full_width_blocks_at_one_megapixel_are_predicted_within_ten_percent() {
         let measured = model.text_to_image(&req(1024), &mut |_| {}).unwrap().memory;
         let predicted = planner::predict(
             &ModelSpec::from_model(&model),
-            &Request::for_text2image(&req(1024)),
+            &Workload::of(&req(1024)),
             &plan,
             &DeviceProfile::cpu_fixed(),
         );
         for m in &measured.phases {
-            let p = predicted.phase(&m.phase).unwrap();
+            let p = predicted.phase(m.phase).unwrap();
             assert_eq!(
                 p.weights_peak as usize, m.weights_peak,
                 "`{spec}` {}: weights",

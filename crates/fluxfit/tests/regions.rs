@@ -10,7 +10,7 @@ use fluxfit::memory::plan::Plan;
 use fluxfit::noise::NoiseKind;
 use fluxfit::pipeline::regions::{region_grid, Canvas, RegionMode, RegionRun};
 use fluxfit::pipeline::tiny::{self, TinyConfigs};
-use fluxfit::pipeline::{LoadOptions, Model, Text2Image};
+use fluxfit::pipeline::{LoadOptions, Model, Request};
 use fluxfit::sampling;
 use fluxfit::variant::Variant;
 
@@ -42,8 +42,8 @@ fn model(variant: Variant) -> Model {
     m
 }
 
-fn request(width: usize, height: usize) -> Text2Image {
-    Text2Image {
+fn request(width: usize, height: usize) -> Request {
+    Request {
         prompt: "a harbour town along a long coast".into(),
         width,
         height,

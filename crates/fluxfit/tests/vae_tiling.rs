@@ -8,7 +8,7 @@ use fluxfit::memory::alloc::{self, CountingAlloc};
 use fluxfit::memory::plan::Plan;
 use fluxfit::noise::NoiseKind;
 use fluxfit::pipeline::tiny::{self, TinyConfigs};
-use fluxfit::pipeline::{Generated, LoadOptions, Model, Text2Image};
+use fluxfit::pipeline::{Generated, LoadOptions, Model, Request};
 use fluxfit::variant::Variant;
 
 #[global_allocator]
@@ -39,7 +39,7 @@ fn run(model: &mut Model, side: usize, tile: Option<usize>) -> Generated {
         .unwrap();
     plan.vae_tile = tile;
     model.set_plan(plan);
-    let req = Text2Image {
+    let req = Request {
         prompt: "a lighthouse on a cliff at dusk".into(),
         width: side,
         height: side,
@@ -57,7 +57,7 @@ fn decode_peak(g: &Generated) -> usize {
         .memory
         .phases
         .iter()
-        .find(|p| p.phase == "decode")
+        .find(|p| p.phase == fluxfit::component::Phase::Decode)
         .unwrap();
     assert!(d.measured);
     d.total_peak
@@ -137,7 +137,7 @@ fn tiled_decode_peak_does_not_grow_with_the_image() {
 fn tiled_encode_is_close_to_the_whole_encode() {
     let _m = measure_lock();
     let model = model();
-    let ae = &model.ae;
+    let ae = &model.vae;
     // A smooth image in [-1, 1].
     let (h, w) = (192usize, 256usize);
     let data: Vec<f32> = (0..3 * h * w)
@@ -188,7 +188,7 @@ fn tiled_decode_of_the_fixture_autoencoder() {
     // starts 0 and 4, 4 latent pixels of overlap), one down.
     let _m = measure_lock();
     let model = common::load(&common::bfl_sources("flux1-tiny-dev.safetensors"), None);
-    let ae = &model.ae;
+    let ae = &model.vae;
     let z = common::golden("e2e_dev.safetensors", "final_latents");
     let whole = ae.net.decode(&ae.weights, &z).unwrap();
     let tiled = ae.net.decode_tiled(&ae.weights, &z, 64).unwrap();

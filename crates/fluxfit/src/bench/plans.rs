@@ -4,12 +4,13 @@
 use std::time::Instant;
 
 use crate::candle_core::DType;
+use crate::component::Phase;
 use crate::error::{Error, Result};
 use crate::memory::alloc;
 use crate::memory::plan::Plan;
 use crate::noise::NoiseKind;
 use crate::pipeline::tiny::{self, TinyConfigs};
-use crate::pipeline::{LoadOptions, Model, Text2Image};
+use crate::pipeline::{LoadOptions, Model, Request};
 use crate::variant::Variant;
 
 #[derive(Debug, Clone)]
@@ -60,10 +61,10 @@ pub struct BenchArgs {
 
 /// The planner's prediction of a run's peak device bytes under `plan`, to set beside the
 /// measurement.
-fn predicted_peak(model: &Model, req: &Text2Image, plan: &Plan) -> Option<usize> {
-    use crate::planner::{predict, DeviceProfile, ModelSpec, Request};
+fn predicted_peak(model: &Model, req: &Request, plan: &Plan) -> Option<usize> {
+    use crate::planner::{predict, DeviceProfile, ModelSpec, Workload};
     let spec = ModelSpec::from_model(model);
-    let r = Request::for_text2image(req);
+    let r = Workload::of(req);
     let device = if model.device().is_cpu() {
         DeviceProfile::cpu_fixed()
     } else {
@@ -75,7 +76,7 @@ fn predicted_peak(model: &Model, req: &Text2Image, plan: &Plan) -> Option<usize>
 struct Row {
     plan: String,
     side: usize,
-    phases: Vec<(String, usize)>,
+    phases: Vec<(Phase, usize)>,
     peak: usize,
     predicted: Option<usize>,
     seconds: f64,
@@ -159,7 +160,7 @@ pub fn run(args: &BenchArgs) -> Result<String> {
         );
     }
     for &side in &args.sizes {
-        let req = Text2Image {
+        let req = Request {
             prompt: "a lighthouse on a cliff at dusk".into(),
             width: side / 16 * 16,
             height: side / 16 * 16,
@@ -189,7 +190,7 @@ pub fn run(args: &BenchArgs) -> Result<String> {
                             .memory
                             .phases
                             .iter()
-                            .map(|p| (p.phase.clone(), p.total_peak))
+                            .map(|p| (p.phase, p.total_peak))
                             .collect(),
                         peak: out.memory.peak,
                         predicted: predicted_peak(&model, &req, plan),
@@ -210,10 +211,10 @@ pub fn run(args: &BenchArgs) -> Result<String> {
             let base_s = *baseline.get_or_insert(row.seconds);
             let base_cpu = *cpu_baseline.get_or_insert(row.cpu);
             let cpu_rel = row.cpu.zip(base_cpu).map(|(c, b)| c / b);
-            let phase = |name: &str| {
+            let phase = |name: Phase| {
                 row.phases
                     .iter()
-                    .find(|(p, _)| p == name)
+                    .find(|(p, _)| *p == name)
                     .map_or(0, |(_, b)| *b)
             };
             if args.json {
@@ -224,9 +225,9 @@ pub fn run(args: &BenchArgs) -> Result<String> {
                         "plan": row.plan,
                         "spec": plan.spec(),
                         "width": side, "height": side,
-                        "encode_peak": phase("encode"),
-                        "denoise_peak": phase("denoise"),
-                        "decode_peak": phase("decode"),
+                        "encode_peak": phase(Phase::Encode),
+                        "denoise_peak": phase(Phase::Denoise),
+                        "decode_peak": phase(Phase::Decode),
                         "peak": row.peak,
                         "predicted_peak": row.predicted,
                         "seconds": row.seconds,
@@ -241,9 +242,9 @@ pub fn run(args: &BenchArgs) -> Result<String> {
                     "{:<26} {:>9} {:>11} {:>11} {:>11} {:>11} {:>11} {:>9.2} {:>7.2}x {:>9} {:>8} {:>11.3}",
                     row.plan,
                     format!("{}x{}", row.side, row.side),
-                    mib(phase("encode")),
-                    mib(phase("denoise")),
-                    mib(phase("decode")),
+                    mib(phase(Phase::Encode)),
+                    mib(phase(Phase::Denoise)),
+                    mib(phase(Phase::Decode)),
                     mib(row.peak),
                     row.predicted.map_or_else(|| "n/a".into(), mib),
                     row.seconds,

@@ -20,7 +20,7 @@ const CLIP_PREFIXES: &[&str] = &["text_model."];
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModelPaths {
     pub flow: Option<PathBuf>,
-    pub ae: Option<PathBuf>,
+    pub vae: Option<PathBuf>,
     pub t5: Option<PathBuf>,
     pub clip: Option<PathBuf>,
     pub t5_tokenizer: Option<PathBuf>,
@@ -58,7 +58,7 @@ impl ModelPaths {
         let paths = Self {
             flow_choices,
             flow: bfl_flow.or_else(|| sub("transformer")),
-            ae: Some(dir.join("ae.safetensors"))
+            vae: Some(dir.join("ae.safetensors"))
                 .filter(|p| p.is_file())
                 .or_else(|| sub("vae")),
             t5: sub("text_encoder_2"),
@@ -66,7 +66,7 @@ impl ModelPaths {
             t5_tokenizer: sub("tokenizer_2"),
             clip_tokenizer: sub("tokenizer"),
         };
-        if paths.flow.is_none() && paths.ae.is_none() && paths.flow_choices.is_empty() {
+        if paths.flow.is_none() && paths.vae.is_none() && paths.flow_choices.is_empty() {
             return Err(Error::Layout {
                 path: dir.to_path_buf(),
                 message: "neither a diffusers snapshot (model_index.json, transformer/, vae/, \
@@ -213,7 +213,7 @@ pub fn open_flow(path: &Path) -> Result<TensorStore> {
 }
 
 /// The autoencoder's weights under canonical LDM names.
-pub fn open_ae(path: &Path) -> Result<TensorStore> {
+pub fn open_vae(path: &Path) -> Result<TensorStore> {
     let path = if path.join("vae").is_dir() {
         path.join("vae")
     } else {

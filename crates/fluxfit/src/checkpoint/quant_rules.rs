@@ -19,17 +19,11 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use super::gguf;
+pub use crate::component::Component;
 use crate::error::{Error, Result};
 
-/// What a checkpoint holds, which decides the GGUF architecture and names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Component {
-    /// FLUX flow transformer: architecture `flux`, BFL names.
-    Flow,
-    /// T5 encoder: architecture `t5encoder`, llama.cpp names (as the published T5 GGUFs).
-    T5,
-}
-
+/// Which components `fluxfit quantize` writes: the flow model (architecture `flux`, BFL
+/// names) and the T5 encoder (`t5encoder`, llama.cpp names, as the published T5 GGUFs).
 impl Component {
     /// From the canonical keys of a store (`has`: whether it holds a key).
     pub fn detect(has: impl Fn(&str) -> bool) -> Option<Self> {
@@ -42,18 +36,23 @@ impl Component {
         }
     }
 
+    /// The GGUF architecture a quantized file of this component declares.
     pub fn architecture(self) -> &'static str {
         match self {
             Self::Flow => "flux",
             Self::T5 => "t5encoder",
+            Self::Clip => "clip",
+            Self::Vae => "vae",
         }
     }
 
-    /// The name a canonical key is written under.
+    /// The name a canonical key is written under; none for the components that are not
+    /// quantized (CLIP, the VAE).
     pub fn gguf_name(self, key: &str) -> Option<String> {
         match self {
             Self::Flow => Some(key.to_string()),
             Self::T5 => gguf::t5_llama(key),
+            Self::Clip | Self::Vae => None,
         }
     }
 
@@ -71,6 +70,7 @@ impl Component {
             .iter()
             .any(|p| key.starts_with(p)),
             Self::T5 => key.contains("relative_attention_bias"),
+            Self::Clip | Self::Vae => true,
         }
     }
 }

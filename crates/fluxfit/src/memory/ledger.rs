@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::Device;
 
 use super::alloc;
+use crate::component::Phase;
 
 /// What an entry holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -29,7 +30,7 @@ pub enum Kind {
 /// The figures of one phase of a run, in bytes.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct PhaseMemory {
-    pub phase: String,
+    pub phase: Phase,
     /// Largest sum of stage weights held on the compute device during the phase.
     pub weights_peak: usize,
     /// Weights still held when the phase ended (after its components were released).
@@ -60,8 +61,8 @@ pub struct MemoryReport {
 }
 
 impl MemoryReport {
-    pub fn phase(&self, name: &str) -> Option<&PhaseMemory> {
-        self.phases.iter().find(|p| p.phase == name)
+    pub fn phase(&self, phase: Phase) -> Option<&PhaseMemory> {
+        self.phases.iter().find(|p| p.phase == phase)
     }
 
     /// A fixed-width table for people.
@@ -118,9 +119,9 @@ impl MemoryReport {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct PhaseAcc {
-    name: String,
+    name: Phase,
     weights_peak: usize,
     workspace_peak: usize,
     accounted_peak: usize,
@@ -317,7 +318,7 @@ impl Ledger {
     }
 
     /// Starts a phase; its peaks start from what is held now.
-    pub fn begin_phase(&self, name: &str) {
+    pub fn begin_phase(&self, name: Phase) {
         let mut g = self.lock();
         if g.phase.is_some() {
             drop(g);
@@ -326,7 +327,7 @@ impl Ledger {
         }
         let (w, ws, hw) = (g.weights, g.workspace, g.host_weights);
         g.phase = Some(PhaseAcc {
-            name: name.to_string(),
+            name,
             weights_peak: w,
             workspace_peak: ws,
             accounted_peak: w + ws,

@@ -4,37 +4,7 @@
 
 use candle_core::DType;
 
-/// The four weight-holding components of a FLUX pipeline, in the order phases use them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-pub enum ComponentKind {
-    T5,
-    Clip,
-    Flow,
-    Vae,
-}
-
-impl ComponentKind {
-    pub const ALL: [ComponentKind; 4] = [Self::T5, Self::Clip, Self::Flow, Self::Vae];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::T5 => "t5",
-            Self::Clip => "clip",
-            Self::Flow => "flow",
-            Self::Vae => "vae",
-        }
-    }
-
-    /// The phase in which the component computes (the VAE encoder also runs in "encode" for
-    /// image inputs).
-    pub fn phase(self) -> &'static str {
-        match self {
-            Self::T5 | Self::Clip => "encode",
-            Self::Flow => "denoise",
-            Self::Vae => "decode",
-        }
-    }
-}
+pub use crate::component::Component;
 
 /// Where a component's weights are held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -100,21 +70,21 @@ impl Plan {
         }
     }
 
-    pub fn component(&self, kind: ComponentKind) -> &ComponentPlan {
+    pub fn component(&self, kind: Component) -> &ComponentPlan {
         match kind {
-            ComponentKind::T5 => &self.t5,
-            ComponentKind::Clip => &self.clip,
-            ComponentKind::Flow => &self.flow,
-            ComponentKind::Vae => &self.vae,
+            Component::T5 => &self.t5,
+            Component::Clip => &self.clip,
+            Component::Flow => &self.flow,
+            Component::Vae => &self.vae,
         }
     }
 
-    pub fn component_mut(&mut self, kind: ComponentKind) -> &mut ComponentPlan {
+    pub fn component_mut(&mut self, kind: Component) -> &mut ComponentPlan {
         match kind {
-            ComponentKind::T5 => &mut self.t5,
-            ComponentKind::Clip => &mut self.clip,
-            ComponentKind::Flow => &mut self.flow,
-            ComponentKind::Vae => &mut self.vae,
+            Component::T5 => &mut self.t5,
+            Component::Clip => &mut self.clip,
+            Component::Flow => &mut self.flow,
+            Component::Vae => &mut self.vae,
         }
     }
 }
@@ -206,12 +176,12 @@ impl Plan {
     /// Presets replace placements only; dtypes, attention chunk and VAE tile are kept.
     pub fn with_spec(&self, spec: &str) -> crate::Result<Plan> {
         let mut plan = self.clone();
-        let set = |plan: &mut Plan, kinds: &[ComponentKind], p: Placement| {
+        let set = |plan: &mut Plan, kinds: &[Component], p: Placement| {
             for k in kinds {
                 plan.component_mut(*k).placement = p;
             }
         };
-        use ComponentKind::*;
+        use Component::*;
         for item in spec.split(',').map(str::trim) {
             if item.is_empty() {
                 continue;
@@ -238,7 +208,7 @@ impl Plan {
                 continue;
             }
             if let Some((comp, placement)) = item.split_once('=') {
-                let kind = ComponentKind::ALL
+                let kind = Component::ALL
                     .into_iter()
                     .find(|k| k.name() == comp.trim())
                     .ok_or_else(|| {
@@ -261,8 +231,8 @@ impl Plan {
                 continue;
             }
             match item {
-                "resident" => set(&mut plan, &ComponentKind::ALL, Placement::Resident),
-                "phase" => set(&mut plan, &ComponentKind::ALL, Placement::Phase),
+                "resident" => set(&mut plan, &Component::ALL, Placement::Resident),
+                "phase" => set(&mut plan, &Component::ALL, Placement::Phase),
                 "t5-cpu" => set(&mut plan, &[T5], Placement::Cpu),
                 s if s == "stream" || s.starts_with("stream:") => {
                     set(&mut plan, &[T5, Flow], Placement::parse(s)?);
@@ -281,7 +251,7 @@ impl Plan {
     /// The placements as a spec that [`Plan::with_spec`] reads back:
     /// `t5=cpu,clip=phase,flow=stream:1:2,vae=phase`. Recorded in image metadata.
     pub fn spec(&self) -> String {
-        let mut items: Vec<String> = ComponentKind::ALL
+        let mut items: Vec<String> = Component::ALL
             .iter()
             .map(|k| {
                 let c = self.component(*k);

@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use super::model::Model;
-use super::text2image::{Cond, Event, Generated, Start, Text2Image};
+use super::text2image::{Cond, Event, Generated, Request, Start};
 use crate::error::{Error, Result};
 use crate::image::Rgb8;
 
@@ -50,7 +50,7 @@ impl Model {
     /// already encoded text (`req.prompt` is then not read).
     pub fn control(
         &self,
-        req: &Text2Image,
+        req: &Request,
         image: &Tensor,
         embeddings: Option<(&Tensor, &Tensor)>,
         on_event: &mut dyn FnMut(Event),
@@ -89,7 +89,7 @@ impl Model {
     /// and encoded text (`req.prompt` is not read).
     pub fn control_from_latent(
         &self,
-        req: &Text2Image,
+        req: &Request,
         cond: &Tensor,
         txt: &Tensor,
         vec: &Tensor,

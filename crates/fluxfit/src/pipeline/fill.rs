@@ -4,7 +4,7 @@
 use candle_core::{DType, Tensor};
 
 use super::model::Model;
-use super::text2image::{Cond, Event, Generated, Start, Text2Image};
+use super::text2image::{Cond, Event, Generated, Request, Start};
 use crate::error::{Error, Result};
 use crate::sampling;
 
@@ -275,7 +275,7 @@ impl Model {
     /// conditioning is made in the encode phase. Needs a Fill model (flow in_channels 384).
     pub fn fill(
         &self,
-        req: &Text2Image,
+        req: &Request,
         image: &Tensor,
         mask: &Tensor,
         embeddings: Option<(&Tensor, &Tensor)>,

@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use super::model::Model;
-use super::text2image::{Cond, Event, Generated, Start, Text2Image};
+use super::text2image::{Cond, Event, Generated, Request, Start};
 use crate::error::{Error, Result};
 use crate::variant::Variant;
 
@@ -111,7 +111,7 @@ impl Model {
     /// encoded text (`req.prompt` is then not read).
     pub fn kontext(
         &self,
-        req: &Text2Image,
+        req: &Request,
         image: &Tensor,
         embeddings: Option<(&Tensor, &Tensor)>,
         on_event: &mut dyn FnMut(Event),

@@ -12,4 +12,4 @@ pub mod tiny;
 
 pub use model::{LoadOptions, LoraSpec, Model, ModelSources};
 pub use model_ref::ModelRef;
-pub use text2image::{Event, Generated, ImageInit, Text2Image};
+pub use text2image::{Event, Generated, ImageInit, Request};

@@ -9,12 +9,12 @@ use candle_core::{DType, Device};
 
 use crate::checkpoint::layout::{self, ModelPaths};
 use crate::checkpoint::lora;
-use crate::checkpoint::quantize::{Component as QuantComponent, QuantSpec};
+use crate::checkpoint::quantize::QuantSpec;
 use crate::checkpoint::safetensors::SafetensorsFile;
 use crate::checkpoint::store::TensorStore;
 use crate::error::{Error, Result};
 use crate::memory::ledger::Ledger;
-use crate::memory::plan::{ComponentKind, Placement, Plan};
+use crate::memory::plan::{Component, Placement, Plan};
 use crate::memory::residency::{Residency, StageSpec};
 use crate::model::autoencoder::{AutoEncoder, AutoEncoderConfig};
 use crate::model::clip::{ClipConfig, ClipTextModel};
@@ -70,7 +70,7 @@ impl Default for LoadOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelSources {
     pub flow: PathBuf,
-    pub ae: PathBuf,
+    pub vae: PathBuf,
     pub t5: PathBuf,
     pub clip: PathBuf,
     pub t5_tokenizer: PathBuf,
@@ -87,7 +87,7 @@ impl ModelSources {
         };
         let pick = |o: Option<PathBuf>, f: Option<PathBuf>| o.or(f);
         let flow = pick(overrides.flow, found.flow);
-        let ae = pick(overrides.ae, found.ae);
+        let ae = pick(overrides.vae, found.vae);
         let t5 = pick(overrides.t5, found.t5);
         let clip = pick(overrides.clip, found.clip);
         let t5_tokenizer = pick(overrides.t5_tokenizer, found.t5_tokenizer)
@@ -112,7 +112,11 @@ impl ModelSources {
                 &flow,
                 "--flow FILE|DIR (flux1-*.safetensors or transformer/)",
             ),
-            ("autoencoder", &ae, "--ae FILE|DIR (ae.safetensors or vae/)"),
+            (
+                "autoencoder",
+                &ae,
+                "--vae FILE|DIR (ae.safetensors or vae/)",
+            ),
             ("T5 encoder", &t5, "--t5 DIR (text_encoder_2/)"),
             ("CLIP encoder", &clip, "--clip DIR (text_encoder/)"),
             (
@@ -144,7 +148,7 @@ impl ModelSources {
         let some = |p: Option<PathBuf>| p.expect("checked above");
         Ok(Self {
             flow: some(flow),
-            ae: some(ae),
+            vae: some(ae),
             t5: some(t5),
             clip: some(clip),
             t5_tokenizer: some(t5_tokenizer),
@@ -163,8 +167,8 @@ fn tokenizer_near(encoder_dir: &Path, sibling: &str) -> Option<PathBuf> {
     s.is_dir().then_some(s)
 }
 
-/// One component: its network and its weights under the plan.
-pub struct Component<N> {
+/// One part of a model: a component's network and its weights under the plan.
+pub struct Part<N> {
     pub net: N,
     pub weights: Residency,
 }
@@ -173,10 +177,10 @@ pub struct Model {
     /// Shown to users and recorded in metadata.
     pub name: String,
     pub variant: Variant,
-    pub flow: Component<Flux>,
-    pub ae: Component<AutoEncoder>,
-    pub t5: Component<T5Encoder>,
-    pub clip: Component<ClipTextModel>,
+    pub flow: Part<Flux>,
+    pub vae: Part<AutoEncoder>,
+    pub t5: Part<T5Encoder>,
+    pub clip: Part<ClipTextModel>,
     pub t5_tokenizer: T5Tokenizer,
     pub clip_tokenizer: ClipTokenizer,
     pub options: LoadOptions,
@@ -189,7 +193,7 @@ pub struct Model {
 /// Checkpoint stores of the four components, before configuration.
 pub struct Stores {
     pub flow: TensorStore,
-    pub ae: TensorStore,
+    pub vae: TensorStore,
     pub t5: TensorStore,
     pub clip: TensorStore,
     /// `config.json` of each text encoder, where the folder has one.
@@ -205,7 +209,7 @@ impl Model {
     pub fn load(src: &ModelSources, name: &str, options: LoadOptions) -> Result<Self> {
         let stores = Stores {
             flow: layout::open_flow(&src.flow)?,
-            ae: layout::open_ae(&src.ae)?,
+            vae: layout::open_vae(&src.vae)?,
             t5: layout::open_t5(&src.t5)?,
             clip: layout::open_clip(&src.clip)?,
             t5_config: layout::config_json(&src.t5),
@@ -237,14 +241,14 @@ impl Model {
         let flow_hint = flow_hint.as_str();
         if let Some(t) = options.quantize {
             let spec = QuantSpec::new(t);
-            stores.flow.quantize_on_load(QuantComponent::Flow, &spec)?;
-            stores.t5.quantize_on_load(QuantComponent::T5, &spec)?;
+            stores.flow.quantize_on_load(Component::Flow, &spec)?;
+            stores.t5.quantize_on_load(Component::T5, &spec)?;
         }
         let flow_cfg = FlowConfig::from_store(&stores.flow)?;
         flow_cfg.validate(&stores.flow)?;
         let variant = Variant::infer(&flow_cfg, flow_hint, options.variant)?;
-        let ae_cfg = AutoEncoderConfig::from_store(&stores.ae)?;
-        ae_cfg.validate(&stores.ae)?;
+        let ae_cfg = AutoEncoderConfig::from_store(&stores.vae)?;
+        ae_cfg.validate(&stores.vae)?;
         let t5_cfg = match stores.t5_known {
             Some(c) => c,
             None => T5Config::from_store(&stores.t5, stores.t5_config.as_deref())?,
@@ -292,20 +296,20 @@ impl Model {
         Ok(Self {
             name: name.to_string(),
             variant,
-            flow: Component {
-                weights: weights(ComponentKind::Flow, stores.flow, flow.stages()),
+            flow: Part {
+                weights: weights(Component::Flow, stores.flow, flow.stages()),
                 net: flow,
             },
-            ae: Component {
-                weights: weights(ComponentKind::Vae, stores.ae, ae_stages),
+            vae: Part {
+                weights: weights(Component::Vae, stores.vae, ae_stages),
                 net: ae,
             },
-            t5: Component {
-                weights: weights(ComponentKind::T5, stores.t5, t5.stages()),
+            t5: Part {
+                weights: weights(Component::T5, stores.t5, t5.stages()),
                 net: t5,
             },
-            clip: Component {
-                weights: weights(ComponentKind::Clip, stores.clip, clip.stages()),
+            clip: Part {
+                weights: weights(Component::Clip, stores.clip, clip.stages()),
                 net: clip,
             },
             t5_tokenizer,
@@ -326,14 +330,11 @@ impl Model {
     /// Weights already held are dropped.
     pub fn quantize_on_load(&mut self, t: GgmlDType) -> Result<()> {
         let spec = QuantSpec::new(t);
-        for (kind, rules) in [
-            (ComponentKind::Flow, QuantComponent::Flow),
-            (ComponentKind::T5, QuantComponent::T5),
-        ] {
+        for kind in [Component::Flow, Component::T5] {
             let mut store = (*self.weights(kind).store_arc()).clone();
-            store.quantize_on_load(rules, &spec)?;
+            store.quantize_on_load(kind, &spec)?;
             let (stages, w) = match kind {
-                ComponentKind::Flow => (self.flow.net.stages(), &mut self.flow.weights),
+                Component::Flow => (self.flow.net.stages(), &mut self.flow.weights),
                 _ => (self.t5.net.stages(), &mut self.t5.weights),
             };
             *w = residency(
@@ -353,32 +354,32 @@ impl Model {
     /// nothing is loaded until a network asks for it.
     pub fn set_plan(&mut self, plan: Plan) {
         self.flow.net.attn_chunk = plan.attn_chunk;
-        self.ae.net.attn_chunk = plan.attn_chunk;
+        self.vae.net.attn_chunk = plan.attn_chunk;
         let dev = self.options.device.clone();
-        let mut ae_stages = self.ae.net.encoder_stages();
-        ae_stages.extend(self.ae.net.decoder_stages());
+        let mut ae_stages = self.vae.net.encoder_stages();
+        ae_stages.extend(self.vae.net.decoder_stages());
         let l = &self.ledger;
         self.flow.weights = residency(
             l,
             &dev,
             &plan,
-            ComponentKind::Flow,
+            Component::Flow,
             self.flow.weights.store_arc(),
             self.flow.net.stages(),
         );
-        self.ae.weights = residency(
+        self.vae.weights = residency(
             l,
             &dev,
             &plan,
-            ComponentKind::Vae,
-            self.ae.weights.store_arc(),
+            Component::Vae,
+            self.vae.weights.store_arc(),
             ae_stages,
         );
         self.t5.weights = residency(
             l,
             &dev,
             &plan,
-            ComponentKind::T5,
+            Component::T5,
             self.t5.weights.store_arc(),
             self.t5.net.stages(),
         );
@@ -386,7 +387,7 @@ impl Model {
             l,
             &dev,
             &plan,
-            ComponentKind::Clip,
+            Component::Clip,
             self.clip.weights.store_arc(),
             self.clip.net.stages(),
         );
@@ -400,12 +401,12 @@ impl Model {
     }
 
     /// A component's weights.
-    pub fn weights(&self, kind: ComponentKind) -> &Residency {
+    pub fn weights(&self, kind: Component) -> &Residency {
         match kind {
-            ComponentKind::T5 => &self.t5.weights,
-            ComponentKind::Clip => &self.clip.weights,
-            ComponentKind::Flow => &self.flow.weights,
-            ComponentKind::Vae => &self.ae.weights,
+            Component::T5 => &self.t5.weights,
+            Component::Clip => &self.clip.weights,
+            Component::Flow => &self.flow.weights,
+            Component::Vae => &self.vae.weights,
         }
     }
 
@@ -425,13 +426,13 @@ fn residency(
     ledger: &Arc<Ledger>,
     device: &Device,
     plan: &Plan,
-    kind: ComponentKind,
+    kind: Component,
     store: Arc<TensorStore>,
     stages: Vec<StageSpec>,
 ) -> Residency {
     let cp = plan.component(kind);
     let on_cpu = device.is_cpu() || cp.placement == Placement::Cpu;
-    let dtype = if kind == ComponentKind::Vae && on_cpu {
+    let dtype = if kind == Component::Vae && on_cpu {
         DType::F32
     } else {
         cp.compute

@@ -31,7 +31,7 @@ impl ModelRef {
         }
         if path.is_file() {
             return Err(Error::InvalidRequest(format!(
-                "--model {m} is a file; pass a flow checkpoint with --flow FILE (and --ae, --t5, --clip)"
+                "--model {m} is a file; pass a flow checkpoint with --flow FILE (and --vae, --t5, --clip)"
             )));
         }
         match Variant::from_name(m) {

@@ -13,7 +13,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::model::Model;
-use super::text2image::{Cond, Event, Generated, ImageInit, Start, Text2Image};
+use super::text2image::{Cond, Event, Generated, ImageInit, Request, Start};
 use crate::error::{Error, Result};
 use crate::image::Rgb8;
 use crate::memory::ledger::MemoryReport;
@@ -277,7 +277,7 @@ impl Model {
     /// (its size is the canvas's). The prompt is encoded once. `band`: the feathering depth.
     pub fn regions(
         &self,
-        req: &Text2Image,
+        req: &Request,
         canvas: &mut Canvas,
         grid: &[Rect],
         mode: RegionMode,
@@ -285,10 +285,10 @@ impl Model {
         on_event: &mut dyn FnMut(RegionEvent),
     ) -> Result<Vec<RegionRun>> {
         self.ledger().begin_run();
-        use crate::memory::plan::ComponentKind::{Clip, T5};
+        use crate::component::Component::{Clip, T5};
         let encoded = super::run::phase(
             self,
-            "encode",
+            crate::component::Phase::Encode,
             &[T5, Clip],
             &mut |e| on_event(RegionEvent::Run(e)),
             |_| self.encode_text(&req.prompt, req.t5_tokens),
@@ -302,7 +302,7 @@ impl Model {
                 count: grid.len(),
                 rect,
             });
-            let sub = Text2Image {
+            let sub = Request {
                 width: rect.w,
                 height: rect.h,
                 seed: req.seed.wrapping_add(index as u64),
@@ -342,7 +342,7 @@ impl Model {
     /// there the encoded pixels are held ([`Start::Hold`]) for every 16×16 token entirely done.
     fn hold_known_pixels(
         &self,
-        req: &Text2Image,
+        req: &Request,
         image: &Tensor,
         done: &[bool],
         embeddings: Option<(&Tensor, &Tensor)>,

@@ -5,8 +5,8 @@
 
 use candle_core::DType;
 
+use crate::component::{Component, Phase};
 use crate::error::{Error, Result};
-use crate::memory::plan::ComponentKind;
 use crate::model::autoencoder::AutoEncoder;
 use crate::model::clip::ClipTextModel;
 use crate::model::flow::{FlowInputs, Flux};
@@ -19,8 +19,8 @@ use crate::variant::Variant;
 /// Progress of a generation, for bars and event streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
-    /// A phase begins: "encode", "denoise", "decode".
-    Phase(&'static str),
+    /// A phase begins.
+    Phase(Phase),
     /// A denoising step finished.
     Step { step: usize, total: usize },
 }
@@ -47,9 +47,9 @@ pub trait Parts<T: Tensor> {
     fn vae_tile(&self) -> Option<usize>;
     /// T5 and CLIP token rows of `prompt`.
     fn tokens(&self, prompt: &str, t5_tokens: usize) -> Result<Tokens>;
-    fn begin_phase(&self, name: &'static str);
+    fn begin_phase(&self, phase: Phase);
     /// End of a phase: `released` components drop all but resident weights.
-    fn end_phase(&self, released: &[ComponentKind]);
+    fn end_phase(&self, released: &[Component]);
 }
 
 /// Token rows `[B][L]` of the two encoders: (T5, CLIP).
@@ -95,8 +95,8 @@ pub enum Cond<'a, T> {
 /// drop all but resident weights at its end, whether `f` succeeded or not.
 pub fn phase<T: Tensor, P: Parts<T>, R>(
     p: &P,
-    name: &'static str,
-    released: &[ComponentKind],
+    name: Phase,
+    released: &[Component],
     on_event: &mut dyn FnMut(Event),
     f: impl FnOnce(&mut dyn FnMut(Event)) -> Result<R>,
 ) -> Result<R> {
@@ -154,8 +154,8 @@ pub fn conditioned<T: Tensor, P: Parts<T>, C, R>(
     condition: impl FnOnce() -> Result<C>,
     run: impl FnOnce(&T, &T, &C, &mut dyn FnMut(Event)) -> Result<R>,
 ) -> Result<R> {
-    use ComponentKind::{Clip, Vae, T5};
-    let encoded = phase(p, "encode", &[T5, Clip, Vae], on_event, |_| {
+    use Component::{Clip, Vae, T5};
+    let encoded = phase(p, Phase::Encode, &[T5, Clip, Vae], on_event, |_| {
         let (txt, vec) = match embeddings {
             Some((t, v)) => (t.clone(), v.clone()),
             None => encode_text(p, req.prompt, req.t5_tokens)?,
@@ -212,8 +212,8 @@ pub fn denoise_decode<T: Tensor, P: Parts<T>>(
     let vec = vec.to_dtype(dtype)?.to_device(&dev)?;
     let (lat_h, lat_w) = sampling::latent_hw(req.height, req.width);
     let (flow, flow_w) = p.flow();
-    let flow_phase = [ComponentKind::Flow];
-    let (x, timesteps) = phase(p, "denoise", &flow_phase, on_event, |on_event| {
+    let flow_phase = [Component::Flow];
+    let (x, timesteps) = phase(p, Phase::Denoise, &flow_phase, on_event, |on_event| {
         let x = sampling::noise::<T>(1, req.height, req.width, req.seed, req.noise, &dev)?
             .to_dtype(dtype)?;
         let timesteps = sampling::schedule(
@@ -295,7 +295,7 @@ pub fn denoise_decode<T: Tensor, P: Parts<T>>(
     })?;
 
     let (ae, ae_w) = p.vae();
-    let (latents, image) = phase(p, "decode", &[ComponentKind::Vae], on_event, |_| {
+    let (latents, image) = phase(p, Phase::Decode, &[Component::Vae], on_event, |_| {
         let latents = sampling::unpack(&x.to_dtype(DType::F32)?, lat_h, lat_w)?;
         let z = latents.to_device(ae_w.device())?;
         let image = match p.vae_tile() {

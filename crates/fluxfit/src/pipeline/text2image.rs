@@ -9,9 +9,9 @@ use super::model::Model;
 pub use super::run::Event;
 use super::run::{self, Parts, Sampling};
 pub(crate) use super::run::{Cond, Start};
+use crate::component::{Component, Phase};
 use crate::error::{Error, Result};
 use crate::memory::ledger::MemoryReport;
-use crate::memory::plan::ComponentKind;
 use crate::memory::residency::Residency;
 use crate::model::autoencoder::AutoEncoder;
 use crate::model::clip::ClipTextModel;
@@ -25,9 +25,10 @@ pub const MAX_SIDE: usize = 4096;
 /// Smallest side: below it the latent grid is degenerate.
 pub const MIN_SIDE: usize = 64;
 
-/// One text-to-image request.
+/// One generation request: the prompt, the output size and the sampling settings. Every mode
+/// takes it (text to image, img2img, fill, control, Kontext, regions) beside its images.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Text2Image {
+pub struct Request {
     pub prompt: String,
     pub width: usize,
     pub height: usize,
@@ -40,7 +41,7 @@ pub struct Text2Image {
     pub noise: NoiseKind,
 }
 
-impl Text2Image {
+impl Request {
     /// Refuses requests that cannot give a sensible image, naming the value and the fix.
     pub fn validate(&self, allow_large: bool) -> Result<()> {
         for (name, v) in [("width", self.width), ("height", self.height)] {
@@ -83,7 +84,7 @@ pub struct ImageInit {
 }
 
 impl ImageInit {
-    pub fn validate(&self, req: &Text2Image) -> Result<()> {
+    pub fn validate(&self, req: &Request) -> Result<()> {
         if !(0.0..=1.0).contains(&self.strength) {
             return Err(Error::InvalidRequest(format!(
                 "strength {} is outside [0, 1]",
@@ -133,7 +134,7 @@ impl Parts<Tensor> for Model {
         (&self.flow.net, &self.flow.weights)
     }
     fn vae(&self) -> (&AutoEncoder, &Residency) {
-        (&self.ae.net, &self.ae.weights)
+        (&self.vae.net, &self.vae.weights)
     }
     fn name(&self) -> &str {
         &self.name
@@ -156,10 +157,10 @@ impl Parts<Tensor> for Model {
             vec![self.clip_tokenizer.encode(prompt, 77)?],
         ))
     }
-    fn begin_phase(&self, name: &'static str) {
+    fn begin_phase(&self, name: Phase) {
         self.ledger().begin_phase(name);
     }
-    fn end_phase(&self, released: &[ComponentKind]) {
+    fn end_phase(&self, released: &[Component]) {
         for &c in released {
             self.weights(c).release();
         }
@@ -167,7 +168,7 @@ impl Parts<Tensor> for Model {
     }
 }
 
-impl Text2Image {
+impl Request {
     /// The sampling settings the phases read.
     pub fn sampling(&self) -> Sampling<'_> {
         Sampling {
@@ -192,13 +193,13 @@ impl Model {
 
     pub fn text_to_image(
         &self,
-        req: &Text2Image,
+        req: &Request,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Generated> {
         run::expect_conditioning(self, 0)?;
         self.run(|| {
-            use ComponentKind::{Clip, T5};
-            let (txt, vec) = run::phase(self, "encode", &[T5, Clip], on_event, |_| {
+            use Component::{Clip, T5};
+            let (txt, vec) = run::phase(self, Phase::Encode, &[T5, Clip], on_event, |_| {
                 self.encode_text(&req.prompt, req.t5_tokens)
             })?;
             self.denoise_decode(req, &txt, &vec, Start::Noise, Cond::None, on_event)
@@ -224,7 +225,7 @@ impl Model {
     /// text (`req.prompt` is then not read).
     pub fn image_to_image(
         &self,
-        req: &Text2Image,
+        req: &Request,
         init: &ImageInit,
         embeddings: Option<(&Tensor, &Tensor)>,
         on_event: &mut dyn FnMut(Event),
@@ -246,7 +247,7 @@ impl Model {
     /// A generation with image inputs: see [`run::conditioned`].
     pub(crate) fn conditioned<C>(
         &self,
-        req: &Text2Image,
+        req: &Request,
         embeddings: Option<(&Tensor, &Tensor)>,
         on_event: &mut dyn FnMut(Event),
         condition: impl FnOnce() -> Result<C>,
@@ -258,7 +259,7 @@ impl Model {
     /// Denoise and decode for already encoded text (`req.prompt` is not read).
     pub fn image_from_embeddings(
         &self,
-        req: &Text2Image,
+        req: &Request,
         txt: &Tensor,
         vec: &Tensor,
         on_event: &mut dyn FnMut(Event),
@@ -269,7 +270,7 @@ impl Model {
     /// The denoise and decode phases; the memory report is filled in by the caller.
     pub(crate) fn denoise_decode(
         &self,
-        req: &Text2Image,
+        req: &Request,
         txt: &Tensor,
         vec: &Tensor,
         start: Start<Tensor>,

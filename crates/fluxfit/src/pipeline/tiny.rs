@@ -137,7 +137,7 @@ fn file_store(dir: &Path, label: &str, shapes: Vec<(String, Vec<usize>)>) -> Res
 pub struct TinyConfigs {
     pub variant: Variant,
     pub flow: FlowConfig,
-    pub ae: AutoEncoderConfig,
+    pub vae: AutoEncoderConfig,
     pub t5: T5Config,
     pub clip: ClipConfig,
 }
@@ -149,7 +149,7 @@ impl TinyConfigs {
         Ok(Self {
             variant,
             flow: flow_config(variant),
-            ae: ae_config(),
+            vae: ae_config(),
             t5: t5_config(t5_tok.vocab_size()),
             clip: clip_config(),
         })
@@ -198,7 +198,7 @@ pub fn load_with(configs: &TinyConfigs, dir: Option<&Path>, options: LoadOptions
     };
     let stores = Stores {
         flow: make("flow", configs.flow.expected_shapes())?,
-        ae: make("ae", configs.ae.expected_shapes())?,
+        vae: make("ae", configs.vae.expected_shapes())?,
         t5: make("t5", configs.t5.expected_shapes())?,
         clip: make("clip", configs.clip.expected_shapes())?,
         t5_config: None,

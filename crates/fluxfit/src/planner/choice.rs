@@ -11,13 +11,13 @@ use candle_core::{DType, Device, DeviceLocation};
 
 use super::{
     alternatives, available_ram, candidates, format_bytes, format_secs, parse_bytes, predict,
-    with_packed, Budget, Candidate, DeviceProfile, ModelSpec, PlanTable, Prediction, Request,
+    with_packed, Budget, Candidate, DeviceProfile, ModelSpec, PlanTable, Prediction, Workload,
 };
 use crate::checkpoint::gguf;
 use crate::checkpoint::quantize::{measured_error, QuantSpec};
 use crate::error::{Error, Result};
-use crate::memory::plan::{ComponentKind, Plan};
-use crate::pipeline::{Model, Text2Image};
+use crate::memory::plan::{Component, Plan};
+use crate::pipeline::{Model, Request};
 
 /// Which storage (`--quant`) of the flow and T5 weights the planner may use.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -95,14 +95,14 @@ pub struct StorageChoice {
 /// The files' storage and each of [`STORAGE_CHOICES`]: what fits `budget` and how fast.
 pub fn storage_choices(
     spec: &ModelSpec,
-    req: &Request,
+    req: &Workload,
     device: &DeviceProfile,
     dtype: DType,
     chunk: Option<usize>,
     budget: Budget,
 ) -> Vec<StorageChoice> {
     let base = candidates(device, dtype, chunk);
-    let stored = spec.manifest(ComponentKind::Flow);
+    let stored = spec.manifest(Component::Flow);
     let stored_name = match stored.entries.iter().find_map(|e| e.ggml) {
         Some(_) => format!("as stored ({})", stored.origin),
         None => format!("as stored ({})", stored.storage_dtype().as_str()),
@@ -124,8 +124,8 @@ pub fn storage_choices(
             let table = PlanTable::new(&s, req, device, &with_packed(&base, &s));
             StorageChoice {
                 storage,
-                flow_bytes: s.manifest(ComponentKind::Flow).storage_bytes() as u64,
-                t5_bytes: s.manifest(ComponentKind::T5).storage_bytes() as u64,
+                flow_bytes: s.manifest(Component::Flow).storage_bytes() as u64,
+                t5_bytes: s.manifest(Component::T5).storage_bytes() as u64,
                 plan: table.fastest_fitting(budget, device).map(|r| {
                     (
                         r.prediction.label.clone(),
@@ -230,7 +230,7 @@ pub fn default_size(spec: &ModelSpec) -> (usize, usize) {
 /// What a front end asks the planner to choose for: the request and what may vary.
 #[derive(Debug, Clone)]
 pub struct Choosing {
-    pub request: Request,
+    pub request: Workload,
     pub device: DeviceProfile,
     pub budget: Budget,
     pub dtype: DType,
@@ -263,7 +263,7 @@ pub fn choose(spec: &ModelSpec, c: &Choosing) -> Result<Choice> {
     // `--quant TYPE` on dense files: planned as they will be once quantized on load.
     let quantized;
     let (spec, on_load) = match c.quant {
-        Quant::Type(t) if !spec.packable(ComponentKind::Flow) => {
+        Quant::Type(t) if !spec.packable(Component::Flow) => {
             quantized = spec.quantized(&QuantSpec::new(t));
             (&quantized, Some(t))
         }
@@ -271,7 +271,7 @@ pub fn choose(spec: &ModelSpec, c: &Choosing) -> Result<Choice> {
     };
     let cands = plan_candidates(spec, &candidates(device, c.dtype, c.attn_chunk), c.quant);
     let table = PlanTable::new(spec, req, device, &cands);
-    if c.quant == Quant::Auto && !spec.packable(ComponentKind::Flow) {
+    if c.quant == Quant::Auto && !spec.packable(Component::Flow) {
         if let Some((plan, t, line)) = auto_storage(spec, req, device, &cands, budget) {
             return Ok(Choice {
                 plan,
@@ -337,7 +337,7 @@ pub fn choose(spec: &ModelSpec, c: &Choosing) -> Result<Choice> {
 /// line saying why.
 pub fn auto_storage(
     spec: &ModelSpec,
-    req: &Request,
+    req: &Workload,
     device: &DeviceProfile,
     cands: &[Candidate],
     budget: Budget,
@@ -385,10 +385,10 @@ pub fn auto_storage(
 /// The plan to retry with once after the device ran out of memory under `current`: the
 /// runnable candidate with the largest predicted peak below `current`'s (the least slowdown
 /// that still lowers the peak). `None` when nothing smaller exists.
-pub fn smaller_plan(model: &Model, req: &Text2Image, current: &Plan) -> Option<Plan> {
+pub fn smaller_plan(model: &Model, req: &Request, current: &Plan) -> Option<Plan> {
     let device = DeviceProfile::for_device(model.device());
     let spec = ModelSpec::from_model(model);
-    let request = Request::for_text2image(req);
+    let request = Workload::of(req);
     let cands = candidates(&device, model.dtype(), current.attn_chunk);
     let peak_of = |p: &Plan| predict(&spec, &request, p, &device).peak;
     let now = peak_of(current);
@@ -412,7 +412,7 @@ mod tests {
     #[test]
     fn out_of_memory_retry_picks_a_plan_with_a_lower_peak() {
         let model = tiny::load(LoadOptions::default()).unwrap();
-        let req = Text2Image {
+        let req = Request {
             prompt: "x".into(),
             width: 256,
             height: 256,
@@ -426,7 +426,7 @@ mod tests {
         let smaller = smaller_plan(&model, &req, &current).expect("a smaller plan exists");
         let device = DeviceProfile::for_device(model.device());
         let spec = ModelSpec::from_model(&model);
-        let request = Request::for_text2image(&req);
+        let request = Workload::of(&req);
         let peak = |p: &Plan| predict(&spec, &request, p, &device).peak;
         assert!(peak(&smaller) < peak(&current));
     }
@@ -449,7 +449,7 @@ mod tests {
         let spec = ModelSpec::published(Variant::Dev);
         let device = DeviceProfile::cpu();
         let request = |vram: &str, quant: Quant| Choosing {
-            request: Request {
+            request: Workload {
                 width: 1024,
                 height: 1024,
                 steps: 4,
@@ -491,7 +491,7 @@ mod tests {
     fn auto_storage_on_a_gpu() {
         let spec = ModelSpec::published(Variant::Dev);
         let device = DeviceProfile::generic_cuda(None);
-        let req = Request::new(Variant::Dev, 1024, 1024);
+        let req = Workload::new(Variant::Dev, 1024, 1024);
         let cands = candidates(&device, DType::BF16, Some(1024));
         let pick = |gib: u64| {
             let c = auto_storage(&spec, &req, &device, &cands, Budget { bytes: gib << 30 });

@@ -13,7 +13,7 @@ use candle_core::quantized::GgmlDType;
 use crate::checkpoint::gguf;
 use crate::checkpoint::quantize::{self, QuantSpec};
 use crate::checkpoint::store::TensorStore;
-use crate::memory::plan::ComponentKind;
+use crate::memory::plan::Component;
 use crate::model::autoencoder::AutoEncoderConfig;
 use crate::model::clip::ClipConfig;
 use crate::model::t5::T5Config;
@@ -53,7 +53,7 @@ impl Entry {
 /// The tensors of one component's checkpoint.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Manifest {
-    pub component: ComponentKind,
+    pub component: Component,
     /// What it describes: a file, or `flux1-dev.safetensors (built in)`.
     pub origin: String,
     pub entries: Vec<Entry>,
@@ -62,7 +62,7 @@ pub struct Manifest {
 impl Manifest {
     /// Every shape of `shapes` stored as `dtype`.
     pub fn from_shapes(
-        component: ComponentKind,
+        component: Component,
         origin: impl Into<String>,
         shapes: Vec<(String, Vec<usize>)>,
         dtype: DType,
@@ -85,7 +85,7 @@ impl Manifest {
     /// The flow transformer of a published variant (`flux1-*.safetensors`, bf16).
     pub fn flow(variant: Variant) -> Self {
         Self::from_shapes(
-            ComponentKind::Flow,
+            Component::Flow,
             format!("{} (built in)", variant.flow_file()),
             variant.flow_config().expected_shapes(),
             DType::BF16,
@@ -93,9 +93,9 @@ impl Manifest {
     }
 
     /// `ae.safetensors`, the autoencoder of every variant, stored in f32.
-    pub fn ae() -> Self {
+    pub fn vae() -> Self {
         Self::from_shapes(
-            ComponentKind::Vae,
+            Component::Vae,
             "ae.safetensors (built in)",
             AutoEncoderConfig::flux().expected_shapes(),
             DType::F32,
@@ -105,7 +105,7 @@ impl Manifest {
     /// The T5-v1.1-XXL encoder as the FLUX repos ship it (`text_encoder_2/`, bf16).
     pub fn t5_xxl() -> Self {
         Self::from_shapes(
-            ComponentKind::T5,
+            Component::T5,
             "text_encoder_2 (T5-v1.1-XXL encoder, built in)",
             T5Config::xxl().expected_shapes(),
             DType::BF16,
@@ -115,7 +115,7 @@ impl Manifest {
     /// The CLIP-L text tower (`text_encoder/`, bf16).
     pub fn clip_l() -> Self {
         Self::from_shapes(
-            ComponentKind::Clip,
+            Component::Clip,
             "text_encoder (CLIP ViT-L/14 text, built in)",
             ClipConfig::vit_l_14().expected_shapes(),
             DType::BF16,
@@ -123,7 +123,7 @@ impl Manifest {
     }
 
     /// The canonical tensors of a checkpoint as its headers describe them.
-    pub fn from_store(component: ComponentKind, store: &TensorStore) -> Self {
+    pub fn from_store(component: Component, store: &TensorStore) -> Self {
         let entries = store
             .keys()
             .filter_map(|k| {
@@ -240,8 +240,8 @@ mod tests {
         assert_eq!(flow(Variant::DevFill), 11_902_391_360);
         // 23.80 GB in bf16.
         assert_eq!(Manifest::flow(Variant::Dev).storage_bytes(), 23_802_816_640);
-        assert_eq!(Manifest::ae().params(), 83_819_683);
-        assert_eq!(Manifest::ae().storage_bytes(), 335_278_732);
+        assert_eq!(Manifest::vae().params(), 83_819_683);
+        assert_eq!(Manifest::vae().storage_bytes(), 335_278_732);
         assert_eq!(Manifest::t5_xxl().params(), 4_762_310_656);
         assert_eq!(Manifest::clip_l().params(), 123_060_480);
         // Key counts: dev 780 tensors, schnell 776.
@@ -259,7 +259,7 @@ mod tests {
         assert_eq!(m.stage_numel(&stages[1]), 339_831_296);
         assert_eq!(m.stage_numel(&stages[20]), 141_591_808);
         // AE decoder: 49,545,475 parameters over its stages.
-        let ae = Manifest::ae();
+        let ae = Manifest::vae();
         let vae = crate::model::autoencoder::AutoEncoder::new(AutoEncoderConfig::flux(), None);
         let dec: usize = vae.decoder_stages().iter().map(|s| ae.stage_numel(s)).sum();
         assert_eq!(dec, 49_545_475);

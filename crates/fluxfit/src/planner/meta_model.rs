@@ -6,8 +6,8 @@ use std::rc::Rc;
 use candle_core::DType;
 
 use super::meta_weights::MetaWeights;
+use crate::component::{Component, Phase};
 use crate::error::Result;
-use crate::memory::plan::ComponentKind;
 use crate::model::autoencoder::AutoEncoder;
 use crate::model::clip::ClipTextModel;
 use crate::model::flow::Flux;
@@ -24,18 +24,18 @@ pub(crate) struct MetaModel {
     pub dtype: DType,
     pub vae_tile: Option<usize>,
     pub flow: (Flux, MetaWeights),
-    pub ae: (AutoEncoder, MetaWeights),
+    pub vae: (AutoEncoder, MetaWeights),
     pub t5: (T5Encoder, MetaWeights),
     pub clip: (ClipTextModel, MetaWeights),
 }
 
 impl MetaModel {
-    fn weights(&self, kind: ComponentKind) -> &MetaWeights {
+    fn weights(&self, kind: Component) -> &MetaWeights {
         match kind {
-            ComponentKind::T5 => &self.t5.1,
-            ComponentKind::Clip => &self.clip.1,
-            ComponentKind::Flow => &self.flow.1,
-            ComponentKind::Vae => &self.ae.1,
+            Component::T5 => &self.t5.1,
+            Component::Clip => &self.clip.1,
+            Component::Flow => &self.flow.1,
+            Component::Vae => &self.vae.1,
         }
     }
 }
@@ -55,7 +55,7 @@ impl Parts<Meta> for MetaModel {
         (&self.flow.0, &self.flow.1)
     }
     fn vae(&self) -> (&AutoEncoder, &MetaWeights) {
-        (&self.ae.0, &self.ae.1)
+        (&self.vae.0, &self.vae.1)
     }
     fn name(&self) -> &str {
         &self.name
@@ -76,10 +76,10 @@ impl Parts<Meta> for MetaModel {
     fn tokens(&self, _: &str, t5_tokens: usize) -> Result<Tokens> {
         Ok((vec![vec![0; t5_tokens]], vec![vec![0; 77]]))
     }
-    fn begin_phase(&self, name: &'static str) {
+    fn begin_phase(&self, name: Phase) {
         self.heap.begin_phase(name);
     }
-    fn end_phase(&self, released: &[ComponentKind]) {
+    fn end_phase(&self, released: &[Component]) {
         for &c in released {
             self.weights(c).release();
         }

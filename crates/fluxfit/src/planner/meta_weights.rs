@@ -11,7 +11,7 @@ use std::rc::Rc;
 use candle_core::DType;
 
 use crate::error::{Error, Result};
-use crate::memory::plan::{ComponentKind, Placement};
+use crate::memory::plan::{Component, Placement};
 use crate::memory::residency::{evict_groups, group_to_prefetch};
 use crate::model::weights::{Stage, Weights};
 use crate::tensor::meta::{Block, Cat, Meta, MetaDevice, MetaQWeight};
@@ -47,7 +47,7 @@ struct Held {
 
 /// A component's weights under a placement, over meta tensors.
 pub(crate) struct MetaWeights {
-    pub kind: ComponentKind,
+    pub kind: Component,
     pub placement: Placement,
     dtype: DType,
     device: MetaDevice,
@@ -69,7 +69,7 @@ pub(crate) struct MetaStage {
 impl MetaWeights {
     /// `device`: the compute device, or the host for a `cpu` placement.
     pub fn new(
-        kind: ComponentKind,
+        kind: Component,
         placement: Placement,
         dtype: DType,
         device: MetaDevice,

@@ -8,14 +8,14 @@ use candle_core::DType;
 use super::choice::StorageChoice;
 use super::{
     format_bytes, format_secs, label, predict, Alternative, Budget, Candidate, DeviceProfile,
-    ModelSpec, PlanTable, Prediction, Request, Row,
+    ModelSpec, PlanTable, Prediction, Row, Workload,
 };
-use crate::memory::plan::ComponentKind;
+use crate::component::{Component, Phase};
 
 #[allow(clippy::too_many_arguments)]
 pub fn render_table(
     spec: &ModelSpec,
-    req: &Request,
+    req: &Workload,
     device: &DeviceProfile,
     dtype: DType,
     chunk: Option<usize>,
@@ -42,7 +42,7 @@ pub fn render_table(
             ""
         },
     );
-    let weights: Vec<String> = ComponentKind::ALL
+    let weights: Vec<String> = Component::ALL
         .iter()
         .map(|k| {
             format!(
@@ -75,7 +75,7 @@ pub fn render_table(
     );
     for r in &table.rows {
         let p = &r.prediction;
-        let ph = |n: &str| p.phase(n).map_or("-".into(), |x| format_bytes(x.total));
+        let ph = |n: Phase| p.phase(n).map_or("-".into(), |x| format_bytes(x.total));
         let fits = match (budget, r.needs) {
             (_, Some(need)) => format!("needs {need}"),
             (Some(b), None) if b.fits(p, device) => "yes".into(),
@@ -86,9 +86,9 @@ pub fn render_table(
             s,
             "{:<44} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>6.2}  {}",
             p.label,
-            ph("encode"),
-            ph("denoise"),
-            ph("decode"),
+            ph(Phase::Encode),
+            ph(Phase::Denoise),
+            ph(Phase::Decode),
             format_bytes(p.peak),
             if p.host_peak > 0 {
                 format_bytes(p.host_peak)
@@ -203,7 +203,7 @@ fn esc(s: &str) -> String {
 /// components' weights.
 pub fn chart(
     spec: &ModelSpec,
-    req: &Request,
+    req: &Workload,
     device: &DeviceProfile,
     cands: &[Candidate],
     table: &PlanTable,
@@ -213,10 +213,10 @@ pub fn chart(
     let gib = (1u64 << 30) as f64;
     let aspect = req.width as f64 / req.height as f64;
     let mps = [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0];
-    let sized = |mp: f64| -> Request {
+    let sized = |mp: f64| -> Workload {
         let h = (mp * 1e6 / aspect).sqrt();
         let w = h * aspect;
-        Request {
+        Workload {
             width: ((w as usize) / 16 * 16).max(64),
             height: ((h as usize) / 16 * 16).max(64),
             ..req.clone()
@@ -336,7 +336,7 @@ pub fn chart(
         let bmax = nice_ceiling(
             p.peak
                 .max(
-                    ComponentKind::ALL
+                    Component::ALL
                         .iter()
                         .map(|k| spec.manifest(*k).storage_bytes() as u64)
                         .sum(),
@@ -401,7 +401,7 @@ pub fn chart(
         // The components' weights in storage, stacked.
         let x = bx0 + 20.0 + 80.0 * 3.0 + 30.0;
         let mut base = 0.0;
-        for (i, k) in ComponentKind::ALL.iter().enumerate() {
+        for (i, k) in Component::ALL.iter().enumerate() {
             let v = spec.manifest(*k).storage_bytes() as f64 / gib;
             let c = ["#8172b3", "#937860", "#55a868", "#c44e52"][i];
             let _ = writeln!(

@@ -23,6 +23,7 @@ use candle_core::shape::Dim;
 use candle_core::{DType, Layout, Shape};
 
 use super::{HostBuffer, Tensor};
+use crate::component::Phase;
 use crate::error::Result;
 
 /// What a block of bytes is.
@@ -124,9 +125,9 @@ pub struct Segment {
 }
 
 /// What one phase held.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct PhaseStat {
-    pub name: &'static str,
+    pub name: Phase,
     /// Largest bytes live on the compute device.
     pub peak: u64,
     /// Weights, activations and workspace at that moment.
@@ -146,7 +147,7 @@ pub struct Heap {
     dev: Rc<RefCell<Acc>>,
     host: Rc<RefCell<Acc>>,
     segs: RefCell<Vec<Segment>>,
-    phase: Cell<Option<&'static str>>,
+    phase: Cell<Option<Phase>>,
     phases: RefCell<Vec<PhaseStat>>,
 }
 
@@ -256,7 +257,7 @@ impl Heap {
         }
     }
 
-    pub fn begin_phase(&self, name: &'static str) {
+    pub fn begin_phase(&self, name: Phase) {
         self.end_phase();
         self.phase.set(Some(name));
         self.dev.borrow_mut().reset_peak();

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use fluxfit::checkpoint::layout::ModelPaths;
 use fluxfit::checkpoint::safetensors::SafetensorsFile;
 use fluxfit::noise::NoiseKind;
-use fluxfit::pipeline::{LoadOptions, Model, ModelSources, Text2Image};
+use fluxfit::pipeline::{LoadOptions, Model, ModelSources, Request};
 
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -29,8 +29,8 @@ pub fn golden_json(file: &str) -> serde_json::Value {
 
 /// The request of a golden case's json: prompt, size, steps, guidance (none for schnell),
 /// seed, T5 length (the conditioning goldens give embeddings of 16 tokens and no length).
-pub fn golden_request(case: &serde_json::Value) -> Text2Image {
-    Text2Image {
+pub fn golden_request(case: &serde_json::Value) -> Request {
+    Request {
         prompt: case["prompt"].as_str().unwrap().to_string(),
         width: case["width"].as_u64().unwrap() as usize,
         height: case["height"].as_u64().unwrap() as usize,
@@ -98,7 +98,7 @@ pub fn bfl_sources(flow: &str) -> ModelSources {
         None,
         ModelPaths {
             flow: Some(fixtures().join("tiny-bfl").join(flow)),
-            ae: Some(fixtures().join("tiny-bfl/ae.safetensors")),
+            vae: Some(fixtures().join("tiny-bfl/ae.safetensors")),
             t5: Some(d.join("text_encoder_2")),
             clip: Some(d.join("text_encoder")),
             ..Default::default()
