@@ -2,8 +2,6 @@
 //! headless 4.13.0.92) on every `tests/fixtures/canny_*.png`, pixel for pixel. The goldens come
 //! from tools/reference/make_canny_golden.py.
 
-mod common;
-
 use std::path::Path;
 
 use fluxfit::canny::canny_rgb;
@@ -36,7 +34,7 @@ fn golden_edges(path: &Path) -> (usize, usize, Vec<u8>) {
 
 #[test]
 fn canny_matches_cv2_on_every_golden() {
-    let fix = common::fixtures();
+    let fix = crate::common::fixtures();
     let mut names: Vec<String> = std::fs::read_dir(&fix)
         .expect("fixtures dir")
         .filter_map(|e| {

@@ -1,11 +1,9 @@
 //! Bad input at the library's edge: each case is a typed error naming the file, key, shape or
 //! value at fault, never a panic.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::{bfl_sources, fixtures};
+use crate::common::{bfl_sources, fixtures};
 use fluxfit::checkpoint::layout::{self, ModelPaths};
 use fluxfit::checkpoint::safetensors::{serialize_f32, SafetensorsFile};
 use fluxfit::image::Format;

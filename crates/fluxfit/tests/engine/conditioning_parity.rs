@@ -7,10 +7,8 @@
 //! rounding and to one bf16 step after it, since a difference of ~1e-7 between CPUs' matmul
 //! kernels can move a value across a rounding boundary (it does on AVX2-only machines).
 
-mod common;
-
+use crate::common::*;
 use candle_core::Tensor;
-use common::*;
 use fluxfit::image::{read_mask, read_rgb8};
 use fluxfit::model::flow::FlowInputs;
 use fluxfit::pipeline::fill::fill_tensors;

@@ -2,10 +2,8 @@
 //! stage. The same images as dequantizing on the way in, the weights held at their stored size,
 //! and the planner's shadow predicting the ledger's weights to the byte.
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Tensor};
-use common::*;
 use fluxfit::component::Phase;
 use fluxfit::memory::ledger::MemoryReport;
 use fluxfit::memory::plan::Plan;

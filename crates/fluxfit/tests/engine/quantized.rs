@@ -12,14 +12,12 @@
 //! wrong block decode, a transposed tensor or a lost scale (errors of order 1) fails, loose
 //! enough for summation-order noise. Never loosen one to make a test pass.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::common::*;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
-use common::*;
 use fluxfit::checkpoint::gguf::{self, GgufFile};
 use fluxfit::checkpoint::layout::{open_flow, open_t5};
 use fluxfit::checkpoint::quantize::{self, QuantSpec, Reason};

@@ -5,10 +5,8 @@
 //! weights; the residual is summation order and transcendental rounding (measured ~1e-6), while
 //! any layout or math error (chunk order, RoPE pairing, scale/shift swap) moves outputs by >1%.
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Device, Tensor};
-use common::*;
 use fluxfit::checkpoint::layout::{open_flow, open_vae};
 use fluxfit::memory::residency::{Placement, Residency};
 use fluxfit::model::autoencoder::{AutoEncoder, AutoEncoderConfig};

@@ -6,10 +6,8 @@
 //! relative). Denoising from the golden embeddings is held to 1e-4 × max(1, |golden|max), as
 //! the single-network goldens; the 8-bit pixels to ±1 (the conversion truncates).
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Tensor};
-use common::*;
 use fluxfit::image::to_rgb8;
 use fluxfit::noise::NoiseKind;
 use fluxfit::pipeline::Model;

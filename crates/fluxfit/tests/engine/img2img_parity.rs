@@ -6,9 +6,7 @@
 //! latent, the start latent and the final latents to 1e-4 × max(1, |golden|max), as the
 //! other network goldens.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use fluxfit::image::{init_image, read_rgb8};
 use fluxfit::pipeline::ImageInit;
 use fluxfit::sampling;

@@ -2,8 +2,6 @@
 //! Goldens: tests/fixtures/resample, written by tools/reference/make_resample_golden.py
 //! (Pillow 13.0.0), which lists the same cases.
 
-mod common;
-
 use fluxfit::image::{read_mask, read_rgb8};
 use fluxfit::resample::{lanczos_l8, lanczos_rgb8};
 
@@ -41,7 +39,7 @@ const CASES: &[(&str, &[(usize, usize)])] = &[
 /// Width, height and bytes (3 per pixel for `rgb*`, 1 for `l*`, which are greyscale PNGs:
 /// `read_mask`'s L conversion of a grey pixel is the identity, (65536·v + 2¹⁵) >> 16 = v).
 fn load(name: &str) -> (usize, usize, Vec<u8>) {
-    let path = common::fixtures()
+    let path = crate::common::fixtures()
         .join("resample")
         .join(format!("{name}.png"));
     if name.starts_with("rgb") {

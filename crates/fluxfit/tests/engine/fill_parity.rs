@@ -7,10 +7,8 @@
 //! neighbouring bf16 value: held to one bf16 step at the golden value plus 1e-6 (and the latent
 //! before rounding to 1e-4 × max(1, |golden|max)).
 
-mod common;
-
+use crate::common::*;
 use candle_core::{DType, Device, Tensor};
-use common::*;
 use fluxfit::image::{read_mask, read_rgb8};
 use fluxfit::noise::NoiseKind;
 use fluxfit::pipeline::fill::{fill_conditioning, fill_tensors};

@@ -1,12 +1,10 @@
 //! Checkpoint layouts that real distributions use, built from the tiny fixtures: the same
 //! weights must give the same tensors whatever the file layout.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
+use crate::common::*;
 use candle_core::{DType, Device};
-use common::*;
 use fluxfit::checkpoint::layout::{open_clip, open_flow, open_t5};
 use fluxfit::checkpoint::safetensors::{serialize_f32, SafetensorsFile};
 use fluxfit::checkpoint::store::TensorStore;
