@@ -9,9 +9,7 @@ use clap::Args;
 use fluxfit::checkpoint::quantize::QuantSpec;
 use fluxfit::memory::plan::Component;
 use fluxfit::pipeline::LoadOptions;
-use fluxfit::planner::choice::{
-    auto_storage, default_size, plan_candidates, storage_choices, Quant,
-};
+use fluxfit::planner::choice::{auto_storage, plan_candidates, storage_choices, Asked, Quant};
 use fluxfit::planner::report::{chart, render_storage, render_table};
 use fluxfit::planner::{
     alternatives, candidates, Budget, DeviceProfile, ModelSpec, PlanTable, Workload,
@@ -117,15 +115,17 @@ pub fn run(args: PlanArgs) -> Result<()> {
         Quant::Type(t) => spec.quantized(&QuantSpec::new(t)),
         _ => spec,
     };
-    let (dw, dh) = default_size(&spec);
-    let req = Workload {
-        width: args.width.unwrap_or(dw) / 16 * 16,
-        height: args.height.unwrap_or(dh) / 16 * 16,
-        t5_tokens: args.t5_tokens.unwrap_or(spec.variant.t5_tokens()),
-        steps: args.steps.unwrap_or(spec.variant.default_steps()),
-        image_input: args.image_input,
-        cond_size: None,
-    };
+    let req = Workload::asked(
+        &spec,
+        Asked {
+            width: args.width,
+            height: args.height,
+            t5_tokens: args.t5_tokens,
+            steps: args.steps,
+            image_input: args.image_input,
+            cond_size: None,
+        },
+    );
     if req.width < 64 || req.height < 64 {
         bail!("--width and --height must be at least 64 pixels");
     }

@@ -12,7 +12,7 @@ use fluxfit::image::{next_free_path, save, to_rgb8};
 use fluxfit::memory::plan::Plan;
 use fluxfit::noise::NoiseKind;
 use fluxfit::pipeline::{Event, LoadOptions, Model, Request};
-use fluxfit::planner::choice::{choose, default_size, gpu_index, Choosing, Quant};
+use fluxfit::planner::choice::{choose, gpu_index, Asked, Choosing, Quant};
 use fluxfit::planner::{Budget, DeviceProfile, ModelSpec, Workload};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -109,12 +109,14 @@ impl RunArgs {
             device: &options.device,
             dtype,
             attn_chunk: p.attn_chunk,
-            width: p.width,
-            height: p.height,
-            steps: self.steps,
-            t5_tokens: self.t5_tokens,
-            image_input: p.image_input,
-            cond_size: p.cond_size,
+            asked: Asked {
+                width: p.width,
+                height: p.height,
+                steps: self.steps,
+                t5_tokens: self.t5_tokens,
+                image_input: p.image_input,
+                cond_size: p.cond_size,
+            },
             quant: p.quant,
             quiet: self.quiet,
         });
@@ -385,14 +387,8 @@ pub struct VramRequest<'a> {
     pub device: &'a fluxfit::candle_core::Device,
     pub dtype: fluxfit::candle_core::DType,
     pub attn_chunk: Option<usize>,
-    pub width: Option<usize>,
-    pub height: Option<usize>,
-    pub steps: Option<usize>,
-    pub t5_tokens: Option<usize>,
-    /// An image is encoded too: the VAE encoder's phase joins the plan.
-    pub image_input: bool,
-    /// The conditioning image's size where it is not the output's (Kontext).
-    pub cond_size: Option<(usize, usize)>,
+    /// The request as far as it is known.
+    pub asked: Asked,
     /// Which storage the plan may use (`--quant`).
     pub quant: Quant,
     pub quiet: bool,
@@ -419,15 +415,7 @@ pub fn vram_plan_for_model(model: &Model, r: &VramRequest) -> Result<VramChoice>
 
 fn pick_plan(spec: &ModelSpec, r: &VramRequest) -> Result<VramChoice> {
     let device = DeviceProfile::for_device(r.device);
-    let (dw, dh) = default_size(spec);
-    let request = Workload {
-        width: r.width.unwrap_or(dw) / 16 * 16,
-        height: r.height.unwrap_or(dh) / 16 * 16,
-        t5_tokens: r.t5_tokens.unwrap_or(spec.variant.t5_tokens()),
-        steps: r.steps.unwrap_or(spec.variant.default_steps()),
-        image_input: r.image_input,
-        cond_size: r.cond_size,
-    };
+    let request = Workload::asked(spec, r.asked);
     let budget =
         Budget::resolve(Some(r.vram), &device, gpu_index(r.device))?.expect("a budget was given");
     let choice = choose(

@@ -43,7 +43,7 @@ use crate::model::flow::{FlowConfig, Flux};
 use crate::model::t5::{T5Config, T5Encoder};
 use crate::model::weights::StageSpec;
 use crate::pipeline::fill::fill_conditioning;
-use crate::pipeline::run::{self, Cond, Sampling, Start};
+use crate::pipeline::run::{self, Cond, Start};
 use crate::planner::manifest::{Entry, Manifest};
 use crate::tensor::meta::{Heap, Meta};
 use crate::variant::Variant;
@@ -443,8 +443,8 @@ fn run_meta(
             weights(Component::Clip),
         ),
     };
-    let s = Sampling {
-        prompt: "",
+    let s = crate::pipeline::Request {
+        prompt: String::new(),
         width: req.width,
         height: req.height,
         steps: passes,

@@ -6,6 +6,7 @@ pub mod kontext;
 pub mod model;
 pub mod model_ref;
 pub mod regions;
+pub mod request;
 pub mod run;
 pub mod text2image;
 pub mod tiny;

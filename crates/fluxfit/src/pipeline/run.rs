@@ -5,6 +5,7 @@
 
 use candle_core::DType;
 
+use super::request::Request;
 use crate::component::{Component, Phase};
 use crate::error::{Error, Result};
 use crate::model::autoencoder::AutoEncoder;
@@ -54,19 +55,6 @@ pub trait Parts<T: Tensor> {
 
 /// Token rows `[B][L]` of the two encoders: (T5, CLIP).
 pub type Tokens = (Vec<Vec<u32>>, Vec<Vec<u32>>);
-
-/// What the phases are asked: the image's size and the sampling settings.
-#[derive(Debug, Clone, Copy)]
-pub struct Sampling<'a> {
-    pub prompt: &'a str,
-    pub width: usize,
-    pub height: usize,
-    pub steps: usize,
-    pub guidance: f32,
-    pub seed: u64,
-    pub t5_tokens: usize,
-    pub noise: crate::noise::NoiseKind,
-}
 
 /// Where denoising starts.
 #[derive(Clone, Copy)]
@@ -148,7 +136,7 @@ pub fn encode_image<T: Tensor, P: Parts<T>>(p: &P, image: &T) -> Result<T> {
 /// the images; `run` denoises and decodes.
 pub fn conditioned<T: Tensor, P: Parts<T>, C, R>(
     p: &P,
-    req: &Sampling,
+    req: &Request,
     embeddings: Option<(&T, &T)>,
     on_event: &mut dyn FnMut(Event),
     condition: impl FnOnce() -> Result<C>,
@@ -158,7 +146,7 @@ pub fn conditioned<T: Tensor, P: Parts<T>, C, R>(
     let encoded = phase(p, Phase::Encode, &[T5, Clip, Vae], on_event, |_| {
         let (txt, vec) = match embeddings {
             Some((t, v)) => (t.clone(), v.clone()),
-            None => encode_text(p, req.prompt, req.t5_tokens)?,
+            None => encode_text(p, &req.prompt, req.t5_tokens)?,
         };
         Ok((txt, vec, condition()?))
     })?;
@@ -192,7 +180,7 @@ pub fn expect_conditioning<T: Tensor, P: Parts<T>>(p: &P, channels: usize) -> Re
 /// `[1, 3, H, W]` f32, the timesteps run).
 pub fn denoise_decode<T: Tensor, P: Parts<T>>(
     p: &P,
-    req: &Sampling,
+    req: &Request,
     txt: &T,
     vec: &T,
     start: Start<T>,

@@ -6,8 +6,9 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::model::Model;
+pub use super::request::{Request, MAX_SIDE, MIN_SIDE};
 pub use super::run::Event;
-use super::run::{self, Parts, Sampling};
+use super::run::{self, Parts};
 pub(crate) use super::run::{Cond, Start};
 use crate::component::{Component, Phase};
 use crate::error::{Error, Result};
@@ -17,60 +18,7 @@ use crate::model::autoencoder::AutoEncoder;
 use crate::model::clip::ClipTextModel;
 use crate::model::flow::Flux;
 use crate::model::t5::T5Encoder;
-use crate::noise::NoiseKind;
 use crate::variant::Variant;
-
-/// Largest side accepted without an explicit opt-in: beyond it memory and time explode.
-pub const MAX_SIDE: usize = 4096;
-/// Smallest side: below it the latent grid is degenerate.
-pub const MIN_SIDE: usize = 64;
-
-/// One generation request: the prompt, the output size and the sampling settings. Every mode
-/// takes it (text to image, img2img, fill, control, Kontext, regions) beside its images.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Request {
-    pub prompt: String,
-    pub width: usize,
-    pub height: usize,
-    pub steps: usize,
-    pub guidance: f32,
-    pub seed: u64,
-    /// T5 sequence length (the variant's default unless overridden).
-    pub t5_tokens: usize,
-    #[serde(skip)]
-    pub noise: NoiseKind,
-}
-
-impl Request {
-    /// Refuses requests that cannot give a sensible image, naming the value and the fix.
-    pub fn validate(&self, allow_large: bool) -> Result<()> {
-        for (name, v) in [("width", self.width), ("height", self.height)] {
-            if v < MIN_SIDE {
-                return Err(Error::InvalidRequest(format!(
-                    "{name} {v} is below the minimum of {MIN_SIDE} pixels"
-                )));
-            }
-            if v > MAX_SIDE && !allow_large {
-                return Err(Error::InvalidRequest(format!(
-                    "{name} {v} is above {MAX_SIDE} pixels; pass --allow-large if you mean it"
-                )));
-            }
-        }
-        if self.steps == 0 {
-            return Err(Error::InvalidRequest("steps must be at least 1".into()));
-        }
-        if self.t5_tokens == 0 {
-            return Err(Error::InvalidRequest("t5 tokens must be at least 1".into()));
-        }
-        if !self.guidance.is_finite() {
-            return Err(Error::InvalidRequest(format!(
-                "guidance {} is not a number",
-                self.guidance
-            )));
-        }
-        Ok(())
-    }
-}
 
 /// img2img's init image (docs/flux.md §3, demo_st.py): the generation starts from
 /// `t·noise + (1 − t)·encode(image)` at `t = timesteps[int((1 − strength)·steps)]`.
@@ -168,22 +116,6 @@ impl Parts<Tensor> for Model {
     }
 }
 
-impl Request {
-    /// The sampling settings the phases read.
-    pub fn sampling(&self) -> Sampling<'_> {
-        Sampling {
-            prompt: &self.prompt,
-            width: self.width,
-            height: self.height,
-            steps: self.steps,
-            guidance: self.guidance,
-            seed: self.seed,
-            t5_tokens: self.t5_tokens,
-            noise: self.noise,
-        }
-    }
-}
-
 impl Model {
     /// T5 sequence `[1, L, d]` and CLIP pooled vector `[1, d]`, rounded through bf16, on the
     /// compute device (the encoders may compute elsewhere under a `cpu` placement).
@@ -253,7 +185,7 @@ impl Model {
         condition: impl FnOnce() -> Result<C>,
         then: impl FnOnce(&Tensor, &Tensor, &C, &mut dyn FnMut(Event)) -> Result<Generated>,
     ) -> Result<Generated> {
-        self.run(|| run::conditioned(self, &req.sampling(), embeddings, on_event, condition, then))
+        self.run(|| run::conditioned(self, req, embeddings, on_event, condition, then))
     }
 
     /// Denoise and decode for already encoded text (`req.prompt` is not read).
@@ -278,7 +210,7 @@ impl Model {
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Generated> {
         let (latents, image, timesteps) =
-            run::denoise_decode(self, &req.sampling(), txt, vec, start, cond, on_event)?;
+            run::denoise_decode(self, req, txt, vec, start, cond, on_event)?;
         Ok(Generated {
             latents,
             image,

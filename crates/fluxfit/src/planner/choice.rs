@@ -227,6 +227,34 @@ pub fn default_size(spec: &ModelSpec) -> (usize, usize) {
     }
 }
 
+/// What a front end knows of a request before planning it; the model's defaults fill the rest.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Asked {
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub t5_tokens: Option<usize>,
+    pub steps: Option<usize>,
+    /// An image is VAE-encoded in the encode phase.
+    pub image_input: bool,
+    /// Its size where it is not the output's (Kontext).
+    pub cond_size: Option<(usize, usize)>,
+}
+
+impl Workload {
+    /// `asked` for `spec`: sizes floored to multiples of 16, the variant's defaults elsewhere.
+    pub fn asked(spec: &ModelSpec, asked: Asked) -> Self {
+        let (dw, dh) = default_size(spec);
+        Self {
+            width: asked.width.unwrap_or(dw) / 16 * 16,
+            height: asked.height.unwrap_or(dh) / 16 * 16,
+            t5_tokens: asked.t5_tokens.unwrap_or(spec.variant.t5_tokens()),
+            steps: asked.steps.unwrap_or(spec.variant.default_steps()),
+            image_input: asked.image_input,
+            cond_size: asked.cond_size,
+        }
+    }
+}
+
 /// What a front end asks the planner to choose for: the request and what may vary.
 #[derive(Debug, Clone)]
 pub struct Choosing {
