@@ -13,10 +13,11 @@ use fluxfit::pipeline::{LoadOptions, Model, Request};
 use fluxfit::planner::{self, DeviceProfile, ModelSpec, Prediction, Workload};
 use fluxfit::variant::Variant;
 
+mod common;
+use common::phases_against;
+
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;
-
-const MIB: f64 = (1 << 20) as f64;
 
 fn options(chunk: Option<usize>) -> LoadOptions {
     LoadOptions {
@@ -91,29 +92,10 @@ fn predicted_peaks_are_within_ten_percent_of_measured() {
                     .unwrap();
                 let measured = measure(&mut model, &plan, &req);
                 let predicted = predict(&model, &plan, &req);
-                for m in &measured.phases {
-                    let p = predicted.phase(m.phase).unwrap();
-                    // The residency's shadow holds exactly the bytes the ledger saw.
-                    assert_eq!(
-                        p.weights_peak as usize, m.weights_peak,
-                        "h{hidden} {w}x{h} `{spec}` {}: weights",
-                        m.phase
-                    );
-                    let err = p.total as f64 / m.total_peak as f64 - 1.0;
-                    worst = worst.max(err.abs());
-                    lines.push(format!(
-                        "h{hidden:<4} {w}x{h:<4} {spec:<22} {:<8} measured {:>8.2} MiB (w {:>7.2} a {:>7.2}) predicted {:>8.2} MiB (w {:>7.2} a {:>7.2} ws {:>6.2}) {:+6.1}%",
-                        m.phase,
-                        m.total_peak as f64 / MIB,
-                        m.weights_peak as f64 / MIB,
-                        m.activations_peak.unwrap_or(0) as f64 / MIB,
-                        p.total as f64 / MIB,
-                        p.weights as f64 / MIB,
-                        p.activations as f64 / MIB,
-                        p.workspace as f64 / MIB,
-                        100.0 * err
-                    ));
-                }
+                let label = format!("h{hidden:<4} {w}x{h:<4} {spec:<22}");
+                let (err, mut phase_lines) = phases_against(&label, &measured, &predicted);
+                worst = worst.max(err);
+                lines.append(&mut phase_lines);
             }
         }
     }

@@ -13,10 +13,11 @@ use fluxfit::pipeline::{LoadOptions, LoraSpec, Model, Request};
 use fluxfit::planner::{self, DeviceProfile, ModelSpec, Workload};
 use fluxfit::variant::Variant;
 
+mod common;
+use common::phases_against;
+
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;
-
-const MIB: f64 = (1 << 20) as f64;
 
 fn model(variant: Variant) -> Model {
     model_with(variant, None)
@@ -91,23 +92,9 @@ fn check(
             &plan,
             &DeviceProfile::cpu_fixed(),
         );
-        for m in &measured.phases {
-            let p = predicted.phase(m.phase).unwrap();
-            assert_eq!(
-                p.weights_peak as usize, m.weights_peak,
-                "{name} `{spec}` {}: weights",
-                m.phase
-            );
-            let err = p.total as f64 / m.total_peak as f64 - 1.0;
-            println!(
-                "{name:<8} {spec:<11} {:<8} measured {:>7.2} MiB predicted {:>7.2} MiB {:+6.1}%",
-                m.phase,
-                m.total_peak as f64 / MIB,
-                p.total as f64 / MIB,
-                100.0 * err
-            );
-            worst = worst.max(err.abs());
-        }
+        let (err, lines) = phases_against(&format!("{name:<8} {spec:<11}"), &measured, &predicted);
+        println!("{}", lines.join("\n"));
+        worst = worst.max(err);
     }
     worst
 }

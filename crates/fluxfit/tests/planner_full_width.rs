@@ -13,10 +13,11 @@ use fluxfit::pipeline::{LoadOptions, Request};
 use fluxfit::planner::{self, DeviceProfile, ModelSpec, Workload};
 use fluxfit::variant::Variant;
 
+mod common;
+use common::phases_against;
+
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;
-
-const MIB: f64 = (1 << 20) as f64;
 
 #[test]
 fn full_width_blocks_at_one_megapixel_are_predicted_within_ten_percent() {
@@ -62,28 +63,9 @@ fn full_width_blocks_at_one_megapixel_are_predicted_within_ten_percent() {
             &plan,
             &DeviceProfile::cpu_fixed(),
         );
-        for m in &measured.phases {
-            let p = predicted.phase(m.phase).unwrap();
-            assert_eq!(
-                p.weights_peak as usize, m.weights_peak,
-                "`{spec}` {}: weights",
-                m.phase
-            );
-            let err = p.total as f64 / m.total_peak as f64 - 1.0;
-            worst = worst.max(err.abs());
-            lines.push(format!(
-                "{spec:<11} {:<8} measured {:>8.1} MiB (w {:>7.1} a {:>7.1}) predicted {:>8.1} MiB (w {:>7.1} a {:>7.1} ws {:>6.1}) {:+6.1}%",
-                m.phase,
-                m.total_peak as f64 / MIB,
-                m.weights_peak as f64 / MIB,
-                m.activations_peak.unwrap_or(0) as f64 / MIB,
-                p.total as f64 / MIB,
-                p.weights as f64 / MIB,
-                p.activations as f64 / MIB,
-                p.workspace as f64 / MIB,
-                100.0 * err
-            ));
-        }
+        let (err, mut phase_lines) = phases_against(&format!("{spec:<11}"), &measured, &predicted);
+        worst = worst.max(err);
+        lines.append(&mut phase_lines);
     }
     println!("{}", lines.join("\n"));
     println!("worst {:.1}%", 100.0 * worst);

@@ -145,3 +145,39 @@ pub fn assert_within_bf16_step(what: &str, ours: &Tensor, golden: &Tensor) -> f3
     assert!(worst <= 1.0, "{what}: {worst} bf16 steps");
     worst
 }
+
+/// Each phase of a measured run against the planner's prediction for it: the weights held agree
+/// to the byte (asserted); returns the largest relative error of a phase's total peak and a
+/// line per phase, led by `label`.
+pub fn phases_against(
+    label: &str,
+    measured: &fluxfit::memory::ledger::MemoryReport,
+    predicted: &fluxfit::planner::Prediction,
+) -> (f64, Vec<String>) {
+    const MIB: f64 = (1 << 20) as f64;
+    let mut worst = 0.0f64;
+    let mut lines = Vec::new();
+    for m in &measured.phases {
+        let p = predicted.phase(m.phase).expect("a predicted phase");
+        assert_eq!(
+            p.weights_peak as usize, m.weights_peak,
+            "{label} {}: weights",
+            m.phase
+        );
+        let err = p.total as f64 / m.total_peak as f64 - 1.0;
+        worst = worst.max(err.abs());
+        lines.push(format!(
+            "{label} {:<8} measured {:>8.2} MiB (w {:>7.2} a {:>7.2}) predicted {:>8.2} MiB (w {:>7.2} a {:>7.2} ws {:>6.2}) {:+6.1}%",
+            m.phase,
+            m.total_peak as f64 / MIB,
+            m.weights_peak as f64 / MIB,
+            m.activations_peak.unwrap_or(0) as f64 / MIB,
+            p.total as f64 / MIB,
+            p.weights as f64 / MIB,
+            p.activations as f64 / MIB,
+            p.workspace as f64 / MIB,
+            100.0 * err
+        ));
+    }
+    (worst, lines)
+}
