@@ -5,3 +5,4 @@ pub mod alloc;
 pub mod ledger;
 pub mod plan;
 pub mod residency;
+pub mod stream;

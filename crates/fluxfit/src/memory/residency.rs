@@ -23,7 +23,7 @@
 //! Every stage's bytes are taken from the [`Ledger`] before they are allocated and given back
 //! when the stage's tensors are gone, wherever the last reference to them was dropped.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -34,6 +34,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::ledger::{Entry, Kind, Ledger};
 pub use super::plan::Placement;
+use super::stream::{Step, StreamSchedule};
 use crate::checkpoint::store::TensorStore;
 use crate::error::{Error, Result};
 pub use crate::model::weights::{Stage, StageSpec, Weights};
@@ -78,43 +79,6 @@ pub fn fast_qmatmul(device: &Device, t: GgmlDType) -> bool {
 /// fast quantized matmul on `device`.
 pub fn multiplied_quantized(device: &Device, key: &str, shape: &[usize], t: GgmlDType) -> bool {
     key.ends_with(".weight") && shape.len() == 2 && fast_qmatmul(device, t)
-}
-
-/// Streaming's eviction rule (shared with the planner's shadow, which must hold the same
-/// groups): drops the least recently entered groups other than `keep` until at most `limit`
-/// are held or in flight (`pending`: a prefetch is).
-pub(crate) fn evict_groups<T>(
-    groups: &mut VecDeque<(usize, T)>,
-    pending: bool,
-    limit: usize,
-    keep: usize,
-) {
-    while groups.len() + usize::from(pending) > limit {
-        match groups.iter().position(|(h, _)| *h != keep) {
-            Some(pos) => drop(groups.remove(pos)),
-            None => break,
-        }
-    }
-}
-
-/// Streaming's prefetch rule (shared with the planner's shadow): after entering group `g` of
-/// `ngroups`, the following group or, after the last one when passes repeat, the group this
-/// pass started with; none if it is `g` or already held.
-pub(crate) fn group_to_prefetch<T>(
-    g: usize,
-    ngroups: usize,
-    repeats: bool,
-    start: Option<usize>,
-    held: &VecDeque<(usize, T)>,
-) -> Option<usize> {
-    let next = if g + 1 < ngroups {
-        Some(g + 1)
-    } else if repeats {
-        start
-    } else {
-        None
-    };
-    next.filter(|n| *n != g && !held.iter().any(|(h, _)| h == n))
 }
 
 /// What the residency and its prefetch thread share.
@@ -314,22 +278,16 @@ impl Drop for Worker {
     }
 }
 
-type Group = (usize, Vec<Arc<StageWeights>>);
-
 #[derive(Default)]
 struct State {
     /// Resident, Phase and Cpu: stages by index.
     held: HashMap<usize, Arc<StageWeights>>,
-    /// Stream: held groups, least recently entered first.
-    groups: VecDeque<Group>,
+    /// Stream: which groups are held and which comes next (made on first use).
+    schedule: Option<StreamSchedule>,
+    /// Stream: the held groups' stages.
+    groups: HashMap<usize, Vec<Arc<StageWeights>>>,
     /// Stream: the group being prefetched.
     pending: Option<(usize, Receiver<Reply>)>,
-    /// Stream: the group the network is in, and the one this pass started with.
-    current: Option<usize>,
-    start: Option<usize>,
-    /// Stream: the network came back to `start` after a pass, so passes repeat (the flow model
-    /// runs once per step) and the end of a pass prefetches the start of the next.
-    repeats: bool,
     stats: LoadStats,
 }
 
@@ -482,8 +440,8 @@ impl Residency {
         let st = self.lock();
         st.held.values().map(|s| s.bytes).sum::<usize>()
             + st.groups
-                .iter()
-                .flat_map(|(_, g)| g.iter())
+                .values()
+                .flat_map(|g| g.iter())
                 .map(|s| s.bytes)
                 .sum::<usize>()
     }
@@ -528,87 +486,83 @@ impl Residency {
     fn stream_stage(&self, idx: usize, group: usize, window: usize) -> Result<Arc<StageWeights>> {
         let g = idx / group;
         let mut st = self.lock();
-        if st.current != Some(g) || !st.groups.iter().any(|(h, _)| *h == g) {
-            self.enter(&mut st, g, group, window)?;
+        let ngroups = self.shared.stages.len().div_ceil(group);
+        let schedule = st
+            .schedule
+            .get_or_insert_with(|| StreamSchedule::new(ngroups, window));
+        if schedule.must_enter(g) {
+            for step in schedule.enter(g) {
+                self.execute(&mut st, step, group)?;
+            }
         }
-        let (_, stages) = st
-            .groups
-            .iter()
-            .find(|(h, _)| *h == g)
-            .expect("the entered group is held");
-        Ok(stages[idx - g * group].clone())
-    }
-
-    /// Drops the least recently entered groups other than `keep` until at most `limit` are
-    /// held or in flight.
-    fn evict(st: &mut State, limit: usize, keep: usize) {
-        evict_groups(&mut st.groups, st.pending.is_some(), limit, keep);
+        Ok(st.groups[&g][idx - g * group].clone())
     }
 
     /// Waits for the prefetch in flight; `None` if it was skipped or its thread is gone.
-    fn wait(&self, rx: Receiver<Reply>) -> Option<Result<Vec<StageWeights>>> {
+    fn wait(&self, st: &mut State) -> Option<Result<Vec<StageWeights>>> {
+        let (_, rx) = st.pending.take()?;
         rx.recv().ok().flatten()
     }
 
-    fn enter(&self, st: &mut State, g: usize, group: usize, window: usize) -> Result<()> {
+    /// Does one step of the streaming schedule.
+    fn execute(&self, st: &mut State, step: Step, group: usize) -> Result<()> {
         let shared = &self.shared;
-        let ngroups = shared.stages.len().div_ceil(group);
-        if st.current.is_some() && st.start == Some(g) {
-            st.repeats = true;
-        }
-        st.start.get_or_insert(g);
-        if let Some(pos) = st.groups.iter().position(|(h, _)| *h == g) {
-            let entry = st.groups.remove(pos).expect("position is in range");
-            st.groups.push_back(entry);
-        } else {
-            let t0 = std::time::Instant::now();
-            let mut got = None;
-            if let Some((h, rx)) = st.pending.take() {
-                let r = self.wait(rx);
-                if h == g {
-                    got = r;
-                } else if let Some(Ok(stages)) = r {
-                    // Not the group asked for (the network skipped one): keep it as the oldest.
-                    st.groups
-                        .push_front((h, stages.into_iter().map(Arc::new).collect()));
-                }
-            }
-            let stages = match got {
-                Some(r) => {
-                    st.stats.prefetched += 1;
-                    r?
-                }
-                None => {
-                    Self::evict(st, window.saturating_sub(1), g);
-                    st.stats.synchronous += 1;
-                    shared.materialise_group(g, group)?
-                }
-            };
-            st.groups
-                .push_back((g, stages.into_iter().map(Arc::new).collect()));
-            st.stats.waited += t0.elapsed();
-        }
-        st.current = Some(g);
-
-        // Prefetch what comes next: the following group or, after the last one when passes
-        // repeat, the group this pass started with.
-        let next = group_to_prefetch(g, ngroups, st.repeats, st.start, &st.groups);
-        if let (Some(next), true) = (next, window >= 2) {
-            Self::evict(st, window - 1, g);
-            if let Some(jobs) = self.worker_jobs(group) {
-                let (reply, rx) = mpsc::channel();
-                let job = Job {
-                    group: next,
-                    generation: shared.generation.load(SeqCst),
-                    reply,
+        let hold = |stages: Vec<StageWeights>| stages.into_iter().map(Arc::new).collect();
+        let t0 = std::time::Instant::now();
+        match step {
+            Step::Evict(h) => drop(st.groups.remove(&h)),
+            Step::Arrive(g) => {
+                let stages = match self.wait(st) {
+                    Some(r) => {
+                        st.stats.prefetched += 1;
+                        r?
+                    }
+                    // The prefetch thread is gone: load it here.
+                    None => {
+                        st.stats.synchronous += 1;
+                        shared.materialise_group(g, group)?
+                    }
                 };
-                if jobs.send(job).is_ok() {
-                    st.pending = Some((next, rx));
-                    st.stats.issued += 1;
+                st.groups.insert(g, hold(stages));
+                st.stats.waited += t0.elapsed();
+            }
+            Step::KeepOldest(h) => match self.wait(st) {
+                Some(Ok(stages)) => drop(st.groups.insert(h, hold(stages))),
+                _ => {
+                    if let Some(s) = st.schedule.as_mut() {
+                        s.forget(h)
+                    }
+                }
+            },
+            Step::Load(g) => {
+                st.stats.synchronous += 1;
+                let stages = shared.materialise_group(g, group)?;
+                st.groups.insert(g, hold(stages));
+                st.stats.waited += t0.elapsed();
+            }
+            Step::Prefetch(next) => {
+                let sent = self.worker_jobs(group).and_then(|jobs| {
+                    let (reply, rx) = mpsc::channel();
+                    let job = Job {
+                        group: next,
+                        generation: shared.generation.load(SeqCst),
+                        reply,
+                    };
+                    jobs.send(job).ok().map(|()| rx)
+                });
+                match sent {
+                    Some(rx) => {
+                        st.pending = Some((next, rx));
+                        st.stats.issued += 1;
+                    }
+                    None => {
+                        if let Some(s) = st.schedule.as_mut() {
+                            s.cancel_prefetch()
+                        }
+                    }
                 }
             }
         }
-        Self::evict(st, window, g);
         Ok(())
     }
 

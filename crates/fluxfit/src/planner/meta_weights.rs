@@ -1,18 +1,17 @@
 //! The weight seam over meta tensors: a component's stages held, streamed and released by the
-//! residency's rules (`memory/residency.rs`, whose streaming schedule — [`evict_groups`],
-//! [`group_to_prefetch`] — both sides call), with the stage bytes of a manifest instead of
-//! tensors. A stage a network asks for gives views of its weights' shapes that share the held
+//! residency's rules (`memory/residency.rs`; streamed groups by the same [`StreamSchedule`]),
+//! with the stage bytes of a manifest instead of tensors. A stage a network asks for gives views of its weights' shapes that share the held
 //! block, so the networks' own code runs unchanged over it.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use candle_core::DType;
 
 use crate::error::{Error, Result};
 use crate::memory::plan::{Component, Placement};
-use crate::memory::residency::{evict_groups, group_to_prefetch};
+use crate::memory::stream::{Step, StreamSchedule};
 use crate::model::weights::{Stage, Weights};
 use crate::tensor::meta::{Block, Cat, Meta, MetaDevice, MetaQWeight};
 
@@ -38,11 +37,9 @@ pub struct StageCost {
 #[derive(Default)]
 struct Held {
     held: HashMap<usize, Rc<Block>>,
-    groups: VecDeque<(usize, Rc<Block>)>,
-    pending: Option<(usize, Rc<Block>)>,
-    current: Option<usize>,
-    start: Option<usize>,
-    repeats: bool,
+    schedule: Option<StreamSchedule>,
+    groups: HashMap<usize, Rc<Block>>,
+    pending: Option<Rc<Block>>,
 }
 
 /// A component's weights under a placement, over meta tensors.
@@ -120,59 +117,29 @@ impl MetaWeights {
 
     fn stream_stage(&self, idx: usize, group: usize, window: usize) -> Rc<Block> {
         let g = idx / group;
-        let mut st = self.state.borrow_mut();
-        if st.current != Some(g) || !st.groups.iter().any(|(h, _)| *h == g) {
-            self.enter(&mut st, g, group, window);
-        }
-        st.groups
-            .iter()
-            .find(|(h, _)| *h == g)
-            .map(|(_, b)| b.clone())
-            .expect("the entered group is held")
-    }
-
-    fn evict(st: &mut Held, limit: usize, keep: usize) {
-        evict_groups(&mut st.groups, st.pending.is_some(), limit, keep);
-    }
-
-    /// `Residency::enter`, with materialisation in place of the prefetch thread.
-    fn enter(&self, st: &mut Held, g: usize, group: usize, window: usize) {
         let n = self.stages.len();
-        let ngroups = n.div_ceil(group);
         let range = |g: usize| g * group..((g + 1) * group).min(n);
-        if st.current.is_some() && st.start == Some(g) {
-            st.repeats = true;
-        }
-        st.start.get_or_insert(g);
-        if let Some(pos) = st.groups.iter().position(|(h, _)| *h == g) {
-            let e = st.groups.remove(pos).expect("in range");
-            st.groups.push_back(e);
-        } else {
-            let mut got = None;
-            if let Some((h, b)) = st.pending.take() {
-                if h == g {
-                    got = Some(b);
-                } else {
-                    st.groups.push_front((h, b));
+        let mut st = self.state.borrow_mut();
+        let schedule = st
+            .schedule
+            .get_or_insert_with(|| StreamSchedule::new(n.div_ceil(group), window));
+        if schedule.must_enter(g) {
+            for step in schedule.enter(g) {
+                match step {
+                    Step::Evict(h) => drop(st.groups.remove(&h)),
+                    Step::Arrive(h) | Step::KeepOldest(h) => {
+                        let b = st.pending.take().expect("a prefetch is in flight");
+                        st.groups.insert(h, b);
+                    }
+                    Step::Load(h) => {
+                        let b = self.materialise(range(h), false);
+                        st.groups.insert(h, b);
+                    }
+                    Step::Prefetch(h) => st.pending = Some(self.materialise(range(h), true)),
                 }
             }
-            let b = match got {
-                Some(b) => b,
-                None => {
-                    Self::evict(st, window.saturating_sub(1), g);
-                    self.materialise(range(g), false)
-                }
-            };
-            st.groups.push_back((g, b));
         }
-        st.current = Some(g);
-        let next = group_to_prefetch(g, ngroups, st.repeats, st.start, &st.groups);
-        if let (Some(next), true) = (next, window >= 2) {
-            Self::evict(st, window - 1, g);
-            let b = self.materialise(range(next), true);
-            st.pending = Some((next, b));
-        }
-        Self::evict(st, window, g);
+        st.groups[&g].clone()
     }
 
     /// End of the component's phase (`Residency::release`).
