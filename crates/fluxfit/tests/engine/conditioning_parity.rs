@@ -119,22 +119,28 @@ fn control_matches_reference() {
     );
     assert_within_bf16_step("control latent", &cond, &golden(file, "control_latent"));
     check_first_velocity(&model, file, &golden(file, "control_latent"));
+    check_control_latents(&model, &req, &image, file, "control final latents");
+}
+
+/// Runs `control` end to end, then holds the final latents, made from the reference's own
+/// conditioning (which ours matches to one bf16 step, a step the denoising would amplify), to
+/// the golden.
+fn check_control_latents(
+    model: &Model,
+    req: &fluxfit::pipeline::Request,
+    image: &Tensor,
+    file: &str,
+    what: &str,
+) {
     let (txt, vec) = embeddings();
-    // The whole path runs; the latents are held from the reference's own conditioning, which
-    // ours matches to one bf16 step (above), a step the 3 denoising steps would amplify.
     model
-        .control(&req, &image, Some((&txt, &vec)), &mut |_| {})
+        .control(req, image, Some((&txt, &vec)), &mut |_| {})
         .unwrap();
     let cond = golden(file, "control_latent");
     let out = model
-        .control_from_latent(&req, &cond, &txt, &vec, &mut |_| {})
+        .control_from_latent(req, &cond, &txt, &vec, &mut |_| {})
         .unwrap();
-    assert_close(
-        "control final latents",
-        &out.latents,
-        &golden(file, "final_latents"),
-        1e-4,
-    );
+    assert_close(what, &out.latents, &golden(file, "final_latents"), 1e-4);
 }
 
 #[test]
@@ -163,20 +169,7 @@ fn control_lora_on_dev_matches_reference() {
     assert_eq!(model.flow.net.config.in_channels, 128);
     check_first_velocity(&model, file, &golden(file, "control_latent"));
     let image = image_tensor(&read_rgb8(&fixtures().join("control_image.png")).unwrap()).unwrap();
-    let (txt, vec) = embeddings();
-    model
-        .control(&req, &image, Some((&txt, &vec)), &mut |_| {})
-        .unwrap();
-    let cond = golden(file, "control_latent");
-    let out = model
-        .control_from_latent(&req, &cond, &txt, &vec, &mut |_| {})
-        .unwrap();
-    assert_close(
-        "control LoRA final latents",
-        &out.latents,
-        &golden(file, "final_latents"),
-        1e-4,
-    );
+    check_control_latents(&model, &req, &image, file, "control LoRA final latents");
 }
 
 #[test]
