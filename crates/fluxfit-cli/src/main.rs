@@ -53,6 +53,10 @@ enum Command {
     /// Storage types on a mid-size built-in flow model (CPU): bits per weight, error against
     /// f32, forward time resident and streamed, quantized matmul against dequantize + matmul.
     BenchQuant(fluxfit::bench::quant::BenchQuantArgs),
+    /// On a GPU (a CUDA build): device, upload GB/s pageable vs pinned, the tiny model's image
+    /// against the CPU's, and a FLUX.1-dev-shaped model's seconds per step and measured vs
+    /// predicted peak under resident, streamed and partly resident plans (tools/device-check.sh).
+    DeviceCheck(fluxfit::bench::device_check::DeviceCheckArgs),
 }
 
 /// A library report printed as it is.
@@ -72,6 +76,7 @@ fn main() -> ExitCode {
         Command::Plan(args) => plan::run(args),
         Command::Quantize(args) => quantize::run(args),
         Command::BenchQuant(args) => print_report(fluxfit::bench::quant::run(&args)),
+        Command::DeviceCheck(args) => print_report(fluxfit::bench::device_check::run(&args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

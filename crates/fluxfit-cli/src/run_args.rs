@@ -343,13 +343,13 @@ pub fn parse_device(s: &str) -> Result<Device> {
         "cpu" => Device::Cpu,
         "metal" => Device::new_metal(0).context("--device metal")?,
         _ => match s.strip_prefix("cuda") {
-            Some("") => Device::new_cuda(0).context("--device cuda")?,
+            Some("") => fluxfit::memory::open_cuda(0).context("--device cuda")?,
             Some(n) => {
                 let idx: usize = n
                     .strip_prefix(':')
                     .and_then(|n| n.parse().ok())
                     .with_context(|| format!("--device {s}: expected cuda or cuda:N"))?;
-                Device::new_cuda(idx).with_context(|| format!("--device {s}"))?
+                fluxfit::memory::open_cuda(idx).with_context(|| format!("--device {s}"))?
             }
             None => bail!("--device {s}: expected cpu, cuda, cuda:N or metal"),
         },

@@ -462,6 +462,21 @@ fn unknown_device() {
     );
 }
 
+/// Asking for a GPU where there is none (or in a build without CUDA) is a clear error that
+/// names the device and the way out, never a crash.
+#[test]
+fn no_cuda_device() {
+    if std::process::Command::new("nvidia-smi").output().is_ok() {
+        return; // a GPU machine: the device opens
+    }
+    let dir = tempdir();
+    fails(
+        dir.path(),
+        &[SMALL, &["--device", "cuda:0"]].concat(),
+        &["--device cuda:0", "--device cpu"],
+    );
+}
+
 #[test]
 fn unknown_model() {
     let dir = tempdir();

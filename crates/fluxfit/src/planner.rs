@@ -611,7 +611,16 @@ pub fn label(plan: &Plan) -> String {
         let name = |pl: Placement| match pl {
             Placement::Resident => "resident".to_string(),
             Placement::Phase => "phase".to_string(),
-            Placement::Stream { group, window } => format!("stream {group}×{window}"),
+            Placement::Stream {
+                group,
+                window,
+                keep: 0,
+            } => format!("stream {group}×{window}"),
+            Placement::Stream {
+                group,
+                window,
+                keep,
+            } => format!("stream {group}×{window}, {keep} kept"),
             Placement::Cpu => "cpu".to_string(),
         };
         let mut parts = vec![format!("flow {}", name(p(Flow)))];
@@ -833,6 +842,71 @@ impl PlanTable {
                 .collect(),
             resident_time_s,
         }
+    }
+
+    /// Partial residency for a budget: for each streamed plan that fits `budget` with no flow
+    /// block kept, the plan keeping the most leading flow blocks on the device that still fits
+    /// (found by bisection; the peak grows with every block kept), added as a row. A card that
+    /// holds part of the model then streams only the rest, and moves fewer bytes per step.
+    pub fn add_partial_residency(
+        &mut self,
+        model: &ModelSpec,
+        req: &Workload,
+        device: &DeviceProfile,
+        budget: Budget,
+    ) {
+        let stages = model.stages(Component::Flow).len();
+        let mut added = Vec::new();
+        for row in &self.rows {
+            let p = &row.prediction;
+            let Placement::Stream {
+                group,
+                window,
+                keep: 0,
+            } = p.plan.flow.placement
+            else {
+                continue;
+            };
+            if row.needs.is_some() || !budget.fits(p, device) {
+                continue;
+            }
+            let with_keep = |keep: usize| {
+                let mut plan = p.plan.clone();
+                plan.flow.placement = Placement::Stream {
+                    group,
+                    window,
+                    keep,
+                };
+                predict(model, req, &plan, device)
+            };
+            // Largest `keep` in 0..stages whose prediction fits.
+            let (mut lo, mut hi, mut best) = (0, stages.saturating_sub(1), None);
+            while lo < hi {
+                let mid = (lo + hi).div_ceil(2);
+                let pred = with_keep(mid);
+                if budget.fits(&pred, device) {
+                    lo = mid;
+                    best = Some(pred);
+                } else {
+                    hi = mid - 1;
+                }
+            }
+            if let Some(pred) = best.filter(|b| b.time_s < p.time_s) {
+                if !self
+                    .rows
+                    .iter()
+                    .chain(&added)
+                    .any(|r: &Row| r.prediction.plan == pred.plan)
+                {
+                    added.push(Row {
+                        relative: pred.time_s / self.resident_time_s,
+                        prediction: pred,
+                        needs: None,
+                    });
+                }
+            }
+        }
+        self.rows.extend(added);
     }
 
     /// The fastest runnable plan that fits the budget (and the host's RAM, where known).

@@ -117,6 +117,7 @@ fn every_plan_gives_the_same_image_bit_for_bit() {
         "stream",
         "stream:2:3",
         "stream:1:1",
+        "stream:1:2:3",
         "stream:3:2,clip=stream:1:2,vae=stream:2:2",
         "t5-cpu",
         "stream,t5=cpu",
@@ -254,6 +255,39 @@ fn a_streamed_flow_holds_its_window_and_a_resident_one_everything() {
     }
 }
 
+/// Partial residency: the first KEEP flow blocks stay for the phase and only the rest stream,
+/// so the denoise phase holds the kept blocks plus the window of the streamed ones, no more, and
+/// the streamed ones still arrive by prefetch.
+#[test]
+fn a_partly_resident_flow_holds_its_kept_blocks_and_a_window() {
+    let _m = measure_lock();
+    let mut model = tiny::load_with(
+        &TinyConfigs::sized(Variant::Schnell, 256, 3, 3).unwrap(),
+        None,
+        options(),
+    )
+    .unwrap();
+    let req = request(128, 3);
+    let stages = model.weights(Component::Flow).stage_bytes();
+    let streamed_only = denoise(&run(&mut model, "stream:1:2", &req).memory).weights_peak;
+    for keep in [2, 4] {
+        let spec = format!("stream:1:2:{keep}");
+        let report = run(&mut model, &spec, &req).memory;
+        let d = denoise(&report);
+        let kept: usize = stages[..keep].iter().sum();
+        let window = largest(stages[keep..].to_vec(), 2);
+        assert!(
+            d.weights_peak >= kept && d.weights_peak <= kept + window,
+            "`{spec}`: held {}, kept {kept} + window {window}\n{}",
+            d.weights_peak,
+            report.table()
+        );
+        assert!(d.weights_peak > streamed_only, "{}", report.table());
+        let stats = model.weights(Component::Flow).load_stats();
+        assert!(stats.prefetched > 0, "`{spec}`: {stats:?}");
+    }
+}
+
 /// Gives the memory freed by earlier tests back to the system, so that it cannot hide a
 /// second copy: a run that reused it would not grow `RssAnon`.
 fn trim_heap() {
@@ -362,9 +396,20 @@ fn plan_specs_read_back_and_name_what_is_wrong() {
         base.with_spec("stream").unwrap().flow.placement,
         Placement::Stream {
             group: 1,
-            window: 2
+            window: 2,
+            keep: 0,
         }
     );
+    let partial = base.with_spec("flow=stream:1:2:5").unwrap();
+    assert_eq!(
+        partial.flow.placement,
+        Placement::Stream {
+            group: 1,
+            window: 2,
+            keep: 5,
+        }
+    );
+    assert_eq!(base.with_spec(&partial.spec()).unwrap(), partial);
     assert_eq!(
         base.with_spec("t5-cpu").unwrap().spec(),
         "t5=cpu,clip=resident,flow=resident,vae=resident"
@@ -373,6 +418,8 @@ fn plan_specs_read_back_and_name_what_is_wrong() {
         ("streem", "streem"),
         ("stream:0", "GROUP `0`"),
         ("stream:1:x", "WINDOW `x`"),
+        ("stream:1:2:-1", "KEEP `-1`"),
+        ("stream:1:2:3:4", "stream[:GROUP[:WINDOW[:KEEP]]]"),
         ("unet=phase", "unet"),
         ("flow=phase:2", "takes no parameters"),
     ] {

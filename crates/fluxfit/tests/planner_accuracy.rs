@@ -84,6 +84,7 @@ fn predicted_peaks_are_within_ten_percent_of_measured() {
                 "stream:1:2",
                 "phase,flow=stream:2:2",
                 "stream:2:3",
+                "stream:1:2:4",
                 "stream:1:1",
                 "phase,vae-tile=128",
             ] {

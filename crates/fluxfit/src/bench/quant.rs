@@ -128,6 +128,7 @@ impl Setup {
             streamed: make(Placement::Stream {
                 group: 1,
                 window: 2,
+                keep: 0,
             }),
             store,
         }

@@ -249,13 +249,22 @@ struct RawEntry {
 
 /// The header (length prefix included) of a safetensors image of f32 tensors stored in order.
 fn f32_header<'a>(tensors: impl Iterator<Item = (&'a str, &'a [usize])>) -> (Vec<u8>, usize) {
+    header(tensors, "F32", 4)
+}
+
+/// A safetensors header for tensors of one dtype (`F32`, `BF16`) stored in order.
+fn header<'a>(
+    tensors: impl Iterator<Item = (&'a str, &'a [usize])>,
+    dtype: &str,
+    size: usize,
+) -> (Vec<u8>, usize) {
     let mut header = serde_json::Map::new();
     let mut offset = 0;
     for (name, shape) in tensors {
-        let len = shape.iter().product::<usize>() * 4;
+        let len = shape.iter().product::<usize>() * size;
         header.insert(
             name.to_string(),
-            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + len]}),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len]}),
         );
         offset += len;
     }
@@ -306,4 +315,39 @@ pub fn write_f32(
         f.write_all(&bytes).map_err(io)?;
     }
     f.flush().map_err(io)
+}
+
+/// Writes bf16 tensors to `path` tensor by tensor, `fill` giving each one's values as bf16 bits:
+/// a full-size checkpoint (24 GB) never has to be in memory at once. Written to a temporary name
+/// and renamed, so a file at `path` is always whole.
+pub fn write_bf16(
+    path: &Path,
+    shapes: &[(String, Vec<usize>)],
+    mut fill: impl FnMut(&str, &[usize], &mut [u16]),
+) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("safetensors.partial");
+    let io = |e| Error::io(&tmp, e);
+    let (head, _) = header(
+        shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())),
+        "BF16",
+        2,
+    );
+    let mut f = std::io::BufWriter::with_capacity(8 << 20, File::create(&tmp).map_err(io)?);
+    f.write_all(&head).map_err(io)?;
+    let mut values = Vec::new();
+    let mut bytes = Vec::new();
+    for (name, shape) in shapes {
+        values.clear();
+        values.resize(shape.iter().product::<usize>(), 0u16);
+        fill(name, shape, &mut values);
+        bytes.clear();
+        bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        f.write_all(&bytes).map_err(io)?;
+    }
+    f.into_inner()
+        .map_err(|e| Error::io(&tmp, e.into_error()))?
+        .sync_all()
+        .map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }

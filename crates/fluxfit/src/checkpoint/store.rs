@@ -15,6 +15,14 @@ use super::gguf::{self, GgufFile};
 use super::safetensors::SafetensorsFile;
 use crate::error::{Error, Result};
 
+/// A stored tensor's bytes in the memory map ([`TensorStore::direct_bytes`]).
+#[derive(Debug)]
+pub struct DirectBytes<'a> {
+    pub bytes: &'a [u8],
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
 /// How to build one canonical tensor.
 #[derive(Debug, Clone)]
 pub enum Source {
@@ -448,6 +456,28 @@ impl TensorStore {
         let (source, _) = self.keys.get(key).ok_or_else(|| self.missing(key))?;
         let t = self.build(source)?;
         Ok(t.to_dtype(dtype)?.to_device(device)?)
+    }
+
+    /// A stored tensor read as is, as its bytes in the memory map, their dtype and the shape;
+    /// `None` for recipes, GGUF tensors and fp8 (whose bytes candle cannot take as they are).
+    /// The GPU's upload copies these straight into its staging memory.
+    pub fn direct_bytes(&self, key: &str) -> Result<Option<DirectBytes<'_>>> {
+        let (source, _) = self.keys.get(key).ok_or_else(|| self.missing(key))?;
+        let Source::File { file, name } = source else {
+            return Ok(None);
+        };
+        let f = &self.files[*file];
+        let Some(info) = f.tensors().get(name) else {
+            return Ok(None);
+        };
+        if info.fp8_e5m2 || !matches!(info.dtype, DType::BF16 | DType::F16 | DType::F32) {
+            return Ok(None);
+        }
+        Ok(Some(DirectBytes {
+            bytes: f.bytes(info),
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+        }))
     }
 
     /// Whether `key` is a stored tensor read as is (no recipe): loading it in its storage dtype

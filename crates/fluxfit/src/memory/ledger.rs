@@ -5,8 +5,10 @@
 //! the residency takes an [`Entry`] before it allocates a stage and the entry gives the bytes back
 //! when the stage's tensors are gone. Activations are whatever else the phase allocates; on the
 //! CPU they are measured by the counting allocator ([`super::alloc`]) as the heap not accounted
-//! for by entries. On other devices the ledger still knows the weights; activations are not
-//! measured there yet.
+//! for by entries. On CUDA the totals come from the device memory pool's high-water mark
+//! (every tensor candle makes comes from that pool), and the activations are the total less the
+//! largest ledger holding of the phase (a lower bound). On Metal the ledger knows the weights
+//! only.
 //!
 //! A run is a sequence of phases (`encode`, `denoise`, `decode`); for each the ledger keeps the
 //! peak of the weights held, of the workspace, of the activations and of their total.
@@ -41,7 +43,8 @@ pub struct PhaseMemory {
     pub activations_peak: Option<usize>,
     /// Largest total on the compute device: measured where possible, else weights + workspace.
     pub total_peak: usize,
-    /// Whether `total_peak` and `activations_peak` were measured (CPU with the counting allocator).
+    /// Whether `total_peak` and `activations_peak` were measured (the CPU's counting allocator,
+    /// CUDA's memory pool).
     pub measured: bool,
     /// Peak weights by component (`t5`, `clip`, `flow`, `vae`).
     pub components: BTreeMap<String, usize>,
@@ -71,8 +74,10 @@ impl MemoryReport {
         let mut s = format!(
             "memory on {} ({}):\n{:<8} {:>14} {:>14} {:>14} {:>16} {:>14}\n",
             self.device,
-            if self.measured {
+            if self.measured && self.device == "cpu" {
                 "weights from the ledger, totals measured by the counting allocator"
+            } else if self.measured {
+                "weights from the ledger, totals measured by the memory pool's high-water mark"
             } else {
                 "weights from the ledger; activations not measured on this device"
             },
@@ -142,7 +147,67 @@ struct Inner {
     /// Heap bytes at the start of the run that are not on the "device" (tokenizers, buffers).
     base_other: isize,
     measuring: bool,
+    /// What measures the device: the counting allocator or CUDA's pool (set per run).
+    meter: Meter,
     last: Option<MemoryReport>,
+}
+
+/// What measures the compute device's bytes.
+#[derive(Debug, Default)]
+enum Meter {
+    #[default]
+    None,
+    Heap,
+    #[cfg(feature = "cuda")]
+    Pool(super::cuda::PoolMeter),
+}
+
+impl Meter {
+    fn of(device: &Device) -> Self {
+        match device {
+            Device::Cpu if alloc::installed() => Meter::Heap,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => super::cuda::PoolMeter::new(device).map_or(Meter::None, Meter::Pool),
+            _ => Meter::None,
+        }
+    }
+
+    /// Bytes in use now, and those the ledger holds (weights and workspace).
+    fn current(&self, accounted: usize) -> (isize, isize) {
+        let _ = accounted; // read by the pool's arm only
+        match self {
+            Meter::None => (0, 0),
+            Meter::Heap => (alloc::current() as isize, alloc::accounted()),
+            #[cfg(feature = "cuda")]
+            Meter::Pool(p) => (p.current() as isize, accounted as isize),
+        }
+    }
+
+    fn reset_peak(&self) {
+        match self {
+            Meter::None => {}
+            Meter::Heap => alloc::reset_peak(),
+            #[cfg(feature = "cuda")]
+            Meter::Pool(p) => p.reset_peak(),
+        }
+    }
+
+    /// The phase's (activations, total) peaks above `base`, given the largest ledger holding.
+    fn peaks(&self, base: isize, accounted_peak: usize) -> (usize, usize) {
+        match self {
+            Meter::None => (0, accounted_peak),
+            Meter::Heap => {
+                let act = (alloc::unaccounted_peak() - base).max(0) as usize;
+                let total = (alloc::peak() as isize - base).max(0) as usize;
+                (act, total.max(accounted_peak))
+            }
+            #[cfg(feature = "cuda")]
+            Meter::Pool(p) => {
+                let total = ((p.peak() as isize - base).max(0) as usize).max(accounted_peak);
+                (total - accounted_peak, total)
+            }
+        }
+    }
 }
 
 /// Where an entry's bytes are.
@@ -313,8 +378,10 @@ impl Ledger {
         let mut g = self.lock();
         g.phases.clear();
         g.phase = None;
-        g.measuring = self.compute.is_cpu() && alloc::installed();
-        g.base_other = alloc::current() as isize - alloc::accounted();
+        g.meter = Meter::of(&self.compute);
+        g.measuring = !matches!(g.meter, Meter::None);
+        let (now, accounted) = g.meter.current(g.weights + g.workspace);
+        g.base_other = now - accounted;
     }
 
     /// Starts a phase; its peaks start from what is held now.
@@ -334,7 +401,7 @@ impl Ledger {
             host_weights_peak: hw,
             components: g.components.clone(),
         });
-        alloc::reset_peak();
+        g.meter.reset_peak();
     }
 
     /// Closes the current phase.
@@ -342,9 +409,8 @@ impl Ledger {
         let mut g = self.lock();
         let Some(p) = g.phase.take() else { return };
         let (activations, total) = if g.measuring {
-            let act = (alloc::unaccounted_peak() - g.base_other).max(0) as usize;
-            let total = (alloc::peak() as isize - g.base_other).max(0) as usize;
-            (Some(act), total.max(p.accounted_peak))
+            let (act, total) = g.meter.peaks(g.base_other, p.accounted_peak);
+            (Some(act), total)
         } else {
             (None, p.accounted_peak)
         };

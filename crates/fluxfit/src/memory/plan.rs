@@ -14,8 +14,14 @@ pub enum Placement {
     /// On the compute device only during the component's phase, released after it.
     Phase,
     /// Stages brought to the device in order, `group` stages at a time, at most `window` groups
-    /// held; the next group's transfer is issued before the current group computes.
-    Stream { group: usize, window: usize },
+    /// held; the next group's transfer is issued before the current group computes. The first
+    /// `keep` stages are not streamed: they stay on the device for the phase (partial
+    /// residency, for a card that holds part of the model).
+    Stream {
+        group: usize,
+        window: usize,
+        keep: usize,
+    },
     /// Computed on the CPU (phase-scoped there) while the others use the compute device.
     Cpu,
 }
@@ -96,17 +102,18 @@ pub const DEFAULT_STREAM_WINDOW: usize = 2;
 
 /// The grammar of `--plan`, for help texts and error messages.
 pub const PLAN_SPEC_HELP: &str = "comma-separated items applied in order over `resident`: \
-a preset `resident` | `phase` | `stream[:GROUP[:WINDOW]]` (flow and T5 streamed GROUP blocks at a \
-time with WINDOW groups held, default 1:2; CLIP and VAE per phase) | `t5-cpu` (T5 on the CPU), \
+a preset `resident` | `phase` | `stream[:GROUP[:WINDOW[:KEEP]]]` (flow and T5 streamed GROUP \
+blocks at a time with WINDOW groups held, default 1:2, the first KEEP blocks kept on the device, \
+default 0; CLIP and VAE per phase) | `t5-cpu` (T5 on the CPU), \
 or COMPONENT=PLACEMENT with COMPONENT t5|clip|flow|vae and PLACEMENT \
-resident|phase|stream[:GROUP[:WINDOW]]|cpu, or `vae-tile=PX` (decode the image in overlapping \
+resident|phase|stream[:GROUP[:WINDOW[:KEEP]]]|cpu, or `vae-tile=PX` (decode the image in overlapping \
 tiles of PX pixels a side); a placement may end in `+packed` (GGUF block-quantized weights stay \
 packed on the device, each stage dequantized when used) or `+qmatmul` (packed, and multiplied \
 quantized where that is faster), and `packed` or `qmatmul` alone apply to flow and T5; \
 e.g. `stream:2:3,t5=cpu,vae-tile=512` or `flow=resident+packed`";
 
 impl Placement {
-    /// `resident`, `phase`, `stream[:GROUP[:WINDOW]]` or `cpu`.
+    /// `resident`, `phase`, `stream[:GROUP[:WINDOW[:KEEP]]]` or `cpu`.
     pub fn parse(s: &str) -> crate::Result<Self> {
         let bad =
             |why: String| crate::Error::InvalidRequest(format!("plan placement `{s}`: {why}"));
@@ -118,23 +125,22 @@ impl Placement {
             "phase" => Placement::Phase,
             "cpu" => Placement::Cpu,
             "stream" => {
-                if rest.len() > 2 {
-                    return Err(bad("expected stream[:GROUP[:WINDOW]]".into()));
+                if rest.len() > 3 {
+                    return Err(bad("expected stream[:GROUP[:WINDOW[:KEEP]]]".into()));
                 }
-                let num = |i: usize, default: usize, what: &str| -> crate::Result<usize> {
-                    match rest.get(i) {
-                        None => Ok(default),
-                        Some(v) => match v.parse::<usize>() {
-                            Ok(n) if n >= 1 => Ok(n),
-                            _ => Err(bad(format!(
-                                "{what} `{v}` is not a whole number of at least 1"
-                            ))),
-                        },
-                    }
+                let num = |i: usize, default: usize, least: usize, what: &str| match rest.get(i) {
+                    None => Ok(default),
+                    Some(v) => match v.parse::<usize>() {
+                        Ok(n) if n >= least => Ok(n),
+                        _ => Err(bad(format!(
+                            "{what} `{v}` is not a whole number of at least {least}"
+                        ))),
+                    },
                 };
                 Placement::Stream {
-                    group: num(0, DEFAULT_STREAM_GROUP, "GROUP")?,
-                    window: num(1, DEFAULT_STREAM_WINDOW, "WINDOW")?,
+                    group: num(0, DEFAULT_STREAM_GROUP, 1, "GROUP")?,
+                    window: num(1, DEFAULT_STREAM_WINDOW, 1, "WINDOW")?,
+                    keep: num(2, 0, 0, "KEEP")?,
                 }
             }
             _ => {
@@ -152,9 +158,14 @@ impl Placement {
     /// The placement with a stream's group and window at least 1 (0 would hold nothing).
     pub fn normalised(self) -> Self {
         match self {
-            Placement::Stream { group, window } => Placement::Stream {
+            Placement::Stream {
+                group,
+                window,
+                keep,
+            } => Placement::Stream {
                 group: group.max(1),
                 window: window.max(1),
+                keep,
             },
             p => p,
         }
@@ -165,7 +176,16 @@ impl Placement {
         match self {
             Placement::Resident => "resident".into(),
             Placement::Phase => "phase".into(),
-            Placement::Stream { group, window } => format!("stream:{group}:{window}"),
+            Placement::Stream {
+                group,
+                window,
+                keep: 0,
+            } => format!("stream:{group}:{window}"),
+            Placement::Stream {
+                group,
+                window,
+                keep,
+            } => format!("stream:{group}:{window}:{keep}"),
             Placement::Cpu => "cpu".into(),
         }
     }

@@ -95,6 +95,8 @@ struct Shared {
     packed: bool,
     /// Multiply packed Linear weights quantized where that is faster ([`fast_qmatmul`]).
     qmatmul: bool,
+    /// Stream: the leading stages kept for the phase; groups are counted after them.
+    keep: usize,
 }
 
 impl Shared {
@@ -209,7 +211,7 @@ impl Shared {
                     continue;
                 }
             }
-            tensors.insert(key.clone(), self.store.load(key, &self.device, self.dtype)?);
+            tensors.insert(key.clone(), self.load(key)?);
         }
         drop(staging);
         Ok(StageWeights {
@@ -223,8 +225,20 @@ impl Shared {
         })
     }
 
+    /// One tensor on the device in the compute dtype. On CUDA it travels on the device's copy
+    /// stream through pinned staging slots ([`super::cuda::CudaUploader`]), so that a prefetch
+    /// overlaps the kernels; elsewhere candle copies it.
+    fn load(&self, key: &str) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(up) = super::cuda::CudaUploader::for_device(&self.device)? {
+            return up.load(&self.store, key, self.dtype);
+        }
+        self.store.load(key, &self.device, self.dtype)
+    }
+
     fn group_range(&self, g: usize, group: usize) -> std::ops::Range<usize> {
-        g * group..((g + 1) * group).min(self.stages.len())
+        let start = (self.keep + g * group).min(self.stages.len());
+        start..(start + group).min(self.stages.len())
     }
 
     fn materialise_group(&self, g: usize, group: usize) -> Result<Vec<StageWeights>> {
@@ -343,6 +357,7 @@ impl Residency {
             _ => device,
         };
         let placement = placement.normalised();
+        let stages_len = stages.len();
         let index = stages
             .iter()
             .enumerate()
@@ -359,6 +374,10 @@ impl Residency {
                 generation: AtomicU64::new(0),
                 packed: false,
                 qmatmul: false,
+                keep: match placement {
+                    Placement::Stream { keep, .. } => keep.min(stages_len),
+                    _ => 0,
+                },
             }),
             index,
             placement,
@@ -483,10 +502,12 @@ impl Residency {
         })
     }
 
+    /// Stage `idx` of a streamed component, past the kept ones (`idx >= keep`).
     fn stream_stage(&self, idx: usize, group: usize, window: usize) -> Result<Arc<StageWeights>> {
-        let g = idx / group;
+        let keep = self.shared.keep;
+        let g = (idx - keep) / group;
         let mut st = self.lock();
-        let ngroups = self.shared.stages.len().div_ceil(group);
+        let ngroups = (self.shared.stages.len() - keep).div_ceil(group);
         let schedule = st
             .schedule
             .get_or_insert_with(|| StreamSchedule::new(ngroups, window));
@@ -495,7 +516,7 @@ impl Residency {
                 self.execute(&mut st, step, group)?;
             }
         }
-        Ok(st.groups[&g][idx - g * group].clone())
+        Ok(st.groups[&g][idx - keep - g * group].clone())
     }
 
     /// Waits for the prefetch in flight; `None` if it was skipped or its thread is gone.
@@ -603,9 +624,11 @@ impl Weights<Tensor> for Residency {
 
     fn stage(&self, name: &str) -> Result<Arc<StageWeights>> {
         let idx = self.spec_index(name)?;
-        if let Placement::Stream { group, window } = self.placement {
-            let held = self.stream_stage(idx, group, window)?;
-            return self.shared.unpacked(held);
+        if let Placement::Stream { group, window, .. } = self.placement {
+            if idx >= self.shared.keep {
+                let held = self.stream_stage(idx, group, window)?;
+                return self.shared.unpacked(held);
+            }
         }
         let mut st = self.lock();
         let held = match st.held.get(&idx) {

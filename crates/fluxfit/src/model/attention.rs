@@ -76,6 +76,13 @@ pub fn rope_angles<T: Tensor>(
 /// Rotates interleaved pairs (2p, 2p+1) of `x` `[B, H, L, D]`; computed in f32 like the reference.
 pub fn apply_rope<T: Tensor>(x: &T, cos: &T, sin: &T) -> Result<T> {
     let dtype = x.dtype();
+    if x.fused_kernels() {
+        let (cos, sin) = (cos.squeeze(1)?, sin.squeeze(1)?);
+        return x
+            .to_dtype(DType::F32)?
+            .rope_interleaved_fused(&cos, &sin)?
+            .to_dtype(dtype);
+    }
     let (b, h, l, d) = x.dims4()?;
     let x = x.to_dtype(DType::F32)?.reshape(&[b, h, l, d / 2, 2])?;
     let x0 = x.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?;
@@ -132,6 +139,22 @@ mod tests {
         let (c, s) = (0.5f32.cos(), 0.5f32.sin());
         assert!((y[0] - (c - 2.0 * s)).abs() < 1e-6);
         assert!((y[1] - (s + 2.0 * c)).abs() < 1e-6);
+        Ok(())
+    }
+
+    /// The fused kernel CUDA runs (candle's `rope_i`, which has a CPU kernel too) rotates the
+    /// same pairs by the same angles as the composed rotation.
+    #[test]
+    fn fused_rope_matches_the_composed_rotation() -> Result<()> {
+        use crate::tensor::Tensor as _;
+        let dev = Device::Cpu;
+        let ids = Tensor::rand(0f32, 40.0, (1, 6, 3), &dev)?;
+        let (cos, sin) = rope_angles(&ids, &[4, 6, 6], 10_000.0, &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (1, 2, 6, 16), &dev)?;
+        let composed = apply_rope(&x, &cos, &sin)?;
+        let fused = x.rope_interleaved_fused(&cos.squeeze(1)?, &sin.squeeze(1)?)?;
+        let diff = (&composed - &fused)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
         Ok(())
     }
 }

@@ -220,3 +220,78 @@ pub fn load_with(configs: &TinyConfigs, dir: Option<&Path>, options: LoadOptions
     };
     Model::from_stores(&name, "tiny", stores, t5_tok, clip_tok, options)
 }
+
+/// Writes a built-in model's four files into `dir` for [`open_dir`]: the flow model in bf16 with
+/// cheap pseudo-random values of [`init`]'s scales (a full-size FLUX.1-dev-shaped one is 24 GB,
+/// and torch-exact normals for 12 billion weights would take minutes), the others in f32 as
+/// [`load_with`] writes them. For measurements on real shapes where no weights can be had.
+pub fn write_dir(configs: &TinyConfigs, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| crate::error::Error::io(dir, e))?;
+    crate::checkpoint::safetensors::write_bf16(
+        &dir.join("flow.safetensors"),
+        &configs.flow.expected_shapes(),
+        |name, shape, out| fast_init(&format!("flow/{name}"), shape, out),
+    )?;
+    file_store(dir, "ae", configs.vae.expected_shapes())?;
+    file_store(dir, "t5", configs.t5.expected_shapes())?;
+    file_store(dir, "clip", configs.clip.expected_shapes())?;
+    Ok(())
+}
+
+/// The model [`write_dir`] wrote, memory-mapped from `dir`.
+pub fn open_dir(configs: &TinyConfigs, dir: &Path, options: LoadOptions) -> Result<Model> {
+    let open = |label: &str| -> Result<TensorStore> {
+        let path = dir.join(format!("{label}.safetensors"));
+        let file = SafetensorsFile::open(&path)?;
+        Ok(TensorStore::from_files(path, vec![file], &[]))
+    };
+    let stores = Stores {
+        flow: open("flow")?,
+        vae: open("ae")?,
+        t5: open("t5")?,
+        clip: open("clip")?,
+        t5_config: None,
+        clip_config: None,
+        t5_known: Some(configs.t5.clone()),
+        clip_known: Some(configs.clip.clone()),
+    };
+    let t5_tok = T5Tokenizer::from_bytes(T5_TOKENIZER)?;
+    let clip_tok = ClipTokenizer::from_open_clip_bpe_gz(CLIP_BPE)?;
+    let options = LoadOptions {
+        variant: Some(configs.variant),
+        ..options
+    };
+    let name = format!(
+        "built-in ({}, flow {}×{}+{}, bf16 file)",
+        configs.variant, configs.flow.hidden_size, configs.flow.depth, configs.flow.depth_single
+    );
+    Model::from_stores(&name, "built-in", stores, t5_tok, clip_tok, options)
+}
+
+/// [`init`]'s scales with uniform values from a hash of the name (bf16 bits): fast enough for
+/// billions of weights, and still a network whose activations stay finite.
+fn fast_init(name: &str, shape: &[usize], out: &mut [u16]) {
+    let is_norm = name.contains("norm") || name.ends_with(".scale");
+    if is_norm && shape.len() == 1 {
+        let unit = name.ends_with("weight") || name.ends_with("scale");
+        out.fill(half::bf16::from_f32(if unit { 1.0 } else { 0.0 }).to_bits());
+        return;
+    }
+    let std = match shape.len() {
+        1 => 0.02,
+        _ => 1.0 / (shape[1..].iter().product::<usize>() as f32).sqrt(),
+    };
+    // Uniform on [-a, a] has standard deviation a/√3.
+    let a = std * 3f32.sqrt();
+    let mut state = seed_of(name);
+    for v in out.iter_mut() {
+        // splitmix64
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let u = (z >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+        *v = half::bf16::from_f32((2.0 * u - 1.0) * a).to_bits();
+    }
+}

@@ -298,7 +298,8 @@ pub fn choose(spec: &ModelSpec, c: &Choosing) -> Result<Choice> {
         _ => (spec, None),
     };
     let cands = plan_candidates(spec, &candidates(device, c.dtype, c.attn_chunk), c.quant);
-    let table = PlanTable::new(spec, req, device, &cands);
+    let mut table = PlanTable::new(spec, req, device, &cands);
+    table.add_partial_residency(spec, req, device, budget);
     if c.quant == Quant::Auto && !spec.packable(Component::Flow) {
         if let Some((plan, t, line)) = auto_storage(spec, req, device, &cands, budget) {
             return Ok(Choice {
@@ -535,7 +536,8 @@ mod tests {
                 && plan.flow.placement
                     != Placement::Stream {
                         group: 1,
-                        window: 2
+                        window: 2,
+                        keep: 0,
                     }
         );
         for gib in [8, 12] {
@@ -543,5 +545,51 @@ mod tests {
             assert!(AUTO_CHOICES.contains(&t.expect("quantized")), "{t:?}");
             assert!(plan.flow.packed);
         }
+    }
+
+    /// A 16 GiB card and dense bf16 FLUX.1-dev at 1 MP (23.8 GB of flow weights): the chosen
+    /// plan streams the flow model but keeps as many leading blocks as fit, and is predicted
+    /// faster than streaming every block.
+    #[test]
+    fn a_card_that_holds_part_of_the_model_keeps_that_part() {
+        let spec = ModelSpec::published(Variant::Dev);
+        let device = DeviceProfile::generic_cuda(None);
+        let request = Workload::new(Variant::Dev, 1024, 1024);
+        let choosing = Choosing {
+            request: request.clone(),
+            device: device.clone(),
+            budget: Budget { bytes: 16 << 30 },
+            dtype: DType::BF16,
+            attn_chunk: Some(1024),
+            quant: Quant::None,
+        };
+        let chosen = choose(&spec, &choosing).expect("a plan fits 16 GiB").plan;
+        let Placement::Stream { keep, .. } = chosen.flow.placement else {
+            panic!("expected a streamed flow, got {}", chosen.spec());
+        };
+        let stages = spec.stages(Component::Flow).len();
+        assert!(keep > 0 && keep < stages, "kept {keep} of {stages}");
+        let mut none_kept = chosen.clone();
+        if let Placement::Stream { keep, .. } = &mut none_kept.flow.placement {
+            *keep = 0;
+        }
+        let kept = predict(&spec, &request, &chosen, &device);
+        let streamed = predict(&spec, &request, &none_kept, &device);
+        println!(
+            "16 GiB: {} peak {} {:.1}s vs {:.1}s streaming all",
+            chosen.spec(),
+            format_bytes(kept.peak),
+            kept.time_s,
+            streamed.time_s
+        );
+        let budget = Budget { bytes: 16 << 30 };
+        assert!(budget.fits(&kept, &device));
+        assert!(kept.time_s < streamed.time_s);
+        // One more block would not fit.
+        let mut more = chosen.clone();
+        if let Placement::Stream { keep, .. } = &mut more.flow.placement {
+            *keep += 1;
+        }
+        assert!(!budget.fits(&predict(&spec, &request, &more, &device), &device));
     }
 }

@@ -249,6 +249,7 @@ impl DeviceProfile {
             },
             gemm_workspace: CPU_GEMM_WORKSPACE,
             host_threads: self.host.threads,
+            fused: !self.is_cpu(),
         }
     }
 }

@@ -115,14 +115,27 @@ impl MetaWeights {
         block
     }
 
+    /// The kept stages of a streamed component (partial residency).
+    fn keep(&self) -> usize {
+        match self.placement {
+            Placement::Stream { keep, .. } => keep.min(self.stages.len()),
+            _ => 0,
+        }
+    }
+
+    /// Stage `idx` of a streamed component, past the kept ones.
     fn stream_stage(&self, idx: usize, group: usize, window: usize) -> Rc<Block> {
-        let g = idx / group;
+        let keep = self.keep();
+        let g = (idx - keep) / group;
         let n = self.stages.len();
-        let range = |g: usize| g * group..((g + 1) * group).min(n);
+        let range = |g: usize| {
+            let start = keep + g * group;
+            start..(start + group).min(n)
+        };
         let mut st = self.state.borrow_mut();
         let schedule = st
             .schedule
-            .get_or_insert_with(|| StreamSchedule::new(n.div_ceil(group), window));
+            .get_or_insert_with(|| StreamSchedule::new((n - keep).div_ceil(group), window));
         if schedule.must_enter(g) {
             for step in schedule.enter(g) {
                 match step {
@@ -158,13 +171,16 @@ impl Weights<Meta> for MetaWeights {
             Error::Config(format!("{} has no stage named `{name}`", self.kind.name()))
         })?;
         let heap = self.device.heap();
+        let keep = self.keep();
         let (group, streamed) = match self.placement {
-            Placement::Stream { group, .. } => (Some(idx / group), true),
+            Placement::Stream { group, .. } if idx >= keep => (Some((idx - keep) / group), true),
             _ => (None, false),
         };
         heap.begin_segment(self.kind as usize, name, group, streamed, self.on_cpu());
         let held = match self.placement {
-            Placement::Stream { group, window } => self.stream_stage(idx, group, window),
+            Placement::Stream { group, window, .. } if idx >= keep => {
+                self.stream_stage(idx, group, window)
+            }
             _ => {
                 let mut st = self.state.borrow_mut();
                 st.held

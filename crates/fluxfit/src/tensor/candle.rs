@@ -182,6 +182,31 @@ impl Tensor for C {
             .to_dtype(DType::F32)?
             .to_scalar::<f32>()?)
     }
+    fn fused_kernels(&self) -> bool {
+        self.device().is_cuda()
+    }
+    fn rms_norm_fused(&self, scale: &Self, eps: f64) -> Result<Self> {
+        Ok(candle_nn::ops::rms_norm(
+            &self.contiguous()?,
+            scale,
+            eps as f32,
+        )?)
+    }
+    fn layer_norm_fused(&self, w: &Self, b: &Self, eps: f64) -> Result<Self> {
+        Ok(candle_nn::ops::layer_norm(
+            &self.contiguous()?,
+            w,
+            b,
+            eps as f32,
+        )?)
+    }
+    fn rope_interleaved_fused(&self, cos: &Self, sin: &Self) -> Result<Self> {
+        Ok(candle_nn::rotary_emb::rope_i(
+            &self.contiguous()?,
+            &cos.contiguous()?,
+            &sin.contiguous()?,
+        )?)
+    }
 }
 
 impl HostBuffer<C> for Vec<f32> {

@@ -55,6 +55,8 @@ pub struct MetaConfig {
     pub gemm_workspace: usize,
     /// Threads of the CPU (host side) for its conv tiles.
     pub host_threads: usize,
+    /// The networks use fused norm and RoPE kernels (`Tensor::fused_kernels`; CUDA).
+    pub fused: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -833,6 +835,18 @@ impl Tensor for Meta {
     fn max_abs(&self) -> Result<f32> {
         drop(self.unary()?);
         Ok(0.0)
+    }
+    fn fused_kernels(&self) -> bool {
+        self.device.heap().cfg.fused
+    }
+    fn rms_norm_fused(&self, _scale: &Self, _eps: f64) -> Result<Self> {
+        self.contiguous()?.unary()
+    }
+    fn layer_norm_fused(&self, _w: &Self, _b: &Self, _eps: f64) -> Result<Self> {
+        self.contiguous()?.unary()
+    }
+    fn rope_interleaved_fused(&self, _cos: &Self, _sin: &Self) -> Result<Self> {
+        self.contiguous()?.unary()
     }
 }
 

@@ -135,6 +135,19 @@ pub trait Tensor: Clone + Sized {
     fn index_select<D: Dim>(&self, ids: &Self, dim: D) -> Result<Self>;
     /// The largest absolute value, as f32 (0 where there are no values).
     fn max_abs(&self) -> Result<f32>;
+
+    /// Whether the networks use the fused kernels below on this tensor's device (CUDA: one
+    /// kernel instead of a chain of element-wise ones and their f32 intermediates). Elsewhere
+    /// `model::ops` composes the same math from the ops above.
+    fn fused_kernels(&self) -> bool {
+        false
+    }
+    /// RMSNorm over the last dim times `scale` (same dtype), accumulated in f32.
+    fn rms_norm_fused(&self, scale: &Self, eps: f64) -> Result<Self>;
+    /// LayerNorm over the last dim with weight and bias (same dtype), accumulated in f32.
+    fn layer_norm_fused(&self, w: &Self, b: &Self, eps: f64) -> Result<Self>;
+    /// Rotation of interleaved pairs of `[B, H, L, D]` by `cos`/`sin` `[B, L, D/2]` (same dtype).
+    fn rope_interleaved_fused(&self, cos: &Self, sin: &Self) -> Result<Self>;
 }
 
 /// A host f32 buffer that weighted tiles are added into, then made a tensor.

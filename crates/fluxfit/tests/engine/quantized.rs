@@ -589,10 +589,17 @@ fn gguf_streams_under_every_plan() {
         Placement::Stream {
             group: 1,
             window: 2,
+            keep: 0,
         },
         Placement::Stream {
             group: 2,
             window: 1,
+            keep: 0,
+        },
+        Placement::Stream {
+            group: 1,
+            window: 2,
+            keep: 3,
         },
     ] {
         let got = forward(open_flow(&path).unwrap(), DType::F32, placement, &inp);
