@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds fluxfit with CUDA, using the toolchain tools/cuda/setup.sh installs.
 #
-#     tools/cuda/build.sh --check [CAP]              # cargo check --features cuda, kernels compiled
+#     tools/cuda/build.sh --check [CAP]              # cargo clippy --features cuda (-D warnings), kernels compiled
 #     tools/cuda/build.sh --check --no-kernels [CAP] # the same without compiling candle's kernels
 #                                                    # (what CI runs: see nvcc-no-kernels)
 #     tools/cuda/build.sh 90 [86 89 …]               # stripped release binaries, one per capability
@@ -17,17 +17,17 @@ eval "$(tools/cuda/setup.sh)"
 
 if [[ "${1:-}" == "--check" ]]; then
     shift
-    target=target/cuda-check
     if [[ "${1:-}" == "--no-kernels" ]]; then
         shift
         REAL_NVCC="$(command -v nvcc)"
         export REAL_NVCC NVCC="$PWD/tools/cuda/nvcc-no-kernels"
-        target=target/cuda-check-no-kernels
     fi
+    # The usual target folder: the dependencies a CPU build checked are reused. candle's kernel
+    # build reruns whenever NVCC or CUDA_COMPUTE_CAP changes, so empty kernels from
+    # --no-kernels never reach a real build.
     export CUDA_COMPUTE_CAP="${1:-${CUDA_COMPUTE_CAP:-90}}"
-    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$target}"
-    echo "== cargo check --features cuda (compute capability $CUDA_COMPUTE_CAP${NVCC:+, kernels not compiled})" >&2
-    exec cargo check -p fluxfit-cli --features cuda --all-targets
+    echo "== cargo clippy --features cuda (compute capability $CUDA_COMPUTE_CAP${NVCC:+, kernels not compiled})" >&2
+    exec cargo clippy -p fluxfit-cli --features cuda --all-targets -- -D warnings
 fi
 
 caps=("$@")

@@ -131,7 +131,11 @@ pub fn run(args: PlanArgs) -> Result<()> {
     }
     let budget = Budget::resolve(args.vram.as_deref(), &device, 0)?;
     let cands = plan_candidates(&spec, &candidates(&device, dtype, chunk), args.quant);
-    let table = PlanTable::new(&spec, &req, &device, &cands);
+    let mut table = PlanTable::new(&spec, &req, &device, &cands);
+    if let Some(b) = budget {
+        // The plans that keep as many flow blocks on the device as the budget allows.
+        table.add_partial_residency(&spec, &req, &device, b);
+    }
     let pick = budget.and_then(|b| table.fastest_fitting(b, &device));
     let storage = match (args.quant, budget) {
         (Quant::Stored | Quant::Auto, Some(b)) => {

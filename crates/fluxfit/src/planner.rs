@@ -844,10 +844,11 @@ impl PlanTable {
         }
     }
 
-    /// Partial residency for a budget: for each streamed plan that fits `budget` with no flow
-    /// block kept, the plan keeping the most leading flow blocks on the device that still fits
-    /// (found by bisection; the peak grows with every block kept), added as a row. A card that
-    /// holds part of the model then streams only the rest, and moves fewer bytes per step.
+    /// Partial residency for a budget: for each streaming shape (GROUP×WINDOW), the fastest
+    /// plan of that shape that fits `budget` with no flow block kept is extended to keep the
+    /// most leading flow blocks that still fit (found by bisection; the peak grows with every
+    /// block kept), and added as a row when that is predicted faster. A card that holds part
+    /// of the model then streams only the rest, and moves fewer bytes per step.
     pub fn add_partial_residency(
         &mut self,
         model: &ModelSpec,
@@ -856,7 +857,7 @@ impl PlanTable {
         budget: Budget,
     ) {
         let stages = model.stages(Component::Flow).len();
-        let mut added = Vec::new();
+        let mut bases: Vec<((usize, usize), &Row)> = Vec::new();
         for row in &self.rows {
             let p = &row.prediction;
             let Placement::Stream {
@@ -870,6 +871,18 @@ impl PlanTable {
             if row.needs.is_some() || !budget.fits(p, device) {
                 continue;
             }
+            match bases
+                .iter_mut()
+                .find(|(shape, _)| *shape == (group, window))
+            {
+                Some((_, best)) if best.prediction.time_s <= p.time_s => {}
+                Some((_, best)) => *best = row,
+                None => bases.push(((group, window), row)),
+            }
+        }
+        let mut added: Vec<Row> = Vec::new();
+        for ((group, window), row) in bases {
+            let p = &row.prediction;
             let with_keep = |keep: usize| {
                 let mut plan = p.plan.clone();
                 plan.flow.placement = Placement::Stream {
@@ -879,7 +892,7 @@ impl PlanTable {
                 };
                 predict(model, req, &plan, device)
             };
-            // Largest `keep` in 0..stages whose prediction fits.
+            // Largest `keep` below `stages` whose prediction fits.
             let (mut lo, mut hi, mut best) = (0, stages.saturating_sub(1), None);
             while lo < hi {
                 let mid = (lo + hi).div_ceil(2);
@@ -892,18 +905,11 @@ impl PlanTable {
                 }
             }
             if let Some(pred) = best.filter(|b| b.time_s < p.time_s) {
-                if !self
-                    .rows
-                    .iter()
-                    .chain(&added)
-                    .any(|r: &Row| r.prediction.plan == pred.plan)
-                {
-                    added.push(Row {
-                        relative: pred.time_s / self.resident_time_s,
-                        prediction: pred,
-                        needs: None,
-                    });
-                }
+                added.push(Row {
+                    relative: pred.time_s / self.resident_time_s,
+                    prediction: pred,
+                    needs: None,
+                });
             }
         }
         self.rows.extend(added);

@@ -73,8 +73,8 @@ mod cuda {
     use crate::noise::NoiseKind;
     use crate::pipeline::tiny::{self, TinyConfigs};
     use crate::pipeline::{LoadOptions, Model, Request};
-    use crate::planner::choice::{choose, Budget, Choosing, Quant};
-    use crate::planner::{parse_bytes, predict, DeviceProfile, ModelSpec, Workload};
+    use crate::planner::choice::{choose, Choosing, Quant};
+    use crate::planner::{parse_bytes, predict, Budget, DeviceProfile, ModelSpec, Workload};
     use crate::variant::Variant;
 
     /// The table's last line, on standard error as soon as it is known (a run cut short by a

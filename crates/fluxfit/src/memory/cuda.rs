@@ -18,6 +18,7 @@ use candle_core::cuda_backend::cudarc::driver::{
     sys, CudaContext, CudaEvent, CudaStream, CudaViewMut, DeviceRepr, PinnedHostSlice,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
+use candle_core::op::BackpropOp;
 use candle_core::{DType, Device, Shape, Storage, Tensor};
 
 use super::upload::{self, StagingBackend, StagingRing};
@@ -282,7 +283,12 @@ impl CudaUploader {
                 )))
             }
         };
-        Ok(Tensor::from_storage(Storage::Cuda(storage), shape))
+        Ok(Tensor::from_storage(
+            Storage::Cuda(storage),
+            shape,
+            BackpropOp::none(),
+            false,
+        ))
     }
 
     /// A device buffer of `n` elements allocated on the copy stream and filled through the ring.

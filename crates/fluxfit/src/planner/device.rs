@@ -57,11 +57,9 @@ pub struct DeviceProfile {
     /// Host → device weight rate, bytes/s: PCIe for a GPU, copying out of the memory map for
     /// the CPU.
     pub link: f64,
-    /// Whether a prefetched transfer overlaps compute. On the CPU it does (a background thread
-    /// materialises the next group). On CUDA it does not yet: candle 0.11 has one stream per
-    /// device, so a copy issued from the prefetch thread is ordered with the kernels (the host
-    /// side of the materialisation overlaps, the PCIe copy does not). A second copy stream will
-    /// turn this on.
+    /// Whether a prefetched transfer overlaps compute. On the CPU a background thread
+    /// materialises the next group; on CUDA the copy stream uploads it through pinned staging
+    /// while the compute stream runs (`memory::cuda`; predicted, not yet measured on a GPU).
     pub copy_overlap: bool,
     /// Bytes the device keeps that no plan can use: CUDA context, cuBLAS workspace, allocator
     /// slack. A plan fits a budget when its peak plus this is at most the budget.
@@ -182,7 +180,7 @@ impl DeviceProfile {
             bandwidth: g.bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY,
             conv_efficiency: 1.0,
             link: g.pcie_gbs * 1e9 * LINK_EFFICIENCY,
-            copy_overlap: false,
+            copy_overlap: true,
             // CUDA context (~300 MiB), cuBLAS workspace, and allocator slack.
             reserve: 512 << 20,
             host,
