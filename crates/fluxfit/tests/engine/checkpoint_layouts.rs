@@ -113,3 +113,48 @@ fn diffusers_transformer_maps_onto_bfl_names() {
     let diffusers = open_flow(&fixtures().join("tiny-diffusers/transformer")).unwrap();
     assert_same_tensors(&bfl, &diffusers);
 }
+
+/// The built-in model written as files with a bf16 flow model (what `fluxfit device-check`
+/// writes at full size) opens as a checkpoint: every flow tensor stored as bf16 bytes the GPU's
+/// upload can copy as they are, and the model generates a finite image.
+#[test]
+fn a_written_built_in_model_opens_with_a_bf16_flow_file() {
+    use fluxfit::pipeline::tiny::{self, TinyConfigs};
+    use fluxfit::pipeline::{LoadOptions, Request};
+    use fluxfit::variant::Variant;
+    let dir = scratch("written-built-in");
+    let configs = TinyConfigs::sized(Variant::Dev, 128, 1, 1).unwrap();
+    tiny::write_dir(&configs, &dir).unwrap();
+    assert!(!dir.join("flow.safetensors.partial").exists());
+    let file = SafetensorsFile::open(dir.join("flow.safetensors")).unwrap();
+    let store = TensorStore::from_files(dir.join("flow.safetensors"), vec![file], &[]);
+    let expected = configs.flow.expected_shapes();
+    assert_eq!(store.len(), expected.len());
+    for (key, shape) in &expected {
+        let d = store.direct_bytes(key).unwrap().expect("stored as is");
+        assert_eq!((d.dtype, &d.shape), (DType::BF16, shape), "{key}");
+        assert_eq!(d.bytes.len(), shape.iter().product::<usize>() * 2, "{key}");
+    }
+    let model = tiny::open_dir(&configs, &dir, LoadOptions::default()).unwrap();
+    let req = Request {
+        prompt: "a red fox".into(),
+        width: 64,
+        height: 64,
+        steps: 2,
+        guidance: 3.5,
+        seed: 1,
+        t5_tokens: 16,
+        noise: fluxfit::noise::NoiseKind::TorchF32,
+    };
+    let out = model.text_to_image(&req, &mut |_| {}).unwrap();
+    let max = out
+        .image
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(max.is_finite() && max > 0.0, "{max}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
