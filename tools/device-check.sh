@@ -2,8 +2,8 @@
 # The GPU check, run on a lent GPU machine (H100/H200, no cargo, no registry) over a binary
 # built here and carried there:
 #
-#   here:   tools/cuda/setup.sh && tools/cuda/build.sh 90    # dist/cuda-sm90/fluxfit
-#   there:  tools/device-check.sh                            # device tool: carry dist/cuda-sm90
+#   here:   tools/cuda/setup.sh && tools/cuda/build.sh 90    # dist/carry/fluxfit-sm90.xz
+#   there:  tools/device-check.sh                            # device tool: carry dist/carry
 #
 # Prints one Markdown table (also written to $OUT/device-check.md when OUT is set): the device,
 # pageable vs pinned upload GB/s, the tiny model's GPU images against the CPU's, and on a
@@ -14,7 +14,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin="${FLUXFIT_BIN:-dist/cuda-sm90/fluxfit}"
-[[ -x "$bin" ]] || { echo "$bin not found: build it with tools/cuda/build.sh 90 and carry dist/cuda-sm90" >&2; exit 2; }
+if [[ ! -x "$bin" && -f dist/carry/fluxfit-sm90.xz ]]; then
+    bin=/tmp/fluxfit-sm90
+    xz -dc dist/carry/fluxfit-sm90.xz >"$bin.tmp" && chmod +x "$bin.tmp" && mv "$bin.tmp" "$bin"
+fi
+[[ -x "$bin" ]] || { echo "no binary: build it here with tools/cuda/build.sh 90 and carry dist/carry" >&2; exit 2; }
 
 # CUDA 13's cuBLAS, cuRAND and NVRTC: a system install, or the PyPI wheels beside PyTorch.
 libs=()
@@ -29,6 +33,7 @@ if ldd "$bin" | grep -q 'not found'; then
 fi
 
 nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv,noheader || true
+mkdir -p "${OUT:-/tmp}"
 report="${OUT:-/tmp}/device-check.md"
 set -o pipefail
 "$bin" device-check "$@" | tee "$report.partial"

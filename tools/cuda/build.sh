@@ -7,7 +7,7 @@
 #     tools/cuda/build.sh 90 [86 89 …]               # stripped release binaries, one per capability
 #
 # A binary lands in dist/cuda-smCAP/fluxfit (90: H100/H200, 89: RTX 40xx/L4, 86: RTX 30xx,
-# 80: A100). Each capability has its own target folder, because candle's kernels are compiled
+# 80: A100), and compressed in dist/carry/fluxfit-smCAP.xz for tools/device-check.sh. Each capability has its own target folder, because candle's kernels are compiled
 # for one capability at build time. The binary links libcuda.so.1 (the driver's) and CUDA 13's
 # cuBLAS, cuRAND and NVRTC dynamically: on the machine that runs it, either a CUDA 13 install
 # or the same PyPI wheels (LD_LIBRARY_PATH) provides them.
@@ -41,5 +41,10 @@ for cap in "${caps[@]}"; do
     mkdir -p "$out"
     strip -o "$out/fluxfit.tmp" "target/cuda-sm$cap/release/fluxfit"
     mv "$out/fluxfit.tmp" "$out/fluxfit"
-    ls -la "$out/fluxfit" >&2
+    # What travels to a GPU machine (the device tool carries at most 64 MiB; the binary, most
+    # of it candle's PTX text, is about 79 MB raw and 13 MB as xz).
+    mkdir -p dist/carry
+    xz -9 -T0 -c "$out/fluxfit" >"dist/carry/fluxfit-sm$cap.xz.tmp"
+    mv "dist/carry/fluxfit-sm$cap.xz.tmp" "dist/carry/fluxfit-sm$cap.xz"
+    ls -la "$out/fluxfit" "dist/carry/fluxfit-sm$cap.xz" >&2
 done

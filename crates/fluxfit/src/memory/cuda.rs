@@ -39,6 +39,11 @@ fn driver(what: &str, e: impl std::fmt::Display) -> Error {
 /// driver's pool (a streamed plan frees and allocates a block's worth every step).
 pub fn open(ordinal: usize) -> Result<Device> {
     let device = Device::new_cuda_with_stream(ordinal).map_err(|e| {
+        // The driver's words, without the backtrace candle attaches under RUST_BACKTRACE.
+        let e = match e {
+            candle_core::Error::WithBacktrace { inner, .. } => *inner,
+            e => e,
+        };
         Error::Config(format!(
             "no CUDA device {ordinal} ({e}): check `nvidia-smi`, or run with --device cpu"
         ))
