@@ -12,7 +12,7 @@ pub mod stream;
 pub mod upload;
 
 /// CUDA device `ordinal`, opened for fluxfit: kernels on one explicit stream, uploads on a copy
-/// stream of their own ([`cuda`]). A build without the `cuda` feature says how to get one.
+/// stream of their own (`memory::cuda`). A build without the `cuda` feature says how to get one.
 pub fn open_cuda(ordinal: usize) -> crate::Result<candle_core::Device> {
     #[cfg(feature = "cuda")]
     {

@@ -226,7 +226,7 @@ impl Shared {
     }
 
     /// One tensor on the device in the compute dtype. On CUDA it travels on the device's copy
-    /// stream through pinned staging slots ([`super::cuda::CudaUploader`]), so that a prefetch
+    /// stream through pinned staging slots (`memory::cuda::CudaUploader`), so that a prefetch
     /// overlaps the kernels; elsewhere candle copies it.
     fn load(&self, key: &str) -> Result<Tensor> {
         #[cfg(feature = "cuda")]

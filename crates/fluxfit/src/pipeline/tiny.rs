@@ -222,7 +222,7 @@ pub fn load_with(configs: &TinyConfigs, dir: Option<&Path>, options: LoadOptions
 }
 
 /// Writes a built-in model's four files into `dir` for [`open_dir`]: the flow model in bf16 with
-/// cheap pseudo-random values of [`init`]'s scales (a full-size FLUX.1-dev-shaped one is 24 GB,
+/// cheap pseudo-random values of the built-in model's scales (a full-size FLUX.1-dev-shaped one is 24 GB,
 /// and torch-exact normals for 12 billion weights would take minutes), the others in f32 as
 /// [`load_with`] writes them. For measurements on real shapes where no weights can be had.
 pub fn write_dir(configs: &TinyConfigs, dir: &Path) -> Result<()> {
@@ -268,7 +268,7 @@ pub fn open_dir(configs: &TinyConfigs, dir: &Path, options: LoadOptions) -> Resu
     Model::from_stores(&name, "built-in", stores, t5_tok, clip_tok, options)
 }
 
-/// [`init`]'s scales with uniform values from a hash of the name (bf16 bits): fast enough for
+/// `init`'s scales with uniform values from a hash of the name (bf16 bits): fast enough for
 /// billions of weights, and still a network whose activations stay finite.
 fn fast_init(name: &str, shape: &[usize], out: &mut [u16]) {
     let is_norm = name.contains("norm") || name.ends_with(".scale");
