@@ -227,15 +227,15 @@ pub fn load_with(configs: &TinyConfigs, dir: Option<&Path>, options: LoadOptions
 /// [`load_with`] writes them. For measurements on real shapes where no weights can be had.
 pub fn write_dir(configs: &TinyConfigs, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| crate::error::Error::io(dir, e))?;
+    file_store(dir, "ae", configs.vae.expected_shapes())?;
+    file_store(dir, "t5", configs.t5.expected_shapes())?;
+    file_store(dir, "clip", configs.clip.expected_shapes())?;
+    // Last, and renamed into place when whole: its presence says the folder is complete.
     crate::checkpoint::safetensors::write_bf16(
         &dir.join("flow.safetensors"),
         &configs.flow.expected_shapes(),
         |name, shape, out| fast_init(&format!("flow/{name}"), shape, out),
-    )?;
-    file_store(dir, "ae", configs.vae.expected_shapes())?;
-    file_store(dir, "t5", configs.t5.expected_shapes())?;
-    file_store(dir, "clip", configs.clip.expected_shapes())?;
-    Ok(())
+    )
 }
 
 /// The model [`write_dir`] wrote, memory-mapped from `dir`.
