@@ -9,7 +9,7 @@ use fluxfit::image::{read_rgb8, resize_lanczos, Rgb8};
 use fluxfit::pipeline::kontext::{aspect_ratio_size, conditioning_size, image_tensor};
 use fluxfit::pipeline::{Model, Request};
 
-use crate::generate::{check_output, metadata};
+use crate::generate::check_output;
 use crate::run_args::{
     file_name, interactive_loop, loop_number, on_event, progress, write_image, LoopEvent, Planning,
     RunArgs,
@@ -180,7 +180,7 @@ fn edit_one(model: &Model, req: &Request, args: &EditArgs, cond: &Rgb8) -> Resul
     let bar = progress(args.run.quiet);
     let out = model.kontext(req, &image_tensor(cond)?, None, &mut on_event(&bar))?;
     bar.finish_and_clear();
-    let mut meta = metadata(model, req);
+    let mut meta = fluxfit::pipeline::metadata::metadata(model, req);
     meta.push(("edit_image".into(), file_name(&args.image)));
     meta.push(("edit_image_size".into(), format!("{cw}x{ch}")));
     if let Some(ar) = &args.aspect_ratio {

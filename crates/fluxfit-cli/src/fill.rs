@@ -12,7 +12,7 @@ use fluxfit::pipeline::fill::{
 };
 use fluxfit::pipeline::{Model, Request};
 
-use crate::generate::{check_output, metadata};
+use crate::generate::check_output;
 use crate::run_args::{
     file_name, interactive_loop, on_event, progress, write_image, LoopEvent, RunArgs,
 };
@@ -198,7 +198,7 @@ fn fill_one(
     let bar = progress(args.run.quiet);
     let out = model.fill(req, &image, &mask_t, None, &mut on_event(&bar))?;
     bar.finish_and_clear();
-    let mut meta = metadata(model, req);
+    let mut meta = fluxfit::pipeline::metadata::metadata(model, req);
     meta.push(("fill_image".into(), file_name(&args.image)));
     meta.push(("fill_mask".into(), mask_source.to_string()));
     let path = write_image(&out.image, &args.out, &meta, req)?;

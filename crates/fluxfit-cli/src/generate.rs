@@ -328,7 +328,7 @@ fn generate_one(model: &Model, req: &Request, args: &GenerateArgs) -> Result<Pat
             path.display()
         );
     }
-    let mut meta = metadata(model, req);
+    let mut meta = fluxfit::pipeline::metadata::metadata(model, req);
     if let (Some(path), Some(init)) = (&args.init_image, &init) {
         let name = path.file_name().map_or_else(
             || path.display().to_string(),
@@ -358,48 +358,6 @@ fn generate_one(model: &Model, req: &Request, args: &GenerateArgs) -> Result<Pat
         report_memory(&out.memory, model, args)?;
     }
     Ok(path)
-}
-
-/// PNG text chunks: one per field, plus A1111's `parameters` line that many tools read.
-pub fn metadata(model: &Model, req: &Request) -> Vec<(String, String)> {
-    let dtype = format!("{:?}", model.dtype()).to_lowercase();
-    let mut m: Vec<(String, String)> = vec![
-        ("prompt".into(), req.prompt.clone()),
-        ("seed".into(), req.seed.to_string()),
-        ("steps".into(), req.steps.to_string()),
-        ("guidance".into(), req.guidance.to_string()),
-        ("width".into(), req.width.to_string()),
-        ("height".into(), req.height.to_string()),
-        ("model".into(), model.name.clone()),
-        ("variant".into(), model.variant.name().into()),
-        ("dtype".into(), dtype),
-        ("t5_tokens".into(), req.t5_tokens.to_string()),
-        ("plan".into(), model.plan().spec()),
-        (
-            "noise".into(),
-            match req.noise {
-                NoiseKind::TorchBf16 => "torch-2.6-bf16".into(),
-                NoiseKind::TorchF32 => "torch-f32".into(),
-            },
-        ),
-        ("software".into(), format!("fluxfit {}", fluxfit::version())),
-    ];
-    m.push((
-        "parameters".into(),
-        format!(
-            "{}\nSteps: {}, Sampler: Euler, Schedule: {}, Distilled CFG Scale: {}, Seed: {}, Size: {}x{}, Model: {}, Version: fluxfit {}",
-            req.prompt,
-            req.steps,
-            if model.variant.shift_schedule() { "flux-shift" } else { "linear" },
-            req.guidance,
-            req.seed,
-            req.width,
-            req.height,
-            model.variant.name(),
-            fluxfit::version()
-        ),
-    ));
-    m
 }
 
 const LOOP_HELP: &str = "Enter a prompt to generate (empty: repeat the last one), or a command:

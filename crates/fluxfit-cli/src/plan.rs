@@ -10,10 +10,8 @@ use fluxfit::checkpoint::quantize::QuantSpec;
 use fluxfit::memory::plan::Component;
 use fluxfit::pipeline::LoadOptions;
 use fluxfit::planner::choice::{auto_storage, plan_candidates, storage_choices, Asked, Quant};
-use fluxfit::planner::report::{chart, render_storage, render_table};
-use fluxfit::planner::{
-    alternatives, candidates, Budget, DeviceProfile, ModelSpec, PlanTable, Workload,
-};
+use fluxfit::planner::report::{render_storage, PlanView};
+use fluxfit::planner::{candidates, Budget, DeviceProfile, ModelSpec, Workload};
 use fluxfit::variant::Variant;
 
 use crate::source::ModelArgs;
@@ -131,25 +129,23 @@ pub fn run(args: PlanArgs) -> Result<()> {
     }
     let budget = Budget::resolve(args.vram.as_deref(), &device, 0)?;
     let cands = plan_candidates(&spec, &candidates(&device, dtype, chunk), args.quant);
-    let mut table = PlanTable::new(&spec, &req, &device, &cands);
-    if let Some(b) = budget {
-        // The plans that keep as many flow blocks on the device as the budget allows.
-        table.add_partial_residency(&spec, &req, &device, b);
-    }
-    let pick = budget.and_then(|b| table.fastest_fitting(b, &device));
+    let view = PlanView::new(spec, req, device, (dtype, chunk), cands, budget);
+    let (spec, req, device, table, alts) = (
+        &view.spec,
+        &view.request,
+        &view.device,
+        &view.table,
+        &view.alternatives,
+    );
+    let pick = view.pick();
     let storage = match (args.quant, budget) {
         (Quant::Stored | Quant::Auto, Some(b)) => {
-            storage_choices(&spec, &req, &device, dtype, chunk, b)
+            storage_choices(spec, req, device, dtype, chunk, b)
         }
         _ => Vec::new(),
     };
-    let alts = match (budget, pick) {
-        (Some(b), None) => alternatives(&spec, &req, &device, &cands, b),
-        _ => Vec::new(),
-    };
     if let Some(path) = &args.chart {
-        let svg = chart(&spec, &req, &device, &cands, &table, budget, pick);
-        write_chart(path, &svg)?;
+        write_chart(path, &view.chart())?;
     }
     if args.json {
         let v = serde_json::json!({
@@ -173,15 +169,15 @@ pub fn run(args: PlanArgs) -> Result<()> {
     }
     print!(
         "{}",
-        render_table(&spec, &req, &device, dtype, chunk, &table, budget, pick, &alts)
+        view.text()
     );
     if !storage.is_empty() {
         print!("{}", render_storage(&storage));
     }
     if let (Quant::Auto, Some(b)) = (args.quant, budget) {
         if !spec.packable(Component::Flow) {
-            let base = candidates(&device, dtype, chunk);
-            match auto_storage(&spec, &req, &device, &base, b) {
+            let base = candidates(device, dtype, chunk);
+            match auto_storage(spec, req, device, &base, b) {
                 Some((_, _, line)) => println!("--quant auto takes {line}"),
                 None => println!("--quant auto: no storage fits"),
             }

@@ -8,7 +8,7 @@ use clap::Args;
 use fluxfit::image::{read_rgb8, resize_lanczos};
 use fluxfit::pipeline::regions::{region_grid, Canvas, RegionEvent, RegionMode};
 
-use crate::generate::{check_output, metadata};
+use crate::generate::check_output;
 use crate::run_args::{file_name, progress, write_image, RunArgs};
 
 #[derive(Args, Debug)]
@@ -128,7 +128,7 @@ pub fn run(args: RegionsArgs) -> Result<()> {
         },
     )?;
     bar.finish_and_clear();
-    let mut meta = metadata(&model, &req);
+    let mut meta = fluxfit::pipeline::metadata::metadata(&model, &req);
     meta.push((
         "regions".into(),
         format!(

@@ -79,6 +79,10 @@ pub enum Error {
 
     #[error("compute: {0}")]
     Candle(candle_core::Error),
+
+    /// The run was asked to stop ([`crate::pipeline::watch::Watch::cancel`]).
+    #[error("cancelled after step {step} of {total}")]
+    Cancelled { step: usize, total: usize },
 }
 
 impl From<candle_core::Error> for Error {

@@ -79,37 +79,27 @@ impl Format {
     }
 }
 
-/// Writes `img` to `path`, which must not exist (created exclusively, so a race cannot
-/// overwrite either). PNG gets one tEXt chunk per metadata pair.
-pub fn save(img: &Rgb8, path: &Path, metadata: &[(String, String)]) -> Result<()> {
-    let format = Format::from_path(path)?;
-    let out_err = |message: String| Error::Output {
-        path: path.to_path_buf(),
-        message,
-    };
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(|e| out_err(format!("cannot create: {e}")))?;
-    let mut w = BufWriter::new(file);
+/// The encoded file of `img` in `format`: PNG gets one iTXt chunk per metadata pair.
+pub fn encode(img: &Rgb8, format: Format, metadata: &[(String, String)]) -> Result<Vec<u8>> {
+    let fail = |message: String| Error::InvalidRequest(format!("encoding the image: {message}"));
+    let mut out = Vec::new();
     match format {
         Format::Png => {
-            let mut enc = png::Encoder::new(&mut w, img.width as u32, img.height as u32);
+            let mut enc = png::Encoder::new(&mut out, img.width as u32, img.height as u32);
             enc.set_color(png::ColorType::Rgb);
             enc.set_depth(png::BitDepth::Eight);
             for (k, v) in metadata {
                 enc.add_itxt_chunk(k.clone(), v.clone())
-                    .map_err(|e| out_err(format!("metadata `{k}`: {e}")))?;
+                    .map_err(|e| fail(format!("metadata `{k}`: {e}")))?;
             }
-            let mut writer = enc.write_header().map_err(|e| out_err(e.to_string()))?;
+            let mut writer = enc.write_header().map_err(|e| fail(e.to_string()))?;
             writer
                 .write_image_data(&img.data)
-                .map_err(|e| out_err(e.to_string()))?;
-            writer.finish().map_err(|e| out_err(e.to_string()))?;
+                .map_err(|e| fail(e.to_string()))?;
+            writer.finish().map_err(|e| fail(e.to_string()))?;
         }
         Format::Jpeg => {
-            let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut w, 95);
+            let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 95);
             image::ImageEncoder::write_image(
                 enc,
                 &img.data,
@@ -117,11 +107,60 @@ pub fn save(img: &Rgb8, path: &Path, metadata: &[(String, String)]) -> Result<()
                 img.height as u32,
                 image::ExtendedColorType::Rgb8,
             )
-            .map_err(|e| out_err(e.to_string()))?;
+            .map_err(|e| fail(e.to_string()))?;
         }
     }
-    w.flush().map_err(|e| out_err(e.to_string()))?;
-    Ok(())
+    Ok(out)
+}
+
+/// Writes `img` to `path`, which must not exist, with `metadata` (see [`encode`]): see
+/// [`write_new`].
+pub fn save(img: &Rgb8, path: &Path, metadata: &[(String, String)]) -> Result<()> {
+    let format = Format::from_path(path)?;
+    let bytes = encode(img, format, metadata).map_err(|e| Error::Output {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    write_new(path, &bytes)
+}
+
+/// Writes `bytes` to `path`, which must not exist, so that the name appears only once the file
+/// is whole and never replaces another: the bytes go to a hidden temporary file beside it,
+/// which is then hard-linked to `path` (failing if something took the name meanwhile) and
+/// removed. A full disk or a crash leaves no file under `path`.
+pub fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
+    let out_err = |message: String| Error::Output {
+        path: path.to_path_buf(),
+        message,
+    };
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| out_err("not a file name".into()))?
+        .to_string_lossy();
+    let tmp = dir.join(format!(".{name}.{}.partial", std::process::id()));
+    let written = (|| -> std::io::Result<()> {
+        let file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        let mut w = BufWriter::new(file);
+        w.write_all(bytes)?;
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()
+    })();
+    let linked = written
+        .map_err(|e| out_err(format!("cannot write (through {}): {e}", tmp.display())))
+        .and_then(|()| {
+            std::fs::hard_link(&tmp, path).map_err(|e| {
+                out_err(if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    "exists; fluxfit never replaces a file".into()
+                } else {
+                    format!("cannot create: {e}")
+                })
+            })
+        });
+    let _ = std::fs::remove_file(&tmp);
+    linked
 }
 
 /// Reads the text chunks of a PNG (tEXt, zTXt and iTXt), for tests and `fluxfit inspect`.
@@ -166,6 +205,64 @@ pub fn read_rgb8(path: &Path) -> Result<Rgb8> {
     })
 }
 
+/// An image decoded from bytes an untrusted client sent: RGB, and the alpha channel as a mask
+/// (255 − alpha: transparent = generate) when the image has one.
+pub struct Decoded {
+    pub rgb: Rgb8,
+    pub alpha_mask: Option<Vec<u8>>,
+}
+
+/// Decodes a PNG or JPEG from memory under limits checked before pixels are allocated: at most
+/// `max_side` pixels a side and `max_bytes` of decoder memory, so a small file that claims a
+/// huge canvas (a "decompression bomb") is refused. `what` names the input in errors.
+pub fn decode_bytes(what: &str, bytes: &[u8], max_side: u32, max_bytes: u64) -> Result<Decoded> {
+    let bad = |message: String| Error::InvalidRequest(format!("{what}: {message}"));
+    let mut reader = ::image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| bad(e.to_string()))?;
+    match reader.format() {
+        Some(::image::ImageFormat::Png | ::image::ImageFormat::Jpeg) => {}
+        _ => return Err(bad("not a PNG or JPEG image".into())),
+    }
+    let mut limits = ::image::Limits::default();
+    limits.max_image_width = Some(max_side);
+    limits.max_image_height = Some(max_side);
+    limits.max_alloc = Some(max_bytes);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| match e {
+        ::image::ImageError::Limits(_) => bad(format!(
+            "the image is larger than this server accepts (at most {max_side} pixels a side and \
+             {} MiB decoded); downscale it",
+            max_bytes >> 20
+        )),
+        e => bad(format!("cannot decode as a PNG or JPEG image: {e}")),
+    })?;
+    let alpha_mask = img
+        .color()
+        .has_alpha()
+        .then(|| img.to_rgba8().pixels().map(|p| 255 - p.0[3]).collect());
+    let rgb = img.to_rgb8();
+    Ok(Decoded {
+        rgb: Rgb8 {
+            width: rgb.width() as usize,
+            height: rgb.height() as usize,
+            data: rgb.into_raw(),
+        },
+        alpha_mask,
+    })
+}
+
+/// Greyscale as PIL's "L" conversion (`(19595·R + 38470·G + 7471·B + 2¹⁵) >> 16`): how the
+/// reference reads a mask from an RGB file.
+pub fn luma(rgb: &Rgb8) -> Vec<u8> {
+    rgb.data
+        .chunks_exact(3)
+        .map(|p| {
+            ((19595 * p[0] as u32 + 38470 * p[1] as u32 + 7471 * p[2] as u32 + 0x8000) >> 16) as u8
+        })
+        .collect()
+}
+
 /// img2img's size rule (demo_st.py): with a requested size, the image is resized to it
 /// (torch's default `interpolate`, nearest: source index ⌊dst·in/out⌋); without one, it is
 /// cropped from the top-left to sides that are multiples of 16. Returns the image as
@@ -208,14 +305,7 @@ pub fn init_image(img: &Rgb8, size: Option<(usize, usize)>) -> Result<Tensor> {
 /// (`(19595·R + 38470·G + 7471·B + 2¹⁵) >> 16`, i.e. 0.299/0.587/0.114), 255 = generate.
 pub fn read_mask(path: &Path) -> Result<(usize, usize, Vec<u8>)> {
     let rgb = read_rgb8(path)?;
-    let data = rgb
-        .data
-        .chunks_exact(3)
-        .map(|p| {
-            ((19595 * p[0] as u32 + 38470 * p[1] as u32 + 7471 * p[2] as u32 + 0x8000) >> 16) as u8
-        })
-        .collect();
-    Ok((rgb.width, rgb.height, data))
+    Ok((rgb.width, rgb.height, luma(&rgb)))
 }
 
 /// The alpha channel of an image file as a mask (255 − alpha: transparent = generate), or

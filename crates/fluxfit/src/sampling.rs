@@ -159,12 +159,13 @@ pub fn img2img_start<T: Tensor>(
 }
 
 /// Euler integration of the flow: x ← x + (t_prev − t_curr)·v(x, t_curr) over consecutive
-/// timesteps. `velocity` is the model; `on_step(i, n)` is called after each step.
+/// timesteps. `velocity` is the model; `on_step(i, n, x)` is called after each step with the
+/// state, and an error from it ends the loop (a cancelled run).
 pub fn denoise<T: Tensor>(
     x: T,
     timesteps: &[f32],
     velocity: impl FnMut(&T, f32) -> Result<T>,
-    on_step: impl FnMut(usize, usize),
+    on_step: impl FnMut(usize, usize, &T) -> Result<()>,
 ) -> Result<T> {
     denoise_with(x, timesteps, velocity, |x, _| Ok(x), on_step)
 }
@@ -176,7 +177,7 @@ pub fn denoise_with<T: Tensor>(
     timesteps: &[f32],
     mut velocity: impl FnMut(&T, f32) -> Result<T>,
     mut after_step: impl FnMut(T, f32) -> Result<T>,
-    mut on_step: impl FnMut(usize, usize),
+    mut on_step: impl FnMut(usize, usize, &T) -> Result<()>,
 ) -> Result<T> {
     let n = timesteps.len().saturating_sub(1);
     for (i, pair) in timesteps.windows(2).enumerate() {
@@ -188,7 +189,7 @@ pub fn denoise_with<T: Tensor>(
         let moved = x.add(&step)?;
         drop((x, step));
         x = after_step(moved, t_prev)?;
-        on_step(i + 1, n);
+        on_step(i + 1, n, &x)?;
     }
     Ok(x)
 }

@@ -3,6 +3,7 @@
 pub mod control;
 pub mod fill;
 pub mod kontext;
+pub mod metadata;
 pub mod model;
 pub mod model_ref;
 pub mod regions;
@@ -10,6 +11,7 @@ pub mod request;
 pub mod run;
 pub mod text2image;
 pub mod tiny;
+pub mod watch;
 
 pub use model::{LoadOptions, LoraSpec, Model, ModelSources};
 pub use model_ref::ModelRef;

@@ -22,6 +22,7 @@ use crate::model::flow::{FlowConfig, Flux};
 use crate::model::t5::{T5Config, T5Encoder};
 use crate::tokenizer::{ClipTokenizer, T5Tokenizer};
 use crate::variant::Variant;
+use super::watch::Watch;
 
 /// How to run: where and in what precision.
 #[derive(Debug, Clone)]
@@ -188,6 +189,8 @@ pub struct Model {
     plan: Plan,
     /// Device bytes by owner, shared by the four residencies.
     ledger: Arc<Ledger>,
+    /// Cancellation and previews of the run in progress, when someone watches it.
+    watch: Option<Arc<Watch>>,
 }
 
 /// Checkpoint stores of the four components, before configuration.
@@ -317,7 +320,17 @@ impl Model {
             options,
             plan,
             ledger,
+            watch: None,
         })
+    }
+
+    /// Watches the next runs (cancellation, previews) until replaced or cleared.
+    pub fn set_watch(&mut self, watch: Option<Arc<Watch>>) {
+        self.watch = watch;
+    }
+
+    pub(crate) fn watch(&self) -> Option<&Watch> {
+        self.watch.as_deref()
     }
 
     /// The plan the next run executes.

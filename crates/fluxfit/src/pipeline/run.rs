@@ -49,6 +49,18 @@ pub trait Parts<T: Tensor> {
     /// T5 and CLIP token rows of `prompt`.
     fn tokens(&self, prompt: &str, t5_tokens: usize) -> Result<Tokens>;
     fn begin_phase(&self, phase: Phase);
+    /// After denoising step `step` of `total`, with the packed latent `x` of a `latent_hw`
+    /// latent: where a watched run stops when cancelled and hands out previews. An error ends
+    /// the run.
+    fn after_step(
+        &self,
+        _step: usize,
+        _total: usize,
+        _x: &T,
+        _latent_hw: (usize, usize),
+    ) -> Result<()> {
+        Ok(())
+    }
     /// End of a phase: `released` components drop all but resident weights.
     fn end_phase(&self, released: &[Component]);
 }
@@ -276,8 +288,9 @@ pub fn denoise_decode<T: Tensor, P: Parts<T>>(
             Some((noise, known, mask)) => sampling::hold_known(&x, noise, known, mask, t),
             None => Ok(x),
         };
-        let x = sampling::denoise_with(img, &timesteps, velocity, after, |step, total| {
-            on_event(Event::Step { step, total })
+        let x = sampling::denoise_with(img, &timesteps, velocity, after, |step, total, x| {
+            on_event(Event::Step { step, total });
+            p.after_step(step, total, x, (lat_h, lat_w))
         })?;
         Ok((x, timesteps))
     })?;

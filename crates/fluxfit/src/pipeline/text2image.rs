@@ -108,6 +108,18 @@ impl Parts<Tensor> for Model {
     fn begin_phase(&self, name: Phase) {
         self.ledger().begin_phase(name);
     }
+    fn after_step(
+        &self,
+        step: usize,
+        total: usize,
+        x: &Tensor,
+        latent_hw: (usize, usize),
+    ) -> Result<()> {
+        match self.watch() {
+            Some(w) => w.after_step(step, total, x, latent_hw),
+            None => Ok(()),
+        }
+    }
     fn end_phase(&self, released: &[Component]) {
         for &c in released {
             self.weights(c).release();

@@ -459,3 +459,86 @@ fn nice_ceiling(v: f64) -> f64 {
     let step = nice_step(v);
     (v / step).ceil() * step
 }
+
+/// Everything `fluxfit plan` shows of one request (the table of plans, the one that fits the
+/// budget fastest, the nearest alternatives when none fits), computed once for the CLI and the
+/// server alike.
+pub struct PlanView {
+    pub spec: ModelSpec,
+    pub request: Workload,
+    pub device: DeviceProfile,
+    pub dtype: DType,
+    pub chunk: Option<usize>,
+    pub candidates: Vec<Candidate>,
+    pub table: PlanTable,
+    pub budget: Option<Budget>,
+    pub alternatives: Vec<Alternative>,
+}
+
+impl PlanView {
+    /// The plans of `request` on `device` (`candidates`: the presets to weigh), with the
+    /// plans that keep as many flow blocks on the device as `budget` allows.
+    pub fn new(
+        spec: ModelSpec,
+        request: Workload,
+        device: DeviceProfile,
+        (dtype, chunk): (DType, Option<usize>),
+        candidates: Vec<Candidate>,
+        budget: Option<Budget>,
+    ) -> Self {
+        let mut table = PlanTable::new(&spec, &request, &device, &candidates);
+        if let Some(b) = budget {
+            table.add_partial_residency(&spec, &request, &device, b);
+        }
+        let mut view = Self {
+            spec,
+            request,
+            device,
+            dtype,
+            chunk,
+            candidates,
+            table,
+            budget,
+            alternatives: Vec::new(),
+        };
+        if let (Some(b), None) = (budget, view.pick()) {
+            view.alternatives =
+                super::alternatives(&view.spec, &view.request, &view.device, &view.candidates, b);
+        }
+        view
+    }
+
+    /// The fastest plan that fits the budget.
+    pub fn pick(&self) -> Option<&Row> {
+        self.budget
+            .and_then(|b| self.table.fastest_fitting(b, &self.device))
+    }
+
+    /// The table as `fluxfit plan` prints it.
+    pub fn text(&self) -> String {
+        render_table(
+            &self.spec,
+            &self.request,
+            &self.device,
+            self.dtype,
+            self.chunk,
+            &self.table,
+            self.budget,
+            self.pick(),
+            &self.alternatives,
+        )
+    }
+
+    /// The SVG chart of `fluxfit plan --chart`.
+    pub fn chart(&self) -> String {
+        chart(
+            &self.spec,
+            &self.request,
+            &self.device,
+            &self.candidates,
+            &self.table,
+            self.budget,
+            self.pick(),
+        )
+    }
+}
