@@ -6,10 +6,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use fluxfit::image::Rgb8;
-use fluxfit::image::{read_alpha_mask, read_mask, read_rgb8, resize_lanczos, resize_mask_lanczos};
-use fluxfit::pipeline::fill::{
-    fill_size, fill_tensors, outpaint_canvas, outpaint_geometry, Outpaint,
-};
+use fluxfit::image::{read_alpha_mask, read_mask, read_rgb8};
+use fluxfit::pipeline::fill::{fill_canvas, fill_tensors, MaskFrom, Outpaint};
 use fluxfit::pipeline::{Model, Request};
 
 use crate::generate::check_output;
@@ -59,24 +57,7 @@ fn prepare(args: &FillArgs) -> Result<(Rgb8, Vec<u8>, String)> {
     let quiet = args.run.quiet;
     let src =
         read_rgb8(&args.image).with_context(|| format!("--image {}", args.image.display()))?;
-    let (w, h) = if args.keep_size {
-        if !src.width.is_multiple_of(32) || !src.height.is_multiple_of(32) {
-            bail!(
-                "--keep-size: {} is {}x{}; fill needs sides that are multiples of 32",
-                args.image.display(),
-                src.width,
-                src.height
-            );
-        }
-        (src.width, src.height)
-    } else {
-        fill_size(src.width, src.height)
-    };
-    let img = resize_lanczos(&src, w, h);
-    if (w, h) != (src.width, src.height) && !quiet {
-        eprintln!("image {}x{} resized to {w}x{h}", src.width, src.height);
-    }
-    let outpaint = match (&args.outpaint, args.zoom_out) {
+    let how = match (&args.outpaint, args.zoom_out) {
         (None, None) => None,
         (spec, zoom) => {
             let mut o = Outpaint::default();
@@ -92,42 +73,37 @@ fn prepare(args: &FillArgs) -> Result<(Rgb8, Vec<u8>, String)> {
             Some(o)
         }
     };
-    Ok(if let Some(o) = &outpaint {
-        let g = outpaint_geometry(w, h, o);
-        let (c, m) = outpaint_canvas(&img, &g);
-        let desc = format!(
-            "outpaint left={},right={},up={},down={},overlap={},zoom={}; canvas {}x{}, image at {},{}",
-            o.left, o.right, o.up, o.down, o.overlap, o.zoom, g.canvas.0, g.canvas.1, g.paste.0, g.paste.1
-        );
-        (c, m, desc)
-    } else if let Some(path) = &args.mask {
-        let (mw, mh, m) = read_mask(path).with_context(|| format!("--mask {}", path.display()))?;
-        if (mw, mh) != (src.width, src.height) {
-            bail!(
-                "--mask {} is {mw}x{mh}, the image {}x{}: they must have the same size",
-                path.display(),
-                src.width,
-                src.height
-            );
+    let (mask, alpha);
+    let from = match (how, &args.mask) {
+        (Some(o), _) => MaskFrom::Outpaint(o),
+        (None, Some(path)) => {
+            let (mw, mh, m) =
+                read_mask(path).with_context(|| format!("--mask {}", path.display()))?;
+            mask = m;
+            MaskFrom::Mask(&mask, (mw, mh), file_name(path))
         }
-        (
-            img,
-            resize_mask_lanczos(&m, (mw, mh), (w, h)),
-            file_name(path),
-        )
-    } else {
-        let Some(m) = read_alpha_mask(&args.image)? else {
-            bail!(
-                "{} has no alpha channel: give a --mask, or --outpaint / --zoom-out",
-                args.image.display()
-            );
-        };
-        (
-            img,
-            resize_mask_lanczos(&m, (src.width, src.height), (w, h)),
-            "alpha".to_string(),
-        )
-    })
+        (None, None) => {
+            let Some(m) = read_alpha_mask(&args.image)? else {
+                bail!(
+                    "{} has no alpha channel: give a --mask, or --outpaint / --zoom-out",
+                    args.image.display()
+                );
+            };
+            alpha = m;
+            MaskFrom::Alpha(&alpha)
+        }
+    };
+    let (canvas, m, desc) = fill_canvas(&src, from, args.keep_size)
+        .with_context(|| format!("--image {}", args.image.display()))?;
+    if !quiet && desc.starts_with("outpaint") {
+        eprintln!("{desc}");
+    } else if (canvas.width, canvas.height) != (src.width, src.height) && !quiet {
+        eprintln!(
+            "image {}x{} resized to {}x{}",
+            src.width, src.height, canvas.width, canvas.height
+        );
+    }
+    Ok((canvas, m, desc))
 }
 
 pub fn run(mut args: FillArgs) -> Result<()> {

@@ -7,6 +7,7 @@ mod plan;
 mod quantize;
 mod regions;
 mod run_args;
+mod serve;
 mod source;
 
 use std::process::ExitCode;
@@ -44,6 +45,9 @@ enum Command {
     /// Time and measured peak memory of each residency plan at several resolutions, on a
     /// mid-size built-in model (CPU).
     Bench(fluxfit::bench::plans::BenchArgs),
+    /// Serve the HTTP API (native jobs with live progress, OpenAI's images API) and the web UI,
+    /// with the model loaded once.
+    Serve(serve::ServeArgs),
     /// Which residency plans fit a memory budget for a request, predicted without weights:
     /// peak per phase, time relative to all-resident, the fastest that fits.
     Plan(plan::PlanArgs),
@@ -74,6 +78,7 @@ fn main() -> ExitCode {
         Command::Regions(args) => regions::run(args),
         Command::Bench(args) => print_report(fluxfit::bench::plans::run(&args)),
         Command::Plan(args) => plan::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Quantize(args) => quantize::run(args),
         Command::BenchQuant(args) => print_report(fluxfit::bench::quant::run(&args)),
         Command::DeviceCheck(args) => print_report(fluxfit::bench::device_check::run(&args)),

@@ -167,10 +167,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    print!(
-        "{}",
-        view.text()
-    );
+    print!("{}", view.text());
     if !storage.is_empty() {
         print!("{}", render_storage(&storage));
     }

@@ -207,6 +207,65 @@ pub fn outpaint_canvas(
     )
 }
 
+/// Where a fill's mask comes from.
+pub enum MaskFrom<'a> {
+    /// A mask the image's size (255 = generate, soft values kept), and how to name it.
+    Mask(&'a [u8], (usize, usize), String),
+    /// The image's alpha channel made a mask ([`crate::image::read_alpha_mask`]).
+    Alpha(&'a [u8]),
+    /// Borders to outpaint.
+    Outpaint(Outpaint),
+}
+
+/// The canvas a Fill model is given, its mask (255 = generate) and a description for the
+/// metadata, from the source image as the fill demo prepares it: resized into 0.5–2 MP with
+/// sides multiples of 32 ([`fill_size`]; `keep_size` keeps sides already multiples of 32),
+/// then masked or outpainted.
+pub fn fill_canvas(
+    src: &crate::image::Rgb8,
+    mask: MaskFrom,
+    keep_size: bool,
+) -> Result<(crate::image::Rgb8, Vec<u8>, String)> {
+    use crate::image::{resize_lanczos, resize_mask_lanczos};
+    let (w, h) = if keep_size {
+        if !src.width.is_multiple_of(32) || !src.height.is_multiple_of(32) {
+            return Err(Error::InvalidRequest(format!(
+                "keep size: the image is {}x{}; fill needs sides that are multiples of 32",
+                src.width, src.height
+            )));
+        }
+        (src.width, src.height)
+    } else {
+        fill_size(src.width, src.height)
+    };
+    let img = resize_lanczos(src, w, h);
+    Ok(match mask {
+        MaskFrom::Outpaint(o) => {
+            let g = outpaint_geometry(w, h, &o);
+            let (c, m) = outpaint_canvas(&img, &g);
+            let desc = format!(
+                "outpaint left={},right={},up={},down={},overlap={},zoom={}; canvas {}x{}, image at {},{}",
+                o.left, o.right, o.up, o.down, o.overlap, o.zoom, g.canvas.0, g.canvas.1, g.paste.0, g.paste.1
+            );
+            (c, m, desc)
+        }
+        MaskFrom::Mask(m, (mw, mh), name) => {
+            if (mw, mh) != (src.width, src.height) {
+                return Err(Error::InvalidRequest(format!(
+                    "mask {name} is {mw}x{mh}, the image {}x{}: they must have the same size",
+                    src.width, src.height
+                )));
+            }
+            (img, resize_mask_lanczos(m, (mw, mh), (w, h)), name)
+        }
+        MaskFrom::Alpha(m) => (
+            img,
+            resize_mask_lanczos(m, (src.width, src.height), (w, h)),
+            "alpha".to_string(),
+        ),
+    })
+}
+
 /// The 320 conditioning features per token (docs/flux.md §3 `prepare_fill`):
 /// `[ae.encode(image·(1 − mask)) packed 64 ‖ mask 8×8-unshuffled and packed 256]`, both
 /// rounded through bf16 as the reference does, then in `dtype`. `image` `[1, 3, H, W]` in

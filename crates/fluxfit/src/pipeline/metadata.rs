@@ -45,4 +45,3 @@ pub fn metadata(model: &Model, req: &Request) -> Vec<(String, String)> {
     ));
     m
 }
-

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 
+use super::watch::Watch;
 use crate::checkpoint::layout::{self, ModelPaths};
 use crate::checkpoint::lora;
 use crate::checkpoint::quantize::QuantSpec;
@@ -22,7 +23,6 @@ use crate::model::flow::{FlowConfig, Flux};
 use crate::model::t5::{T5Config, T5Encoder};
 use crate::tokenizer::{ClipTokenizer, T5Tokenizer};
 use crate::variant::Variant;
-use super::watch::Watch;
 
 /// How to run: where and in what precision.
 #[derive(Debug, Clone)]

@@ -56,7 +56,8 @@ impl Watch {
         if self.is_cancelled() {
             return Err(crate::Error::Cancelled { step, total });
         }
-        let due = self.preview_every > 0 && (step.is_multiple_of(self.preview_every) || step == total);
+        let due =
+            self.preview_every > 0 && (step.is_multiple_of(self.preview_every) || step == total);
         if due {
             let latent = sampling::unpack(&x.to_dtype(DType::F32)?, lat_h, lat_w)?;
             (self.on_preview)(Preview {
@@ -149,7 +150,10 @@ mod tests {
         w.after_step(1, 4, &x, (4, 4)).unwrap();
         w.cancel();
         let e = w.after_step(2, 4, &x, (4, 4)).unwrap_err();
-        assert!(matches!(e, crate::Error::Cancelled { step: 2, total: 4 }), "{e}");
+        assert!(
+            matches!(e, crate::Error::Cancelled { step: 2, total: 4 }),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,0 +1,239 @@
+//! What the server tells about itself: health, metrics, the model, the planner's table for a
+//! request, and the gallery of written images.
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use fluxfit::planner::choice::{plan_candidates, Asked, Quant};
+use fluxfit::planner::report::PlanView;
+use fluxfit::planner::{candidates, Budget, Row, Workload};
+use serde::Deserialize;
+
+use super::{png_response, AppState};
+use crate::error::ApiError;
+use crate::gallery;
+use crate::names::is_image_name;
+
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok", "version": fluxfit::version() }))
+}
+
+pub async fn metrics(State(app): AppState) -> Response {
+    let (queued, running) = app.jobs.depth();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.metrics.render(queued, running, app.jobs.capacity()),
+    )
+        .into_response()
+}
+
+pub async fn info(State(app): AppState) -> Json<serde_json::Value> {
+    let (queued, running) = app.jobs.depth();
+    let i = &app.info;
+    Json(serde_json::json!({
+        "model": i.name,
+        "variant": i.variant.name(),
+        "modes": modes(i.variant),
+        "defaults": {
+            "width": i.default_size.0, "height": i.default_size.1,
+            "steps": i.default_steps, "guidance": i.default_guidance,
+        },
+        "max_side": i.max_side,
+        "device": app.planning.device.name,
+        "budget": app.planning.budget.map(|b| b.bytes),
+        "queue": { "waiting": queued, "running": running, "capacity": app.jobs.capacity() },
+        "version": fluxfit::version(),
+    }))
+}
+
+/// The modes this model runs.
+fn modes(v: fluxfit::variant::Variant) -> Vec<&'static str> {
+    use fluxfit::variant::Variant::*;
+    match v {
+        DevFill => vec!["fill", "outpaint"],
+        DevKontext => vec!["edit"],
+        DevCanny | DevDepth => vec!["control"],
+        _ => vec!["generate", "img2img"],
+    }
+}
+
+/// OpenAI's model list: the one model this server runs.
+pub async fn models(State(app): AppState) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "object": "list",
+        "data": [{ "id": app.info.name, "object": "model", "owned_by": "fluxfit" }],
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanQuery {
+    width: Option<usize>,
+    height: Option<usize>,
+    steps: Option<usize>,
+    /// A job with an input image (img2img, fill, …).
+    #[serde(default)]
+    image_input: bool,
+    /// A budget other than the server's, e.g. `8GiB`.
+    vram: Option<String>,
+    /// `svg`: the chart alone, as an image.
+    format: Option<String>,
+}
+
+fn row_json(r: &Row, budget: Option<Budget>, app: &super::App) -> serde_json::Value {
+    serde_json::json!({
+        "label": r.prediction.label,
+        "spec": r.prediction.spec,
+        "peak": r.prediction.peak,
+        "time_s": r.prediction.time_s,
+        "warm_time_s": r.prediction.warm_time_s,
+        "relative": r.relative,
+        "needs": r.needs,
+        "fits": budget.map(|b| b.fits(&r.prediction, &app.planning.device)),
+    })
+}
+
+/// The planner's table for a request: every plan's predicted peak and time, the one picked
+/// for the budget, and the plan the server would run it with.
+pub async fn plan(State(app): AppState, Query(q): Query<PlanQuery>) -> Result<Response, ApiError> {
+    let p = &app.planning;
+    let max = app.info.max_side;
+    for (name, v) in [("width", q.width), ("height", q.height)] {
+        if let Some(v) = v {
+            if !(64..=max).contains(&v) {
+                return Err(ApiError::invalid(
+                    name,
+                    format!("{v}: expected 64 to {max}"),
+                ));
+            }
+        }
+    }
+    if let Some(s) = q.steps {
+        if s == 0 || s > 1000 {
+            return Err(ApiError::invalid(
+                "steps",
+                format!("{s}: expected 1 to 1000"),
+            ));
+        }
+    }
+    let budget = match &q.vram {
+        Some(v) => Budget::resolve(Some(v), &p.device, 0)
+            .map_err(|e| ApiError::invalid("vram", e.to_string()))?,
+        None => p.budget,
+    };
+    let request = Workload::asked(
+        &p.spec,
+        Asked {
+            width: q.width.map(|w| w / 16 * 16),
+            height: q.height.map(|h| h / 16 * 16),
+            steps: q.steps,
+            t5_tokens: None,
+            image_input: q.image_input,
+            cond_size: None,
+        },
+    );
+    let cands = plan_candidates(
+        &p.spec,
+        &candidates(&p.device, p.dtype, p.attn_chunk),
+        Quant::Stored,
+    );
+    let view = PlanView::new(
+        p.spec.clone(),
+        request,
+        p.device.clone(),
+        (p.dtype, p.attn_chunk),
+        cands,
+        budget,
+    );
+    if q.format.as_deref() == Some("svg") {
+        return Ok(([(header::CONTENT_TYPE, "image/svg+xml")], view.chart()).into_response());
+    }
+    let rows: Vec<_> = view
+        .table
+        .rows
+        .iter()
+        .map(|r| row_json(r, budget, &app))
+        .collect();
+    let current = match view.pick() {
+        Some(r) => Some(row_json(r, budget, &app)),
+        None if budget.is_none() => view
+            .table
+            .rows
+            .iter()
+            .find(|r| r.prediction.spec == app.plan_spec)
+            .or_else(|| view.table.rows.first())
+            .map(|r| row_json(r, budget, &app)),
+        None => None,
+    };
+    Ok(Json(serde_json::json!({
+        "width": view.request.width,
+        "height": view.request.height,
+        "steps": view.request.steps,
+        "budget": budget.map(|b| b.bytes),
+        "rows": rows,
+        "plan": current,
+        "alternatives": view.alternatives,
+        "text": view.text(),
+        "svg": view.chart(),
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GalleryQuery {
+    limit: Option<usize>,
+}
+
+pub async fn images(
+    State(app): AppState,
+    Query(q): Query<GalleryQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let dir = app.output_dir.clone();
+    let list = tokio::task::spawn_blocking(move || gallery::list(&dir, limit))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "listing failed"))?
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading the output folder: {e}"),
+            )
+        })?;
+    Ok(Json(serde_json::json!({ "images": list })))
+}
+
+/// One written image (`?params` for its parameters as JSON instead).
+pub async fn image(
+    State(app): AppState,
+    Path(name): Path<String>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    if !is_image_name(&name) {
+        return Err(ApiError::invalid(
+            "name",
+            format!("`{name}` is not an image name of this server (letters, digits, - and _, then .png)"),
+        ));
+    }
+    let path = app.output_dir.join(&name);
+    if q.contains_key("params") {
+        if !path.is_file() {
+            return Err(ApiError::not_found(format!("no image `{name}`")));
+        }
+        return Ok(
+            Json(serde_json::json!({ "name": name, "params": gallery::params(&path) }))
+                .into_response(),
+        );
+    }
+    match tokio::fs::read(&path).await {
+        Ok(bytes) => Ok(png_response(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(ApiError::not_found(format!("no image `{name}`")))
+        }
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading `{name}`: {e}"),
+        )),
+    }
+}

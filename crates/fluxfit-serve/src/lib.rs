@@ -1,0 +1,282 @@
+//! `fluxfit serve`: one loaded model behind an HTTP API and a web UI.
+//!
+//! - [`job`]: what a client asks for, checked and decoded at submission;
+//! - [`jobs`]: the bounded queue, each job's status and event log;
+//! - [`runner`]: the one thread that owns the model and computes, a job at a time;
+//! - [`http`]: routes (native jobs with SSE progress, OpenAI's images API, plan, gallery,
+//!   metrics, the UI);
+//! - [`gallery`], [`metrics`], [`names`]: the output folder, counters, safe names.
+//!
+//! The library does what `fluxfit generate`, `fill` and `edit` do, with the same plans,
+//! images and metadata; the CLI only parses flags and loads the model.
+
+pub mod error;
+pub mod gallery;
+pub mod http;
+pub mod job;
+pub mod jobs;
+pub mod metrics;
+pub mod names;
+pub mod runner;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fluxfit::pipeline::Model;
+use fluxfit::planner::{Budget, DeviceProfile, ModelSpec};
+
+use crate::job::{ImageLimits, ModelInfo};
+use crate::jobs::Jobs;
+use crate::metrics::Metrics;
+use crate::runner::{Planning, Runner};
+
+/// How a server runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// Bearer token the API wants; needed (or `insecure`) to listen beyond loopback.
+    pub api_key: Option<String>,
+    pub insecure: bool,
+    /// Jobs waiting beyond the running one; more are answered 429.
+    pub queue: usize,
+    pub output_dir: PathBuf,
+    /// The device budget the planner fits each job into (`--vram`); none keeps the model's
+    /// plan.
+    pub budget: Option<Budget>,
+    pub vae_tile: Option<usize>,
+    /// Largest request body (uploads included).
+    pub max_upload: usize,
+    /// Largest image side accepted, for outputs and uploads.
+    pub max_side: usize,
+    /// A preview every this many steps (and after the last); 0 for none.
+    pub preview_every: usize,
+    /// On shutdown, how long the running job may take to finish before it is cancelled.
+    pub grace: Duration,
+    /// Steps and guidance of jobs that give none [default: the model variant's].
+    pub default_steps: Option<usize>,
+    pub default_guidance: Option<f32>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7860)),
+            api_key: None,
+            insecure: false,
+            queue: 8,
+            output_dir: PathBuf::from("outputs"),
+            budget: None,
+            vae_tile: None,
+            max_upload: 32 << 20,
+            max_side: fluxfit::pipeline::request::MAX_SIDE,
+            preview_every: 1,
+            grace: Duration::from_secs(60),
+            default_steps: None,
+            default_guidance: None,
+        }
+    }
+}
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("--listen {0}: not a loopback address, and no --api-key was given; give a key, or --insecure if the network is trusted")]
+    Exposed(SocketAddr),
+    #[error("--listen {addr}: {error}")]
+    Bind {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
+    #[error("--output-dir {dir}: {error}")]
+    Output { dir: PathBuf, error: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A running server: HTTP on its own threads, the runner on another.
+pub struct Server {
+    addr: SocketAddr,
+    runtime: tokio::runtime::Runtime,
+    stop_http: Option<tokio::sync::oneshot::Sender<()>>,
+    http: Option<tokio::task::JoinHandle<()>>,
+    runner: Option<std::thread::JoinHandle<()>>,
+    jobs: Arc<Jobs>,
+    grace: Duration,
+}
+
+impl Server {
+    /// Binds, starts the runner with `model`, and serves until [`Server::shutdown`].
+    pub fn start(model: Model, config: Config) -> Result<Self, ServeError> {
+        if !config.listen.ip().is_loopback() && config.api_key.is_none() && !config.insecure {
+            return Err(ServeError::Exposed(config.listen));
+        }
+        let out = &config.output_dir;
+        std::fs::create_dir_all(out).map_err(|e| ServeError::Output {
+            dir: out.clone(),
+            error: e.to_string(),
+        })?;
+        let probe = out.join(format!(".fluxfit-write-test-{}", std::process::id()));
+        std::fs::write(&probe, b"").map_err(|e| ServeError::Output {
+            dir: out.clone(),
+            error: format!("not writable: {e}"),
+        })?;
+        let _ = std::fs::remove_file(&probe);
+
+        let tiny = model.name.starts_with("tiny");
+        let v = model.variant;
+        let info = ModelInfo {
+            name: model.name.clone(),
+            variant: v,
+            default_size: if tiny { (256, 256) } else { (1024, 1024) },
+            default_steps: config.default_steps.unwrap_or(v.default_steps()),
+            default_guidance: config.default_guidance.unwrap_or(v.default_guidance()),
+            t5_tokens: v.t5_tokens(),
+            max_side: config.max_side,
+        };
+        let planning = Planning {
+            spec: ModelSpec::from_model(&model),
+            device: DeviceProfile::for_device(model.device()),
+            budget: config.budget,
+            dtype: model.dtype(),
+            attn_chunk: model.plan().attn_chunk,
+            vae_tile: config.vae_tile,
+        };
+        let metrics = Arc::new(Metrics::default());
+        let jobs = Arc::new(Jobs::new(config.queue, metrics.clone()));
+        let app = Arc::new(http::App {
+            jobs: jobs.clone(),
+            metrics: metrics.clone(),
+            info,
+            planning: planning.clone(),
+            output_dir: config.output_dir.clone(),
+            api_key: config.api_key.clone(),
+            limits: ImageLimits {
+                max_side: config.max_side as u32 * 2,
+                max_decoded_bytes: 1 << 30,
+            },
+            plan_spec: model.plan().spec(),
+        });
+
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .thread_name("fluxfit-http")
+            .build()
+            .map_err(|e| ServeError::Other(format!("starting the HTTP runtime: {e}")))?;
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(config.listen))
+            .map_err(|error| ServeError::Bind {
+                addr: config.listen,
+                error,
+            })?;
+        let addr = listener.local_addr().map_err(|error| ServeError::Bind {
+            addr: config.listen,
+            error,
+        })?;
+        let runner = Runner {
+            model,
+            jobs: jobs.clone(),
+            metrics,
+            planning,
+            output_dir: config.output_dir.clone(),
+            preview_every: config.preview_every,
+        };
+        let runner = std::thread::Builder::new()
+            .name("fluxfit-runner".into())
+            .spawn(move || runner.run())
+            .map_err(|e| ServeError::Other(format!("starting the runner: {e}")))?;
+        let (stop_http, stopped) = tokio::sync::oneshot::channel::<()>();
+        let router = http::router(app, config.max_upload);
+        let http = runtime.spawn(async move {
+            let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            });
+            if let Err(e) = serve.await {
+                eprintln!("fluxfit serve: {e}");
+            }
+        });
+        Ok(Self {
+            addr,
+            runtime,
+            stop_http: Some(stop_http),
+            http: Some(http),
+            runner: Some(runner),
+            jobs,
+            grace: config.grace,
+        })
+    }
+
+    /// The address it listens on (the port chosen when 0 was asked).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until SIGTERM or Ctrl-C, then shuts down.
+    pub fn run_until_signal(self) {
+        self.runtime.block_on(wait_for_signal());
+        eprintln!(
+            "stopping: no new jobs; the running one finishes (or is cancelled after {}s)",
+            self.grace.as_secs()
+        );
+        self.shutdown();
+    }
+
+    /// Stops taking jobs, cancels the queued ones, lets the running one finish (cancelling it
+    /// after the grace period), then stops HTTP once every response is sent. Every image
+    /// finished before is on disk whole.
+    pub fn shutdown(mut self) {
+        let running = self.jobs.stop();
+        if let Some(runner) = self.runner.take() {
+            let deadline = Instant::now() + self.grace;
+            while !runner.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if !runner.is_finished() {
+                if let Some(job) = &running {
+                    self.jobs.cancel(job, "the server is stopping");
+                }
+            }
+            let _ = runner.join();
+        }
+        if let Some(tx) = self.stop_http.take() {
+            let _ = tx.send(());
+        }
+        if let Some(http) = self.http.take() {
+            let _ = self
+                .runtime
+                .block_on(async { tokio::time::timeout(Duration::from_secs(10), http).await });
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// A seed for a job that gave none: 32 bits, as torch seeds its CPU generator with the low
+/// 32 bits only.
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() & 0xFFFF_FFFF
+}

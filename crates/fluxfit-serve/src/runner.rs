@@ -1,0 +1,255 @@
+//! The one thread that computes: it owns the model, takes jobs from the queue one at a time,
+//! lets the planner pick each job's plan (size and mode change it), runs the job with a
+//! [`Watch`] for cancellation and previews, and writes the image with the CLI's metadata.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use base64::Engine as _;
+use fluxfit::candle_core::DType;
+use fluxfit::image::{encode, to_rgb8, write_new, Format};
+use fluxfit::pipeline::watch::{Preview, Watch};
+use fluxfit::pipeline::{Event, Generated, Model};
+use fluxfit::planner::choice::{choose, Asked, Choosing, Quant};
+use fluxfit::planner::{Budget, DeviceProfile, ModelSpec, Workload};
+
+use crate::job::{Input, Work};
+use crate::jobs::{ImageRef, Job, Jobs, Status};
+use crate::metrics::Metrics;
+
+/// How the runner plans each job.
+#[derive(Clone)]
+pub struct Planning {
+    pub spec: ModelSpec,
+    pub device: DeviceProfile,
+    /// With a budget the planner picks each job's plan; without, the model's plan is kept.
+    pub budget: Option<Budget>,
+    pub dtype: DType,
+    pub attn_chunk: Option<usize>,
+    /// The tile of `--vae-tile`, kept over the planner's.
+    pub vae_tile: Option<usize>,
+}
+
+impl Planning {
+    /// The request as the planner sees it.
+    pub fn workload(&self, w: &Work) -> Workload {
+        let (image_input, cond_size) = w.shape();
+        Workload::asked(
+            &self.spec,
+            Asked {
+                width: Some(w.req.width),
+                height: Some(w.req.height),
+                steps: Some(w.req.steps),
+                t5_tokens: Some(w.req.t5_tokens),
+                image_input,
+                cond_size,
+            },
+        )
+    }
+}
+
+pub struct Runner {
+    pub model: Model,
+    pub jobs: Arc<Jobs>,
+    pub metrics: Arc<Metrics>,
+    pub planning: Planning,
+    pub output_dir: PathBuf,
+    pub preview_every: usize,
+}
+
+impl Runner {
+    /// Runs jobs until the queue stops.
+    pub fn run(mut self) {
+        while let Some(job) = self.jobs.next_job() {
+            let outcome =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_job(&job)));
+            if outcome.is_err() {
+                // A bug, not the client's: the job fails and the server goes on.
+                job.finish(
+                    Status::Failed,
+                    serde_json::json!({ "error": "internal error while running the job (a bug: please report it)" }),
+                );
+                self.metrics.outcome(Status::Failed);
+            }
+            self.model.set_watch(None);
+            self.jobs.finished(&job);
+        }
+    }
+
+    fn run_job(&mut self, job: &Arc<Job>) {
+        let (work, watch) = {
+            let mut s = job.state();
+            let Some(work) = s.work.take() else { return };
+            if s.status.is_final() {
+                return;
+            }
+            s.status = Status::Running;
+            s.started = Some(Instant::now());
+            let weak = Arc::downgrade(job);
+            let watch = Arc::new(Watch::new(self.preview_every, move |p: Preview| {
+                if let Some(job) = weak.upgrade() {
+                    job.push("preview", preview_event(&p));
+                }
+            }));
+            s.watch = Some(watch.clone());
+            (work, watch)
+        };
+        if let Err(e) = self.plan_for(&work) {
+            let message = format!("{e:#}");
+            job.state().error = Some(message.clone());
+            job.finish(Status::Failed, serde_json::json!({ "error": message }));
+            self.metrics.outcome(Status::Failed);
+            return;
+        }
+        job.push(
+            "started",
+            serde_json::json!({ "plan": self.model.plan().spec(), "width": work.req.width,
+                                "height": work.req.height, "steps": work.req.steps,
+                                "seed": work.req.seed }),
+        );
+        self.model.set_watch(Some(watch));
+        let started = Instant::now();
+        let mut last = started;
+        let metrics = self.metrics.clone();
+        let mut on_event = |e: Event| match e {
+            Event::Phase(p) => job.push("phase", serde_json::json!({ "phase": p.name() })),
+            Event::Step { step, total } => {
+                let now = Instant::now();
+                metrics.step(now.duration_since(last).as_secs_f64());
+                last = now;
+                let per_step = started.elapsed().as_secs_f64() / step as f64;
+                {
+                    let mut s = job.state();
+                    s.step = step;
+                    s.total = total;
+                }
+                job.push(
+                    "step",
+                    serde_json::json!({
+                        "step": step, "total": total,
+                        "rate": 1.0 / per_step.max(1e-9),
+                        "eta_s": per_step * (total - step) as f64,
+                    }),
+                );
+            }
+        };
+        let result = run_mode(&self.model, &work, &mut on_event);
+        self.model.set_watch(None);
+        match result.and_then(|g| self.write(job, &work, &g).map(|r| (r, g))) {
+            Ok((image, g)) => {
+                let seconds = job.state().started.map(|t| t.elapsed().as_secs_f64());
+                self.metrics.peak(g.memory.peak as u64);
+                if let Some(s) = seconds {
+                    self.jobs.set_retry_after(s.ceil() as u64);
+                }
+                job.state().image = Some(image.clone());
+                job.finish(
+                    Status::Done,
+                    serde_json::json!({ "image": image, "seconds": seconds,
+                                        "peak_bytes": g.memory.peak }),
+                );
+                self.metrics.outcome(Status::Done);
+            }
+            Err(fluxfit::Error::Cancelled { step, total }) => {
+                job.finish(
+                    Status::Cancelled,
+                    serde_json::json!({ "reason": "cancelled", "step": step, "total": total }),
+                );
+                self.metrics.outcome(Status::Cancelled);
+            }
+            Err(e) => {
+                let message = e.to_string();
+                job.state().error = Some(message.clone());
+                job.finish(Status::Failed, serde_json::json!({ "error": message }));
+                self.metrics.outcome(Status::Failed);
+            }
+        }
+    }
+
+    /// Under a budget, the fastest plan that fits this job.
+    fn plan_for(&mut self, work: &Work) -> fluxfit::Result<()> {
+        let Some(budget) = self.planning.budget else {
+            return Ok(());
+        };
+        let p = &self.planning;
+        let choice = choose(
+            &p.spec,
+            &Choosing {
+                request: p.workload(work),
+                device: p.device.clone(),
+                budget,
+                dtype: p.dtype,
+                attn_chunk: p.attn_chunk,
+                quant: Quant::Stored,
+            },
+        )?;
+        let mut plan = choice.plan;
+        if p.vae_tile.is_some() {
+            plan.vae_tile = p.vae_tile;
+        }
+        if plan.spec() != self.model.plan().spec() {
+            self.model.set_plan(plan);
+        }
+        Ok(())
+    }
+
+    /// Writes the image (never replacing a file) with the CLI's metadata.
+    fn write(&self, job: &Job, work: &Work, g: &Generated) -> fluxfit::Result<ImageRef> {
+        let rgb = to_rgb8(&g.image)?;
+        let mut meta = fluxfit::pipeline::metadata::metadata(&self.model, &work.req);
+        meta.extend(work.meta.iter().cloned());
+        meta.push(("job".into(), job.id.clone()));
+        let bytes = encode(&rgb, Format::Png, &meta)?;
+        // The id is unique to this server's run; another process writing into the same
+        // folder could still take the name, so the next free one is used then.
+        let mut name = format!("{}.png", job.id);
+        let mut n = 0;
+        loop {
+            match write_new(&self.output_dir.join(&name), &bytes) {
+                Err(_) if n < 100 && self.output_dir.join(&name).exists() => {
+                    n += 1;
+                    name = format!("{}-{n}.png", job.id);
+                }
+                other => break other?,
+            }
+        }
+        Ok(ImageRef {
+            url: format!("/v1/images/{name}"),
+            name,
+            width: rgb.width,
+            height: rgb.height,
+            seed: work.req.seed,
+        })
+    }
+}
+
+/// Runs the work's mode with the model's methods, as the CLI's commands do.
+fn run_mode(
+    model: &Model,
+    work: &Work,
+    on_event: &mut dyn FnMut(Event),
+) -> fluxfit::Result<Generated> {
+    let req = &work.req;
+    match &work.input {
+        Input::None => model.text_to_image(req, on_event),
+        Input::Init(init) => model.image_to_image(req, init, None, on_event),
+        Input::Control(image) => model.control(req, image, None, on_event),
+        Input::Fill(image, mask) => model.fill(req, image, mask, None, on_event),
+        Input::Edit(image) => model.kontext(req, image, None, on_event),
+    }
+}
+
+fn preview_event(p: &Preview) -> serde_json::Value {
+    let png = encode(&p.image, Format::Png, &[]).unwrap_or_default();
+    serde_json::json!({
+        "step": p.step,
+        "total": p.total,
+        "width": p.image.width,
+        "height": p.image.height,
+        "png": format!(
+            "data:image/png;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(png)
+        ),
+    })
+}
