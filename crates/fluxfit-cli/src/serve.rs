@@ -51,6 +51,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if args.run.seed.is_some() {
         bail!("--seed: each job has its own seed (random unless the request gives one)");
     }
+    if !args.listen.ip().is_loopback() && args.api_key.is_none() && !args.insecure {
+        // Said before the model loads (the server checks again).
+        bail!(
+            "--listen {}: not a loopback address, and no --api-key was given; give a key, or --insecure if the network is trusted",
+            args.listen
+        );
+    }
     if args.queue == 0 {
         bail!("--queue 0: the queue must hold at least one job");
     }
