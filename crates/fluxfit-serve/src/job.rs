@@ -9,6 +9,7 @@ use fluxfit::noise::NoiseKind;
 use fluxfit::pipeline::control::canny_control;
 use fluxfit::pipeline::fill::{fill_canvas, MaskFrom, Outpaint};
 use fluxfit::pipeline::kontext::{aspect_ratio_size, conditioning_size, image_tensor};
+use fluxfit::pipeline::regions::{region_grid, Canvas, Rect};
 use fluxfit::pipeline::request::{MAX_SIDE, MIN_SIDE};
 use fluxfit::pipeline::{ImageInit, Request};
 use fluxfit::variant::Variant;
@@ -17,10 +18,11 @@ use serde::{Deserialize, Serialize};
 use crate::error::ApiError;
 
 /// The generation modes of `POST /v1/jobs`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Text to image.
+    #[default]
     Generate,
     /// From an init image at a strength.
     Img2img,
@@ -32,6 +34,9 @@ pub enum Mode {
     Outpaint,
     /// Instruction editing (Kontext model).
     Edit,
+    /// A canvas larger than one pass, region by region; with an image, that image enlarged
+    /// and refined region by region.
+    Regions,
 }
 
 impl Mode {
@@ -43,6 +48,7 @@ impl Mode {
             Mode::Fill => "fill",
             Mode::Outpaint => "outpaint",
             Mode::Edit => "edit",
+            Mode::Regions => "regions",
         }
     }
 
@@ -53,11 +59,14 @@ impl Mode {
             Mode::Control => matches!(v, Variant::DevCanny | Variant::DevDepth),
             Mode::Fill | Mode::Outpaint => v == Variant::DevFill,
             Mode::Edit => v == Variant::DevKontext,
+            Mode::Regions => {
+                (v.in_channels() == 64 && v != Variant::DevKontext) || v == Variant::DevFill
+            }
         }
     }
 
     fn needs_image(self) -> bool {
-        self != Mode::Generate
+        !matches!(self, Mode::Generate | Mode::Regions)
     }
 }
 
@@ -79,7 +88,7 @@ pub struct Borders {
 }
 
 /// The body of `POST /v1/jobs`. Unset fields take the model variant's defaults, as the CLI's.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     #[serde(default = "default_mode")]
@@ -109,7 +118,14 @@ pub struct JobSpec {
     pub keep_size: bool,
     /// Edit: the output's aspect ratio `W:H` at about 1 MP.
     pub aspect_ratio: Option<String>,
+    /// Regions: the side of one region [default: the model's default image side].
+    pub tile: Option<usize>,
+    /// Regions: the overlap between regions, in pixels (default 128).
+    pub overlap: Option<usize>,
 }
+
+/// Largest side of a regions canvas (as `fluxfit regions`).
+const MAX_CANVAS: usize = 16384;
 
 fn default_mode() -> Mode {
     Mode::Generate
@@ -152,6 +168,14 @@ pub enum Input {
     /// Canvas `[1, 3, H, W]` and mask `[1, 1, H, W]`.
     Fill(Tensor, Tensor),
     Edit(Tensor),
+    /// The canvas (blank, or the enlarged image to refine at `refine` strength), its regions and
+    /// their feathering band.
+    Regions {
+        canvas: Canvas,
+        grid: Vec<Rect>,
+        refine: Option<f64>,
+        band: usize,
+    },
 }
 
 impl Work {
@@ -160,6 +184,7 @@ impl Work {
     pub fn shape(&self) -> (bool, Option<(usize, usize)>) {
         match &self.input {
             Input::None => (false, None),
+            Input::Regions { refine, .. } => (refine.is_some(), None),
             Input::Edit(t) => {
                 let d = t.dims();
                 (true, Some((d[3], d[2])))
@@ -267,8 +292,18 @@ impl JobSpec {
         if mask.is_some() && mode != Mode::Fill {
             return Err(bad("mask", format!("{} takes no mask", mode.name())));
         }
-        if self.strength.is_some() && mode != Mode::Img2img {
-            return Err(bad("strength", "only img2img takes a strength"));
+        if self.strength.is_some() && !matches!(mode, Mode::Img2img | Mode::Regions) {
+            return Err(bad("strength", "only img2img and regions take a strength"));
+        }
+        if (self.tile.is_some() || self.overlap.is_some()) && mode != Mode::Regions {
+            return Err(bad(
+                if self.tile.is_some() {
+                    "tile"
+                } else {
+                    "overlap"
+                },
+                "only regions take a tile and an overlap",
+            ));
         }
         let max = info.max_side;
         let size = |w: Option<usize>, h: Option<usize>, default: (usize, usize)| {
@@ -391,6 +426,80 @@ impl JobSpec {
                     .map_err(|e| bad("image", e.to_string()))?;
                 (canvas.width, canvas.height, Input::Fill(ti, tm))
             }
+            Mode::Regions => {
+                let src = image.map(|d| d.rgb);
+                let (w, h) = match (&src, self.width, self.height) {
+                    (_, Some(w), Some(h)) => (w, h),
+                    (Some(s), w, h) => (w.unwrap_or(2 * s.width), h.unwrap_or(2 * s.height)),
+                    (None, _, _) => {
+                        return Err(bad(
+                            if self.width.is_none() {
+                                "width"
+                            } else {
+                                "height"
+                            },
+                            "regions needs the canvas size (or an image to enlarge)",
+                        ))
+                    }
+                };
+                let (w, h) = (
+                    side("width", w, MAX_CANVAS)?,
+                    side("height", h, MAX_CANVAS)?,
+                );
+                let tile = self
+                    .tile
+                    .unwrap_or(info.default_size.0.max(info.default_size.1));
+                if !(MIN_SIDE..=max).contains(&tile) {
+                    return Err(bad("tile", format!("{tile}: expected {MIN_SIDE} to {max}")));
+                }
+                let overlap = self.overlap.unwrap_or(128);
+                let grid =
+                    region_grid(w, h, tile, overlap).map_err(|e| bad("overlap", e.to_string()))?;
+                let refine = match &src {
+                    Some(_) => {
+                        let s = self.strength.unwrap_or(0.35);
+                        if !(0.0..=1.0).contains(&s) {
+                            return Err(bad("strength", format!("{s}: expected 0 to 1")));
+                        }
+                        if info.variant == Variant::DevFill {
+                            return Err(bad(
+                                "image",
+                                "refining an image region by region needs a text-to-image model, not a Fill model",
+                            ));
+                        }
+                        Some(s)
+                    }
+                    None => None,
+                };
+                let canvas = match &src {
+                    Some(s) => Canvas::from_rgb8(&resize_lanczos(s, w, h))
+                        .map_err(|e| bad("image", e.to_string()))?,
+                    None => Canvas::blank(w, h),
+                };
+                meta.push((
+                    "regions".into(),
+                    format!(
+                        "{} regions of {}x{}, overlap {overlap}",
+                        grid.len(),
+                        grid[0].w,
+                        grid[0].h
+                    ),
+                ));
+                if let (Some(s), Some(strength)) = (&src, refine) {
+                    meta.push(("regions_from".into(), format!("{}x{}", s.width, s.height)));
+                    meta.push(("strength".into(), strength.to_string()));
+                }
+                (
+                    w,
+                    h,
+                    Input::Regions {
+                        canvas,
+                        grid,
+                        refine,
+                        band: overlap,
+                    },
+                )
+            }
             Mode::Edit => {
                 let src = image.expect("checked above").rgb;
                 let (cw, ch) = if self.keep_size {
@@ -430,6 +539,12 @@ impl JobSpec {
         if mode == Mode::Outpaint {
             meta.push(("mode".into(), "outpaint".into()));
         }
+        // A regions job is planned (and its side limit checked) per region, not per canvas.
+        let max = if mode == Mode::Regions {
+            max.max(MAX_CANVAS)
+        } else {
+            max
+        };
         let req = Request {
             prompt: self.prompt.clone(),
             width,

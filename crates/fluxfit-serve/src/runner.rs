@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use base64::Engine as _;
 use fluxfit::candle_core::DType;
+use fluxfit::candle_core::Tensor;
 use fluxfit::image::{encode, to_rgb8, write_new, Format};
+use fluxfit::pipeline::regions::RegionEvent;
 use fluxfit::pipeline::watch::{Preview, Watch};
 use fluxfit::pipeline::{Event, Generated, Model};
 use fluxfit::planner::choice::{choose, Asked, Choosing, Quant};
@@ -35,11 +37,16 @@ impl Planning {
     /// The request as the planner sees it.
     pub fn workload(&self, w: &Work) -> Workload {
         let (image_input, cond_size) = w.shape();
+        // Regions run one region at a time: that is the size to plan for.
+        let (width, height) = match &w.input {
+            Input::Regions { grid, .. } => (grid[0].w, grid[0].h),
+            _ => (w.req.width, w.req.height),
+        };
         Workload::asked(
             &self.spec,
             Asked {
-                width: Some(w.req.width),
-                height: Some(w.req.height),
+                width: Some(width),
+                height: Some(height),
                 steps: Some(w.req.steps),
                 t5_tokens: Some(w.req.t5_tokens),
                 image_input,
@@ -78,7 +85,7 @@ impl Runner {
     }
 
     fn run_job(&mut self, job: &Arc<Job>) {
-        let (work, watch) = {
+        let (mut work, watch) = {
             let mut s = job.state();
             let Some(work) = s.work.take() else { return };
             if s.status.is_final() {
@@ -134,12 +141,12 @@ impl Runner {
                 );
             }
         };
-        let result = run_mode(&self.model, &work, &mut on_event);
+        let result = run_mode(&self.model, &mut work, &mut on_event);
         self.model.set_watch(None);
         match result.and_then(|g| self.write(job, &work, &g).map(|r| (r, g))) {
             Ok((image, g)) => {
                 let seconds = job.state().started.map(|t| t.elapsed().as_secs_f64());
-                self.metrics.peak(g.memory.peak as u64);
+                self.metrics.peak(g.peak as u64);
                 if let Some(s) = seconds {
                     self.jobs.set_retry_after(s.ceil() as u64);
                 }
@@ -147,7 +154,7 @@ impl Runner {
                 job.finish(
                     Status::Done,
                     serde_json::json!({ "image": image, "seconds": seconds,
-                                        "peak_bytes": g.memory.peak }),
+                                        "peak_bytes": g.peak }),
                 );
                 self.metrics.outcome(Status::Done);
             }
@@ -195,7 +202,7 @@ impl Runner {
     }
 
     /// Writes the image (never replacing a file) with the CLI's metadata.
-    fn write(&self, job: &Job, work: &Work, g: &Generated) -> fluxfit::Result<ImageRef> {
+    fn write(&self, job: &Job, work: &Work, g: &Made) -> fluxfit::Result<ImageRef> {
         let rgb = to_rgb8(&g.image)?;
         let mut meta = fluxfit::pipeline::metadata::metadata(&self.model, &work.req);
         meta.extend(work.meta.iter().cloned());
@@ -224,19 +231,52 @@ impl Runner {
     }
 }
 
+/// What a finished run hands back: the image `[1, 3, H, W]` and its peak device memory.
+pub struct Made {
+    pub image: Tensor,
+    pub peak: usize,
+}
+
 /// Runs the work's mode with the model's methods, as the CLI's commands do.
 fn run_mode(
     model: &Model,
-    work: &Work,
+    work: &mut Work,
     on_event: &mut dyn FnMut(Event),
-) -> fluxfit::Result<Generated> {
+) -> fluxfit::Result<Made> {
     let req = &work.req;
-    match &work.input {
-        Input::None => model.text_to_image(req, on_event),
-        Input::Init(init) => model.image_to_image(req, init, None, on_event),
-        Input::Control(image) => model.control(req, image, None, on_event),
-        Input::Fill(image, mask) => model.fill(req, image, mask, None, on_event),
-        Input::Edit(image) => model.kontext(req, image, None, on_event),
+    let made = |g: Generated| Made {
+        peak: g.memory.peak,
+        image: g.image,
+    };
+    match &mut work.input {
+        Input::None => model.text_to_image(req, on_event).map(made),
+        Input::Init(init) => model.image_to_image(req, init, None, on_event).map(made),
+        Input::Control(image) => model.control(req, image, None, on_event).map(made),
+        Input::Fill(image, mask) => model.fill(req, image, mask, None, on_event).map(made),
+        Input::Edit(image) => model.kontext(req, image, None, on_event).map(made),
+        Input::Regions {
+            canvas,
+            grid,
+            refine,
+            band,
+        } => {
+            let mode = model.region_mode(*refine)?;
+            // Steps are counted over all regions, so the stream has one event per step.
+            let mut done = 0;
+            let count = grid.len();
+            let runs = model.regions(req, canvas, grid, mode, *band, &mut |e| match e {
+                RegionEvent::Region { index, .. } => done = index * req.steps,
+                RegionEvent::Run(Event::Step { step, .. }) => on_event(Event::Step {
+                    step: done + step,
+                    total: count * req.steps,
+                }),
+                RegionEvent::Run(e) => on_event(e),
+            })?;
+            Ok(Made {
+                image: canvas.image()?,
+                peak: runs.iter().map(|r| r.memory.peak).max().unwrap_or(0),
+            })
+        }
     }
 }
 

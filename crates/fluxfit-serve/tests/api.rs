@@ -418,7 +418,7 @@ fn info_plan_models_health_and_metrics() {
     let (_, info) = get(&s.url("/v1/info"));
     assert_eq!(info["variant"], "flux-schnell");
     assert_eq!(info["defaults"]["width"], 256);
-    assert_eq!(info["modes"], json!(["generate", "img2img"]));
+    assert_eq!(info["modes"], json!(["generate", "img2img", "regions"]));
     let (_, models) = get(&s.url("/v1/models"));
     assert_eq!(models["data"][0]["object"], "model");
     let (code, plan) = get(&s.url("/v1/plan?width=512&height=256&vram=1GiB"));
@@ -589,4 +589,58 @@ fn a_client_that_disconnects_cancels_its_job() {
         assert!(t.elapsed() < Duration::from_secs(30), "{m}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn img2img_and_regions_jobs() {
+    let s = start(Variant::Schnell, |c| c.preview_every = 0);
+    let run = |body: Value| {
+        let (code, job) = post(&s.url("/v1/jobs"), body);
+        assert_eq!(code, 202, "{job}");
+        events(&s.url(&format!("/v1/jobs/{}/events", job["id"].as_str().unwrap())))
+    };
+    let photo = png_rgba(128, 96, |x, y| [x as u8, y as u8, 80, 255]);
+    let ev = run(
+        json!({ "mode": "img2img", "prompt": "paint it", "steps": 4, "strength": 0.5,
+                         "image": format!("data:image/png;base64,{}", b64(&photo)) }),
+    );
+    let (last, done) = ev.last().unwrap();
+    assert_eq!(last, "done", "{done}");
+    assert_eq!(
+        (
+            done["image"]["width"].as_u64(),
+            done["image"]["height"].as_u64()
+        ),
+        (Some(128), Some(96))
+    );
+    // strength 0.5 of 4 steps: the last 2 run.
+    assert_eq!(ev.iter().filter(|(n, _)| n == "step").count(), 2);
+    // A canvas of 384 × 256 in regions of 256 with an overlap of 128: 2 regions, 2 steps each.
+    let ev = run(
+        json!({ "mode": "regions", "prompt": "a wide hall", "width": 384, "height": 256,
+                         "tile": 256, "overlap": 128, "steps": 2 }),
+    );
+    let (last, done) = ev.last().unwrap();
+    assert_eq!(last, "done", "{done}");
+    assert_eq!(done["image"]["width"], 384);
+    let steps: Vec<(u64, u64)> = ev
+        .iter()
+        .filter(|(n, _)| n == "step")
+        .map(|(_, d)| (d["step"].as_u64().unwrap(), d["total"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(steps, [(1, 4), (2, 4), (3, 4), (4, 4)]);
+    let (_, list) = get(&s.url("/v1/images"));
+    assert!(list["images"][0]["params"]["regions"]
+        .as_str()
+        .unwrap()
+        .starts_with("2 regions of 256x256"));
+    let (code, e) = post(
+        &s.url("/v1/jobs"),
+        json!({ "mode": "regions", "prompt": "x" }),
+    );
+    assert_eq!(
+        (code, e["error"]["param"].as_str()),
+        (400, Some("width")),
+        "{e}"
+    );
 }

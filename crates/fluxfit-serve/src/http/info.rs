@@ -51,10 +51,10 @@ pub async fn info(State(app): AppState) -> Json<serde_json::Value> {
 fn modes(v: fluxfit::variant::Variant) -> Vec<&'static str> {
     use fluxfit::variant::Variant::*;
     match v {
-        DevFill => vec!["fill", "outpaint"],
+        DevFill => vec!["fill", "outpaint", "regions"],
         DevKontext => vec!["edit"],
         DevCanny | DevDepth => vec!["control"],
-        _ => vec!["generate", "img2img"],
+        _ => vec!["generate", "img2img", "regions"],
     }
 }
 

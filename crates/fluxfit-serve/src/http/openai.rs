@@ -119,13 +119,7 @@ pub async fn generations(
         steps: g.steps,
         guidance: g.guidance,
         seed: g.seed,
-        image: None,
-        mask: None,
-        strength: None,
-        control_raw: false,
-        outpaint: None,
-        keep_size: false,
-        aspect_ratio: None,
+        ..JobSpec::default()
     };
     let specs = copies(spec, g.n)
         .into_iter()
@@ -210,17 +204,12 @@ pub async fn edits(
         steps: whole("steps")?.map(|s| s as usize),
         guidance: num("guidance")?.map(|g| g as f32),
         seed: whole("seed")?,
-        image: None,
-        mask: None,
-        strength: None,
-        control_raw: false,
-        outpaint: None,
         // fluxfit's own: the image's size instead of the reference's size rule.
         keep_size: matches!(
             text.get("keep_size").map(String::as_str),
             Some("true" | "1")
         ),
-        aspect_ratio: None,
+        ..JobSpec::default()
     };
     let specs = copies(spec, n)
         .into_iter()
