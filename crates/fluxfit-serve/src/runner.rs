@@ -10,6 +10,7 @@ use base64::Engine as _;
 use fluxfit::candle_core::DType;
 use fluxfit::candle_core::Tensor;
 use fluxfit::image::{encode, to_rgb8, write_new, Format};
+use fluxfit::memory::plan::Plan;
 use fluxfit::pipeline::regions::RegionEvent;
 use fluxfit::pipeline::watch::{Preview, Watch};
 use fluxfit::pipeline::{Event, Generated, Model};
@@ -34,6 +35,30 @@ pub struct Planning {
 }
 
 impl Planning {
+    /// Under a budget, the fastest plan that fits `w` (an error naming the nearest
+    /// alternatives when none does); without one, `None`: the model keeps its plan.
+    pub fn choose(&self, w: &Work) -> fluxfit::Result<Option<Plan>> {
+        let Some(budget) = self.budget else {
+            return Ok(None);
+        };
+        let choice = choose(
+            &self.spec,
+            &Choosing {
+                request: self.workload(w),
+                device: self.device.clone(),
+                budget,
+                dtype: self.dtype,
+                attn_chunk: self.attn_chunk,
+                quant: Quant::Stored,
+            },
+        )?;
+        let mut plan = choice.plan;
+        if self.vae_tile.is_some() {
+            plan.vae_tile = self.vae_tile;
+        }
+        Ok(Some(plan))
+    }
+
     /// The request as the planner sees it.
     pub fn workload(&self, w: &Work) -> Workload {
         let (image_input, cond_size) = w.shape();
@@ -176,27 +201,10 @@ impl Runner {
 
     /// Under a budget, the fastest plan that fits this job.
     fn plan_for(&mut self, work: &Work) -> fluxfit::Result<()> {
-        let Some(budget) = self.planning.budget else {
-            return Ok(());
-        };
-        let p = &self.planning;
-        let choice = choose(
-            &p.spec,
-            &Choosing {
-                request: p.workload(work),
-                device: p.device.clone(),
-                budget,
-                dtype: p.dtype,
-                attn_chunk: p.attn_chunk,
-                quant: Quant::Stored,
-            },
-        )?;
-        let mut plan = choice.plan;
-        if p.vae_tile.is_some() {
-            plan.vae_tile = p.vae_tile;
-        }
-        if plan.spec() != self.model.plan().spec() {
-            self.model.set_plan(plan);
+        if let Some(plan) = self.planning.choose(work)? {
+            if plan.spec() != self.model.plan().spec() {
+                self.model.set_plan(plan);
+            }
         }
         Ok(())
     }

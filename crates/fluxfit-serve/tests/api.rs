@@ -644,3 +644,49 @@ fn img2img_and_regions_jobs() {
         "{e}"
     );
 }
+
+#[test]
+fn under_a_budget_each_job_gets_its_own_plan() {
+    let budget = fluxfit::planner::Budget { bytes: 60 << 20 };
+    let s = start(Variant::Schnell, |c| {
+        c.budget = Some(budget);
+        c.preview_every = 0;
+    });
+    let plan_of = |side: usize| {
+        let (code, job) = post(
+            &s.url("/v1/jobs"),
+            json!({ "prompt": "p", "width": side, "height": side, "steps": 1 }),
+        );
+        assert_eq!(code, 202, "{job}");
+        let ev = events(&s.url(&format!("/v1/jobs/{}/events", job["id"].as_str().unwrap())));
+        assert_eq!(ev.last().unwrap().0, "done");
+        let started = ev.iter().find(|(n, _)| n == "started").unwrap();
+        started.1["plan"].as_str().unwrap().to_string()
+    };
+    // What the planner says for each size under 60 MiB, and what the jobs ran with.
+    let predicted = |side: usize| {
+        let (_, p) = get(&s.url(&format!("/v1/plan?width={side}&height={side}")));
+        p["plan"]["spec"].as_str().unwrap().to_string()
+    };
+    let (small, large) = (plan_of(128), plan_of(512));
+    assert_eq!(small, predicted(128));
+    assert_eq!(large, predicted(512));
+    assert_ne!(
+        small, large,
+        "a larger image needs another plan under this budget"
+    );
+    // A size no plan fits within the budget is refused at submission.
+    let (code, e) = post(
+        &s.url("/v1/jobs"),
+        json!({ "prompt": "p", "width": 2048, "height": 2048 }),
+    );
+    assert_eq!(
+        (code, e["error"]["param"].as_str()),
+        (400, Some("width")),
+        "{e}"
+    );
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("budget"),
+        "{e}"
+    );
+}

@@ -145,6 +145,16 @@ pub async fn prepare_and_submit(
             .map(|(spec, image, mask)| {
                 let work: Work =
                     spec.prepare(&a.info, image, mask, a.limits, crate::random_seed())?;
+                // Under a budget, a job no plan fits is refused now, not failed later.
+                a.planning.choose(&work).map_err(|e| {
+                    ApiError::invalid(
+                        "width",
+                        format!(
+                            "{}x{} fits no plan within this server's budget: {e}",
+                            work.req.width, work.req.height
+                        ),
+                    )
+                })?;
                 let mut params = serde_json::to_value(&spec).unwrap_or_default();
                 if let Some(p) = params.as_object_mut() {
                     p.insert("width".into(), work.req.width.into());
