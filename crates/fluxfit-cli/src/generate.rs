@@ -9,14 +9,14 @@ use fluxfit::image::{
     init_image, next_free_path, read_rgb8, resize_lanczos, save, to_rgb8, Format,
 };
 use fluxfit::memory::ledger::MemoryReport;
-use fluxfit::noise::NoiseKind;
+use fluxfit::noise::{random_seed, NoiseKind};
 use fluxfit::pipeline::control::canny_control;
 use fluxfit::pipeline::kontext::image_tensor;
 use fluxfit::pipeline::{Event, ImageInit, Model, Request};
 use fluxfit::variant::Variant;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::run_args::{interactive_loop, loop_number, random_seed, LoopEvent, Planning, RunArgs};
+use crate::run_args::{interactive_loop, loop_number, LoopEvent, Planning, RunArgs};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {

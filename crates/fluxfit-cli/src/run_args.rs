@@ -10,7 +10,7 @@ use fluxfit::candle_core::quantized::GgmlDType;
 use fluxfit::candle_core::{DType, Device, Tensor};
 use fluxfit::image::{next_free_path, save, to_rgb8};
 use fluxfit::memory::plan::Plan;
-use fluxfit::noise::NoiseKind;
+use fluxfit::noise::{random_seed, NoiseKind};
 use fluxfit::pipeline::{Event, LoadOptions, Model, Request};
 use fluxfit::planner::choice::{choose, gpu_index, Asked, Choosing, Quant};
 use fluxfit::planner::{Budget, DeviceProfile, ModelSpec, Workload};
@@ -355,19 +355,6 @@ pub fn parse_device(s: &str) -> Result<Device> {
         },
     };
     Ok(dev)
-}
-
-pub(crate) fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    // 32 bits: torch seeds its CPU generator with the low 32 bits only.
-    h.finish() & 0xFFFF_FFFF
 }
 
 pub(crate) fn parse_vae_tile(s: &str) -> std::result::Result<usize, String> {

@@ -267,16 +267,4 @@ async fn wait_for_signal() {
     }
 }
 
-/// A seed for a job that gave none: 32 bits, as torch seeds its CPU generator with the low
-/// 32 bits only.
-pub fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.finish() & 0xFFFF_FFFF
-}
+pub use fluxfit::noise::random_seed;

@@ -236,13 +236,7 @@ fn a_full_queue_answers_429_and_queued_jobs_cancel_at_once() {
     assert_eq!(view["status"], "cancelled");
     let (_, view) = get(&s.url(&format!("/v1/jobs/{b}")));
     assert_eq!(view["position"], 1);
-    let metrics = agent()
-        .get(&s.url("/metrics"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = text(&s.url("/metrics"));
     assert!(metrics.contains("fluxfit_queue_depth 1"), "{metrics}");
     assert!(metrics.contains("fluxfit_rejected_total 1"), "{metrics}");
     assert!(
@@ -457,13 +451,7 @@ fn info_plan_models_health_and_metrics() {
     ] {
         assert!(m.contains(want), "{want} in\n{m}");
     }
-    let page = agent()
-        .get(&s.url("/"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let page = text(&s.url("/"));
     assert!(
         page.contains("<html") || page.contains("<!doctype html"),
         "{page}"
@@ -562,15 +550,7 @@ fn a_client_that_disconnects_cancels_its_job() {
     )
     .unwrap();
     // Wait until it runs, then hang up.
-    let metrics = || {
-        agent()
-            .get(&s.url("/metrics"))
-            .call()
-            .unwrap()
-            .body_mut()
-            .read_to_string()
-            .unwrap()
-    };
+    let metrics = || text(&s.url("/metrics"));
     let t = Instant::now();
     while !metrics().contains("fluxfit_job_running 1") {
         assert!(t.elapsed() < Duration::from_secs(30));

@@ -72,13 +72,7 @@ fn burst_of_200_requests_against_a_queue_of_8() {
     assert!(ok >= 9, "at least a queue's worth got through: {ok}");
     // One file per answered image (plus the warm-up), none twice.
     assert_eq!(s.written().len(), ok + 1);
-    let metrics = agent()
-        .get(&s.url("/metrics"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = text(&s.url("/metrics"));
     assert!(metrics.contains(&format!(
         "fluxfit_jobs_total{{outcome=\"done\"}} {}",
         ok + 1

@@ -18,6 +18,20 @@
 
 use std::f64::consts::PI;
 
+/// A seed for a run that gave none: 32 bits, since torch seeds its CPU generator with the low
+/// 32 bits only (a larger seed would not mean another picture in the reference).
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() & 0xFFFF_FFFF
+}
+
 /// Which torch CPU `randn` draw to reproduce.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NoiseKind {

@@ -102,6 +102,17 @@ pub fn post(url: &str, body: Value) -> (u16, Value) {
     json_of(agent().post(url).send_json(body))
 }
 
+/// A body as text (`/metrics`, the page).
+pub fn text(url: &str) -> String {
+    agent()
+        .get(url)
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap()
+}
+
 pub fn delete(url: &str) -> (u16, Value) {
     json_of(agent().delete(url).call())
 }
