@@ -98,11 +98,11 @@ impl Runner {
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_job(&job)));
             if outcome.is_err() {
                 // A bug, not the client's: the job fails and the server goes on.
+                self.metrics.outcome(Status::Failed);
                 job.finish(
                     Status::Failed,
                     serde_json::json!({ "error": "internal error while running the job (a bug: please report it)" }),
                 );
-                self.metrics.outcome(Status::Failed);
             }
             self.model.set_watch(None);
             self.jobs.finished(&job);
@@ -130,8 +130,8 @@ impl Runner {
         if let Err(e) = self.plan_for(&work) {
             let message = format!("{e:#}");
             job.state().error = Some(message.clone());
-            job.finish(Status::Failed, serde_json::json!({ "error": message }));
             self.metrics.outcome(Status::Failed);
+            job.finish(Status::Failed, serde_json::json!({ "error": message }));
             return;
         }
         job.push(
@@ -176,25 +176,26 @@ impl Runner {
                     self.jobs.set_retry_after(s.ceil() as u64);
                 }
                 job.state().image = Some(image.clone());
+                // Counted first: a client that sees the result then finds it in /metrics.
+                self.metrics.outcome(Status::Done);
                 job.finish(
                     Status::Done,
                     serde_json::json!({ "image": image, "seconds": seconds,
                                         "peak_bytes": g.peak }),
                 );
-                self.metrics.outcome(Status::Done);
             }
             Err(fluxfit::Error::Cancelled { step, total }) => {
+                self.metrics.outcome(Status::Cancelled);
                 job.finish(
                     Status::Cancelled,
                     serde_json::json!({ "reason": "cancelled", "step": step, "total": total }),
                 );
-                self.metrics.outcome(Status::Cancelled);
             }
             Err(e) => {
                 let message = e.to_string();
                 job.state().error = Some(message.clone());
-                job.finish(Status::Failed, serde_json::json!({ "error": message }));
                 self.metrics.outcome(Status::Failed);
+                job.finish(Status::Failed, serde_json::json!({ "error": message }));
             }
         }
     }
