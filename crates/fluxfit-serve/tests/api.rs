@@ -287,13 +287,19 @@ fn bad_requests_are_4xx_json_naming_the_field() {
     }
     // A decompression bomb: a tiny PNG that claims 100000 × 100000 pixels.
     let mut bomb = png_rgba(1, 1, |_, _| [0; 4]);
-    bomb[16..20].copy_from_slice(&100_000u32.to_be_bytes());
-    bomb[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+    claim_size(&mut bomb, 100_000, 100_000);
     let (code, e) = post(
         &s.url("/v1/jobs"),
         json!({ "mode": "img2img", "prompt": "x", "image": b64(&bomb) }),
     );
     assert_eq!(code, 400, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("larger than this server accepts"),
+        "{e}"
+    );
     assert_eq!(e["error"]["param"], "image");
     // Not JSON; too large; unknown route; wrong method; a name outside the folder.
     let r = agent().post(&s.url("/v1/jobs")).send("{not json");

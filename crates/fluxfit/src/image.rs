@@ -150,14 +150,17 @@ pub fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
     })();
     let linked = written
         .map_err(|e| out_err(format!("cannot write (through {}): {e}", tmp.display())))
-        .and_then(|()| {
-            std::fs::hard_link(&tmp, path).map_err(|e| {
-                out_err(if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    "exists; fluxfit never replaces a file".into()
-                } else {
-                    format!("cannot create: {e}")
-                })
-            })
+        .and_then(|()| match std::fs::hard_link(&tmp, path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Err(out_err("exists; fluxfit never replaces a file".into()))
+            }
+            // A file system without hard links: a rename, after checking the name is free
+            // (a writer racing for the same name in between could lose its file).
+            Err(_) if !path.exists() => {
+                std::fs::rename(&tmp, path).map_err(|e| out_err(format!("cannot create: {e}")))
+            }
+            Err(e) => Err(out_err(format!("cannot create: {e}"))),
         });
     let _ = std::fs::remove_file(&tmp);
     linked
@@ -383,5 +386,50 @@ mod init_tests {
         let r = t.get(0).unwrap().get(0).unwrap().to_vec2::<f32>().unwrap();
         let s = img(3, 1);
         assert_eq!(r[0][1], 2.0 * (s.data[3] as f32 / 255.0) - 1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_new_never_replaces_and_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.png");
+        write_new(&path, b"first").unwrap();
+        let e = write_new(&path, b"second").unwrap_err();
+        assert!(e.to_string().contains("never replaces"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"first");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["out.png"]);
+        // A folder that is not there: the error names the output, nothing is left.
+        let e = write_new(&dir.path().join("missing/x.png"), b"x").unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn decoding_from_memory_checks_the_format() {
+        let img = Rgb8 {
+            width: 1,
+            height: 1,
+            data: vec![1, 2, 3],
+        };
+        let ok = decode_bytes(
+            "upload",
+            &encode(&img, Format::Png, &[]).unwrap(),
+            64,
+            1 << 20,
+        )
+        .unwrap();
+        assert_eq!(ok.rgb, img);
+        assert!(ok.alpha_mask.is_none());
+        let e = decode_bytes("upload", b"GIF89a....", 64, 1 << 20)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("upload: not a PNG or JPEG"), "{e}");
     }
 }

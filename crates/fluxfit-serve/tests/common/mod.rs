@@ -213,3 +213,22 @@ pub fn multipart(fields: &[(&str, &str)], files: &[(&str, &[u8])]) -> (String, V
     body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
     (format!("multipart/form-data; boundary={boundary}"), body)
 }
+
+/// Makes a PNG's header claim `w` × `h` pixels, with a valid checksum: a "decompression bomb"
+/// as an attacker would send it.
+pub fn claim_size(png: &mut [u8], w: u32, h: u32) {
+    png[16..20].copy_from_slice(&w.to_be_bytes());
+    png[20..24].copy_from_slice(&h.to_be_bytes());
+    let mut c = 0xFFFF_FFFFu32;
+    for &b in &png[12..29] {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+    }
+    png[29..33].copy_from_slice(&(!c).to_be_bytes());
+}
