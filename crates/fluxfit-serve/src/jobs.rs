@@ -66,6 +66,8 @@ pub struct JobState {
     pub watch: Option<Arc<Watch>>,
     pub started: Option<Instant>,
     pub seconds: Option<f64>,
+    /// Peak device memory of the finished run.
+    pub peak_bytes: Option<u64>,
 }
 
 pub struct Job {
@@ -135,6 +137,7 @@ impl Job {
             "image": s.image,
             "error": s.error,
             "seconds": s.seconds,
+            "peak_bytes": s.peak_bytes,
             "created": self.created,
             "params": self.params,
             "events": format!("/v1/jobs/{}/events", self.id),
@@ -194,10 +197,35 @@ impl Jobs {
         self.capacity
     }
 
-    /// Jobs waiting, and whether one runs.
+    /// Jobs waiting, and whether one runs (a job whose result is out no longer does).
     pub fn depth(&self) -> (usize, bool) {
         let q = self.lock();
-        (q.waiting.len(), q.running.is_some())
+        let running = q
+            .running
+            .as_ref()
+            .is_some_and(|j| !j.state().status.is_final());
+        (q.waiting.len(), running)
+    }
+
+    /// The jobs queued and running, then the newest finished ones, at most `limit`.
+    pub fn list(&self, limit: usize) -> Vec<serde_json::Value> {
+        let q = self.lock();
+        let mut out: Vec<serde_json::Value> = Vec::new();
+        if let Some(j) = &q.running {
+            out.push(j.view(None));
+        }
+        for (i, j) in q.waiting.iter().enumerate() {
+            out.push(j.view(Some(i + 1)));
+        }
+        for id in q.finished.iter().rev() {
+            if let Some(j) = q.all.get(id) {
+                if q.running.as_ref().is_none_or(|r| r.id != j.id) {
+                    out.push(j.view(None));
+                }
+            }
+        }
+        out.truncate(limit);
+        out
     }
 
     /// The seconds a full queue asks clients to wait: about one job's time.
@@ -254,6 +282,7 @@ impl Jobs {
                     watch: None,
                     started: None,
                     seconds: None,
+                    peak_bytes: None,
                 }),
                 changed: tokio::sync::watch::channel(0).0,
             });

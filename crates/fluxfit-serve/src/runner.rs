@@ -175,7 +175,11 @@ impl Runner {
                 if let Some(s) = seconds {
                     self.jobs.set_retry_after(s.ceil() as u64);
                 }
-                job.state().image = Some(image.clone());
+                {
+                    let mut s = job.state();
+                    s.image = Some(image.clone());
+                    s.peak_bytes = Some(g.peak as u64);
+                }
                 // Counted first: a client that sees the result then finds it in /metrics.
                 self.metrics.outcome(Status::Done);
                 job.finish(

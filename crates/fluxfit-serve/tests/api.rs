@@ -152,6 +152,10 @@ fn sse_streams_every_step_then_the_result() {
     assert_eq!(code, 200);
     assert_eq!(view["status"], "done");
     assert_eq!(view["step"], 5);
+    assert!(view["peak_bytes"].as_u64().unwrap() > 0);
+    let (code, list) = get(&s.url("/v1/jobs"));
+    assert_eq!(code, 200);
+    assert_eq!(list["jobs"][0]["id"], id);
     assert_eq!(view["image"]["name"], done["image"]["name"]);
 }
 
@@ -396,6 +400,10 @@ fn openai_edit_with_a_mask_is_fill() {
     let p = &list["images"][0]["params"];
     assert_eq!(p["fill_mask"], "mask");
     assert_eq!(p["variant"], "flux-dev-fill");
+    // A Fill model always encodes an image: its plan is predicted with one.
+    let (code, plan) = get(&s.url("/v1/plan?width=256&height=256"));
+    assert_eq!(code, 200, "{plan}");
+    assert!(plan["plan"]["peak"].as_u64().unwrap() > 0);
     // Native outpainting on the same model.
     let (code, job) = post(
         &s.url("/v1/jobs"),

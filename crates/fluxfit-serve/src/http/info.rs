@@ -133,19 +133,27 @@ pub async fn plan(State(app): AppState, Query(q): Query<PlanQuery>) -> Result<Re
             cond_size: None,
         },
     );
-    let cands = plan_candidates(
-        &p.spec,
-        &candidates(&p.device, p.dtype, p.attn_chunk),
-        Quant::Stored,
-    );
-    let view = PlanView::new(
-        p.spec.clone(),
-        request,
-        p.device.clone(),
-        (p.dtype, p.attn_chunk),
-        cands,
-        budget,
-    );
+    // Planning runs the networks over meta tensors: about a second for a large model, off the
+    // HTTP threads.
+    let a = app.clone();
+    let view = tokio::task::spawn_blocking(move || {
+        let p = &a.planning;
+        let cands = plan_candidates(
+            &p.spec,
+            &candidates(&p.device, p.dtype, p.attn_chunk),
+            Quant::Stored,
+        );
+        PlanView::new(
+            p.spec.clone(),
+            request,
+            p.device.clone(),
+            (p.dtype, p.attn_chunk),
+            cands,
+            budget,
+        )
+    })
+    .await
+    .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "planning failed"))?;
     if q.format.as_deref() == Some("svg") {
         return Ok(([(header::CONTENT_TYPE, "image/svg+xml")], view.chart()).into_response());
     }

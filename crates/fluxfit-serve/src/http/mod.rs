@@ -39,7 +39,7 @@ pub type AppState = State<Arc<App>>;
 
 pub fn router(app: Arc<App>, max_body: usize) -> Router {
     let api = Router::new()
-        .route("/v1/jobs", axum::routing::post(native::submit))
+        .route("/v1/jobs", get(native::list).post(native::submit))
         .route("/v1/jobs/{id}", get(native::status).delete(native::cancel))
         .route("/v1/jobs/{id}/events", get(native::events))
         .route(

@@ -28,6 +28,22 @@ pub async fn submit(State(app): AppState, body: Bytes) -> Result<impl IntoRespon
     Ok((StatusCode::ACCEPTED, Json(job.view(pos))))
 }
 
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    limit: Option<usize>,
+}
+
+/// The jobs queued and running, then the newest finished ones (`?limit`, default 50): what a
+/// reloaded page needs to find its running job again.
+pub async fn list(
+    State(app): AppState,
+    axum::extract::Query(q): axum::extract::Query<ListQuery>,
+) -> Json<serde_json::Value> {
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    Json(serde_json::json!({ "jobs": app.jobs.list(limit) }))
+}
+
 fn find(app: &App, id: &str) -> Result<(Arc<Job>, Option<usize>), ApiError> {
     app.jobs
         .get(id)

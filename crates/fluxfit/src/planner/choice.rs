@@ -242,7 +242,8 @@ pub struct Asked {
 }
 
 impl Workload {
-    /// `asked` for `spec`: sizes floored to multiples of 16, the variant's defaults elsewhere.
+    /// `asked` for `spec`: sizes floored to multiples of 16, the variant's defaults elsewhere,
+    /// an image input where the variant needs one.
     pub fn asked(spec: &ModelSpec, asked: Asked) -> Self {
         let (dw, dh) = default_size(spec);
         Self {
@@ -250,7 +251,9 @@ impl Workload {
             height: asked.height.unwrap_or(dh) / 16 * 16,
             t5_tokens: asked.t5_tokens.unwrap_or(spec.variant.t5_tokens()),
             steps: asked.steps.unwrap_or(spec.variant.default_steps()),
-            image_input: asked.image_input,
+            // Fill, Canny and Depth always encode an image: planned without one they would
+            // be asked for a run they cannot do.
+            image_input: asked.image_input || spec.variant.in_channels() > 64,
             cond_size: asked.cond_size,
         }
     }

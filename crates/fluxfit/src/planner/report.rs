@@ -68,9 +68,17 @@ pub fn render_table(
         }
     );
     let _ = writeln!(s);
+    // The label column fits the longest label (44 at least, as the tables in the docs).
+    let lw = table
+        .rows
+        .iter()
+        .map(|r| r.prediction.label.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(44);
     let _ = writeln!(
         s,
-        "{:<44} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>6}  fits",
+        "{:<lw$} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>6}  fits",
         "plan", "encode", "denoise", "decode", "peak", "host", "time", "next", "×res."
     );
     for r in &table.rows {
@@ -84,7 +92,7 @@ pub fn render_table(
         };
         let _ = writeln!(
             s,
-            "{:<44} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>6.2}  {}",
+            "{:<lw$} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>6.2}  {}",
             p.label,
             ph(Phase::Encode),
             ph(Phase::Denoise),
@@ -354,17 +362,22 @@ pub fn chart(
             req.height,
             esc(&p.label)
         );
-        let mut yv = 0.0;
-        while yv <= bmax + 1e-9 {
+        // Ticks as multiples of the step (a running sum would print 0.060000000000000005).
+        let step = nice_step(bmax);
+        for i in 0.. {
+            let yv = i as f64 * step;
+            if yv > bmax + 1e-9 {
+                break;
+            }
             let _ = writeln!(
                 s,
-                r##"<line x1="{bx0}" y1="{y:.1}" x2="{x1}" y2="{y:.1}" stroke="#eee"/><text x="{tx}" y="{ty:.1}" text-anchor="end">{yv}</text>"##,
+                r##"<line x1="{bx0}" y1="{y:.1}" x2="{x1}" y2="{y:.1}" stroke="#eee"/><text x="{tx}" y="{ty:.1}" text-anchor="end">{label}</text>"##,
                 y = by(yv),
                 x1 = bx0 + 420.0,
                 tx = bx0 - 6.0,
-                ty = by(yv) + 4.0
+                ty = by(yv) + 4.0,
+                label = (yv * 1e6).round() / 1e6
             );
-            yv += nice_step(bmax);
         }
         let parts = [
             ("weights", "#4c72b0"),
