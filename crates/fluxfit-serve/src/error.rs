@@ -78,7 +78,7 @@ impl IntoResponse for ApiError {
 /// invalid type …`), not axum's plain-text rejection.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if path == "." || path == "?" || path.is_empty() {
@@ -86,5 +86,9 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
         } else {
             ApiError::invalid(&path, inner.to_string())
         }
-    })
+    })?;
+    // Anything after the JSON value is a mistake, not something to ignore.
+    de.end()
+        .map_err(|e| ApiError::invalid("body", format!("text after the JSON value: {e}")))?;
+    Ok(value)
 }

@@ -240,6 +240,56 @@ fn side(param: &str, v: usize, max: usize) -> Result<usize, ApiError> {
 }
 
 impl JobSpec {
+    /// A field another mode takes is an error here, not silently ignored: the client meant
+    /// something the image would not show.
+    fn refuse_foreign_fields(&self) -> Result<(), ApiError> {
+        use Mode::*;
+        let m = self.mode;
+        let given: [(&str, bool, &[Mode]); 9] = [
+            (
+                "image",
+                self.image.is_some(),
+                &[Img2img, Control, Fill, Outpaint, Edit, Regions],
+            ),
+            ("mask", self.mask.is_some(), &[Fill]),
+            ("strength", self.strength.is_some(), &[Img2img, Regions]),
+            ("control_raw", self.control_raw, &[Control]),
+            ("outpaint", self.outpaint.is_some(), &[Outpaint]),
+            ("keep_size", self.keep_size, &[Fill, Outpaint, Edit]),
+            ("aspect_ratio", self.aspect_ratio.is_some(), &[Edit]),
+            ("tile", self.tile.is_some(), &[Regions]),
+            ("overlap", self.overlap.is_some(), &[Regions]),
+        ];
+        for (field, set, modes) in given {
+            if set && !modes.contains(&m) {
+                let names: Vec<&str> = modes.iter().map(|m| m.name()).collect();
+                return Err(bad(
+                    field,
+                    format!(
+                        "{} takes no {field} (it is for {})",
+                        m.name(),
+                        names.join(", ")
+                    ),
+                ));
+            }
+        }
+        // Fill and outpaint sizes come from the image (the demo's size rule).
+        if matches!(m, Fill | Outpaint) {
+            for (field, v) in [("width", self.width), ("height", self.height)] {
+                if v.is_some() {
+                    return Err(bad(
+                        field,
+                        format!(
+                            "{} takes its size from the image (keep_size keeps it as it is)",
+                            m.name()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Checks the job against the model and decodes its images (`image`, `mask` as bytes when
     /// they came as multipart files). `random_seed` is used when no seed is given.
     pub fn prepare(
@@ -262,6 +312,7 @@ impl JobSpec {
                 ),
             ));
         }
+        self.refuse_foreign_fields()?;
         let steps = self.steps.unwrap_or(info.default_steps);
         if steps == 0 || steps > 1000 {
             return Err(bad("steps", format!("{steps}: expected 1 to 1000")));
@@ -291,19 +342,6 @@ impl JobSpec {
         };
         if mask.is_some() && mode != Mode::Fill {
             return Err(bad("mask", format!("{} takes no mask", mode.name())));
-        }
-        if self.strength.is_some() && !matches!(mode, Mode::Img2img | Mode::Regions) {
-            return Err(bad("strength", "only img2img and regions take a strength"));
-        }
-        if (self.tile.is_some() || self.overlap.is_some()) && mode != Mode::Regions {
-            return Err(bad(
-                if self.tile.is_some() {
-                    "tile"
-                } else {
-                    "overlap"
-                },
-                "only regions take a tile and an overlap",
-            ));
         }
         let max = info.max_side;
         let size = |w: Option<usize>, h: Option<usize>, default: (usize, usize)| {
@@ -394,7 +432,12 @@ impl JobSpec {
                     }
                     MaskFrom::Outpaint(o)
                 } else if let Some(m) = &mask {
-                    luma_mask = luma(&m.rgb);
+                    // A mask with transparency (OpenAI's convention): transparent = paint;
+                    // otherwise its grey levels, white = paint (the reference's).
+                    luma_mask = match &m.alpha_mask {
+                        Some(a) if a.iter().any(|&v| v > 0) => a.clone(),
+                        _ => luma(&m.rgb),
+                    };
                     MaskFrom::Mask(&luma_mask, (m.rgb.width, m.rgb.height), "mask".into())
                 } else if let Some(a) = &img.alpha_mask {
                     MaskFrom::Alpha(a)
@@ -408,6 +451,12 @@ impl JobSpec {
                     fill_canvas(&img.rgb, from, self.keep_size).map_err(|e| {
                         bad(if mask.is_some() { "mask" } else { "image" }, e.to_string())
                     })?;
+                if m.iter().all(|&v| v == 0) {
+                    return Err(bad(
+                        if mask.is_some() { "mask" } else { "image" },
+                        "the mask marks nothing to paint (white, or transparent, where to paint)",
+                    ));
+                }
                 if canvas.width.max(canvas.height) > max {
                     return Err(bad(
                         "image",

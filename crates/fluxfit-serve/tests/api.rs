@@ -279,6 +279,12 @@ fn bad_requests_are_4xx_json_naming_the_field() {
         ),
         (json!({ "prompt": "x", "strength": 0.5 }), "strength"),
         (json!({ "prompt": "x", "seed": -5 }), "seed"),
+        (json!({ "prompt": "x", "image": b64(b"x") }), "image"),
+        (
+            json!({ "prompt": "x", "aspect_ratio": "16:9" }),
+            "aspect_ratio",
+        ),
+        (json!({ "prompt": "x", "tile": 256 }), "tile"),
     ];
     for (body, field) in cases {
         let (code, e) = post(&s.url("/v1/jobs"), body.clone());
@@ -306,6 +312,16 @@ fn bad_requests_are_4xx_json_naming_the_field() {
     );
     assert_eq!(e["error"]["param"], "image");
     // Not JSON; too large; unknown route; wrong method; a name outside the folder.
+    let (code, e) = json_of(
+        agent()
+            .post(&s.url("/v1/jobs"))
+            .send(r#"{"prompt": "x"} trailing"#),
+    );
+    assert_eq!(
+        (code, e["error"]["param"].as_str()),
+        (400, Some("body")),
+        "{e}"
+    );
     let r = agent().post(&s.url("/v1/jobs")).send("{not json");
     let (code, e) = json_of(r);
     assert_eq!(
@@ -404,6 +420,26 @@ fn openai_edit_with_a_mask_is_fill() {
     let (code, plan) = get(&s.url("/v1/plan?width=256&height=256"));
     assert_eq!(code, 200, "{plan}");
     assert!(plan["plan"]["peak"].as_u64().unwrap() > 0);
+    // Nothing to paint, and a size fill takes from the image: refused, naming the field.
+    let opaque = png_rgba(64, 64, |_, _| [1, 2, 3, 255]);
+    let (code, e) = post(
+        &s.url("/v1/jobs"),
+        json!({ "mode": "fill", "prompt": "x", "image": b64(&opaque) }),
+    );
+    assert_eq!(
+        (code, e["error"]["param"].as_str()),
+        (400, Some("image")),
+        "{e}"
+    );
+    let (code, e) = post(
+        &s.url("/v1/jobs"),
+        json!({ "mode": "fill", "prompt": "x", "image": b64(&image), "width": 512 }),
+    );
+    assert_eq!(
+        (code, e["error"]["param"].as_str()),
+        (400, Some("width")),
+        "{e}"
+    );
     // Native outpainting on the same model.
     let (code, job) = post(
         &s.url("/v1/jobs"),
