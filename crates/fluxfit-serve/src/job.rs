@@ -9,7 +9,7 @@ use fluxfit::noise::NoiseKind;
 use fluxfit::pipeline::control::canny_control;
 use fluxfit::pipeline::fill::{fill_canvas, MaskFrom, Outpaint};
 use fluxfit::pipeline::kontext::{aspect_ratio_size, conditioning_size, image_tensor};
-use fluxfit::pipeline::regions::{region_grid, Canvas, Rect};
+use fluxfit::pipeline::regions::{region_grid, Rect};
 use fluxfit::pipeline::request::{MAX_SIDE, MIN_SIDE};
 use fluxfit::pipeline::{ImageInit, Request};
 use fluxfit::variant::Variant;
@@ -126,6 +126,8 @@ pub struct JobSpec {
 
 /// Largest side of a regions canvas (as `fluxfit regions`).
 const MAX_CANVAS: usize = 16384;
+/// Most regions one job may have: beyond it a job would run for days.
+const MAX_REGIONS: usize = 256;
 
 fn default_mode() -> Mode {
     Mode::Generate
@@ -171,7 +173,9 @@ pub enum Input {
     /// The canvas (blank, or the enlarged image to refine at `refine` strength), its regions and
     /// their feathering band.
     Regions {
-        canvas: Canvas,
+        /// The image to enlarge (to the request's size) and refine; the canvas itself is made
+        /// when the job runs, so a queued job holds only the upload.
+        source: Option<Rgb8>,
         grid: Vec<Rect>,
         refine: Option<f64>,
         band: usize,
@@ -218,7 +222,21 @@ fn decode(
     limits: ImageLimits,
 ) -> Result<fluxfit::image::Decoded, ApiError> {
     decode_bytes(param, bytes, limits.max_side, limits.max_decoded_bytes)
-        .map_err(|e| bad(param, e.to_string()))
+        .map_err(|e| lib_error(param, e))
+}
+
+/// The library's refusal as a 400 for `param`, its message without repeating the field.
+fn lib_error(param: &str, e: fluxfit::Error) -> ApiError {
+    let text = match e {
+        fluxfit::Error::InvalidRequest(m) => m,
+        e => e.to_string(),
+    };
+    let text = text
+        .strip_prefix(param)
+        .and_then(|t| t.strip_prefix(": "))
+        .map(str::to_string)
+        .unwrap_or(text);
+    bad(param, text)
 }
 
 /// Floors a side to a multiple of 16 and checks it against the limits.
@@ -430,6 +448,22 @@ impl JobSpec {
                             "no border to paint: give left, right, up, down or zoom",
                         ));
                     }
+                    // The canvas's size before it is made: borders up to 4× a side each.
+                    let base = if self.keep_size {
+                        (img.rgb.width, img.rgb.height)
+                    } else {
+                        fluxfit::pipeline::fill::fill_size(img.rgb.width, img.rgb.height)
+                    };
+                    let (cw, ch) =
+                        fluxfit::pipeline::fill::outpaint_geometry(base.0, base.1, &o).canvas;
+                    if cw.max(ch) > max {
+                        return Err(bad(
+                            "outpaint",
+                            format!(
+                                "the canvas would be {cw}x{ch}, above this server's {max} pixels"
+                            ),
+                        ));
+                    }
                     MaskFrom::Outpaint(o)
                 } else if let Some(m) = &mask {
                     // A mask with transparency (OpenAI's convention): transparent = paint;
@@ -520,11 +554,15 @@ impl JobSpec {
                     }
                     None => None,
                 };
-                let canvas = match &src {
-                    Some(s) => Canvas::from_rgb8(&resize_lanczos(s, w, h))
-                        .map_err(|e| bad("image", e.to_string()))?,
-                    None => Canvas::blank(w, h),
-                };
+                if grid.len() > MAX_REGIONS {
+                    return Err(bad(
+                        "tile",
+                        format!(
+                            "{w}x{h} in regions of {tile} with an overlap of {overlap} is {} regions; at most {MAX_REGIONS}: give a larger tile or a smaller canvas",
+                            grid.len()
+                        ),
+                    ));
+                }
                 meta.push((
                     "regions".into(),
                     format!(
@@ -542,7 +580,7 @@ impl JobSpec {
                     w,
                     h,
                     Input::Regions {
-                        canvas,
+                        source: src,
                         grid,
                         refine,
                         band: overlap,

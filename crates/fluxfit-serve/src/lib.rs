@@ -109,6 +109,13 @@ pub struct Server {
 impl Server {
     /// Binds, starts the runner with `model`, and serves until [`Server::shutdown`].
     pub fn start(model: Model, config: Config) -> Result<Self, ServeError> {
+        if let Some(k) = &config.api_key {
+            if k.is_empty() || k.trim() != k {
+                return Err(ServeError::Other(
+                    "--api-key: empty, or with spaces around it that no client would send".into(),
+                ));
+            }
+        }
         if !config.listen.ip().is_loopback() && config.api_key.is_none() && !config.insecure {
             return Err(ServeError::Exposed(config.listen));
         }
@@ -157,6 +164,7 @@ impl Server {
                 max_decoded_bytes: 1 << 30,
             },
             plan_spec: model.plan().spec(),
+            preparing: tokio::sync::Semaphore::new(2),
         });
 
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -237,8 +245,18 @@ impl Server {
                 if let Some(job) = &running {
                     self.jobs.cancel(job, "the server is stopping");
                 }
+                // A cancelled job stops within a step; one stuck inside a step is left to the
+                // process's exit rather than waited for without end.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !runner.is_finished() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
             }
-            let _ = runner.join();
+            if runner.is_finished() {
+                let _ = runner.join();
+            } else {
+                eprintln!("fluxfit serve: the running job did not stop within 10 s of its cancellation; exiting without it");
+            }
         }
         if let Some(tx) = self.stop_http.take() {
             let _ = tx.send(());

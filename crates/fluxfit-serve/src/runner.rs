@@ -9,9 +9,10 @@ use std::time::Instant;
 use base64::Engine as _;
 use fluxfit::candle_core::DType;
 use fluxfit::candle_core::Tensor;
+use fluxfit::image::resize_lanczos;
 use fluxfit::image::{encode, to_rgb8, write_new, Format};
 use fluxfit::memory::plan::Plan;
-use fluxfit::pipeline::regions::RegionEvent;
+use fluxfit::pipeline::regions::{Canvas, RegionEvent};
 use fluxfit::pipeline::watch::{Preview, Watch};
 use fluxfit::pipeline::{Event, Generated, Model};
 use fluxfit::planner::choice::{choose, Asked, Choosing, Quant};
@@ -268,12 +269,18 @@ fn run_mode(
         Input::Fill(image, mask) => model.fill(req, image, mask, None, on_event).map(made),
         Input::Edit(image) => model.kontext(req, image, None, on_event).map(made),
         Input::Regions {
-            canvas,
+            source,
             grid,
             refine,
             band,
         } => {
             let mode = model.region_mode(*refine)?;
+            let (w, h) = (req.width, req.height);
+            let mut canvas = match source {
+                Some(s) => Canvas::from_rgb8(&resize_lanczos(s, w, h))?,
+                None => Canvas::blank(w, h),
+            };
+            let canvas = &mut canvas;
             // Steps are counted over all regions, so the stream has one event per step.
             let mut done = 0;
             let count = grid.len();

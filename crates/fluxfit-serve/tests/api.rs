@@ -85,6 +85,20 @@ fn openai_n_and_url_format() {
     assert_eq!(code, 200, "{body}");
     let data = body["data"].as_array().unwrap();
     assert_eq!(data.len(), 2);
+    // A Host header that is not a host is not echoed into the URLs.
+    let r = agent()
+        .post(&s.url("/v1/images/generations"))
+        .header("Host", "evil.example\"><script>")
+        .send_json(json!({ "prompt": "h", "size": "64x64", "steps": 1, "response_format": "url" }));
+    let (code, h) = json_of(r);
+    assert_eq!(code, 200, "{h}");
+    assert!(
+        h["data"][0]["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://127.0.0.1/v1/images/"),
+        "{h}"
+    );
     let mut seeds = Vec::new();
     for d in data {
         let url = d["url"].as_str().unwrap();
@@ -99,7 +113,7 @@ fn openai_n_and_url_format() {
     }
     seeds.sort();
     assert_eq!(seeds, ["100", "101"]);
-    assert_eq!(s.written().len(), 2);
+    assert_eq!(s.written().len(), 3);
 }
 
 #[test]
@@ -131,6 +145,13 @@ fn sse_streams_every_step_then_the_result() {
     assert_eq!(names.last(), Some(&"done"), "{names:?}");
     let done = &events.last().unwrap().1;
     assert_eq!(done["image"]["width"], 128);
+    // A Last-Event-ID past every event: nothing more to send, no overflow.
+    let r = agent()
+        .get(&s.url(&format!("/v1/jobs/{id}/events")))
+        .header("Last-Event-ID", "18446744073709551615")
+        .call()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
     // A late subscriber gets the log: the newest preview (the last step's) and the result.
     let again = common::events(&s.url(&format!("/v1/jobs/{id}/events")));
     let previews: Vec<&Value> = again
@@ -366,6 +387,25 @@ fn bad_requests_are_4xx_json_naming_the_field() {
         (code, e["error"]["param"].as_str()),
         (400, Some("response_format"))
     );
+    // Too many regions; more images than the queue holds.
+    let (code, e) = post(
+        &s.url("/v1/jobs"),
+        json!({ "mode": "regions", "prompt": "x", "width": 16384, "height": 16384, "tile": 64, "overlap": 32 }),
+    );
+    assert_eq!(
+        (code, e["error"]["param"].as_str()),
+        (400, Some("tile")),
+        "{e}"
+    );
+    let (code, e) = post(
+        &s.url("/v1/images/generations"),
+        json!({ "prompt": "x", "n": 9 }),
+    );
+    assert_eq!(
+        (code, e["error"]["param"].as_str()),
+        (400, Some("n")),
+        "{e}"
+    );
     // Edits on a text-to-image model: Kontext is needed.
     let (ct, body) = multipart(
         &[("prompt", "x")],
@@ -516,6 +556,12 @@ fn api_key_and_exposed_addresses() {
         (code, e["error"]["type"].as_str()),
         (401, Some("authentication_error"))
     );
+    // The scheme is case-insensitive.
+    let r = agent()
+        .get(&s.url("/v1/info"))
+        .header("Authorization", "bearer s3cret")
+        .call();
+    assert_eq!(json_of(r).0, 200);
     let r = agent()
         .get(&s.url("/v1/info"))
         .header("Authorization", "Bearer wrong")

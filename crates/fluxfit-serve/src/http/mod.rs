@@ -33,6 +33,8 @@ pub struct App {
     pub limits: ImageLimits,
     /// The model's plan at start, the one kept when there is no budget.
     pub plan_spec: String,
+    /// Jobs being checked and decoded at once.
+    pub preparing: tokio::sync::Semaphore,
 }
 
 pub type AppState = State<Arc<App>>;
@@ -75,12 +77,14 @@ async fn require_key(State(app): AppState, req: Request, next: Next) -> Response
     let Some(key) = &app.api_key else {
         return next.run(req).await;
     };
+    // The scheme is case-insensitive (RFC 7235).
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, key)| key.trim());
     if constant_time_eq(given.as_bytes(), key.as_bytes()) {
         next.run(req).await
     } else {
@@ -118,7 +122,7 @@ async fn json_rejections(req: Request, next: Next) -> Response {
             .unwrap_or_default();
         let text = String::from_utf8_lossy(&bytes);
         let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "the request body is larger than this server accepts (--max-upload)".to_string()
+            "the request body is larger than this server accepts (--max-upload-mib)".to_string()
         } else if text.is_empty() {
             status.to_string()
         } else {
@@ -138,6 +142,11 @@ pub async fn prepare_and_submit(
     app: &Arc<App>,
     specs: Vec<Submitted>,
 ) -> Result<Vec<Arc<crate::jobs::Job>>, ApiError> {
+    // Decoding uploads can take a lot of memory (up to the decoder limit each): two at a time.
+    let _permit =
+        app.preparing.acquire().await.map_err(|_| {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the server is stopping")
+        })?;
     let a = app.clone();
     let works = tokio::task::spawn_blocking(move || {
         specs

@@ -90,7 +90,7 @@ pub async fn events(
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok())
-        .map_or(0, |n| n + 1);
+        .map_or(0, |n| n.saturating_add(1));
     let rx = job.subscribe();
     let state = (job, rx, next, VecDeque::<JobEvent>::new(), false);
     let s = stream::unfold(

@@ -65,11 +65,12 @@ fn parse_size(size: Option<&str>) -> Result<(Option<usize>, Option<usize>), ApiE
     }
 }
 
-fn check_n(n: usize) -> Result<(), ApiError> {
-    if n == 0 || n > MAX_N {
+fn check_n(n: usize, queue: usize) -> Result<(), ApiError> {
+    let max = MAX_N.min(queue);
+    if n == 0 || n > max {
         return Err(ApiError::invalid(
             "n",
-            format!("{n}: expected 1 to {MAX_N}"),
+            format!("{n}: expected 1 to {max} (this server queues {queue} jobs)"),
         ));
     }
     Ok(())
@@ -108,7 +109,7 @@ pub async fn generations(
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let g: Generations = parse_json(&body)?;
-    check_n(g.n)?;
+    check_n(g.n, app.jobs.capacity())?;
     let format = parse_format(g.response_format.as_deref())?;
     let (width, height) = parse_size(g.size.as_deref())?;
     let spec = JobSpec {
@@ -141,10 +142,16 @@ pub async fn edits(
         .map_err(|e| ApiError::invalid("body", format!("not a valid multipart form: {e}")))?
     {
         let name = field.name().unwrap_or("").to_string();
-        let bytes = field
-            .bytes()
-            .await
-            .map_err(|e| ApiError::invalid(&name, format!("cannot read the field: {e}")))?;
+        let bytes = field.bytes().await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    e.status(),
+                    "the request body is larger than this server accepts (--max-upload-mib)",
+                )
+            } else {
+                ApiError::invalid(&name, format!("cannot read the field: {e}"))
+            }
+        })?;
         match name.as_str() {
             "image" | "image[]" => image = Some(bytes.to_vec()),
             "mask" => mask = Some(bytes.to_vec()),
@@ -182,7 +189,7 @@ pub async fn edits(
             .transpose()
     };
     let n = whole("n")?.unwrap_or(1) as usize;
-    check_n(n)?;
+    check_n(n, app.jobs.capacity())?;
     let format = parse_format(text.get("response_format").map(String::as_str))?;
     let prompt = text.get("prompt").cloned().unwrap_or_default();
     // With a mask, or on a Fill model, it is inpainting; otherwise Kontext editing.
@@ -232,10 +239,17 @@ async fn respond(
         finished(j).await;
     }
     drop(guard);
+    // The Host header goes into the URLs: only a plausible host[:port] is used.
     let host = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("localhost");
+        .filter(|h| {
+            !h.is_empty()
+                && h.len() <= 255
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        })
+        .unwrap_or("127.0.0.1");
     let mut data = Vec::new();
     for j in &jobs {
         data.push(result(app, j, format, host, prompt).await?);

@@ -302,6 +302,15 @@ impl Model {
                 count: grid.len(),
                 rect,
             });
+            // A watched run stops between regions too, not only between steps.
+            if let Some(w) = self.watch() {
+                if w.is_cancelled() {
+                    return Err(Error::Cancelled {
+                        step: index * req.steps,
+                        total: grid.len() * req.steps,
+                    });
+                }
+            }
             let sub = Request {
                 width: rect.w,
                 height: rect.h,
