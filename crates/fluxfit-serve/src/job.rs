@@ -4,7 +4,7 @@
 
 use base64::Engine as _;
 use fluxfit::candle_core::Tensor;
-use fluxfit::image::{decode_bytes, init_image, luma, resize_lanczos, Rgb8};
+use fluxfit::image::{decode_bytes, init_image, luma, resize_lanczos, Decoded, Rgb8};
 use fluxfit::noise::NoiseKind;
 use fluxfit::pipeline::control::canny_control;
 use fluxfit::pipeline::fill::{fill_canvas, MaskFrom, Outpaint};
@@ -85,6 +85,48 @@ pub struct Borders {
     pub overlap: Option<f64>,
     /// Zoom out by this factor (1 to 4).
     pub zoom: Option<f64>,
+}
+
+impl Borders {
+    /// The outpainting they ask for, each value in its range (as `fluxfit fill --outpaint`).
+    fn checked(self) -> Result<Outpaint, ApiError> {
+        for (name, v, max) in [
+            ("outpaint.left", self.left, 4.0),
+            ("outpaint.right", self.right, 4.0),
+            ("outpaint.up", self.up, 4.0),
+            ("outpaint.down", self.down, 4.0),
+        ] {
+            if !(0.0..=max).contains(&v) {
+                return Err(bad(name, format!("{v}: expected 0 to {max}")));
+            }
+        }
+        let mut o = Outpaint {
+            left: self.left,
+            right: self.right,
+            up: self.up,
+            down: self.down,
+            ..Outpaint::default()
+        };
+        if let Some(v) = self.overlap {
+            if !(0.0..=0.5).contains(&v) {
+                return Err(bad("outpaint.overlap", format!("{v}: expected 0 to 0.5")));
+            }
+            o.overlap = v;
+        }
+        if let Some(z) = self.zoom {
+            if !(1.0..=4.0).contains(&z) {
+                return Err(bad("outpaint.zoom", format!("{z}: expected 1 to 4")));
+            }
+            o.zoom = z;
+        }
+        if o.left + o.right + o.up + o.down == 0.0 && o.zoom <= 1.0 {
+            return Err(bad(
+                "outpaint",
+                "no border to paint: give left, right, up, down or zoom",
+            ));
+        }
+        Ok(o)
+    }
 }
 
 /// The body of `POST /v1/jobs`. Unset fields take the model variant's defaults, as the CLI's.
@@ -216,11 +258,7 @@ pub fn base64_field(param: &str, text: &str) -> Result<Vec<u8>, ApiError> {
         .map_err(|e| bad(param, format!("not valid base64: {e}")))
 }
 
-fn decode(
-    param: &str,
-    bytes: &[u8],
-    limits: ImageLimits,
-) -> Result<fluxfit::image::Decoded, ApiError> {
+fn decode(param: &str, bytes: &[u8], limits: ImageLimits) -> Result<Decoded, ApiError> {
     decode_bytes(param, bytes, limits.max_side, limits.max_decoded_bytes)
         .map_err(|e| lib_error(param, e))
 }
@@ -306,6 +344,200 @@ impl JobSpec {
             }
         }
         Ok(())
+    }
+
+    /// Fill and outpaint: the canvas and mask as the fill demo makes them (`fluxfit fill`).
+    fn fill_input(
+        &self,
+        img: Decoded,
+        mask: Option<Decoded>,
+        max: usize,
+        meta: &mut Vec<(String, String)>,
+    ) -> Result<(usize, usize, Input), ApiError> {
+        let mode = self.mode;
+        let luma_mask;
+        let from = if mode == Mode::Outpaint {
+            let o = self.outpaint.unwrap_or_default().checked()?;
+            // The canvas's size before it is made: borders up to 4× a side each.
+            let base = if self.keep_size {
+                (img.rgb.width, img.rgb.height)
+            } else {
+                fluxfit::pipeline::fill::fill_size(img.rgb.width, img.rgb.height)
+            };
+            let (cw, ch) = fluxfit::pipeline::fill::outpaint_geometry(base.0, base.1, &o).canvas;
+            if cw.max(ch) > max {
+                return Err(bad(
+                    "outpaint",
+                    format!("the canvas would be {cw}x{ch}, above this server's {max} pixels"),
+                ));
+            }
+            MaskFrom::Outpaint(o)
+        } else if let Some(m) = &mask {
+            // A mask with transparency (OpenAI's convention): transparent = paint;
+            // otherwise its grey levels, white = paint (the reference's).
+            luma_mask = match &m.alpha_mask {
+                Some(a) if a.iter().any(|&v| v > 0) => a.clone(),
+                _ => luma(&m.rgb),
+            };
+            MaskFrom::Mask(&luma_mask, (m.rgb.width, m.rgb.height), "mask".into())
+        } else if let Some(a) = &img.alpha_mask {
+            MaskFrom::Alpha(a)
+        } else {
+            return Err(bad(
+                "mask",
+                "fill needs a mask, or an image with transparency where to paint",
+            ));
+        };
+        let (canvas, m, desc) = fill_canvas(&img.rgb, from, self.keep_size)
+            .map_err(|e| bad(if mask.is_some() { "mask" } else { "image" }, e.to_string()))?;
+        if m.iter().all(|&v| v == 0) {
+            return Err(bad(
+                if mask.is_some() { "mask" } else { "image" },
+                "the mask marks nothing to paint (white, or transparent, where to paint)",
+            ));
+        }
+        if canvas.width.max(canvas.height) > max {
+            return Err(bad(
+                "image",
+                format!(
+                    "the canvas would be {}x{}, above this server's {max} pixels",
+                    canvas.width, canvas.height
+                ),
+            ));
+        }
+        meta.push((
+            "fill_image".into(),
+            format!("{}x{}", img.rgb.width, img.rgb.height),
+        ));
+        meta.push(("fill_mask".into(), desc));
+        let (ti, tm) = fluxfit::pipeline::fill::fill_tensors(&canvas, &m)
+            .map_err(|e| bad("image", e.to_string()))?;
+        Ok((canvas.width, canvas.height, Input::Fill(ti, tm)))
+    }
+
+    /// Regions: the canvas size, its grid and the image to refine, if any (`fluxfit regions`).
+    fn regions_input(
+        &self,
+        info: &ModelInfo,
+        src: Option<Rgb8>,
+        max: usize,
+        meta: &mut Vec<(String, String)>,
+    ) -> Result<(usize, usize, Input), ApiError> {
+        let (w, h) = match (&src, self.width, self.height) {
+            (_, Some(w), Some(h)) => (w, h),
+            (Some(s), w, h) => (w.unwrap_or(2 * s.width), h.unwrap_or(2 * s.height)),
+            (None, _, _) => {
+                return Err(bad(
+                    if self.width.is_none() {
+                        "width"
+                    } else {
+                        "height"
+                    },
+                    "regions needs the canvas size (or an image to enlarge)",
+                ))
+            }
+        };
+        let (w, h) = (
+            side("width", w, MAX_CANVAS)?,
+            side("height", h, MAX_CANVAS)?,
+        );
+        let tile = self
+            .tile
+            .unwrap_or(info.default_size.0.max(info.default_size.1));
+        if !(MIN_SIDE..=max).contains(&tile) {
+            return Err(bad("tile", format!("{tile}: expected {MIN_SIDE} to {max}")));
+        }
+        let overlap = self.overlap.unwrap_or(128);
+        let grid = region_grid(w, h, tile, overlap).map_err(|e| bad("overlap", e.to_string()))?;
+        let refine = match &src {
+            Some(_) => {
+                let s = self.strength.unwrap_or(0.35);
+                if !(0.0..=1.0).contains(&s) {
+                    return Err(bad("strength", format!("{s}: expected 0 to 1")));
+                }
+                if info.variant == Variant::DevFill {
+                    return Err(bad(
+                        "image",
+                        "refining an image region by region needs a text-to-image model, not a Fill model",
+                    ));
+                }
+                Some(s)
+            }
+            None => None,
+        };
+        if grid.len() > MAX_REGIONS {
+            return Err(bad(
+                "tile",
+                format!(
+                    "{w}x{h} in regions of {tile} with an overlap of {overlap} is {} regions; at most {MAX_REGIONS}: give a larger tile or a smaller canvas",
+                    grid.len()
+                ),
+            ));
+        }
+        meta.push((
+            "regions".into(),
+            format!(
+                "{} regions of {}x{}, overlap {overlap}",
+                grid.len(),
+                grid[0].w,
+                grid[0].h
+            ),
+        ));
+        if let (Some(s), Some(strength)) = (&src, refine) {
+            meta.push(("regions_from".into(), format!("{}x{}", s.width, s.height)));
+            meta.push(("strength".into(), strength.to_string()));
+        }
+        Ok((
+            w,
+            h,
+            Input::Regions {
+                source: src,
+                grid,
+                refine,
+                band: overlap,
+            },
+        ))
+    }
+
+    /// Edit: the conditioning image at a Kontext resolution and the output size (`fluxfit edit`).
+    fn edit_input(
+        &self,
+        src: Rgb8,
+        max: usize,
+        meta: &mut Vec<(String, String)>,
+    ) -> Result<(usize, usize, Input), ApiError> {
+        let (cw, ch) = if self.keep_size {
+            (src.width / 16 * 16, src.height / 16 * 16)
+        } else {
+            conditioning_size(src.width, src.height)
+        };
+        if cw < 16 || ch < 16 {
+            return Err(bad(
+                "image",
+                format!(
+                    "{}x{}: smaller than 16 pixels a side",
+                    src.width, src.height
+                ),
+            ));
+        }
+        let cond: Rgb8 = resize_lanczos(&src, cw, ch);
+        let (w, h) = match &self.aspect_ratio {
+            Some(ar) => {
+                if self.width.is_some() || self.height.is_some() {
+                    return Err(bad(
+                        "aspect_ratio",
+                        "give an aspect ratio or a size, not both",
+                    ));
+                }
+                meta.push(("aspect_ratio".into(), ar.clone()));
+                aspect_ratio_size(ar).map_err(|e| bad("aspect_ratio", e.to_string()))?
+            }
+            None => (self.width.unwrap_or(cw), self.height.unwrap_or(ch)),
+        };
+        let (w, h) = (side("width", w, max)?, side("height", h, max)?);
+        meta.push(("edit_image_size".into(), format!("{cw}x{ch}")));
+        let t = image_tensor(&cond).map_err(|e| bad("image", e.to_string()))?;
+        Ok((w, h, Input::Edit(t)))
     }
 
     /// Checks the job against the model and decodes its images (`image`, `mask` as bytes when
@@ -409,219 +641,10 @@ impl JobSpec {
                 (w, h, Input::Control(t))
             }
             Mode::Fill | Mode::Outpaint => {
-                let img = image.expect("checked above");
-                let luma_mask;
-                let from = if mode == Mode::Outpaint {
-                    let b = self.outpaint.unwrap_or_default();
-                    let mut o = Outpaint {
-                        left: b.left,
-                        right: b.right,
-                        up: b.up,
-                        down: b.down,
-                        ..Outpaint::default()
-                    };
-                    for (name, v, max) in [
-                        ("outpaint.left", b.left, 4.0),
-                        ("outpaint.right", b.right, 4.0),
-                        ("outpaint.up", b.up, 4.0),
-                        ("outpaint.down", b.down, 4.0),
-                    ] {
-                        if !(0.0..=max).contains(&v) {
-                            return Err(bad(name, format!("{v}: expected 0 to {max}")));
-                        }
-                    }
-                    if let Some(v) = b.overlap {
-                        if !(0.0..=0.5).contains(&v) {
-                            return Err(bad("outpaint.overlap", format!("{v}: expected 0 to 0.5")));
-                        }
-                        o.overlap = v;
-                    }
-                    if let Some(z) = b.zoom {
-                        if !(1.0..=4.0).contains(&z) {
-                            return Err(bad("outpaint.zoom", format!("{z}: expected 1 to 4")));
-                        }
-                        o.zoom = z;
-                    }
-                    if o.left + o.right + o.up + o.down == 0.0 && o.zoom <= 1.0 {
-                        return Err(bad(
-                            "outpaint",
-                            "no border to paint: give left, right, up, down or zoom",
-                        ));
-                    }
-                    // The canvas's size before it is made: borders up to 4× a side each.
-                    let base = if self.keep_size {
-                        (img.rgb.width, img.rgb.height)
-                    } else {
-                        fluxfit::pipeline::fill::fill_size(img.rgb.width, img.rgb.height)
-                    };
-                    let (cw, ch) =
-                        fluxfit::pipeline::fill::outpaint_geometry(base.0, base.1, &o).canvas;
-                    if cw.max(ch) > max {
-                        return Err(bad(
-                            "outpaint",
-                            format!(
-                                "the canvas would be {cw}x{ch}, above this server's {max} pixels"
-                            ),
-                        ));
-                    }
-                    MaskFrom::Outpaint(o)
-                } else if let Some(m) = &mask {
-                    // A mask with transparency (OpenAI's convention): transparent = paint;
-                    // otherwise its grey levels, white = paint (the reference's).
-                    luma_mask = match &m.alpha_mask {
-                        Some(a) if a.iter().any(|&v| v > 0) => a.clone(),
-                        _ => luma(&m.rgb),
-                    };
-                    MaskFrom::Mask(&luma_mask, (m.rgb.width, m.rgb.height), "mask".into())
-                } else if let Some(a) = &img.alpha_mask {
-                    MaskFrom::Alpha(a)
-                } else {
-                    return Err(bad(
-                        "mask",
-                        "fill needs a mask, or an image with transparency where to paint",
-                    ));
-                };
-                let (canvas, m, desc) =
-                    fill_canvas(&img.rgb, from, self.keep_size).map_err(|e| {
-                        bad(if mask.is_some() { "mask" } else { "image" }, e.to_string())
-                    })?;
-                if m.iter().all(|&v| v == 0) {
-                    return Err(bad(
-                        if mask.is_some() { "mask" } else { "image" },
-                        "the mask marks nothing to paint (white, or transparent, where to paint)",
-                    ));
-                }
-                if canvas.width.max(canvas.height) > max {
-                    return Err(bad(
-                        "image",
-                        format!(
-                            "the canvas would be {}x{}, above this server's {max} pixels",
-                            canvas.width, canvas.height
-                        ),
-                    ));
-                }
-                meta.push((
-                    "fill_image".into(),
-                    format!("{}x{}", img.rgb.width, img.rgb.height),
-                ));
-                meta.push(("fill_mask".into(), desc));
-                let (ti, tm) = fluxfit::pipeline::fill::fill_tensors(&canvas, &m)
-                    .map_err(|e| bad("image", e.to_string()))?;
-                (canvas.width, canvas.height, Input::Fill(ti, tm))
+                self.fill_input(image.expect("checked above"), mask, max, &mut meta)?
             }
-            Mode::Regions => {
-                let src = image.map(|d| d.rgb);
-                let (w, h) = match (&src, self.width, self.height) {
-                    (_, Some(w), Some(h)) => (w, h),
-                    (Some(s), w, h) => (w.unwrap_or(2 * s.width), h.unwrap_or(2 * s.height)),
-                    (None, _, _) => {
-                        return Err(bad(
-                            if self.width.is_none() {
-                                "width"
-                            } else {
-                                "height"
-                            },
-                            "regions needs the canvas size (or an image to enlarge)",
-                        ))
-                    }
-                };
-                let (w, h) = (
-                    side("width", w, MAX_CANVAS)?,
-                    side("height", h, MAX_CANVAS)?,
-                );
-                let tile = self
-                    .tile
-                    .unwrap_or(info.default_size.0.max(info.default_size.1));
-                if !(MIN_SIDE..=max).contains(&tile) {
-                    return Err(bad("tile", format!("{tile}: expected {MIN_SIDE} to {max}")));
-                }
-                let overlap = self.overlap.unwrap_or(128);
-                let grid =
-                    region_grid(w, h, tile, overlap).map_err(|e| bad("overlap", e.to_string()))?;
-                let refine = match &src {
-                    Some(_) => {
-                        let s = self.strength.unwrap_or(0.35);
-                        if !(0.0..=1.0).contains(&s) {
-                            return Err(bad("strength", format!("{s}: expected 0 to 1")));
-                        }
-                        if info.variant == Variant::DevFill {
-                            return Err(bad(
-                                "image",
-                                "refining an image region by region needs a text-to-image model, not a Fill model",
-                            ));
-                        }
-                        Some(s)
-                    }
-                    None => None,
-                };
-                if grid.len() > MAX_REGIONS {
-                    return Err(bad(
-                        "tile",
-                        format!(
-                            "{w}x{h} in regions of {tile} with an overlap of {overlap} is {} regions; at most {MAX_REGIONS}: give a larger tile or a smaller canvas",
-                            grid.len()
-                        ),
-                    ));
-                }
-                meta.push((
-                    "regions".into(),
-                    format!(
-                        "{} regions of {}x{}, overlap {overlap}",
-                        grid.len(),
-                        grid[0].w,
-                        grid[0].h
-                    ),
-                ));
-                if let (Some(s), Some(strength)) = (&src, refine) {
-                    meta.push(("regions_from".into(), format!("{}x{}", s.width, s.height)));
-                    meta.push(("strength".into(), strength.to_string()));
-                }
-                (
-                    w,
-                    h,
-                    Input::Regions {
-                        source: src,
-                        grid,
-                        refine,
-                        band: overlap,
-                    },
-                )
-            }
-            Mode::Edit => {
-                let src = image.expect("checked above").rgb;
-                let (cw, ch) = if self.keep_size {
-                    (src.width / 16 * 16, src.height / 16 * 16)
-                } else {
-                    conditioning_size(src.width, src.height)
-                };
-                if cw < 16 || ch < 16 {
-                    return Err(bad(
-                        "image",
-                        format!(
-                            "{}x{}: smaller than 16 pixels a side",
-                            src.width, src.height
-                        ),
-                    ));
-                }
-                let cond: Rgb8 = resize_lanczos(&src, cw, ch);
-                let (w, h) = match &self.aspect_ratio {
-                    Some(ar) => {
-                        if self.width.is_some() || self.height.is_some() {
-                            return Err(bad(
-                                "aspect_ratio",
-                                "give an aspect ratio or a size, not both",
-                            ));
-                        }
-                        meta.push(("aspect_ratio".into(), ar.clone()));
-                        aspect_ratio_size(ar).map_err(|e| bad("aspect_ratio", e.to_string()))?
-                    }
-                    None => (self.width.unwrap_or(cw), self.height.unwrap_or(ch)),
-                };
-                let (w, h) = (side("width", w, max)?, side("height", h, max)?);
-                meta.push(("edit_image_size".into(), format!("{cw}x{ch}")));
-                let t = image_tensor(&cond).map_err(|e| bad("image", e.to_string()))?;
-                (w, h, Input::Edit(t))
-            }
+            Mode::Regions => self.regions_input(info, image.map(|d| d.rgb), max, &mut meta)?,
+            Mode::Edit => self.edit_input(image.expect("checked above").rgb, max, &mut meta)?,
         };
         if mode == Mode::Outpaint {
             meta.push(("mode".into(), "outpaint".into()));
