@@ -68,8 +68,34 @@ pub fn router(app: Arc<App>, max_body: usize) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            too_large(req, next, max_body)
+        }))
         .layer(middleware::from_fn(json_rejections))
         .with_state(app)
+}
+
+/// A body whose declared length is over the limit is refused at once, before it is sent or
+/// read (the body limit itself catches bodies without a length, as they are read).
+async fn too_large(req: Request, next: Next, max_body: usize) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max_body as u64) {
+        let mut r = ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "the request body is larger than this server accepts (--max-upload-mib)",
+        )
+        .into_response();
+        r.headers_mut().insert(
+            header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+        return r;
+    }
+    next.run(req).await
 }
 
 /// With `--api-key`, the API wants `Authorization: Bearer KEY` (compared in constant time).
