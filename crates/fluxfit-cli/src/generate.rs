@@ -341,10 +341,6 @@ fn generate_one(model: &Model, req: &Request, args: &GenerateArgs) -> Result<Pat
         meta.push(("control_image".into(), crate::run_args::file_name(path)));
         meta.push(("control".into(), how.to_string()));
     }
-    if let Some(lora) = &args.run.model.lora {
-        meta.push(("lora".into(), crate::run_args::file_name(lora)));
-        meta.push(("lora_scale".into(), args.run.model.lora_scale.to_string()));
-    }
     save(&rgb, &path, &meta)?;
     println!(
         "wrote {} ({}x{}, seed {}) in {:.1}s",

@@ -85,7 +85,7 @@ fn model_spec(m: &ModelArgs, options: LoadOptions) -> Result<ModelSpec> {
             "--model {}: `fluxfit plan` reads a local folder, `tiny` or a published variant ({}) and downloads nothing{}",
             m.model,
             Variant::ALL.map(|v| v.name()).join(", "),
-            if m.lora.is_some() {
+            if !m.lora.is_empty() {
                 "; with --lora it reads the weights' headers, so give a local folder or --flow"
             } else {
                 ""
@@ -105,7 +105,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         dtype,
         attn_chunk: chunk,
         variant: args.model.variant()?,
-        lora: None,
+        loras: Vec::new(),
         quantize: None,
     };
     let spec = model_spec(&args.model, options)?;

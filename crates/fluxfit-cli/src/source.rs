@@ -31,14 +31,54 @@ pub struct ModelArgs {
     /// Variant, where the weights' shapes cannot tell (dev, krea and kontext look alike).
     #[arg(long)]
     pub variant: Option<String>,
-    /// A LoRA in BFL's layout attached to the flow model, e.g. FLUX.1-Canny-dev-lora's
-    /// `flux1-canny-dev-lora.safetensors` on FLUX.1-dev (which makes it a Canny model; the
-    /// file name tells canny from depth, else pass --variant).
-    #[arg(long, value_name = "FILE")]
-    pub lora: Option<PathBuf>,
-    /// Strength of the --lora update.
-    #[arg(long, default_value_t = LoraSpec::DEFAULT_SCALE, requires = "lora")]
-    pub lora_scale: f64,
+    /// A LoRA, optionally with its strength after a colon (`style.safetensors:0.7`);
+    /// repeat to stack several. kohya/sd-scripts, diffusers/PEFT, ai-toolkit/ComfyUI, XLabs
+    /// and BFL layouts are read; text-encoder layers (kohya `lora_te1_`) too. A BFL control
+    /// LoRA (`flux1-canny-dev-lora.safetensors` on FLUX.1-dev) makes a Canny or Depth model;
+    /// its file name tells which, else pass --variant.
+    #[arg(long, value_name = "FILE[:SCALE]", value_parser = parse_lora)]
+    pub lora: Vec<LoraArg>,
+    /// Strength of every --lora given without its own: default 1, or 0.85 (the reference's)
+    /// for a BFL control LoRA.
+    #[arg(long, requires = "lora", value_parser = finite_scale)]
+    pub lora_scale: Option<f64>,
+}
+
+/// One `--lora FILE[:SCALE]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraArg {
+    pub path: PathBuf,
+    pub scale: Option<f64>,
+}
+
+/// `FILE` or `FILE:SCALE`; a path that exists as given wins over a colon inside it.
+fn parse_lora(s: &str) -> Result<LoraArg, String> {
+    if let Some((path, scale)) = s.rsplit_once(':') {
+        if !Path::new(s).exists() && !scale.contains(['/', '\\']) {
+            let scale = finite_scale(scale).map_err(|e| format!("{s}: {e}"))?;
+            return Ok(LoraArg {
+                path: path.into(),
+                scale: Some(scale),
+            });
+        }
+    }
+    Ok(LoraArg {
+        path: s.into(),
+        scale: None,
+    })
+}
+
+/// A LoRA strength: a finite number (negative ones invert the update, as in ComfyUI).
+fn finite_scale(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        Ok(v) => Err(format!(
+            "the LoRA scale {v} is not a finite number; give one like 0.8"
+        )),
+        Err(_) => Err(format!(
+            "`{s}` is not a LoRA scale; give a number like 0.8 after the colon"
+        )),
+    }
 }
 
 impl ModelArgs {
@@ -50,7 +90,7 @@ impl ModelArgs {
             || self.vae.is_some()
             || self.t5.is_some()
             || self.clip.is_some()
-            || self.lora.is_some();
+            || !self.lora.is_empty();
         if parts || self.model == "tiny" || Path::new(&self.model).exists() {
             return None;
         }
@@ -59,6 +99,17 @@ impl ModelArgs {
                 .into_iter()
                 .find(|v| v.repo_id().eq_ignore_ascii_case(&self.model))
         })
+    }
+
+    /// The --lora files with their scales (`--lora-scale` for those given without one).
+    pub fn loras(&self) -> Vec<LoraSpec> {
+        self.lora
+            .iter()
+            .map(|l| LoraSpec {
+                path: l.path.clone(),
+                scale: l.scale.or(self.lora_scale),
+            })
+            .collect()
     }
 
     fn overrides(&self) -> ModelPaths {
@@ -83,15 +134,12 @@ impl ModelArgs {
     pub fn load(&self, options: LoadOptions) -> Result<Model> {
         let options = LoadOptions {
             variant: self.variant()?,
-            lora: self.lora.as_ref().map(|path| LoraSpec {
-                path: path.clone(),
-                scale: self.lora_scale,
-            }),
+            loras: self.loras(),
             ..options
         };
-        if let Some(lora) = &self.lora {
-            if !lora.is_file() {
-                bail!("--lora {}: no such file", lora.display());
+        for lora in &self.lora {
+            if !lora.path.is_file() {
+                bail!("--lora {}: no such file", lora.path.display());
             }
         }
         let has_parts = self.flow.is_some() || self.vae.is_some();

@@ -1149,3 +1149,64 @@ fn plan_compares_storage_types_and_plans_quantized_files() {
     let plan = chunk(&text(&d.join("q.png")), "plan");
     assert!(plan.contains("flow=resident+packed"), "{plan}");
 }
+
+#[test]
+fn stacked_loras_with_their_scales_are_recorded_with_their_hashes() {
+    let dir = tempdir();
+    let d = dir.path();
+    let kohya = s(&fixtures().join("lora/kohya.safetensors"));
+    let peft = s(&fixtures().join("lora/peft.safetensors"));
+    let run = |extra: &[&str], out: &str| -> PathBuf {
+        let mut args: Vec<String> = vec!["generate".into(), "--flow".into(), s(&bfl_flow())];
+        args.extend(parts());
+        let fixed = ["-q", "--steps", "2", "--width", "64", "--height", "64"];
+        args.extend(fixed.iter().chain(extra).map(|a| a.to_string()));
+        args.extend(["--out".to_string(), out.to_string()]);
+        succeeds(d, &strs(&args));
+        d.join(out)
+    };
+    let two = run(
+        &["--lora", &format!("{kohya}:0.7"), "--lora", &peft],
+        "two.png",
+    );
+    let chunks = text(&two);
+    assert_eq!(
+        chunk(&chunks, "lora"),
+        "kohya.safetensors, peft.safetensors"
+    );
+    assert_eq!(chunk(&chunks, "lora_scale"), "0.7, 1");
+    let hashes = chunk(&chunks, "lora_hashes");
+    assert!(
+        hashes.starts_with("kohya.safetensors: ") && hashes.contains(", peft.safetensors: "),
+        "{hashes}"
+    );
+    assert!(
+        chunk(&chunks, "parameters").contains(&format!("Lora hashes: \"{hashes}\"")),
+        "A1111's parameters line carries the hashes"
+    );
+    // `--lora-scale` sets the scale of those given without one.
+    let scaled = run(
+        &[
+            "--lora",
+            &format!("{kohya}:0.7"),
+            "--lora",
+            &peft,
+            "--lora-scale",
+            "0.5",
+        ],
+        "scaled.png",
+    );
+    assert_eq!(chunk(&text(&scaled), "lora_scale"), "0.7, 0.5");
+    assert_ne!(pixels(&scaled).2, pixels(&two).2);
+    // A scale that is not a number is refused by the flag parser, naming it.
+    let mut args: Vec<String> = vec!["--flow".into(), s(&bfl_flow())];
+    args.extend(parts());
+    args.extend([
+        "--lora".into(),
+        format!("{kohya}:abc"),
+        "--out".into(),
+        "x.png".into(),
+    ]);
+    fails(d, &strs(&args), &["`abc` is not a LoRA scale"]);
+    assert_eq!(pngs_in(d), 2);
+}

@@ -30,7 +30,7 @@ fn model_with(variant: Variant, lora: Option<LoraSpec>) -> Model {
         LoadOptions {
             attn_chunk: Some(256),
             variant: Some(variant),
-            lora,
+            loras: lora.into_iter().collect(),
             ..LoadOptions::default()
         },
     )
@@ -148,7 +148,7 @@ fn conditioned_runs_are_predicted_within_ten_percent() {
     lora_on_every_linear(&configs.flow, &path);
     let lora = LoraSpec {
         path,
-        scale: LoraSpec::DEFAULT_SCALE,
+        scale: Some(0.85),
     };
     let mut with_lora = model_with(Variant::Dev, Some(lora));
     let text = Workload::of(&request(w, h));

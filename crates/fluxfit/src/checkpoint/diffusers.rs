@@ -11,57 +11,163 @@ use super::safetensors::SafetensorsFile;
 use super::store::{Source, TensorStore};
 use crate::error::{Error, Result};
 
-/// 1:1 renames of flow tensors (without the `.weight`/`.bias` suffix).
+/// diffusers → BFL layer names that are 1:1, outside the blocks.
+const FLOW_TOP: &[(&str, &str)] = &[
+    ("x_embedder", "img_in"),
+    ("context_embedder", "txt_in"),
+    (
+        "time_text_embed.timestep_embedder.linear_1",
+        "time_in.in_layer",
+    ),
+    (
+        "time_text_embed.timestep_embedder.linear_2",
+        "time_in.out_layer",
+    ),
+    (
+        "time_text_embed.guidance_embedder.linear_1",
+        "guidance_in.in_layer",
+    ),
+    (
+        "time_text_embed.guidance_embedder.linear_2",
+        "guidance_in.out_layer",
+    ),
+    (
+        "time_text_embed.text_embedder.linear_1",
+        "vector_in.in_layer",
+    ),
+    (
+        "time_text_embed.text_embedder.linear_2",
+        "vector_in.out_layer",
+    ),
+    ("proj_out", "final_layer.linear"),
+];
+
+/// The same inside `transformer_blocks.N` (BFL `double_blocks.N`).
+const FLOW_DOUBLE: &[(&str, &str)] = &[
+    ("norm1.linear", "img_mod.lin"),
+    ("norm1_context.linear", "txt_mod.lin"),
+    ("attn.norm_q", "img_attn.norm.query_norm"),
+    ("attn.norm_k", "img_attn.norm.key_norm"),
+    ("attn.norm_added_q", "txt_attn.norm.query_norm"),
+    ("attn.norm_added_k", "txt_attn.norm.key_norm"),
+    ("attn.to_out.0", "img_attn.proj"),
+    ("attn.to_add_out", "txt_attn.proj"),
+    ("ff.net.0.proj", "img_mlp.0"),
+    ("ff.net.2", "img_mlp.2"),
+    ("ff_context.net.0.proj", "txt_mlp.0"),
+    ("ff_context.net.2", "txt_mlp.2"),
+];
+
+/// The same inside `single_transformer_blocks.N` (BFL `single_blocks.N`).
+const FLOW_SINGLE: &[(&str, &str)] = &[
+    ("norm.linear", "modulation.lin"),
+    ("attn.norm_q", "norm.query_norm"),
+    ("attn.norm_k", "norm.key_norm"),
+    ("proj_out", "linear2"),
+];
+
+/// diffusers layers joined, in this order along the output rows, into one BFL weight.
+const FUSED: &[(&str, &[&str], &str)] = &[
+    (
+        "transformer_blocks",
+        &["attn.to_q", "attn.to_k", "attn.to_v"],
+        "img_attn.qkv",
+    ),
+    (
+        "transformer_blocks",
+        &["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+        "txt_attn.qkv",
+    ),
+    (
+        "single_transformer_blocks",
+        &["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"],
+        "linear1",
+    ),
+];
+
+/// diffusers' `norm_out.linear` is BFL's final modulation with its halves exchanged.
+const FINAL_MODULATION: (&str, &str) = ("norm_out.linear", "final_layer.adaLN_modulation.1");
+
+/// Where a diffusers flow layer's output rows sit in the BFL weight it maps to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    /// All of them, in the same order.
+    All,
+    /// Part `index` of `of` joined along the rows (`to_k` is part 1 of 3 of `qkv`; in a single
+    /// block, `proj_mlp` is part 3 of 4 of `linear1` and the widest).
+    Part { index: usize, of: usize },
+    /// All of them, the two halves exchanged (`norm_out.linear`).
+    SwappedHalves,
+}
+
+/// The BFL layer (no `.weight`/`.bias`) a diffusers flow layer maps to, and how its rows sit
+/// there. The one table diffusers checkpoints and diffusers-named LoRAs are both read by.
+pub fn flow_layer(layer: &str) -> Option<(String, Rows)> {
+    if layer == FINAL_MODULATION.0 {
+        return Some((FINAL_MODULATION.1.to_string(), Rows::SwappedHalves));
+    }
+    let in_block = |prefix: &str| -> Option<(&str, &str)> {
+        layer
+            .strip_prefix(prefix)?
+            .strip_prefix('.')?
+            .split_once('.')
+    };
+    for (prefix, table, out) in [
+        ("transformer_blocks", FLOW_DOUBLE, "double_blocks"),
+        ("single_transformer_blocks", FLOW_SINGLE, "single_blocks"),
+    ] {
+        let Some((idx, inner)) = in_block(prefix) else {
+            continue;
+        };
+        idx.parse::<usize>().ok()?;
+        if let Some((_, to)) = table.iter().find(|(from, _)| *from == inner) {
+            return Some((format!("{out}.{idx}.{to}"), Rows::All));
+        }
+        for (p, parts, to) in FUSED {
+            if *p == prefix {
+                if let Some(index) = parts.iter().position(|n| *n == inner) {
+                    return Some((
+                        format!("{out}.{idx}.{to}"),
+                        Rows::Part {
+                            index,
+                            of: parts.len(),
+                        },
+                    ));
+                }
+            }
+        }
+        return None;
+    }
+    FLOW_TOP
+        .iter()
+        .find(|(from, _)| *from == layer)
+        .map(|(_, to)| (to.to_string(), Rows::All))
+}
+
+/// Every diffusers flow layer name of a model with `double` and `single` blocks (norm scales
+/// included), for lookups by another spelling of the same names (kohya's underscores).
+pub fn flow_layers(double: usize, single: usize) -> Vec<String> {
+    let mut out: Vec<String> = FLOW_TOP.iter().map(|(d, _)| d.to_string()).collect();
+    out.push(FINAL_MODULATION.0.to_string());
+    for (prefix, table, n) in [
+        ("transformer_blocks", FLOW_DOUBLE, double),
+        ("single_transformer_blocks", FLOW_SINGLE, single),
+    ] {
+        for i in 0..n {
+            let fused = FUSED
+                .iter()
+                .filter(|(p, _, _)| *p == prefix)
+                .flat_map(|(_, parts, _)| parts.iter());
+            for inner in table.iter().map(|(d, _)| d).chain(fused) {
+                out.push(format!("{prefix}.{i}.{inner}"));
+            }
+        }
+    }
+    out
+}
+
+/// 1:1 renames of flow tensors (with their `.weight`/`.bias` suffix).
 fn flow_rename(name: &str) -> Option<String> {
-    const TOP: &[(&str, &str)] = &[
-        ("x_embedder", "img_in"),
-        ("context_embedder", "txt_in"),
-        (
-            "time_text_embed.timestep_embedder.linear_1",
-            "time_in.in_layer",
-        ),
-        (
-            "time_text_embed.timestep_embedder.linear_2",
-            "time_in.out_layer",
-        ),
-        (
-            "time_text_embed.guidance_embedder.linear_1",
-            "guidance_in.in_layer",
-        ),
-        (
-            "time_text_embed.guidance_embedder.linear_2",
-            "guidance_in.out_layer",
-        ),
-        (
-            "time_text_embed.text_embedder.linear_1",
-            "vector_in.in_layer",
-        ),
-        (
-            "time_text_embed.text_embedder.linear_2",
-            "vector_in.out_layer",
-        ),
-        ("proj_out", "final_layer.linear"),
-    ];
-    const DOUBLE: &[(&str, &str)] = &[
-        ("norm1.linear", "img_mod.lin"),
-        ("norm1_context.linear", "txt_mod.lin"),
-        ("attn.norm_q", "img_attn.norm.query_norm"),
-        ("attn.norm_k", "img_attn.norm.key_norm"),
-        ("attn.norm_added_q", "txt_attn.norm.query_norm"),
-        ("attn.norm_added_k", "txt_attn.norm.key_norm"),
-        ("attn.to_out.0", "img_attn.proj"),
-        ("attn.to_add_out", "txt_attn.proj"),
-        ("ff.net.0.proj", "img_mlp.0"),
-        ("ff.net.2", "img_mlp.2"),
-        ("ff_context.net.0.proj", "txt_mlp.0"),
-        ("ff_context.net.2", "txt_mlp.2"),
-    ];
-    const SINGLE: &[(&str, &str)] = &[
-        ("norm.linear", "modulation.lin"),
-        ("attn.norm_q", "norm.query_norm"),
-        ("attn.norm_k", "norm.key_norm"),
-        ("proj_out", "linear2"),
-    ];
     let (stem, suffix) = name.rsplit_once('.')?;
     let suffix = if stem.ends_with("norm_q")
         || stem.ends_with("norm_k")
@@ -72,21 +178,10 @@ fn flow_rename(name: &str) -> Option<String> {
     } else {
         suffix
     };
-    let block = |prefix: &str, table: &[(&str, &str)], out: &str| -> Option<String> {
-        let rest = stem.strip_prefix(prefix)?;
-        let (idx, inner) = rest.split_once('.')?;
-        let (_, to) = table.iter().find(|(from, _)| *from == inner)?;
-        Some(format!("{out}.{idx}.{to}.{suffix}"))
-    };
-    if let Some(k) = block("transformer_blocks.", DOUBLE, "double_blocks") {
-        return Some(k);
+    match flow_layer(stem)? {
+        (to, Rows::All) => Some(format!("{to}.{suffix}")),
+        _ => None,
     }
-    if let Some(k) = block("single_transformer_blocks.", SINGLE, "single_blocks") {
-        return Some(k);
-    }
-    TOP.iter()
-        .find(|(from, _)| *from == stem)
-        .map(|(_, to)| format!("{to}.{suffix}"))
 }
 
 /// A flow store with canonical BFL keys over a diffusers `transformer/` checkpoint.
@@ -131,40 +226,26 @@ pub fn flow_store(origin: PathBuf, files: Vec<Arc<SafetensorsFile>>) -> Result<T
             })
             .count()
     };
-    for i in 0..count("transformer_blocks") {
-        let p = format!("transformer_blocks.{i}.attn");
-        for s in ["weight", "bias"] {
-            let img = ["to_q", "to_k", "to_v"]
-                .map(|n| format!("{p}.{n}.{s}"))
-                .to_vec();
-            concat(
-                &mut store,
-                format!("double_blocks.{i}.img_attn.qkv.{s}"),
-                img,
-            )?;
-            let txt = ["add_q_proj", "add_k_proj", "add_v_proj"]
-                .map(|n| format!("{p}.{n}.{s}"))
-                .to_vec();
-            concat(
-                &mut store,
-                format!("double_blocks.{i}.txt_attn.qkv.{s}"),
-                txt,
-            )?;
-        }
-    }
-    for i in 0..count("single_transformer_blocks") {
-        let p = format!("single_transformer_blocks.{i}");
-        for s in ["weight", "bias"] {
-            let parts = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]
-                .map(|n| format!("{p}.{n}.{s}"))
-                .to_vec();
-            concat(&mut store, format!("single_blocks.{i}.linear1.{s}"), parts)?;
+    for (prefix, parts, to) in FUSED {
+        let out = if *prefix == "transformer_blocks" {
+            "double_blocks"
+        } else {
+            "single_blocks"
+        };
+        for i in 0..count(prefix) {
+            for s in ["weight", "bias"] {
+                let names = parts
+                    .iter()
+                    .map(|n| format!("{prefix}.{i}.{n}.{s}"))
+                    .collect();
+                concat(&mut store, format!("{out}.{i}.{to}.{s}"), names)?;
+            }
         }
     }
     for s in ["weight", "bias"] {
-        if let Some(src) = store.stored(&format!("norm_out.linear.{s}")) {
+        if let Some(src) = store.stored(&format!("{}.{s}", FINAL_MODULATION.0)) {
             store.insert(
-                format!("final_layer.adaLN_modulation.1.{s}"),
+                format!("{}.{s}", FINAL_MODULATION.1),
                 Source::SwapHalves {
                     inner: Box::new(src),
                     dim: 0,

@@ -54,6 +54,10 @@ pub enum Source {
     },
     /// A tensor times a constant, in F32 (a LoRA's up-projection carries its scale).
     Times { inner: Box<Source>, factor: f64 },
+    /// Zeros of `shape`, in F32 (the rows a LoRA of one slice of a fused weight leaves alone).
+    Zeros { shape: Vec<usize> },
+    /// The element-wise sum of tensors of one shape, in F32 (the biases of stacked LoRAs).
+    Sum { parts: Vec<Source> },
 }
 
 #[derive(Debug, Clone)]
@@ -219,10 +223,11 @@ impl TensorStore {
         component: super::quant_rules::Component,
         spec: &super::quant_rules::QuantSpec,
     ) -> Result<usize> {
+        // A LoRA's factors stay dense: they are small, and their rank is rarely a block's width.
         let shapes = self
             .keys
             .iter()
-            .filter(|(k, _)| !self.is_packable(k))
+            .filter(|(k, _)| !self.is_packable(k) && !k.contains(".lora_"))
             .map(|(k, (_, i))| (k.clone(), i.shape.clone()));
         let choices = super::quant_rules::plan_shapes(shapes, component, spec).map_err(|key| {
             Error::Config(format!(
@@ -367,7 +372,9 @@ impl TensorStore {
             Source::Gguf { .. }
             | Source::Scaled { .. }
             | Source::ZeroPad { .. }
-            | Source::Times { .. } => None,
+            | Source::Times { .. }
+            | Source::Zeros { .. }
+            | Source::Sum { .. } => None,
         }
     }
 
@@ -541,6 +548,18 @@ impl TensorStore {
                 .build(inner)?
                 .to_dtype(DType::F32)?
                 .affine(*factor, 0.0)?,
+            Source::Zeros { shape } => Tensor::zeros(shape.as_slice(), DType::F32, &Device::Cpu)?,
+            Source::Sum { parts } => {
+                let mut sum: Option<Tensor> = None;
+                for p in parts {
+                    let t = self.build(p)?.to_dtype(DType::F32)?;
+                    sum = Some(match sum {
+                        None => t,
+                        Some(s) => s.add(&t)?,
+                    });
+                }
+                sum.ok_or_else(|| Error::Config("a sum of no tensors".into()))?
+            }
         })
     }
 
@@ -548,9 +567,10 @@ impl TensorStore {
     fn source_name(source: &Source) -> String {
         match source {
             Source::File { name, .. } | Source::Gguf { name, .. } => format!("`{name}`"),
-            Source::Concat { parts, .. } => parts
+            Source::Concat { parts, .. } | Source::Sum { parts } => parts
                 .first()
                 .map_or_else(|| "(nothing)".into(), Self::source_name),
+            Source::Zeros { shape } => format!("zeros {shape:?}"),
             Source::SwapHalves { inner, .. }
             | Source::Reshape { inner, .. }
             | Source::Scaled { inner, .. }
@@ -671,6 +691,29 @@ impl TensorStore {
                 read: DType::F32,
                 ..self.info_of(inner)?
             }),
+            Source::Zeros { shape } => Ok(KeyInfo {
+                shape: shape.clone(),
+                dtype: DType::F32,
+                ggml: None,
+                read: DType::F32,
+            }),
+            Source::Sum { parts } => {
+                let infos = parts
+                    .iter()
+                    .map(|p| self.info_of(p))
+                    .collect::<Result<Vec<_>>>()?;
+                match infos.first() {
+                    Some(first) if infos.iter().all(|i| i.shape == first.shape) => Ok(KeyInfo {
+                        read: DType::F32,
+                        ..first.clone()
+                    }),
+                    _ => Err(Error::Config(format!(
+                        "{}: cannot add tensors of shapes {:?}",
+                        self.origin.display(),
+                        infos.iter().map(|i| i.shape.clone()).collect::<Vec<_>>()
+                    ))),
+                }
+            }
         }
     }
 }

@@ -361,10 +361,9 @@ impl ClipTextModel {
         h.add(&self.mlp(s, &x)?)
     }
 
+    /// A Linear layer (with its LoRA term, if a text-encoder LoRA is attached).
     fn linear<T: Tensor, S: Stage<T>>(&self, s: &S, name: &str, x: &T) -> Result<T> {
-        let w = s.get(&format!("{name}.weight"))?;
-        let b = s.get(&format!("{name}.bias"))?;
-        ops::linear(x, &w, Some(&b))
+        s.linear(name, x)
     }
 
     /// Causal softmax(q·kᵀ/√d)·v per head; scores in the compute dtype, softmax in f32.

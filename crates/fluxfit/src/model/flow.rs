@@ -7,7 +7,7 @@ use candle_core::{DType, Device, D};
 use crate::checkpoint::store::TensorStore;
 use crate::error::{Error, Result};
 use crate::model::attention::{apply_rope, attention, rope_angles};
-use crate::model::ops::{gelu_tanh, layer_norm_plain, linear, modulate, rms_norm, silu};
+use crate::model::ops::{gelu_tanh, layer_norm_plain, modulate, rms_norm, silu};
 use crate::model::t5::dims;
 use crate::model::weights::{Stage, StageSpec, Weights};
 use crate::tensor::Tensor;
@@ -294,8 +294,8 @@ impl Flux {
         let cfg = &self.config;
         let dtype = w.dtype();
         let emb = w.stage("embed")?;
-        let img = linear_of(&emb, "img_in", &inp.img.to_dtype(dtype)?)?;
-        let txt = linear_of(&emb, "txt_in", &inp.txt.to_dtype(dtype)?)?;
+        let img = emb.linear("img_in", &inp.img.to_dtype(dtype)?)?;
+        let txt = emb.linear("txt_in", &inp.txt.to_dtype(dtype)?)?;
 
         let mut vec = mlp_embedder(&emb, "time_in", &timestep_embedding(inp.timesteps, dtype)?)?;
         if cfg.guidance_embed {
@@ -332,13 +332,12 @@ impl Flux {
         let x = x.narrow(1, l_txt, l_img)?;
 
         let f = w.stage("final_layer")?;
-        let m = linear_of(&f, "adaLN_modulation.1", &silu(&vec)?)?.unsqueeze(1)?;
+        let m = f.linear("adaLN_modulation.1", &silu(&vec)?)?.unsqueeze(1)?;
         let (shift, scale) = (
             m.narrow(D::Minus1, 0, cfg.hidden_size)?,
             m.narrow(D::Minus1, cfg.hidden_size, cfg.hidden_size)?,
         );
-        linear_of(
-            &f,
+        f.linear(
             "linear",
             &modulate(&layer_norm_plain(&x, LN_EPS)?, &shift, &scale)?,
         )
@@ -377,11 +376,10 @@ impl Flux {
         let img_a = a.narrow(1, l_txt, img.dim(1)?)?;
 
         let stream = |x: &T, attn: &T, m: &[T], s: &str| -> Result<T> {
-            let x =
-                x.add(&m[2].broadcast_mul(&linear_of(b, &format!("{s}_attn.proj"), attn)?)?)?;
+            let x = x.add(&m[2].broadcast_mul(&b.linear(&format!("{s}_attn.proj"), attn)?)?)?;
             let h = modulate(&layer_norm_plain(&x, LN_EPS)?, &m[3], &m[4])?;
-            let h = linear_of(b, &format!("{s}_mlp.0"), &h)?;
-            let h = linear_of(b, &format!("{s}_mlp.2"), &gelu_tanh(&h)?)?;
+            let h = b.linear(&format!("{s}_mlp.0"), &h)?;
+            let h = b.linear(&format!("{s}_mlp.2"), &gelu_tanh(&h)?)?;
             x.add(&m[5].broadcast_mul(&h)?)
         };
         Ok((
@@ -400,20 +398,20 @@ impl Flux {
         let h = self.config.hidden_size;
         let m = modulation(b, "modulation.lin", vec, 3)?;
         let x_mod = modulate(&layer_norm_plain(x, LN_EPS)?, &m[0], &m[1])?;
-        let lin1 = linear_of(b, "linear1", &x_mod)?;
+        let lin1 = b.linear("linear1", &x_mod)?;
         let qkv = lin1.narrow(D::Minus1, 0, 3 * h)?;
         let mlp = lin1.narrow(D::Minus1, 3 * h, self.config.mlp_hidden)?;
         let (q, k, v) = self.split_heads(&qkv)?;
         let (q, k) = qk_norm(b, "norm", &q, &k, &v)?;
         let a = self.attend(&q, &k, &v, pe)?;
-        let out = linear_of(b, "linear2", &T::cat(&[&a, &gelu_tanh(&mlp)?], D::Minus1)?)?;
+        let out = b.linear("linear2", &T::cat(&[&a, &gelu_tanh(&mlp)?], D::Minus1)?)?;
         drop(a);
         x.add(&m[2].broadcast_mul(&out)?)
     }
 
     /// `qkv` projection, head split and QK-norm of one stream.
     fn qkv<T: Tensor, S: Stage<T>>(&self, b: &S, prefix: &str, x: &T) -> Result<(T, T, T)> {
-        let qkv = linear_of(b, &format!("{prefix}.qkv"), x)?;
+        let qkv = b.linear(&format!("{prefix}.qkv"), x)?;
         let (q, k, v) = self.split_heads(&qkv)?;
         let (q, k) = qk_norm(b, &format!("{prefix}.norm"), &q, &k, &v)?;
         Ok((q, k, v))
@@ -438,30 +436,15 @@ impl Flux {
     }
 }
 
-/// A Linear layer, plus its LoRA term `B(A(x))` when a LoRA is attached (B carries the scale;
-/// see `checkpoint::lora`).
-fn linear_of<T: Tensor, S: Stage<T>>(s: &S, name: &str, x: &T) -> Result<T> {
-    let y = s.linear(name, x)?;
-    match s.get_opt(&format!("{name}.lora_A.weight")) {
-        None => Ok(y),
-        Some(a) => {
-            let h = linear(x, &a, s.get_opt(&format!("{name}.lora_A.bias")).as_ref())?;
-            let up = s.get(&format!("{name}.lora_B.weight"))?;
-            let d = linear(&h, &up, s.get_opt(&format!("{name}.lora_B.bias")).as_ref())?;
-            y.add(&d)
-        }
-    }
-}
-
 /// in_layer → SiLU → out_layer.
 fn mlp_embedder<T: Tensor, S: Stage<T>>(s: &S, name: &str, x: &T) -> Result<T> {
-    let h = linear_of(s, &format!("{name}.in_layer"), x)?;
-    linear_of(s, &format!("{name}.out_layer"), &silu(&h)?)
+    let h = s.linear(&format!("{name}.in_layer"), x)?;
+    s.linear(&format!("{name}.out_layer"), &silu(&h)?)
 }
 
 /// `lin(SiLU(vec))` split into `k` chunks `[B, 1, H]`, ordered shift, scale, gate (, shift, scale, gate).
 fn modulation<T: Tensor, S: Stage<T>>(s: &S, name: &str, vec: &T, k: usize) -> Result<Vec<T>> {
-    let m = linear_of(s, name, &silu(vec)?)?.unsqueeze(1)?;
+    let m = s.linear(name, &silu(vec)?)?.unsqueeze(1)?;
     m.chunk(k, D::Minus1)
 }
 

@@ -103,10 +103,26 @@ pub trait Stage<T: Tensor> {
         })
     }
 
-    /// The Linear layer `name`: `x·Wᵀ + b` with `name.weight` (and `name.bias` if present), by
-    /// a quantized matmul where the stage holds the weight for one, which takes f32 activations
-    /// (quantized to 8 bits inside) and gives them back in `x`'s dtype.
+    /// The Linear layer `name`, plus its LoRA term `B(A(x))` when LoRAs are attached (stacked
+    /// LoRAs and slices of fused weights are one pair of higher rank, B carrying the scales; see
+    /// `checkpoint::lora`).
     fn linear(&self, name: &str, x: &T) -> Result<T> {
+        let y = self.base_linear(name, x)?;
+        match self.get_opt(&format!("{name}.lora_A.weight")) {
+            None => Ok(y),
+            Some(a) => {
+                let h = ops::linear(x, &a, self.get_opt(&format!("{name}.lora_A.bias")).as_ref())?;
+                let up = self.get(&format!("{name}.lora_B.weight"))?;
+                let bias = self.get_opt(&format!("{name}.lora_B.bias"));
+                y.add(&ops::linear(&h, &up, bias.as_ref())?)
+            }
+        }
+    }
+
+    /// `x·Wᵀ + b` with `name.weight` (and `name.bias` if present), by a quantized matmul where
+    /// the stage holds the weight for one, which takes f32 activations (quantized to 8 bits
+    /// inside) and gives them back in `x`'s dtype.
+    fn base_linear(&self, name: &str, x: &T) -> Result<T> {
         let weight = format!("{name}.weight");
         let bias = self.get_opt(&format!("{name}.bias"));
         match self.quantized(&weight) {

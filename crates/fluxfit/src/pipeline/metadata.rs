@@ -28,10 +28,32 @@ pub fn metadata(model: &Model, req: &Request) -> Vec<(String, String)> {
         ),
         ("software".into(), format!("fluxfit {}", crate::version())),
     ];
+    if !model.loras.is_empty() {
+        let name = |p: &std::path::Path| {
+            p.file_name().map_or_else(
+                || p.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            )
+        };
+        let list = |f: &dyn Fn(&crate::checkpoint::lora::LoraSummary) -> String| {
+            model.loras.iter().map(f).collect::<Vec<_>>().join(", ")
+        };
+        m.push(("lora".into(), list(&|l| name(&l.path))));
+        m.push(("lora_scale".into(), list(&|l| l.scale.to_string())));
+        // A1111's `Lora hashes` (name: first 12 hex digits of the file's SHA-256).
+        m.push((
+            "lora_hashes".into(),
+            list(&|l| format!("{}: {}", name(&l.path), l.hash)),
+        ));
+    }
+    let hashes = m
+        .iter()
+        .find(|(k, _)| k == "lora_hashes")
+        .map_or_else(String::new, |(_, v)| format!(", Lora hashes: \"{v}\""));
     m.push((
         "parameters".into(),
         format!(
-            "{}\nSteps: {}, Sampler: Euler, Schedule: {}, Distilled CFG Scale: {}, Seed: {}, Size: {}x{}, Model: {}, Version: fluxfit {}",
+            "{}\nSteps: {}, Sampler: Euler, Schedule: {}, Distilled CFG Scale: {}, Seed: {}, Size: {}x{}, Model: {}{hashes}, Version: fluxfit {}",
             req.prompt,
             req.steps,
             if model.variant.shift_schedule() { "flux-shift" } else { "linear" },

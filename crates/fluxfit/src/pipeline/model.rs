@@ -34,8 +34,8 @@ pub struct LoadOptions {
     pub attn_chunk: Option<usize>,
     /// Forces the variant where shapes cannot tell (dev vs krea vs kontext).
     pub variant: Option<Variant>,
-    /// A LoRA attached to the flow model (a control LoRA on the dev base).
-    pub lora: Option<LoraSpec>,
+    /// LoRAs attached in order (style LoRAs, a control LoRA on the dev base), stacked.
+    pub loras: Vec<LoraSpec>,
     /// Quantize the flow and T5 weights to this type when a `+packed` plan stages them (as
     /// `fluxfit quantize` would store them), for dense files; GGUF files are left as stored.
     pub quantize: Option<GgmlDType>,
@@ -45,13 +45,9 @@ pub struct LoadOptions {
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraSpec {
     pub path: PathBuf,
-    /// The reference's `lora_scale` (its CLI's default is 0.85).
-    pub scale: f64,
-}
-
-impl LoraSpec {
-    /// The reference CLI's default scale for control LoRAs.
-    pub const DEFAULT_SCALE: f64 = 0.85;
+    /// The user's strength, which multiplies the file's own `alpha / rank` where its layout has
+    /// one; `None`: 0.85 for BFL's control LoRAs (the reference CLI's `lora_scale`), else 1.
+    pub scale: Option<f64>,
 }
 
 impl Default for LoadOptions {
@@ -61,7 +57,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             attn_chunk: Some(crate::model::attention::DEFAULT_CHUNK),
             variant: None,
-            lora: None,
+            loras: Vec::new(),
             quantize: None,
         }
     }
@@ -185,6 +181,8 @@ pub struct Model {
     pub t5_tokenizer: T5Tokenizer,
     pub clip_tokenizer: ClipTokenizer,
     pub options: LoadOptions,
+    /// What each of `options.loras` adapts.
+    pub loras: Vec<lora::LoraSummary>,
     /// Where each component's weights live; see [`Model::set_plan`].
     plan: Plan,
     /// Device bytes by owner, shared by the four residencies.
@@ -235,11 +233,33 @@ impl Model {
         options: LoadOptions,
     ) -> Result<Self> {
         let mut flow_hint = flow_hint.to_string();
-        if let Some(lora) = &options.lora {
-            let file = SafetensorsFile::open(&lora.path)?;
-            lora::attach(&mut stores.flow, file, lora.scale)?;
-            // The LoRA's name tells canny from depth (both widen img_in to 128).
-            flow_hint = format!("{flow_hint} {}", lora.path.to_string_lossy());
+        let files = options
+            .loras
+            .iter()
+            .map(|l| {
+                Ok(lora::LoraFile {
+                    file: SafetensorsFile::open(&l.path)?,
+                    scale: l.scale,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let loras = if files.is_empty() {
+            Vec::new()
+        } else {
+            let targets = lora::LoraTargets {
+                flow: &mut stores.flow,
+                clip: Some(&mut stores.clip),
+                t5: Some(&mut stores.t5),
+            };
+            let mut found = lora::attach(targets, &files)?;
+            for s in &mut found {
+                s.hash = lora::short_hash(&s.path)?;
+            }
+            found
+        };
+        for l in &options.loras {
+            // A LoRA's name tells canny from depth (both widen img_in to 128).
+            flow_hint = format!("{flow_hint} {}", l.path.to_string_lossy());
         }
         let flow_hint = flow_hint.as_str();
         if let Some(t) = options.quantize {
@@ -318,6 +338,7 @@ impl Model {
             t5_tokenizer,
             clip_tokenizer,
             options,
+            loras,
             plan,
             ledger,
             watch: None,

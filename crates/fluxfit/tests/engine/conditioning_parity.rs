@@ -23,10 +23,13 @@ fn model(flow: &str, variant: Variant, lora: Option<&str>) -> Model {
         "fixture",
         LoadOptions {
             variant: Some(variant),
-            lora: lora.map(|l| LoraSpec {
-                path: fixtures().join("tiny-bfl").join(l),
-                scale: LoraSpec::DEFAULT_SCALE,
-            }),
+            loras: lora
+                .map(|l| LoraSpec {
+                    path: fixtures().join("tiny-bfl").join(l),
+                    scale: None,
+                })
+                .into_iter()
+                .collect(),
             ..LoadOptions::default()
         },
     )
@@ -149,7 +152,7 @@ fn control_lora_on_dev_matches_reference() {
     let json = golden_json("control_lora_dev.json");
     assert_eq!(
         json["lora_scale"].as_f64().unwrap(),
-        LoraSpec::DEFAULT_SCALE
+        fluxfit::checkpoint::lora::CONTROL_SCALE
     );
     let req = golden_request(&json);
     // The variant comes from the LoRA's file name: dev + canny LoRA = a Canny model.
@@ -157,16 +160,18 @@ fn control_lora_on_dev_matches_reference() {
         &bfl_sources("flux1-tiny-dev.safetensors"),
         "fixture",
         LoadOptions {
-            lora: Some(LoraSpec {
+            // No scale given: a control LoRA takes the reference CLI's 0.85.
+            loras: vec![LoraSpec {
                 path: fixtures().join("tiny-bfl/flux1-tiny-canny-dev-lora.safetensors"),
-                scale: LoraSpec::DEFAULT_SCALE,
-            }),
+                scale: None,
+            }],
             ..LoadOptions::default()
         },
     )
     .unwrap();
     assert_eq!(model.variant, Variant::DevCanny);
     assert_eq!(model.flow.net.config.in_channels, 128);
+    assert_eq!(model.loras[0].scale, json["lora_scale"].as_f64().unwrap());
     check_first_velocity(&model, file, &golden(file, "control_latent"));
     let image = image_tensor(&read_rgb8(&fixtures().join("control_image.png")).unwrap()).unwrap();
     check_control_latents(&model, &req, &image, file, "control LoRA final latents");
@@ -235,10 +240,10 @@ fn wrong_models_are_refused_with_the_fix() {
         &bfl_sources("../tiny-variants/flux1-tiny-fill-dev.safetensors"),
         "fixture",
         LoadOptions {
-            lora: Some(LoraSpec {
+            loras: vec![LoraSpec {
                 path: fixtures().join("tiny-bfl/flux1-tiny-canny-dev-lora.safetensors"),
-                scale: 1.0,
-            }),
+                scale: Some(1.0),
+            }],
             ..LoadOptions::default()
         },
     )

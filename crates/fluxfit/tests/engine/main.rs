@@ -13,6 +13,7 @@ mod conditioning_parity;
 mod e2e_parity;
 mod fill_parity;
 mod img2img_parity;
+mod lora_parity;
 mod model_parity;
 mod noise_parity;
 mod packed_plans;
