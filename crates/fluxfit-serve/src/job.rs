@@ -186,6 +186,8 @@ pub struct ModelInfo {
     pub t5_tokens: usize,
     /// Sides above this are refused.
     pub max_side: usize,
+    /// The LoRAs the model was loaded with: file name, scale, short hash.
+    pub loras: Vec<(String, f64, String)>,
 }
 
 /// Limits on uploaded images.

@@ -134,6 +134,17 @@ impl Server {
         let tiny = model.name.starts_with("tiny");
         let v = model.variant;
         let info = ModelInfo {
+            loras: model
+                .loras
+                .iter()
+                .map(|l| {
+                    let name = l.path.file_name().map_or_else(
+                        || l.path.display().to_string(),
+                        |n| n.to_string_lossy().into_owned(),
+                    );
+                    (name, l.scale, l.hash.clone())
+                })
+                .collect(),
             name: model.name.clone(),
             variant: v,
             default_size: if tiny { (256, 256) } else { (1024, 1024) },

@@ -35,6 +35,9 @@ pub async fn info(State(app): AppState) -> Json<serde_json::Value> {
         "model": i.name,
         "variant": i.variant.name(),
         "modes": modes(i.variant),
+        "loras": i.loras.iter().map(|(name, scale, hash)| {
+            serde_json::json!({ "file": name, "scale": scale, "hash": hash })
+        }).collect::<Vec<_>>(),
         "defaults": {
             "width": i.default_size.0, "height": i.default_size.1,
             "steps": i.default_steps, "guidance": i.default_guidance,
