@@ -131,7 +131,10 @@ impl<'a> Base<'a> {
             Layout::Kohya => self.kohya.get(module.strip_prefix("lora_")?)?.clone(),
             Layout::XLabs => {
                 let (layer, rows) = xlabs(module, self.hidden)?;
-                self.out_rows(Component::Flow, &layer)?;
+                let out = self.out_rows(Component::Flow, &layer)?;
+                if let Span::Rows { offset, len } = rows {
+                    (offset + len <= out).then_some(())?;
+                }
                 return Some(Target {
                     component: Component::Flow,
                     layer,
@@ -147,8 +150,13 @@ impl<'a> Base<'a> {
             Rows::Part { index, of } => {
                 let width = if of == 3 { out / 3 } else { self.hidden };
                 let offset = index * width;
-                let len = if index + 1 == of { out - offset } else { width };
-                Span::Rows { offset, len }
+                let len = if index + 1 == of {
+                    out.checked_sub(offset)?
+                } else {
+                    width
+                };
+                // A base too narrow for its own parts matches nothing (its config check says why).
+                (len > 0 && offset + len <= out).then_some(Span::Rows { offset, len })?
             }
         };
         Some(Target {
