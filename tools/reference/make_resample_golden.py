@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Goldens for fluxfit's Pillow-exact LANCZOS resampler (crates/fluxfit/src/resample.rs).
+"""Goldens for fluxfit's Pillow-exact LANCZOS and BICUBIC resampler (crates/fluxfit/src/resample.rs).
 
 Run (needs only numpy and Pillow from the venv; about a second):
     tools/reference/.venv/bin/python tools/reference/make_resample_golden.py
@@ -13,6 +13,7 @@ tests/fixtures/resample/:
                          96x64 image shrunk 8x), l_col (1x9 L) and rgb_row (11x1 RGB); gradients,
                          0/255 steps (so Lanczos ringing is clipped) and seeded noise
     <source>-<W>x<H>.png Image.open(<source>.png).resize((W, H), Image.LANCZOS)
+    <source>-<W>x<H>-bicubic.png   the same with Image.BICUBIC (a few cases)
 
 The cases cover upscaling (x2.7), downscaling (/3.1, /7.4, to 1x1), mixed up/down, non-integer
 ratios, one side unchanged (Pillow skips that pass), 1-pixel sides and sources, the identity,
@@ -62,6 +63,9 @@ CASES = [
     ("l_col", [(4, 20), (1, 3), (3, 1), (1, 1)]),
     ("rgb_row", [(25, 2), (4, 1), (1, 1)]),
 ]
+# BICUBIC (Redux's SigLIP processor resizes with it): rgb-<W>x<H>-bicubic.png.
+BICUBIC = [("rgb", [(100, 62), (12, 7), (56, 56), (33, 7), (20, 50), (41, 23), (1, 1)]),
+           ("rgb_small", [(56, 56)])]
 
 
 def sources():
@@ -139,7 +143,15 @@ def main():
             path = os.path.join(OUT, f"{name}-{w}x{h}.png")
             out.save(path, optimize=True)
             total += os.path.getsize(path)
-    n = sum(len(s) for _, s in CASES)
+    for name, sizes in BICUBIC:
+        src = Image.open(os.path.join(OUT, f"{name}.png"))
+        src.load()
+        for w, h in sizes:
+            out = src.resize((w, h), Image.BICUBIC)
+            path = os.path.join(OUT, f"{name}-{w}x{h}-bicubic.png")
+            out.save(path, optimize=True)
+            total += os.path.getsize(path)
+    n = sum(len(s) for _, s in CASES) + sum(len(s) for _, s in BICUBIC)
     print(f"wrote {n} cases from {len(CASES)} sources to {OUT} ({total} bytes)")
 
 

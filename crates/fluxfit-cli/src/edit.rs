@@ -99,6 +99,8 @@ pub fn run(mut args: EditArgs) -> Result<()> {
         height: Some(h),
         image_input: true,
         cond_size: Some((cond.width, cond.height)),
+        redux: None,
+        redux_images: 0,
         quant: Quant::Stored,
         attn_chunk: Some(fluxfit::model::attention::DEFAULT_CHUNK),
     })?;

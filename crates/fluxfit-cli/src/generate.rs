@@ -12,6 +12,7 @@ use fluxfit::memory::ledger::MemoryReport;
 use fluxfit::noise::{random_seed, NoiseKind};
 use fluxfit::pipeline::control::canny_control;
 use fluxfit::pipeline::kontext::image_tensor;
+use fluxfit::pipeline::redux::{ReduxImage, MAX_IMAGES as MAX_REDUX_IMAGES};
 use fluxfit::pipeline::{Event, ImageInit, Model, Request};
 use fluxfit::variant::Variant;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -54,6 +55,26 @@ pub struct GenerateArgs {
     /// the image's size, floored to multiples of 16.
     #[arg(long, value_name = "FILE", conflicts_with = "init_image")]
     pub control_image: Option<PathBuf>,
+    /// Redux image variation (with dev or schnell; FLUX.1-Redux-dev): the image prompts the
+    /// model through SigLIP, its tokens appended to the prompt's (the reference's prompt is
+    /// empty: pass --prompt ""). Repeat to mix images (each adds 729 tokens, up to 8 images).
+    /// `:STRENGTH` multiplies that image's tokens (0 to 10; default 1, the reference).
+    #[arg(
+        long = "redux-image",
+        value_name = "FILE[:STRENGTH]",
+        value_parser = parse_redux_image,
+        conflicts_with = "control_image"
+    )]
+    pub redux_image: Vec<ReduxImageArg>,
+    /// Redux's encoder: FLUX.1-Redux-dev's folder, or flux1-redux-dev.safetensors with an
+    /// image_encoder/ folder beside it [default for dev and schnell: downloaded from
+    /// black-forest-labs/FLUX.1-Redux-dev].
+    #[arg(long, value_name = "FILE|DIR", requires = "redux_image")]
+    pub redux: Option<PathBuf>,
+    /// Redux's SigLIP vision tower, where it is not beside the projector (a SiglipVisionModel
+    /// folder, or google/siglip-so400m-patch14-384's).
+    #[arg(long, value_name = "FILE|DIR", requires = "redux_image")]
+    pub siglip: Option<PathBuf>,
     /// Use --control-image as the control as is (an edge map you made), not its Canny edges.
     #[arg(long, requires = "control_image")]
     pub control_raw: bool,
@@ -81,6 +102,34 @@ pub struct GenerateArgs {
     pub interactive: bool,
     #[command(flatten)]
     pub run: RunArgs,
+}
+
+/// One `--redux-image FILE[:STRENGTH]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReduxImageArg {
+    pub path: PathBuf,
+    pub strength: f64,
+}
+
+/// `FILE` or `FILE:STRENGTH`; a path that exists as given wins over a colon inside it.
+fn parse_redux_image(s: &str) -> std::result::Result<ReduxImageArg, String> {
+    if let Some((path, strength)) = s.rsplit_once(':') {
+        if !Path::new(s).exists() && !strength.contains(['/', '\\']) {
+            return match strength.trim().parse::<f64>() {
+                Ok(v) if v.is_finite() && (0.0..=10.0).contains(&v) => Ok(ReduxImageArg {
+                    path: path.into(),
+                    strength: v,
+                }),
+                _ => Err(format!(
+                    "{s}: `{strength}` is not a Redux strength; give a number from 0 to 10 after the colon"
+                )),
+            };
+        }
+    }
+    Ok(ReduxImageArg {
+        path: s.into(),
+        strength: 1.0,
+    })
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -139,11 +188,24 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
         None => None,
     };
+    // Redux images are read now: a bad one is named before anything loads.
+    let redux_images = load_redux_images(&args)?;
+    let redux = if redux_images.is_empty() {
+        None
+    } else {
+        Some(crate::source::redux_paths(
+            &args.run.model,
+            args.redux.as_deref(),
+            args.siglip.as_deref(),
+        )?)
+    };
     let mut model = args.run.load_planned(Planning {
         width: args.width.or(control_size.map(|s| s.0)),
         height: args.height.or(control_size.map(|s| s.1)),
         image_input: args.init_image.is_some() || args.control_image.is_some(),
         cond_size: None,
+        redux,
+        redux_images: redux_images.len(),
         quant: args.quant,
         attn_chunk: (args.attn_chunk > 0).then_some(args.attn_chunk),
     })?;
@@ -243,6 +305,27 @@ fn load_init(args: &GenerateArgs, req: &Request) -> Result<Option<ImageInit>> {
     }))
 }
 
+/// The `--redux-image` files, decoded (each is resized for SigLIP when it is encoded).
+fn load_redux_images(args: &GenerateArgs) -> Result<Vec<ReduxImage>> {
+    if args.redux_image.len() > MAX_REDUX_IMAGES {
+        bail!(
+            "--redux-image given {} times; Redux mixes at most {MAX_REDUX_IMAGES} images",
+            args.redux_image.len()
+        );
+    }
+    args.redux_image
+        .iter()
+        .map(|r| {
+            let image = read_rgb8(&r.path)
+                .with_context(|| format!("--redux-image {}", r.path.display()))?;
+            Ok(ReduxImage {
+                image,
+                strength: r.strength,
+            })
+        })
+        .collect()
+}
+
 /// The control image as the request needs it (see `--control-image`), and how it was made.
 fn load_control(
     args: &GenerateArgs,
@@ -313,7 +396,9 @@ fn generate_one(model: &Model, req: &Request, args: &GenerateArgs) -> Result<Pat
         }
     };
     let control = load_control(args, model, req)?;
+    let redux = load_redux_images(args)?;
     let out = match (&init, &control) {
+        _ if !redux.is_empty() => model.redux(req, &redux, init.as_ref(), None, &mut on_event)?,
         (Some(init), _) => model.image_to_image(req, init, None, &mut on_event)?,
         (None, Some((image, _))) => model.control(req, image, None, &mut on_event)?,
         (None, None) => model.text_to_image(req, &mut on_event)?,
@@ -340,6 +425,14 @@ fn generate_one(model: &Model, req: &Request, args: &GenerateArgs) -> Result<Pat
     if let (Some(path), Some((_, how))) = (&args.control_image, &control) {
         meta.push(("control_image".into(), crate::run_args::file_name(path)));
         meta.push(("control".into(), how.to_string()));
+    }
+    if !args.redux_image.is_empty() {
+        let images: Vec<String> = args
+            .redux_image
+            .iter()
+            .map(|r| format!("{}:{}", crate::run_args::file_name(&r.path), r.strength))
+            .collect();
+        meta.push(("redux_images".into(), images.join(", ")));
     }
     save(&rgb, &path, &meta)?;
     println!(

@@ -52,6 +52,10 @@ pub struct PlanArgs {
     /// in the encode phase, and kontext doubles the image tokens.
     #[arg(long)]
     pub image_input: bool,
+    /// Redux images the request mixes (FLUX.1-Redux-dev's SigLIP tower runs in the encode
+    /// phase; each image adds 729 tokens to the text sequence of every step).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=8))]
+    pub redux_images: u32,
     /// Storage of the flow and T5 weights: `stored` (as the files are; GGUF block-quantized
     /// weights may stay packed on the device; with a budget a table compares storage types),
     /// `auto` (also says which storage `generate --vram --quant auto` would take), `none`
@@ -122,6 +126,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
             steps: args.steps,
             image_input: args.image_input,
             cond_size: None,
+            redux_images: args.redux_images as usize,
         },
     );
     if req.width < 64 || req.height < 64 {

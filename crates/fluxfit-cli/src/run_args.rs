@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use fluxfit::candle_core::quantized::GgmlDType;
 use fluxfit::candle_core::{DType, Device, Tensor};
+use fluxfit::checkpoint::layout::ReduxPaths;
 use fluxfit::image::{next_free_path, save, to_rgb8};
 use fluxfit::memory::plan::Plan;
 use fluxfit::noise::{random_seed, NoiseKind};
@@ -27,6 +28,9 @@ pub struct Planning {
     pub image_input: bool,
     /// Its size where it is not the output's (Kontext).
     pub cond_size: Option<(usize, usize)>,
+    /// Redux's encoder, attached before planning, and how many images it encodes.
+    pub redux: Option<ReduxPaths>,
+    pub redux_images: usize,
     pub quant: Quant,
     pub attn_chunk: Option<usize>,
 }
@@ -86,6 +90,8 @@ impl RunArgs {
             height: Some(height),
             image_input: true,
             cond_size: None,
+            redux: None,
+            redux_images: 0,
             quant: Quant::Stored,
             attn_chunk: Some(fluxfit::model::attention::DEFAULT_CHUNK),
         })
@@ -116,6 +122,7 @@ impl RunArgs {
                 t5_tokens: self.t5_tokens,
                 image_input: p.image_input,
                 cond_size: p.cond_size,
+                redux_images: p.redux_images,
             },
             quant: p.quant,
             quiet: self.quiet,
@@ -133,6 +140,9 @@ impl RunArgs {
             quantize,
             ..options.clone()
         })?;
+        if let Some(paths) = &p.redux {
+            model.attach_redux(paths)?;
+        }
         let mut plan = match (&vram, early) {
             (_, Some((plan, _))) => plan,
             (Some(r), None) => {

@@ -66,6 +66,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         height: None,
         image_input: false,
         cond_size: None,
+        redux: None,
+        redux_images: 0,
         quant: Quant::Stored,
         attn_chunk: Some(fluxfit::model::attention::DEFAULT_CHUNK),
     })?;

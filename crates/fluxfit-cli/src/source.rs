@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use fluxfit::checkpoint::layout::ModelPaths;
+use fluxfit::checkpoint::layout::{ModelPaths, ReduxPaths};
 use fluxfit::pipeline::{tiny, LoadOptions, LoraSpec, Model, ModelRef, ModelSources};
 use fluxfit::variant::Variant;
 
@@ -156,6 +156,47 @@ impl ModelArgs {
             .unwrap_or_else(|| sources.flow.display().to_string());
         Model::load(&sources, &name, options).with_context(|| format!("loading {name}"))
     }
+}
+
+/// FLUX.1-Redux-dev on the hub: the projector and SigLIP tower Redux reads.
+const REDUX_REPO: &str = "black-forest-labs/FLUX.1-Redux-dev";
+
+/// Where Redux's encoder is: `--redux` (and `--siglip`) when given; else, for a published
+/// dev or schnell model, FLUX.1-Redux-dev from the hub (its gated licence applies).
+pub fn redux_paths(
+    model: &ModelArgs,
+    redux: Option<&Path>,
+    siglip: Option<&Path>,
+) -> Result<ReduxPaths> {
+    let dir = match redux {
+        Some(p) => {
+            if !p.exists() {
+                bail!("--redux {}: no such file or folder", p.display());
+            }
+            p.to_path_buf()
+        }
+        None => match model.published_variant() {
+            Some(Variant::Dev | Variant::Schnell | Variant::DevKrea) => redux_snapshot()?,
+            _ => bail!(
+                "Redux needs its encoder: --redux DIR (FLUX.1-Redux-dev's folder) or --redux \
+                 FILE (flux1-redux-dev.safetensors with image_encoder/ beside it, or --siglip)"
+            ),
+        },
+    };
+    if let Some(s) = siglip.filter(|s| !s.exists()) {
+        bail!("--siglip {}: no such file or folder", s.display());
+    }
+    ReduxPaths::resolve(&dir, siglip).with_context(|| format!("--redux {}", dir.display()))
+}
+
+#[cfg(feature = "hub")]
+fn redux_snapshot() -> Result<PathBuf> {
+    fluxfit_hub::snapshot(REDUX_REPO, None, &fluxfit_hub::Wanted::redux())
+}
+
+#[cfg(not(feature = "hub"))]
+fn redux_snapshot() -> Result<PathBuf> {
+    bail!("Redux: this fluxfit was built without the `hub` feature; download {REDUX_REPO} yourself and pass its folder with --redux")
 }
 
 #[cfg(feature = "hub")]

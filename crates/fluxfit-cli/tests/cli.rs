@@ -1210,3 +1210,55 @@ fn stacked_loras_with_their_scales_are_recorded_with_their_hashes() {
     fails(d, &strs(&args), &["`abc` is not a LoRA scale"]);
     assert_eq!(pngs_in(d), 2);
 }
+
+#[test]
+fn redux_images_prompt_the_model_and_are_recorded() {
+    let dir = tempdir();
+    let d = dir.path();
+    let redux = s(&fixtures().join("redux"));
+    let a = s(&fixtures().join("redux_a.png"));
+    let b = s(&fixtures().join("redux_b.png"));
+    let args = |extra: &[&str], out: &str| -> Vec<String> {
+        let mut args: Vec<String> = vec!["generate".into(), "--flow".into(), s(&bfl_flow())];
+        args.extend(parts());
+        let fixed = ["-q", "--steps", "2", "--width", "64", "--height", "64"];
+        let fixed = fixed.iter().chain(&["--seed", "7", "--prompt", ""]);
+        args.extend(fixed.chain(extra).map(|a| a.to_string()));
+        args.extend(["--out".to_string(), out.to_string()]);
+        args
+    };
+    let plain = args(&[], "plain.png");
+    succeeds(d, &strs(&plain));
+    let mixed = args(
+        &[
+            "--redux",
+            &redux,
+            "--redux-image",
+            &a,
+            "--redux-image",
+            &format!("{b}:0.5"),
+        ],
+        "mixed.png",
+    );
+    succeeds(d, &strs(&mixed));
+    assert_eq!(
+        chunk(&text(&d.join("mixed.png")), "redux_images"),
+        "redux_a.png:1, redux_b.png:0.5"
+    );
+    let bytes = |n: &str| std::fs::read(d.join(n)).unwrap();
+    assert_ne!(
+        bytes("plain.png"),
+        bytes("mixed.png"),
+        "the images changed nothing"
+    );
+    // Bad input: a strength that is not a number, an image that is not there, no encoder.
+    let bad = args(
+        &["--redux", &redux, "--redux-image", &format!("{a}:lots")],
+        "x.png",
+    );
+    command_fails(d, &strs(&bad), &["lots", "Redux strength"]);
+    let missing = args(&["--redux", &redux, "--redux-image", "nope.png"], "x.png");
+    command_fails(d, &strs(&missing), &["--redux-image nope.png"]);
+    let none = args(&["--redux-image", &a], "x.png");
+    command_fails(d, &strs(&none), &["--redux"]);
+}

@@ -54,6 +54,22 @@ impl Wanted {
         }
     }
 
+    /// FLUX.1-Redux-dev as fluxfit reads it: the BFL projector and the diffusers-format SigLIP
+    /// vision tower with its configs (`image_embedder/` repeats the projector; not fetched).
+    pub fn redux() -> Self {
+        Self {
+            files: [
+                "flux1-redux-dev.safetensors",
+                "image_encoder/config.json",
+                "image_encoder/model.safetensors",
+                "feature_extractor/preprocessor_config.json",
+            ]
+            .map(String::from)
+            .to_vec(),
+            folders: Vec::new(),
+        }
+    }
+
     fn folder_of<'a>(&'a self, path: &str) -> Option<&'a str> {
         self.folders
             .iter()
@@ -980,6 +996,37 @@ mod tests {
         assert!(w.wants("text_encoder/config.json"));
         assert!(!w.wants("text_encoder_2/config.json"));
         assert!(!w.wants("text_encoder"));
+    }
+
+    #[test]
+    fn redux_selection_takes_the_projector_and_the_tower_only() {
+        let listed: Vec<(String, u64)> = [
+            "flux1-redux-dev.safetensors",
+            "image_embedder/config.json",
+            "image_embedder/diffusion_pytorch_model.safetensors",
+            "image_encoder/config.json",
+            "image_encoder/model.safetensors",
+            "feature_extractor/preprocessor_config.json",
+            "model_index.json",
+            "README.md",
+        ]
+        .iter()
+        .map(|p| (p.to_string(), 1))
+        .collect();
+        let got: Vec<String> = select(&listed, &Wanted::redux())
+            .unwrap()
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "flux1-redux-dev.safetensors",
+                "image_encoder/config.json",
+                "image_encoder/model.safetensors",
+                "feature_extractor/preprocessor_config.json"
+            ]
+        );
     }
 
     #[test]

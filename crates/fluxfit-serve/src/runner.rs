@@ -77,6 +77,7 @@ impl Planning {
                 t5_tokens: Some(w.req.t5_tokens),
                 image_input,
                 cond_size,
+                redux_images: 0,
             },
         )
     }

@@ -40,6 +40,7 @@ use crate::memory::plan::{ComponentPlan, Placement, Plan};
 use crate::model::autoencoder::{AutoEncoder, AutoEncoderConfig};
 use crate::model::clip::{ClipConfig, ClipTextModel};
 use crate::model::flow::{FlowConfig, Flux};
+use crate::model::redux::{ReduxConfig, ReduxEncoder};
 use crate::model::t5::{T5Config, T5Encoder};
 use crate::model::weights::StageSpec;
 use crate::pipeline::fill::fill_conditioning;
@@ -63,6 +64,8 @@ pub struct ModelSpec {
     pub vae_manifest: Manifest,
     pub t5_manifest: Manifest,
     pub clip_manifest: Manifest,
+    /// Redux's encoder and its checkpoint, used when a workload has Redux images.
+    pub redux: Option<(ReduxConfig, Manifest)>,
 }
 
 impl ModelSpec {
@@ -79,6 +82,7 @@ impl ModelSpec {
             vae_manifest: Manifest::vae(),
             t5_manifest: Manifest::t5_xxl(),
             clip_manifest: Manifest::clip_l(),
+            redux: Some((ReduxConfig::flux(), Manifest::redux())),
         }
     }
 
@@ -95,6 +99,13 @@ impl ModelSpec {
             vae_manifest: Manifest::from_store(Component::Vae, model.vae.weights.store()),
             t5_manifest: Manifest::from_store(Component::T5, model.t5.weights.store()),
             clip_manifest: Manifest::from_store(Component::Clip, model.clip.weights.store()),
+            redux: Some(match &model.redux {
+                Some(r) => (
+                    r.net.config.clone(),
+                    Manifest::from_store(Component::Clip, r.weights.store()),
+                ),
+                None => (ReduxConfig::flux(), Manifest::redux()),
+            }),
         }
     }
 
@@ -116,6 +127,7 @@ impl ModelSpec {
             vae_manifest: m(Component::Vae, vae.expected_shapes()),
             t5_manifest: m(Component::T5, t5.expected_shapes()),
             clip_manifest: m(Component::Clip, clip.expected_shapes()),
+            redux: None,
             flow,
             vae,
             t5,
@@ -162,58 +174,7 @@ impl ModelSpec {
         cpu: bool,
         cp: &ComponentPlan,
     ) -> Vec<StageCost> {
-        let m = self.manifest(kind);
-        let packed = cp.packed || cp.qmatmul;
-        // Weights a `+qmatmul` plan multiplies as they are: never dequantized.
-        let by_qmm = |e: &Entry| {
-            cp.qmatmul
-                && cpu
-                && e.ggml.is_some_and(|t| {
-                    crate::memory::residency::multiplied_quantized(
-                        &candle_core::Device::Cpu,
-                        &e.name,
-                        &e.shape,
-                        t,
-                    )
-                })
-        };
-        self.stages(kind)
-            .iter()
-            .map(|spec| {
-                let entries: Vec<_> = m.stage_entries(spec).collect();
-                let is_packed = |e: &&Entry| packed && e.packable();
-                let dense = |e: &&Entry| e.numel() * dtype.size_in_bytes();
-                StageCost {
-                    name: spec.name.clone(),
-                    root: spec.root.clone(),
-                    tensors: entries
-                        .iter()
-                        .map(|e| (e.name.clone(), e.shape.clone()))
-                        .collect(),
-                    qmm: entries
-                        .iter()
-                        .filter(|e| is_packed(e) && by_qmm(e))
-                        .map(|e| e.name.clone())
-                        .collect(),
-                    bytes: entries
-                        .iter()
-                        .map(|e| if is_packed(e) { e.nbytes() } else { dense(e) })
-                        .sum(),
-                    staging: entries
-                        .iter()
-                        .filter(|e| !is_packed(e))
-                        .filter(|e| !cpu || e.dtype != dtype)
-                        .map(|e| e.numel() * e.dtype.size_in_bytes())
-                        .max()
-                        .unwrap_or(0),
-                    unpacked: entries
-                        .iter()
-                        .filter(|e| is_packed(e) && !by_qmm(e))
-                        .map(dense)
-                        .sum(),
-                }
-            })
-            .collect()
+        stage_costs_of(self.manifest(kind), &self.stages(kind), dtype, cpu, cp)
     }
 
     /// This model with its flow and T5 checkpoints stored as `fluxfit quantize --type` would
@@ -235,6 +196,67 @@ impl ModelSpec {
     }
 }
 
+/// Per stage of `stages`: the costs [`ModelSpec::stage_costs`] describes, from manifest `m`.
+fn stage_costs_of(
+    m: &Manifest,
+    stages: &[StageSpec],
+    dtype: DType,
+    cpu: bool,
+    cp: &ComponentPlan,
+) -> Vec<StageCost> {
+    let packed = cp.packed || cp.qmatmul;
+    // Weights a `+qmatmul` plan multiplies as they are: never dequantized.
+    let by_qmm = |e: &Entry| {
+        cp.qmatmul
+            && cpu
+            && e.ggml.is_some_and(|t| {
+                crate::memory::residency::multiplied_quantized(
+                    &candle_core::Device::Cpu,
+                    &e.name,
+                    &e.shape,
+                    t,
+                )
+            })
+    };
+    stages
+        .iter()
+        .map(|spec| {
+            let entries: Vec<_> = m.stage_entries(spec).collect();
+            let is_packed = |e: &&Entry| packed && e.packable();
+            let dense = |e: &&Entry| e.numel() * dtype.size_in_bytes();
+            StageCost {
+                name: spec.name.clone(),
+                root: spec.root.clone(),
+                tensors: entries
+                    .iter()
+                    .map(|e| (e.name.clone(), e.shape.clone()))
+                    .collect(),
+                qmm: entries
+                    .iter()
+                    .filter(|e| is_packed(e) && by_qmm(e))
+                    .map(|e| e.name.clone())
+                    .collect(),
+                bytes: entries
+                    .iter()
+                    .map(|e| if is_packed(e) { e.nbytes() } else { dense(e) })
+                    .sum(),
+                staging: entries
+                    .iter()
+                    .filter(|e| !is_packed(e))
+                    .filter(|e| !cpu || e.dtype != dtype)
+                    .map(|e| e.numel() * e.dtype.size_in_bytes())
+                    .max()
+                    .unwrap_or(0),
+                unpacked: entries
+                    .iter()
+                    .filter(|e| is_packed(e) && !by_qmm(e))
+                    .map(dense)
+                    .sum(),
+            }
+        })
+        .collect()
+}
+
 /// What a run asks of memory and time: the image and text sizes, the steps, any conditioning
 /// image. How it runs is the [`Plan`].
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -248,6 +270,9 @@ pub struct Workload {
     /// The conditioning image's own size where it is not the output's (Kontext encodes it at
     /// one of its preferred resolutions).
     pub cond_size: Option<(usize, usize)>,
+    /// Redux images: SigLIP runs once per image in the encode phase, and each adds its tokens
+    /// (729 with FLUX.1-Redux-dev) to the text sequence of every flow step.
+    pub redux_images: usize,
 }
 
 impl Workload {
@@ -260,6 +285,7 @@ impl Workload {
             steps: req.steps,
             image_input: false,
             cond_size: None,
+            redux_images: 0,
         }
     }
 
@@ -272,6 +298,7 @@ impl Workload {
             steps: variant.default_steps(),
             image_input: false,
             cond_size: None,
+            redux_images: 0,
         }
     }
 
@@ -442,6 +469,30 @@ fn run_meta(
             ClipTextModel::new(model.clip.clone()),
             weights(Component::Clip),
         ),
+        redux: match (&model.redux, req.redux_images) {
+            (_, 0) => None,
+            (None, n) => {
+                return Err(crate::Error::InvalidRequest(format!(
+                    "{} Redux images asked of {}, which has no Redux encoder",
+                    n, model.name
+                )))
+            }
+            (Some((config, manifest)), _) => {
+                let net = ReduxEncoder::new(config.clone());
+                let kind = Component::Clip;
+                let dtype = effective_dtype(plan, kind, device);
+                let cp = plan.component(kind);
+                let cpu = device.is_cpu() || cp.placement == Placement::Cpu;
+                let dev = if cp.placement == Placement::Cpu {
+                    heap.host()
+                } else {
+                    heap.device()
+                };
+                let costs = stage_costs_of(manifest, &net.stages(), dtype, cpu, cp);
+                let w = MetaWeights::new(kind, cp.placement, dtype, dev, costs);
+                Some((net, w))
+            }
+        },
     };
     let s = crate::pipeline::Request {
         prompt: String::new(),
@@ -459,6 +510,48 @@ fn run_meta(
     let image = |w: usize, h: usize, c: usize| Meta::alloc(&[1, c, h, w], DType::F32, &host);
     let dtype = m.dtype;
     let (w, h) = (req.width, req.height);
+    let redux_inputs = || -> Vec<run::ReduxInput<Meta>> {
+        let size = model.redux.as_ref().map_or(0, |(c, _)| c.siglip.image_size);
+        (0..req.redux_images)
+            .map(|_| run::ReduxInput {
+                pixels: image(size, size, 3),
+                strength: 1.0,
+            })
+            .collect()
+    };
+    if req.redux_images > 0 {
+        // Redux: SigLIP beside the text encoders, then text to image (or img2img) with the
+        // longer text sequence.
+        let cond = || {
+            let tokens = run::redux_tokens(&m, &redux_inputs())?;
+            let z = if req.image_input {
+                Some(run::encode_image(&m, &image(w, h, 3))?)
+            } else {
+                None
+            };
+            Ok((tokens, z))
+        };
+        run::conditioned(
+            &m,
+            &s,
+            None,
+            on_event,
+            cond,
+            |txt, vec, (tokens, z), on_event| {
+                let txt = run::append_tokens(txt, tokens)?;
+                let start = match z {
+                    Some(z) => Start::Img2Img(z, 1.0),
+                    None => Start::Noise,
+                };
+                run::denoise_decode(&m, &s, &txt, vec, start, Cond::None, on_event)
+            },
+        )?;
+        let mut phases = heap.take_phases();
+        if let Some(d) = phases.iter_mut().find(|p| p.name == Phase::Denoise) {
+            d.passes = passes;
+        }
+        return Ok(phases);
+    }
     match (req.image_input, model.variant) {
         (false, _) => {
             use Component::{Clip, T5};

@@ -1,7 +1,7 @@
-//! Pillow's LANCZOS resize, byte for byte, for 8-bit RGB and 8-bit L images.
+//! Pillow's LANCZOS and BICUBIC resizes, byte for byte, for 8-bit RGB and 8-bit L images.
 //!
 //! The FLUX.1 reference resizes its conditioning images (Kontext, control, Fill) with PIL's
-//! `Image.resize((w, h), Image.LANCZOS)`. Other Lanczos implementations differ from it by a
+//! `Image.resize((w, h), Image.LANCZOS)`, and Redux's SigLIP processor resizes with BICUBIC. Other Lanczos implementations differ from it by a
 //! level here and there, and a level is enough to change a generated image, so this follows
 //! Pillow's `libImaging/Resample.c` (checked against Pillow 13.0.0 by
 //! `tests/resample_parity.rs`):
@@ -12,8 +12,8 @@
 //!   shrinks by more than twice as many pixels as the width does: `out_h < h` and
 //!   `h − out_h > 2·(w − out_w)`, vertical first. The order changes the result, not just speed.
 //! * Per output pixel, the filter is centred at `(i + 0.5)·scale` with `scale = in/out`. When
-//!   downscaling, the kernel is stretched by `scale` (support `3·scale`); when upscaling it is
-//!   the plain a = 3 kernel. Taps run over source pixels `[⌊c − s + ½⌋, ⌊c + s + ½⌋)`, clamped
+//!   downscaling, the kernel is stretched by `scale` (support `3·scale` for Lanczos, `2·scale`
+//!   for bicubic); when upscaling it is the plain kernel (Lanczos a = 3; bicubic a = −0.5). Taps run over source pixels `[⌊c − s + ½⌋, ⌊c + s + ½⌋)`, clamped
 //!   to the image, and the weights are divided by their sum, all in f64 (`sin` from the
 //!   platform libm, as Pillow's C calls it).
 //! * Weights become fixed point with 22 fractional bits (`PRECISION_BITS = 32 − 8 − 2`),
@@ -29,13 +29,42 @@ const PRECISION_BITS: u32 = 32 - 8 - 2;
 /// `Image.resize((out_w, out_h), Image.LANCZOS)` does. An empty target gives an empty image
 /// (Pillow refuses one); an empty source with a non-empty target panics.
 pub fn lanczos_rgb8(data: &[u8], w: usize, h: usize, out_w: usize, out_h: usize) -> Vec<u8> {
-    resize::<3>(data, w, h, out_w, out_h)
+    resize::<3>(Filter::Lanczos, data, w, h, out_w, out_h)
+}
+
+/// Resizes a row-major RGB8 image to `out_w × out_h` exactly as Pillow's
+/// `Image.resize((out_w, out_h), Image.BICUBIC)` does (the SigLIP processor's resize).
+pub fn bicubic_rgb8(data: &[u8], w: usize, h: usize, out_w: usize, out_h: usize) -> Vec<u8> {
+    resize::<3>(Filter::Bicubic, data, w, h, out_w, out_h)
 }
 
 /// Resizes a row-major one-channel image (`w·h` bytes, Pillow mode "L", e.g. a mask) to
 /// `out_w × out_h` exactly as Pillow's `Image.resize((out_w, out_h), Image.LANCZOS)` does.
 pub fn lanczos_l8(data: &[u8], w: usize, h: usize, out_w: usize, out_h: usize) -> Vec<u8> {
-    resize::<1>(data, w, h, out_w, out_h)
+    resize::<1>(Filter::Lanczos, data, w, h, out_w, out_h)
+}
+
+/// Pillow's resampling filters that fluxfit needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Filter {
+    Lanczos,
+    Bicubic,
+}
+
+impl Filter {
+    fn support(self) -> f64 {
+        match self {
+            Self::Lanczos => 3.0,
+            Self::Bicubic => 2.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        match self {
+            Self::Lanczos => lanczos(x),
+            Self::Bicubic => bicubic(x),
+        }
+    }
 }
 
 fn sinc(x: f64) -> f64 {
@@ -56,6 +85,19 @@ fn lanczos(x: f64) -> f64 {
     }
 }
 
+/// Keys' cubic convolution with a = −0.5, written as Pillow's `bicubic_filter`.
+fn bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
 /// The taps of one axis: output pixel `i` reads `len[i]` source pixels from `start[i]` with
 /// weights `weights[i·stride ..]`.
 struct Taps {
@@ -67,12 +109,11 @@ struct Taps {
 
 /// Pillow's `precompute_coeffs` followed by `normalize_coeffs_8bpc`, for the whole axis
 /// (`box` = `(0, in_size)`).
-fn taps(in_size: usize, out_size: usize) -> Taps {
-    const SUPPORT: f64 = 3.0;
+fn taps(filter: Filter, in_size: usize, out_size: usize) -> Taps {
     // Pillow takes the box as f32 and subtracts in f32; exact for any real image side.
     let scale = (in_size as f32) as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
-    let support = SUPPORT * filterscale;
+    let support = filter.support() * filterscale;
     let stride = support.ceil() as usize * 2 + 1;
     let inv_filterscale = 1.0 / filterscale;
     let one = (1i64 << PRECISION_BITS) as f64;
@@ -89,7 +130,7 @@ fn taps(in_size: usize, out_size: usize) -> Taps {
         let n = hi - lo;
         let mut sum = 0.0;
         for (x, kx) in k[..n].iter_mut().enumerate() {
-            let w = lanczos((((x + lo) as f64) - center + 0.5) * inv_filterscale);
+            let w = filter.weight((((x + lo) as f64) - center + 0.5) * inv_filterscale);
             *kx = w;
             sum += w;
         }
@@ -126,7 +167,14 @@ fn clip8(acc: i32) -> u8 {
 /// The rounding offset every sum starts from.
 const HALF: i32 = 1 << (PRECISION_BITS - 1);
 
-fn resize<const C: usize>(data: &[u8], w: usize, h: usize, out_w: usize, out_h: usize) -> Vec<u8> {
+fn resize<const C: usize>(
+    f: Filter,
+    data: &[u8],
+    w: usize,
+    h: usize,
+    out_w: usize,
+    out_h: usize,
+) -> Vec<u8> {
     assert_eq!(data.len(), w * h * C, "the image holds {w}×{h}×{C} bytes");
     if out_w == 0 || out_h == 0 {
         return Vec::new();
@@ -137,17 +185,17 @@ fn resize<const C: usize>(data: &[u8], w: usize, h: usize, out_w: usize, out_h: 
     );
     match (out_w != w, out_h != h) {
         (false, false) => data.to_vec(),
-        (true, false) => horizontal::<C>(data, w, 0..h, out_w),
-        (false, true) => vertical::<C>(data, w, 0, &taps(h, out_h)),
+        (true, false) => horizontal::<C>(f, data, w, 0..h, out_w),
+        (false, true) => vertical::<C>(data, w, 0, &taps(f, h, out_h)),
         (true, true) if vertical_first(w, h, out_w, out_h) => {
-            let tmp = vertical::<C>(data, w, 0, &taps(h, out_h));
-            horizontal::<C>(&tmp, w, 0..out_h, out_w)
+            let tmp = vertical::<C>(data, w, 0, &taps(f, h, out_h));
+            horizontal::<C>(f, &tmp, w, 0..out_h, out_w)
         }
         (true, true) => {
             // Only the source rows the vertical pass will read go through the first pass.
-            let t = taps(h, out_h);
+            let t = taps(f, h, out_h);
             let (first, last) = (t.start[0], t.start[out_h - 1] + t.len[out_h - 1]);
-            let tmp = horizontal::<C>(data, w, first..last, out_w);
+            let tmp = horizontal::<C>(f, data, w, first..last, out_w);
             vertical::<C>(&tmp, out_w, first, &t)
         }
     }
@@ -160,12 +208,13 @@ fn vertical_first(w: usize, h: usize, out_w: usize, out_h: usize) -> bool {
 }
 
 fn horizontal<const C: usize>(
+    f: Filter,
     data: &[u8],
     w: usize,
     rows: std::ops::Range<usize>,
     out_w: usize,
 ) -> Vec<u8> {
-    let t = taps(w, out_w);
+    let t = taps(f, w, out_w);
     let mut out = vec![0u8; rows.len() * out_w * C];
     for (line_out, y) in out.chunks_exact_mut(out_w * C).zip(rows) {
         let line = &data[y * w * C..][..w * C];
@@ -272,13 +321,13 @@ mod tests {
     #[test]
     fn fixed_point_weights_follow_pillow() {
         // Upscaling 2x: the a = 3 kernel, 6 taps inside the image, summing to about 2²².
-        let t = taps(8, 16);
+        let t = taps(Filter::Lanczos, 8, 16);
         assert_eq!(t.stride, 7);
         let k = &t.weights[8 * t.stride..][..t.len[8]];
         assert_eq!((t.start[8], k.len()), (1, 6));
         let sum: i32 = k.iter().sum();
         assert!((sum - (1 << 22)).abs() <= 3, "{sum}");
         // Downscaling 3x stretches the support to 9: ⌈9⌉·2 + 1 slots.
-        assert_eq!(taps(30, 10).stride, 19);
+        assert_eq!(taps(Filter::Lanczos, 30, 10).stride, 19);
     }
 }

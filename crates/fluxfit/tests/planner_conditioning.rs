@@ -1,13 +1,18 @@
 //! The planner's predictions for runs with a conditioning image (Fill, Control, Kontext with a
-//! conditioning image of its own size) and for a model with an unmerged LoRA on every Linear,
+//! conditioning image of its own size), for a model with an unmerged LoRA on every Linear and
+//! for Redux with two images,
 //! against measurement, as `planner_accuracy` does for text to image: weights to the byte,
 //! every phase's peak within ±10%.
 
 use candle_core::{DType, Device, Tensor};
+use fluxfit::image::Rgb8;
 use fluxfit::memory::alloc::CountingAlloc;
 use fluxfit::memory::ledger::MemoryReport;
 use fluxfit::memory::plan::Plan;
+use fluxfit::model::encoder_layer::Activation;
+use fluxfit::model::siglip::SiglipConfig;
 use fluxfit::noise::NoiseKind;
+use fluxfit::pipeline::redux::ReduxImage;
 use fluxfit::pipeline::tiny::{self, TinyConfigs};
 use fluxfit::pipeline::{LoadOptions, LoraSpec, Model, Request};
 use fluxfit::planner::{self, DeviceProfile, ModelSpec, Workload};
@@ -51,6 +56,45 @@ fn lora_on_every_linear(flow: &fluxfit::model::flow::FlowConfig, path: &std::pat
         tensors.insert(format!("{layer}.lora_B.weight"), b);
     }
     candle_core::safetensors::save(&tensors, path).unwrap();
+}
+
+/// A Redux encoder in FLUX.1-Redux-dev's layout under `dir`: a SigLIP tower (width 64, 2
+/// layers, 112-pixel images in 14-pixel patches: 64 tokens) and a projector to `txt_dim`.
+fn redux_encoder(dir: &std::path::Path, txt_dim: usize) {
+    let dev = Device::Cpu;
+    let tower = dir.join("image_encoder");
+    std::fs::create_dir_all(&tower).unwrap();
+    let config = SiglipConfig {
+        hidden_size: 64,
+        intermediate_size: 96,
+        num_layers: 2,
+        num_heads: 4,
+        num_channels: 3,
+        image_size: 112,
+        patch_size: 14,
+        layer_norm_eps: 1e-6,
+        activation: Activation::GeluTanh,
+    };
+    let json = r#"{"model_type": "siglip_vision_model", "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 112, "patch_size": 14}"#;
+    std::fs::write(tower.join("config.json"), json).unwrap();
+    let random = |shape: &[usize]| Tensor::randn(0f32, 0.05, shape, &dev).unwrap();
+    let tensors: std::collections::HashMap<String, Tensor> = config
+        .expected_shapes()
+        .into_iter()
+        .map(|(k, shape)| (format!("vision_model.{k}"), random(&shape)))
+        .collect();
+    candle_core::safetensors::save(&tensors, tower.join("model.safetensors")).unwrap();
+    let projector: std::collections::HashMap<String, Tensor> = [
+        ("redux_up.weight", vec![3 * txt_dim, 64]),
+        ("redux_up.bias", vec![3 * txt_dim]),
+        ("redux_down.weight", vec![txt_dim, 3 * txt_dim]),
+        ("redux_down.bias", vec![txt_dim]),
+    ]
+    .into_iter()
+    .map(|(k, shape)| (k.to_string(), random(&shape)))
+    .collect();
+    candle_core::safetensors::save(&projector, dir.join("flux1-redux-dev.safetensors")).unwrap();
 }
 
 fn request(width: usize, height: usize) -> Request {
@@ -154,6 +198,32 @@ fn conditioned_runs_are_predicted_within_ten_percent() {
     let text = Workload::of(&request(w, h));
     worst = worst.max(check("lora", &mut with_lora, &text, |m| {
         m.text_to_image(&request(w, h), &mut |_| {}).unwrap().memory
+    }));
+
+    // Redux: a SigLIP tower in the encode phase and two images' tokens on the text.
+    let mut redux = model(Variant::Dev);
+    let encoder = dir.path().join("redux");
+    redux_encoder(&encoder, redux.flow.net.config.context_in_dim);
+    redux.attach_redux_from(&encoder, None).unwrap();
+    let images: Vec<ReduxImage> = [(40, 30), (30, 50)]
+        .into_iter()
+        .map(|(w, h)| ReduxImage {
+            image: Rgb8 {
+                width: w,
+                height: h,
+                data: vec![128; w * h * 3],
+            },
+            strength: 1.0,
+        })
+        .collect();
+    let with_images = Workload {
+        redux_images: images.len(),
+        ..Workload::of(&request(w, h))
+    };
+    worst = worst.max(check("redux", &mut redux, &with_images, |m| {
+        m.redux(&request(w, h), &images, None, None, &mut |_| {})
+            .unwrap()
+            .memory
     }));
 
     println!("worst {:.1}%", 100.0 * worst);

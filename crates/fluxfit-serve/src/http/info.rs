@@ -134,6 +134,7 @@ pub async fn plan(State(app): AppState, Query(q): Query<PlanQuery>) -> Result<Re
             t5_tokens: None,
             image_input: q.image_input,
             cond_size: None,
+            redux_images: 0,
         },
     );
     // Planning runs the networks over meta tensors: about a second for a large model, off the

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::diffusers;
 use super::gguf::{self, GgufFile};
 use super::safetensors::SafetensorsFile;
-use super::store::TensorStore;
+use super::store::{Source, TensorStore};
 use crate::error::{Error, Result};
 
 /// Prefixes some single-file distributions put before the canonical names.
@@ -303,4 +303,127 @@ pub fn config_json(path: &Path) -> Option<PathBuf> {
         path.with_file_name("config.json")
     };
     p.is_file().then_some(p)
+}
+
+/// Where Redux's two parts are: the projector file and the SigLIP vision tower (a folder with
+/// its `config.json`, or a file), as resolved from what the user named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReduxPaths {
+    pub projector: PathBuf,
+    pub siglip: PathBuf,
+}
+
+impl ReduxPaths {
+    /// `redux` is FLUX.1-Redux-dev's folder (`flux1-redux-dev.safetensors` or
+    /// `image_embedder/`, and `image_encoder/`) or the projector file, with the tower in an
+    /// `image_encoder/` folder beside it unless `siglip` names it (a SiglipVisionModel folder
+    /// such as `image_encoder/`, or google/siglip-so400m-patch14-384's whole-model folder).
+    pub fn resolve(redux: &Path, siglip: Option<&Path>) -> Result<Self> {
+        let projector = if redux.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(redux)
+                .map_err(|e| Error::io(redux, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .collect();
+            files.sort();
+            let bfl = files.into_iter().find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.contains("redux") && n.ends_with(".safetensors"))
+            });
+            match bfl {
+                Some(p) => p,
+                None if redux.join("image_embedder").is_dir() => redux.join("image_embedder"),
+                None => {
+                    return Err(Error::Layout {
+                        path: redux.to_path_buf(),
+                        message: "no Redux projector here: expected flux1-redux-dev.safetensors \
+                                  or an image_embedder/ folder"
+                            .into(),
+                    })
+                }
+            }
+        } else {
+            redux.to_path_buf()
+        };
+        let siglip = match siglip {
+            Some(s) => s.to_path_buf(),
+            None => {
+                let folder = if redux.is_dir() {
+                    Some(redux.to_path_buf())
+                } else {
+                    redux.parent().map(Path::to_path_buf)
+                };
+                match folder
+                    .map(|f| f.join("image_encoder"))
+                    .filter(|d| d.is_dir())
+                {
+                    Some(d) => d,
+                    None => {
+                        return Err(Error::Layout {
+                            path: redux.to_path_buf(),
+                            message: "no SigLIP vision tower found: put FLUX.1-Redux-dev's \
+                                      image_encoder/ folder beside the Redux file, or name it \
+                                      with --siglip DIR (google/siglip-so400m-patch14-384 \
+                                      works too)"
+                                .into(),
+                        })
+                    }
+                }
+            }
+        };
+        Ok(Self { projector, siglip })
+    }
+}
+
+/// Redux's weights in one store under canonical keys: the SigLIP vision tower without
+/// `vision_model.` (its pooling head and any text tower are left out: Redux uses neither), and
+/// the projector's `redux_up.*`, `redux_down.*`. Also returns the tower's `config.json`.
+pub fn open_redux(paths: &ReduxPaths) -> Result<(TensorStore, Option<PathBuf>)> {
+    let mut store = TensorStore::new(&paths.projector);
+    for file in safetensors_files(&paths.siglip)? {
+        let idx = store.add_file(file.clone());
+        for name in file.tensors().keys() {
+            let key = name.strip_prefix("vision_model.").unwrap_or(name);
+            let tower = ["embeddings.", "encoder.layers.", "post_layernorm."]
+                .iter()
+                .any(|p| key.starts_with(p));
+            if tower && !key.ends_with("position_ids") {
+                let source = Source::File {
+                    file: idx,
+                    name: name.clone(),
+                };
+                store.insert(key.to_string(), source)?;
+            }
+        }
+    }
+    if !store.contains("embeddings.patch_embedding.weight") {
+        return Err(Error::Layout {
+            path: paths.siglip.clone(),
+            message: "no `vision_model.embeddings.patch_embedding.weight`: not a SigLIP vision \
+                      tower"
+                .into(),
+        });
+    }
+    let mut found = false;
+    for file in safetensors_files(&paths.projector)? {
+        let idx = store.add_file(file.clone());
+        for name in file.tensors().keys() {
+            if name.starts_with("redux_up.") || name.starts_with("redux_down.") {
+                found = true;
+                let source = Source::File {
+                    file: idx,
+                    name: name.clone(),
+                };
+                store.insert(name.clone(), source)?;
+            }
+        }
+    }
+    if !found {
+        return Err(Error::Layout {
+            path: paths.projector.clone(),
+            message: "no `redux_up.weight`: not a FLUX.1 Redux projector".into(),
+        });
+    }
+    store.attach_fp8_scales()?;
+    Ok((store, config_json(&paths.siglip)))
 }

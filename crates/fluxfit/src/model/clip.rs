@@ -6,24 +6,18 @@
 
 use std::path::Path;
 
-use candle_core::DType;
 use serde::Deserialize;
 
 use super::t5::{check_rows, count_blocks, dims, ids_tensor, token_rows};
 use crate::checkpoint::store::TensorStore;
 use crate::error::{Error, Result};
-use crate::model::ops;
+use crate::model::encoder_layer::EncoderLayer;
 use crate::model::weights::{Stage, StageSpec, Weights};
 use crate::tensor::Tensor;
 
-/// The MLP's activation (`hidden_act`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClipActivation {
-    /// `x·σ(1.702·x)`: OpenAI's CLIP models.
-    QuickGelu,
-    /// Exact (erf) GELU: OpenCLIP's larger towers.
-    Gelu,
-}
+/// The MLP's activation (`hidden_act`): `QuickGelu` for OpenAI's CLIP models, `Gelu` (erf) for
+/// OpenCLIP's larger towers.
+pub use super::encoder_layer::Activation as ClipActivation;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClipConfig {
@@ -64,8 +58,14 @@ impl ClipConfig {
         }
     }
 
-    fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_heads
+    /// The shared pre-norm layer with CLIP's choices (causal mask given at run time).
+    fn layer(&self) -> EncoderLayer {
+        EncoderLayer {
+            width: self.hidden_size,
+            heads: self.num_heads,
+            activation: self.activation,
+            eps: self.layer_norm_eps,
+        }
     }
 
     /// The configuration of the checkpoint in `store` (canonical keys: no `text_model.` prefix):
@@ -158,25 +158,14 @@ impl ClipConfig {
                 vec![self.max_position_embeddings, h],
             ),
         ];
-        let linear = |out: &mut Vec<_>, name: String, rows, cols| {
-            out.push((format!("{name}.weight"), vec![rows, cols]));
-            out.push((format!("{name}.bias"), vec![rows]));
-        };
-        let norm = |out: &mut Vec<_>, name: String| {
+        let norm = |out: &mut Vec<_>, name: &str| {
             out.push((format!("{name}.weight"), vec![h]));
             out.push((format!("{name}.bias"), vec![h]));
         };
         for l in 0..self.num_layers {
-            let p = layer_stage(l);
-            norm(&mut out, format!("{p}.layer_norm1"));
-            for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-                linear(&mut out, format!("{p}.self_attn.{proj}"), h, h);
-            }
-            norm(&mut out, format!("{p}.layer_norm2"));
-            linear(&mut out, format!("{p}.mlp.fc1"), i, h);
-            linear(&mut out, format!("{p}.mlp.fc2"), h, i);
+            self.layer().expected_shapes(&layer_stage(l), i, &mut out);
         }
-        norm(&mut out, "final_layer_norm".to_string());
+        norm(&mut out, "final_layer_norm");
         out
     }
 
@@ -319,10 +308,11 @@ impl ClipTextModel {
         }
         let mut h = self.embed(&w.stage("embeddings")?, &ids)?;
         let mask: T = causal_mask(len, w.device())?;
+        let layer = c.layer();
         for i in 0..c.num_layers {
-            h = self.layer(&w.stage(&layer_stage(i))?, &h, &mask)?;
+            h = layer.forward(&w.stage(&layer_stage(i))?, &h, Some(&mask))?;
         }
-        let last = self.norm(&w.stage("final_layer_norm")?, "", &h)?;
+        let last = layer.norm(&w.stage("final_layer_norm")?, "", &h)?;
         let pooled = pool(&last, &eos_positions(rows, c.eos_token_id))?;
         Ok((last, pooled))
     }
@@ -346,60 +336,6 @@ impl ClipTextModel {
         let positions = stage.get(POSITION_EMBEDDING)?.narrow(0, 0, l)?;
         tokens.broadcast_add(&positions)
     }
-
-    fn norm<T: Tensor, S: Stage<T>>(&self, s: &S, name: &str, x: &T) -> Result<T> {
-        let w = s.get(&format!("{name}weight"))?;
-        let b = s.get(&format!("{name}bias"))?;
-        ops::layer_norm(x, &w, &b, self.config.layer_norm_eps)
-    }
-
-    /// Pre-norm: `h + attn(ln1(h))`, then `h + mlp(ln2(h))`.
-    fn layer<T: Tensor, S: Stage<T>>(&self, s: &S, h: &T, mask: &T) -> Result<T> {
-        let x = self.norm(s, "layer_norm1.", h)?;
-        let h = h.add(&self.self_attention(s, &x, mask)?)?;
-        let x = self.norm(s, "layer_norm2.", &h)?;
-        h.add(&self.mlp(s, &x)?)
-    }
-
-    /// A Linear layer (with its LoRA term, if a text-encoder LoRA is attached).
-    fn linear<T: Tensor, S: Stage<T>>(&self, s: &S, name: &str, x: &T) -> Result<T> {
-        s.linear(name, x)
-    }
-
-    /// Causal softmax(q·kᵀ/√d)·v per head; scores in the compute dtype, softmax in f32.
-    fn self_attention<T: Tensor, S: Stage<T>>(&self, s: &S, x: &T, mask: &T) -> Result<T> {
-        let (b, l, h) = x.dims3()?;
-        let q = self.split_heads(&self.linear(s, "self_attn.q_proj", x)?)?;
-        let k = self.split_heads(&self.linear(s, "self_attn.k_proj", x)?)?;
-        let v = self.split_heads(&self.linear(s, "self_attn.v_proj", x)?)?;
-        let scale = 1.0 / (self.config.head_dim() as f64).sqrt();
-        let scores = q.matmul(&k.t()?.contiguous()?)?.affine(scale, 0.0)?;
-        let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
-        let probs = scores.softmax_last_dim()?.to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape(&[b, l, h])?;
-        self.linear(s, "self_attn.out_proj", &out)
-    }
-
-    /// `[B, L, H]` → `[B, heads, L, head_dim]`.
-    fn split_heads<T: Tensor>(&self, x: &T) -> Result<T> {
-        let (b, l, _) = x.dims3()?;
-        let (n, d) = (self.config.num_heads, self.config.head_dim());
-        x.reshape(&[b, l, n, d])?.transpose(1, 2)?.contiguous()
-    }
-
-    fn mlp<T: Tensor, S: Stage<T>>(&self, s: &S, x: &T) -> Result<T> {
-        let x = self.linear(s, "mlp.fc1", x)?;
-        let x = match self.config.activation {
-            ClipActivation::QuickGelu => quick_gelu(&x)?,
-            ClipActivation::Gelu => x.gelu_erf()?,
-        };
-        self.linear(s, "mlp.fc2", &x)
-    }
-}
-
-/// `x·σ(1.702·x)`, the sigmoid approximation of GELU that OpenAI's CLIP was trained with.
-fn quick_gelu<T: Tensor>(x: &T) -> Result<T> {
-    x.mul(&x.affine(1.702, 0.0)?.sigmoid()?)
 }
 
 /// Row `positions[b]` of each batch element of `hidden` `[B, L, H]` → `[B, H]`.

@@ -5,7 +5,10 @@
 pub mod attention;
 pub mod autoencoder;
 pub mod clip;
+pub mod encoder_layer;
 pub mod flow;
 pub mod ops;
+pub mod redux;
+pub mod siglip;
 pub mod t5;
 pub mod weights;

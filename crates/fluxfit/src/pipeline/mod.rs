@@ -6,6 +6,7 @@ pub mod kontext;
 pub mod metadata;
 pub mod model;
 pub mod model_ref;
+pub mod redux;
 pub mod regions;
 pub mod request;
 pub mod run;

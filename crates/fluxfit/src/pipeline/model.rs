@@ -20,6 +20,7 @@ use crate::memory::residency::{Residency, StageSpec};
 use crate::model::autoencoder::{AutoEncoder, AutoEncoderConfig};
 use crate::model::clip::{ClipConfig, ClipTextModel};
 use crate::model::flow::{FlowConfig, Flux};
+use crate::model::redux::ReduxEncoder;
 use crate::model::t5::{T5Config, T5Encoder};
 use crate::tokenizer::{ClipTokenizer, T5Tokenizer};
 use crate::variant::Variant;
@@ -178,6 +179,8 @@ pub struct Model {
     pub vae: Part<AutoEncoder>,
     pub t5: Part<T5Encoder>,
     pub clip: Part<ClipTextModel>,
+    /// Redux's image encoder, once attached (see [`Model::attach_redux`]).
+    pub redux: Option<Part<ReduxEncoder>>,
     pub t5_tokenizer: T5Tokenizer,
     pub clip_tokenizer: ClipTokenizer,
     pub options: LoadOptions,
@@ -335,6 +338,7 @@ impl Model {
                 weights: weights(Component::Clip, stores.clip, clip.stages()),
                 net: clip,
             },
+            redux: None,
             t5_tokenizer,
             clip_tokenizer,
             options,
@@ -425,6 +429,9 @@ impl Model {
             self.clip.weights.store_arc(),
             self.clip.net.stages(),
         );
+        if let Some(r) = &mut self.redux {
+            r.weights = redux_residency(l, &dev, &plan, r.weights.store_arc(), r.net.stages());
+        }
         self.plan = plan;
     }
 
@@ -451,6 +458,27 @@ impl Model {
     pub fn dtype(&self) -> DType {
         self.options.dtype
     }
+}
+
+/// Redux's residency: it computes beside CLIP in the encode phase, so it takes CLIP's
+/// placement and precision, and is accounted in the ledger under its own name.
+pub(crate) fn redux_residency(
+    ledger: &Arc<Ledger>,
+    device: &Device,
+    plan: &Plan,
+    store: Arc<TensorStore>,
+    stages: Vec<StageSpec>,
+) -> Residency {
+    let cp = plan.component(Component::Clip);
+    Residency::in_ledger(
+        ledger.clone(),
+        "redux",
+        store,
+        stages,
+        device.clone(),
+        cp.compute,
+        cp.placement,
+    )
 }
 
 /// A component's residency under `plan`. A `Cpu` placement computes on the CPU; candle's CPU

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::model::autoencoder::AutoEncoder;
 use crate::model::clip::ClipTextModel;
 use crate::model::flow::{FlowInputs, Flux};
+use crate::model::redux::ReduxEncoder;
 use crate::model::t5::T5Encoder;
 use crate::model::weights::Weights;
 use crate::sampling;
@@ -26,17 +27,22 @@ pub enum Event {
     Step { step: usize, total: usize },
 }
 
-/// What the phases need of a model: its four networks with their weights, where and in what
-/// precision it computes, and the bookkeeping of phase boundaries.
+/// What the phases need of a model: its four networks with their weights (and Redux's image
+/// encoder when attached), where and in what precision it computes, and the bookkeeping of
+/// phase boundaries.
 pub trait Parts<T: Tensor> {
     type T5: Weights<T>;
     type Clip: Weights<T>;
     type Flow: Weights<T>;
     type Vae: Weights<T>;
+    type Redux: Weights<T>;
     fn t5(&self) -> (&T5Encoder, &Self::T5);
     fn clip(&self) -> (&ClipTextModel, &Self::Clip);
     fn flow(&self) -> (&Flux, &Self::Flow);
     fn vae(&self) -> (&AutoEncoder, &Self::Vae);
+    /// Redux's SigLIP tower and projector; it computes in the encode phase under CLIP's
+    /// placement and is released with CLIP.
+    fn redux(&self) -> Option<(&ReduxEncoder, &Self::Redux)>;
     /// The model's name, for messages.
     fn name(&self) -> &str;
     fn variant(&self) -> Variant;
@@ -332,4 +338,45 @@ pub fn kontext_tokens<T: Tensor, P: Parts<T>>(p: &P, image: &T) -> Result<(T, T)
     let tokens = sampling::pack(&z)?.to_dtype(p.dtype())?;
     let ids = sampling::image_ids(1, h / 8, w / 8, 1.0, p.device())?;
     Ok((tokens, ids))
+}
+
+/// One Redux image: processed pixels `[1, 3, S, S]` (f32; see `pipeline::redux::siglip_pixels`)
+/// and the strength its tokens are multiplied by (1: the reference).
+pub struct ReduxInput<T> {
+    pub pixels: T,
+    pub strength: f64,
+}
+
+/// Each image's Redux tokens `[1, N, T]`: SigLIP, the projector, rounded through bf16 as the
+/// reference's `prepare_redux` does, times the image's strength; in the compute dtype, on the
+/// compute device (docs/flux.md §3 `prepare_redux`).
+pub fn redux_tokens<T: Tensor, P: Parts<T>>(p: &P, images: &[ReduxInput<T>]) -> Result<Vec<T>> {
+    let Some((redux, w)) = p.redux() else {
+        return Err(Error::InvalidRequest(
+            "Redux images need the Redux encoder: name it with --redux".into(),
+        ));
+    };
+    images
+        .iter()
+        .map(|img| {
+            let tokens = redux.forward(w, &img.pixels)?;
+            let tokens = through_bf16(&tokens, p.dtype())?.to_device(p.device())?;
+            if img.strength == 1.0 {
+                Ok(tokens)
+            } else {
+                tokens.affine(img.strength, 0.0)
+            }
+        })
+        .collect()
+}
+
+/// The text sequence with the Redux tokens appended (all of them get zero ids, as text does).
+pub fn append_tokens<T: Tensor>(txt: &T, tokens: &[T]) -> Result<T> {
+    if tokens.is_empty() {
+        return Ok(txt.clone());
+    }
+    let txt = txt.to_dtype(tokens[0].dtype())?;
+    let mut parts = vec![&txt];
+    parts.extend(tokens.iter());
+    T::cat(&parts, 1)
 }

@@ -17,6 +17,7 @@ use crate::memory::residency::Residency;
 use crate::model::autoencoder::AutoEncoder;
 use crate::model::clip::ClipTextModel;
 use crate::model::flow::Flux;
+use crate::model::redux::ReduxEncoder;
 use crate::model::t5::T5Encoder;
 use crate::variant::Variant;
 
@@ -72,6 +73,7 @@ impl Parts<Tensor> for Model {
     type Clip = Residency;
     type Flow = Residency;
     type Vae = Residency;
+    type Redux = Residency;
     fn t5(&self) -> (&T5Encoder, &Residency) {
         (&self.t5.net, &self.t5.weights)
     }
@@ -83,6 +85,9 @@ impl Parts<Tensor> for Model {
     }
     fn vae(&self) -> (&AutoEncoder, &Residency) {
         (&self.vae.net, &self.vae.weights)
+    }
+    fn redux(&self) -> Option<(&ReduxEncoder, &Residency)> {
+        self.redux.as_ref().map(|r| (&r.net, &r.weights))
     }
     fn name(&self) -> &str {
         &self.name
@@ -123,6 +128,9 @@ impl Parts<Tensor> for Model {
     fn end_phase(&self, released: &[Component]) {
         for &c in released {
             self.weights(c).release();
+            if let (Component::Clip, Some(r)) = (c, &self.redux) {
+                r.weights.release();
+            }
         }
         self.ledger().end_phase();
     }

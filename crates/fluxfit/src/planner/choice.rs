@@ -239,6 +239,8 @@ pub struct Asked {
     pub image_input: bool,
     /// Its size where it is not the output's (Kontext).
     pub cond_size: Option<(usize, usize)>,
+    /// Redux images (see [`Workload::redux_images`]).
+    pub redux_images: usize,
 }
 
 impl Workload {
@@ -255,6 +257,7 @@ impl Workload {
             // be asked for a run they cannot do.
             image_input: asked.image_input || spec.variant.in_channels() > 64,
             cond_size: asked.cond_size,
+            redux_images: asked.redux_images,
         }
     }
 }
@@ -491,6 +494,7 @@ mod tests {
                 t5_tokens: 512,
                 image_input: false,
                 cond_size: None,
+                redux_images: 0,
             },
             device: device.clone(),
             budget: Budget::resolve(Some(vram), &device, 0).unwrap().unwrap(),

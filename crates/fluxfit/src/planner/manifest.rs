@@ -112,6 +112,17 @@ impl Manifest {
         )
     }
 
+    /// FLUX.1-Redux-dev's encoder: the SigLIP so400m vision tower (`image_encoder/`) and the
+    /// projector (`flux1-redux-dev.safetensors`), both bf16.
+    pub fn redux() -> Self {
+        Self::from_shapes(
+            Component::Clip,
+            "FLUX.1-Redux-dev image_encoder + flux1-redux-dev.safetensors (built in)",
+            crate::model::redux::ReduxConfig::flux().expected_shapes(),
+            DType::BF16,
+        )
+    }
+
     /// The CLIP-L text tower (`text_encoder/`, bf16).
     pub fn clip_l() -> Self {
         Self::from_shapes(

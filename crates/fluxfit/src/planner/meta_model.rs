@@ -11,6 +11,7 @@ use crate::error::Result;
 use crate::model::autoencoder::AutoEncoder;
 use crate::model::clip::ClipTextModel;
 use crate::model::flow::Flux;
+use crate::model::redux::ReduxEncoder;
 use crate::model::t5::T5Encoder;
 use crate::pipeline::run::{Parts, Tokens};
 use crate::tensor::meta::{Heap, Meta, MetaDevice};
@@ -27,6 +28,7 @@ pub(crate) struct MetaModel {
     pub vae: (AutoEncoder, MetaWeights),
     pub t5: (T5Encoder, MetaWeights),
     pub clip: (ClipTextModel, MetaWeights),
+    pub redux: Option<(ReduxEncoder, MetaWeights)>,
 }
 
 impl MetaModel {
@@ -45,6 +47,7 @@ impl Parts<Meta> for MetaModel {
     type Clip = MetaWeights;
     type Flow = MetaWeights;
     type Vae = MetaWeights;
+    type Redux = MetaWeights;
     fn t5(&self) -> (&T5Encoder, &MetaWeights) {
         (&self.t5.0, &self.t5.1)
     }
@@ -56,6 +59,9 @@ impl Parts<Meta> for MetaModel {
     }
     fn vae(&self) -> (&AutoEncoder, &MetaWeights) {
         (&self.vae.0, &self.vae.1)
+    }
+    fn redux(&self) -> Option<(&ReduxEncoder, &MetaWeights)> {
+        self.redux.as_ref().map(|(r, w)| (r, w))
     }
     fn name(&self) -> &str {
         &self.name
@@ -82,6 +88,11 @@ impl Parts<Meta> for MetaModel {
     fn end_phase(&self, released: &[Component]) {
         for &c in released {
             self.weights(c).release();
+            if c == Component::Clip {
+                if let Some((_, w)) = &self.redux {
+                    w.release();
+                }
+            }
         }
         self.heap.end_phase();
     }

@@ -18,6 +18,7 @@ mod model_parity;
 mod noise_parity;
 mod packed_plans;
 mod quantized;
+mod redux_parity;
 mod resample_parity;
 mod text_encoder_parity;
 mod tokenizer_parity;

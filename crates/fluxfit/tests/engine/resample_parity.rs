@@ -1,9 +1,10 @@
-//! `fluxfit::resample` against Pillow's `Image.resize((w, h), Image.LANCZOS)`, byte for byte.
+//! `fluxfit::resample` against Pillow's `Image.resize((w, h), Image.LANCZOS)` (and `BICUBIC`,
+//! which Redux's SigLIP processor uses), byte for byte.
 //! Goldens: tests/fixtures/resample, written by tools/reference/make_resample_golden.py
 //! (Pillow 13.0.0), which lists the same cases.
 
 use fluxfit::image::{read_mask, read_rgb8};
-use fluxfit::resample::{lanczos_l8, lanczos_rgb8};
+use fluxfit::resample::{bicubic_rgb8, lanczos_l8, lanczos_rgb8};
 
 /// Targets for the two 37×23 sources (identity, ×2.7 up, ÷3.1 and ÷7.4 down, non-integer
 /// ratios, mixed up/down, both pass orders, one pass only, 1-pixel sides).
@@ -47,6 +48,39 @@ fn load(name: &str) -> (usize, usize, Vec<u8>) {
         (img.width, img.height, img.data)
     } else {
         read_mask(&path).unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+}
+
+/// BICUBIC cases (up, down, both pass orders, one pass, to 1×1, to SigLIP-like squares).
+const BICUBIC: &[(&str, &[(usize, usize)])] = &[
+    (
+        "rgb",
+        &[
+            (100, 62),
+            (12, 7),
+            (56, 56),
+            (33, 7),
+            (20, 50),
+            (41, 23),
+            (1, 1),
+        ],
+    ),
+    ("rgb_small", &[(56, 56)]),
+];
+
+#[test]
+fn bicubic_matches_pillow_byte_for_byte() {
+    for &(source, sizes) in BICUBIC {
+        let (w, h, src) = load(source);
+        for &(ow, oh) in sizes {
+            let (_, _, want) = load(&format!("{source}-{ow}x{oh}-bicubic"));
+            let got = bicubic_rgb8(&src, w, h, ow, oh);
+            let bad = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+            assert_eq!(
+                bad, 0,
+                "{source} → {ow}x{oh} bicubic: {bad} bytes differ from Pillow"
+            );
+        }
     }
 }
 
