@@ -42,7 +42,7 @@ use crate::model::clip::{ClipConfig, ClipTextModel};
 use crate::model::flow::{FlowConfig, Flux};
 use crate::model::redux::{ReduxConfig, ReduxEncoder};
 use crate::model::t5::{T5Config, T5Encoder};
-use crate::model::weights::StageSpec;
+use crate::model::weights::{held_after_merge, lora_merges, StageSpec};
 use crate::pipeline::fill::fill_conditioning;
 use crate::pipeline::run::{self, Cond, Start};
 use crate::planner::manifest::{Entry, Manifest};
@@ -173,8 +173,20 @@ impl ModelSpec {
         dtype: DType,
         cpu: bool,
         cp: &ComponentPlan,
+        lora_merged: bool,
     ) -> Vec<StageCost> {
-        stage_costs_of(self.manifest(kind), &self.stages(kind), dtype, cpu, cp)
+        let stages = self.stages(kind);
+        stage_costs_of(self.manifest(kind), &stages, dtype, cpu, cp, lora_merged)
+    }
+
+    /// Whether any component carries LoRA factors (a merged plan is then worth comparing).
+    pub fn has_loras(&self) -> bool {
+        Component::ALL.iter().any(|&k| {
+            self.manifest(k)
+                .entries
+                .iter()
+                .any(|e| e.name.ends_with(".lora_A.weight"))
+        })
     }
 
     /// This model with its flow and T5 checkpoints stored as `fluxfit quantize --type` would
@@ -203,6 +215,7 @@ fn stage_costs_of(
     dtype: DType,
     cpu: bool,
     cp: &ComponentPlan,
+    lora_merged: bool,
 ) -> Vec<StageCost> {
     let packed = cp.packed || cp.qmatmul;
     // Weights a `+qmatmul` plan multiplies as they are: never dequantized.
@@ -221,15 +234,52 @@ fn stage_costs_of(
     stages
         .iter()
         .map(|spec| {
-            let entries: Vec<_> = m.stage_entries(spec).collect();
+            let mut entries: Vec<_> = m.stage_entries(spec).collect();
+            // `lora=merged`: the residency's rule (`model::weights::lora_merges`).
+            let mut merges = Vec::new();
+            let mut renamed = Vec::new();
+            if lora_merged {
+                let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+                let is_packed =
+                    |k: &str| packed && entries.iter().any(|e| e.name == k && e.packable());
+                let layers = lora_merges(&names, is_packed);
+                let kept = held_after_merge(&names, &layers);
+                let shape = |k: String| {
+                    entries
+                        .iter()
+                        .find(|e| e.name == k)
+                        .map(|e| e.shape.clone())
+                        .unwrap_or_default()
+                };
+                for x in &layers {
+                    merges.push([
+                        shape(format!("{x}.weight")),
+                        shape(format!("{x}.lora_A.weight")),
+                        shape(format!("{x}.lora_B.weight")),
+                    ]);
+                    let up_bias = format!("{x}.lora_B.bias");
+                    if kept.contains(&up_bias.as_str()) {
+                        renamed.push((up_bias, format!("{x}.bias")));
+                    }
+                }
+                let kept: Vec<String> = kept.into_iter().map(String::from).collect();
+                entries.retain(|e| kept.contains(&e.name));
+            }
             let is_packed = |e: &&Entry| packed && e.packable();
             let dense = |e: &&Entry| e.numel() * dtype.size_in_bytes();
+            let held_name = |n: &String| {
+                renamed
+                    .iter()
+                    .find(|(from, _)| from == n)
+                    .map_or_else(|| n.clone(), |(_, to)| to.clone())
+            };
             StageCost {
                 name: spec.name.clone(),
                 root: spec.root.clone(),
+                merges,
                 tensors: entries
                     .iter()
-                    .map(|e| (e.name.clone(), e.shape.clone()))
+                    .map(|e| (held_name(&e.name), e.shape.clone()))
                     .collect(),
                 qmm: entries
                     .iter()
@@ -446,7 +496,7 @@ fn run_meta(
             cp.placement,
             dtype,
             dev,
-            model.stage_costs(kind, dtype, cpu, cp),
+            model.stage_costs(kind, dtype, cpu, cp, plan.lora_merged),
         )
     };
     let m = MetaModel {
@@ -488,7 +538,7 @@ fn run_meta(
                 } else {
                     heap.device()
                 };
-                let costs = stage_costs_of(manifest, &net.stages(), dtype, cpu, cp);
+                let costs = stage_costs_of(manifest, &net.stages(), dtype, cpu, cp, false);
                 let w = MetaWeights::new(kind, cp.placement, dtype, dev, costs);
                 Some((net, w))
             }
@@ -736,12 +786,17 @@ pub fn label(plan: &Plan) -> String {
     if let Some(t) = plan.vae_tile {
         s += &format!(", vae tile {t}");
     }
+    if plan.lora_merged {
+        s += ", lora merged";
+    }
     s
 }
 
 /// `candidates`, each also with the GGUF block-quantized weights of `model` kept packed on the
 /// device (`+packed`), when it has any: the same plans at a fraction of the weights' bytes,
-/// for the cost of dequantizing each stage when it is used.
+/// for the cost of dequantizing each stage when it is used. With LoRAs attached, each of those
+/// also with the LoRAs merged (`lora=merged`): no low-rank term per call, a merge per load,
+/// so the planner picks merged or unmerged by predicted time.
 pub fn with_packed(candidates: &[Candidate], model: &ModelSpec) -> Vec<Candidate> {
     let (flow, t5) = (
         model.packable(Component::Flow),
@@ -753,6 +808,13 @@ pub fn with_packed(candidates: &[Candidate], model: &ModelSpec) -> Vec<Candidate
             let mut p = c.clone();
             p.plan.flow.packed = flow;
             p.plan.t5.packed = t5;
+            out.push(p);
+        }
+    }
+    if model.has_loras() {
+        for c in out.clone() {
+            let mut p = c;
+            p.plan.lora_merged = true;
             out.push(p);
         }
     }

@@ -1,6 +1,6 @@
 //! The planner's predictions for runs with a conditioning image (Fill, Control, Kontext with a
 //! conditioning image of its own size), for a model with an unmerged LoRA on every Linear and
-//! for Redux with two images,
+//! (unmerged, and merged at load with `lora=merged`) and for Redux with two images,
 //! against measurement, as `planner_accuracy` does for text to image: weights to the byte,
 //! every phase's peak within ±10%.
 
@@ -121,8 +121,18 @@ fn check(
     req: &Workload,
     run: impl Fn(&Model) -> MemoryReport,
 ) -> f64 {
+    check_plans(name, model, req, &["resident", "phase", "stream:1:2"], run)
+}
+
+fn check_plans(
+    name: &str,
+    model: &mut Model,
+    req: &Workload,
+    specs: &[&str],
+    run: impl Fn(&Model) -> MemoryReport,
+) -> f64 {
     let mut worst = 0.0f64;
-    for spec in ["resident", "phase", "stream:1:2"] {
+    for &spec in specs {
         let plan = Plan::resident(DType::F32, Some(256))
             .with_spec(spec)
             .unwrap();
@@ -196,9 +206,20 @@ fn conditioned_runs_are_predicted_within_ten_percent() {
     };
     let mut with_lora = model_with(Variant::Dev, Some(lora));
     let text = Workload::of(&request(w, h));
-    worst = worst.max(check("lora", &mut with_lora, &text, |m| {
-        m.text_to_image(&request(w, h), &mut |_| {}).unwrap().memory
-    }));
+    let lora_plans = [
+        "resident",
+        "phase",
+        "stream:1:2",
+        "lora=merged",
+        "stream:1:2,lora=merged",
+    ];
+    worst = worst.max(check_plans(
+        "lora",
+        &mut with_lora,
+        &text,
+        &lora_plans,
+        |m| m.text_to_image(&request(w, h), &mut |_| {}).unwrap().memory,
+    ));
 
     // Redux: a SigLIP tower in the encode phase and two images' tokens on the text.
     let mut redux = model(Variant::Dev);

@@ -55,6 +55,9 @@ pub struct Plan {
     pub attn_chunk: Option<usize>,
     /// VAE tile side in pixels; None = whole image.
     pub vae_tile: Option<usize>,
+    /// LoRAs merged into each dense weight when its stage is materialised (`W + B·A`, once per
+    /// load), instead of their low-rank term computed at every call (see `memory::residency`).
+    pub lora_merged: bool,
 }
 
 impl Plan {
@@ -73,6 +76,7 @@ impl Plan {
             vae: c,
             attn_chunk,
             vae_tile: None,
+            lora_merged: false,
         }
     }
 
@@ -107,7 +111,8 @@ blocks at a time with WINDOW groups held, default 1:2, the first KEEP blocks kep
 default 0; CLIP and VAE per phase) | `t5-cpu` (T5 on the CPU), \
 or COMPONENT=PLACEMENT with COMPONENT t5|clip|flow|vae and PLACEMENT \
 resident|phase|stream[:GROUP[:WINDOW[:KEEP]]]|cpu, or `vae-tile=PX` (decode the image in overlapping \
-tiles of PX pixels a side); a placement may end in `+packed` (GGUF block-quantized weights stay \
+tiles of PX pixels a side), or `lora=merged` (LoRAs merged into each weight when it is loaded; \
+default `lora=unmerged`); a placement may end in `+packed` (GGUF block-quantized weights stay \
 packed on the device, each stage dequantized when used) or `+qmatmul` (packed, and multiplied \
 quantized where that is faster), and `packed` or `qmatmul` alone apply to flow and T5; \
 e.g. `stream:2:3,t5=cpu,vae-tile=512` or `flow=resident+packed`";
@@ -220,6 +225,18 @@ impl Plan {
                 };
                 continue;
             }
+            if let Some(v) = item.strip_prefix("lora=") {
+                plan.lora_merged = match v.trim() {
+                    "merged" => true,
+                    "unmerged" => false,
+                    _ => {
+                        return Err(crate::Error::InvalidRequest(format!(
+                            "plan item `{item}`: expected lora=merged or lora=unmerged"
+                        )))
+                    }
+                };
+                continue;
+            }
             if item == "packed" || item == "qmatmul" {
                 for c in [&mut plan.flow, &mut plan.t5] {
                     c.packed = true;
@@ -285,6 +302,9 @@ impl Plan {
             .collect();
         if let Some(t) = self.vae_tile {
             items.push(format!("vae-tile={t}"));
+        }
+        if self.lora_merged {
+            items.push("lora=merged".into());
         }
         items.join(",")
     }

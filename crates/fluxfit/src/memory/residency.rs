@@ -37,6 +37,7 @@ pub use super::plan::Placement;
 use super::stream::{Step, StreamSchedule};
 use crate::checkpoint::store::TensorStore;
 use crate::error::{Error, Result};
+use crate::model::weights::{held_after_merge, lora_merges, merge_lora};
 pub use crate::model::weights::{Stage, StageSpec, Weights};
 
 /// One stage's tensors, on the compute device.
@@ -97,6 +98,8 @@ struct Shared {
     qmatmul: bool,
     /// Stream: the leading stages kept for the phase; groups are counted after them.
     keep: usize,
+    /// `lora=merged`: LoRA pairs folded into their dense weights as each stage is loaded.
+    lora_merged: bool,
 }
 
 impl Shared {
@@ -117,11 +120,52 @@ impl Shared {
 
     /// Device bytes of stage `idx` as held (packed tensors at their stored size).
     fn stage_bytes(&self, idx: usize) -> usize {
-        self.stages[idx]
-            .keys(&self.store)
-            .into_iter()
+        let (keys, _) = self.held_keys(idx);
+        keys.into_iter()
             .filter_map(|k| self.held_bytes_of(k).ok())
             .sum()
+    }
+
+    /// The keys stage `idx` holds as loaded (a merged LoRA's factors are not held; its
+    /// `lora_B.bias` is, as the layer's bias when it has none), and the layers merged.
+    fn held_keys(&self, idx: usize) -> (Vec<&String>, Vec<String>) {
+        let keys = self.stages[idx].keys(&self.store);
+        if !self.lora_merged {
+            return (keys, Vec::new());
+        }
+        let names: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
+        let merges: Vec<String> = lora_merges(&names, |k| self.holds_packed(k))
+            .into_iter()
+            .map(String::from)
+            .collect();
+        let m: Vec<&str> = merges.iter().map(String::as_str).collect();
+        let kept = held_after_merge(&names, &m);
+        let held = keys
+            .into_iter()
+            .filter(|k| kept.contains(&k.as_str()))
+            .collect();
+        (held, merges)
+    }
+
+    /// Folds each merged layer's LoRA pair into its weight (and `lora_B.bias` into its bias).
+    fn merge(&self, tensors: &mut HashMap<String, Tensor>, merges: &[String]) -> Result<()> {
+        for x in merges {
+            let weight = format!("{x}.weight");
+            let a = self.load(&format!("{x}.lora_A.weight"))?;
+            let b = self.load(&format!("{x}.lora_B.weight"))?;
+            let w = tensors
+                .remove(&weight)
+                .expect("held_keys keeps the base weight");
+            tensors.insert(weight, merge_lora(&w, &a, &b)?);
+            let (bias, up_bias) = (format!("{x}.bias"), format!("{x}.lora_B.bias"));
+            if self.store.contains(&up_bias) && self.store.contains(&bias) {
+                let sum = tensors[&bias].add(&self.load(&up_bias)?)?;
+                tensors.insert(bias, sum);
+            } else if let Some(t) = tensors.remove(&up_bias) {
+                tensors.insert(bias, t);
+            }
+        }
+        Ok(())
     }
 
     /// The stage the network computes with: `held` itself, or, when it holds packed tensors, a
@@ -174,7 +218,7 @@ impl Shared {
     /// dtype on the way: reads this stage's bytes and no other's.
     fn materialise(&self, idx: usize) -> Result<StageWeights> {
         let spec = &self.stages[idx];
-        let keys = spec.keys(&self.store);
+        let (keys, merges) = self.held_keys(idx);
         let mut bytes = 0;
         let mut staging = 0;
         for key in &keys {
@@ -213,6 +257,7 @@ impl Shared {
             }
             tensors.insert(key.clone(), self.load(key)?);
         }
+        self.merge(&mut tensors, &merges)?;
         drop(staging);
         Ok(StageWeights {
             name: spec.name.clone(),
@@ -374,6 +419,7 @@ impl Residency {
                 generation: AtomicU64::new(0),
                 packed: false,
                 qmatmul: false,
+                lora_merged: false,
                 keep: match placement {
                     Placement::Stream { keep, .. } => keep.min(stages_len),
                     _ => 0,
@@ -402,6 +448,15 @@ impl Residency {
             Arc::get_mut(&mut self.shared).expect("a new residency's state is not shared yet");
         shared.qmatmul = qmatmul;
         shared.packed |= qmatmul;
+        self
+    }
+
+    /// This residency folding LoRA pairs into their dense weights as stages are loaded (a
+    /// `lora=merged` plan): no low-rank term at each call, a merge at each load.
+    pub fn with_lora_merged(mut self, merged: bool) -> Self {
+        Arc::get_mut(&mut self.shared)
+            .expect("a new residency's state is not shared yet")
+            .lora_merged = merged;
         self
     }
 

@@ -141,3 +141,52 @@ pub trait Stage<T: Tensor> {
         }
     }
 }
+
+/// Under a `lora=merged` plan, the layers of a stage whose LoRA pair is folded into the dense
+/// weight when the stage is loaded: prefixes `X` with `X.weight`, `X.lora_A.weight` and
+/// `X.lora_B.weight` all among `keys`, `X.weight` not kept block-quantized (`packed`), and no
+/// `X.lora_A.bias` (no layout writes one; such a layer stays unmerged). The factors are then
+/// not held; `X.lora_B.bias` is added to `X.bias` (or becomes it).
+pub fn lora_merges<'a>(keys: &[&'a str], packed: impl Fn(&str) -> bool) -> Vec<&'a str> {
+    let has = |k: &str| keys.contains(&k);
+    keys.iter()
+        .filter_map(|k| k.strip_suffix(".lora_A.weight"))
+        .filter(|x| {
+            let w = format!("{x}.weight");
+            has(&w)
+                && !packed(&w)
+                && has(&format!("{x}.lora_B.weight"))
+                && !has(&format!("{x}.lora_A.bias"))
+        })
+        .collect()
+}
+
+/// The keys a stage holds once `merges` are folded in: not the factors, except a
+/// `lora_B.bias` whose layer has no bias (it is held as that bias).
+pub fn held_after_merge<'a>(keys: &[&'a str], merges: &[&str]) -> Vec<&'a str> {
+    fn merged<'k>(k: &'k str, suffix: &str, merges: &[&str]) -> Option<&'k str> {
+        k.strip_suffix(suffix).filter(|x| merges.contains(x))
+    }
+    keys.iter()
+        .copied()
+        .filter(|k| {
+            if merged(k, ".lora_A.weight", merges).is_some()
+                || merged(k, ".lora_B.weight", merges).is_some()
+            {
+                return false;
+            }
+            match merged(k, ".lora_B.bias", merges) {
+                Some(x) => !keys.contains(&format!("{x}.bias").as_str()),
+                None => true,
+            }
+        })
+        .collect()
+}
+
+/// `W + B·A`, computed in f32 and returned in `w`'s dtype: a LoRA folded into its weight.
+/// Stacked LoRAs and slices of fused weights are already one pair (B carries the scales).
+pub fn merge_lora<T: Tensor>(w: &T, a: &T, b: &T) -> Result<T> {
+    let f32 = |t: &T| t.to_dtype(DType::F32);
+    let update = f32(b)?.matmul(&f32(a)?)?;
+    f32(w)?.add(&update)?.to_dtype(w.dtype())
+}

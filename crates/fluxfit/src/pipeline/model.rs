@@ -510,4 +510,5 @@ fn residency(
     )
     .with_packed(cp.packed)
     .with_qmatmul(cp.qmatmul)
+    .with_lora_merged(plan.lora_merged)
 }

@@ -12,7 +12,7 @@ use candle_core::DType;
 use crate::error::{Error, Result};
 use crate::memory::plan::{Component, Placement};
 use crate::memory::stream::{Step, StreamSchedule};
-use crate::model::weights::{Stage, Weights};
+use crate::model::weights::{merge_lora, Stage, Weights};
 use crate::tensor::meta::{Block, Cat, Meta, MetaDevice, MetaQWeight};
 
 /// One stage: its name, bytes on the device as held, host staging bytes while it is
@@ -32,6 +32,8 @@ pub struct StageCost {
     pub tensors: Vec<(String, Vec<usize>)>,
     /// Linear weights (full key) a `+qmatmul` plan multiplies as stored.
     pub qmm: Vec<String>,
+    /// `lora=merged`: the shapes (W, A, B) of each LoRA folded into its weight at each load.
+    pub merges: Vec<[Vec<usize>; 3]>,
 }
 
 #[derive(Default)]
@@ -40,6 +42,9 @@ struct Held {
     schedule: Option<StreamSchedule>,
     groups: HashMap<usize, Rc<Block>>,
     pending: Option<Rc<Block>>,
+    /// A prefetch's LoRA merges run on the loading thread while the network computes: their
+    /// largest transient is held until the group arrives.
+    merging: Option<Rc<Block>>,
 }
 
 /// A component's weights under a placement, over meta tensors.
@@ -99,6 +104,10 @@ impl MetaWeights {
     fn materialise(&self, range: std::ops::Range<usize>, prefetch: bool) -> Rc<Block> {
         let heap = self.device.heap();
         let bytes: usize = self.stages[range.clone()].iter().map(|s| s.bytes).sum();
+        let range_merges: Vec<[Vec<usize>; 3]> = self.stages[range.clone()]
+            .iter()
+            .flat_map(|s| s.merges.iter().cloned())
+            .collect();
         let staging = self.stages[range]
             .iter()
             .map(|s| s.staging)
@@ -112,7 +121,36 @@ impl MetaWeights {
         if !self.cpu_side() {
             heap.transfer(bytes, prefetch);
         }
+        self.merge_loras(range_merges, &block);
         block
+    }
+
+    /// The largest transient of the merges of stages `range`: the f32 product and sum (and the
+    /// weight's f32 copy when it computes in another dtype), with the factors.
+    fn merge_transient(&self, range: std::ops::Range<usize>) -> Option<Rc<Block>> {
+        let copies = if self.dtype == DType::F32 { 2 } else { 3 };
+        let size = |s: &[usize]| s.iter().product::<usize>();
+        let bytes = self.stages[range]
+            .iter()
+            .flat_map(|s| s.merges.iter())
+            .map(|[w, a, b]| {
+                copies * 4 * size(w) + self.dtype.size_in_bytes() * (size(a) + size(b))
+            })
+            .max()?;
+        let heap = self.device.heap();
+        Some(heap.block(&self.device, Cat::Work, bytes))
+    }
+
+    /// Runs the merge of each LoRA the stages fold in (`model::weights::merge_lora`, the
+    /// residency's code) over meta tensors: the factors arrive, the f32 product and sum are
+    /// made, the merged weight takes its place in the block.
+    fn merge_loras(&self, merges: Vec<[Vec<usize>; 3]>, block: &Rc<Block>) {
+        for [w, a, b] in merges {
+            let weight = Meta::in_block(block, &w, self.dtype, &self.device);
+            let a = Meta::alloc(&a, self.dtype, &self.device);
+            let b = Meta::alloc(&b, self.dtype, &self.device);
+            merge_lora(&weight, &a, &b).expect("merge shapes come from the manifest");
+        }
     }
 
     /// The kept stages of a streamed component (partial residency).
@@ -142,13 +180,17 @@ impl MetaWeights {
                     Step::Evict(h) => drop(st.groups.remove(&h)),
                     Step::Arrive(h) | Step::KeepOldest(h) => {
                         let b = st.pending.take().expect("a prefetch is in flight");
+                        st.merging = None;
                         st.groups.insert(h, b);
                     }
                     Step::Load(h) => {
                         let b = self.materialise(range(h), false);
                         st.groups.insert(h, b);
                     }
-                    Step::Prefetch(h) => st.pending = Some(self.materialise(range(h), true)),
+                    Step::Prefetch(h) => {
+                        st.pending = Some(self.materialise(range(h), true));
+                        st.merging = self.merge_transient(range(h));
+                    }
                 }
             }
         }

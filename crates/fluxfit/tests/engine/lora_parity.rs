@@ -173,6 +173,56 @@ fn streamed_plans_and_gguf_bases_give_the_resident_dense_image() {
     );
 }
 
+#[test]
+fn merged_loras_match_the_reference_on_every_plan() {
+    let mut model = with_loras(
+        &dev(),
+        vec![
+            lora("kohya.safetensors", Some(0.7)),
+            lora("peft.safetensors", None),
+        ],
+    )
+    .unwrap();
+    let unmerged = run_plan(&mut model, "resident");
+    let want = golden("lora_stacked.safetensors", "final_latents");
+    let tol = 1e-4 * max_abs(&want).max(1.0);
+    let mut merged = Vec::new();
+    for spec in ["lora=merged", "stream:1:2,lora=merged", "phase,lora=merged"] {
+        let ours = run_plan(&mut model, spec);
+        assert_close(&format!("stacked, {spec}"), &ours, &want, 1e-4);
+        let d = max_abs_diff(&ours, &unmerged);
+        println!("{spec:<24} differs from unmerged by {d:e}");
+        assert!(d <= tol, "{spec}: {d}");
+        merged.push(ours);
+    }
+    // Merging is deterministic: every merged plan gives one image.
+    for m in &merged[1..] {
+        assert_eq!(max_abs_diff(m, &merged[0]), 0.0);
+    }
+    // The merged plan holds no factors: its weights are the base's, byte for byte.
+    let plain = with_loras(&dev(), vec![]).unwrap();
+    let held = |m: &Model| m.weights(fluxfit::component::Component::Flow).stage_bytes();
+    let mut m = with_loras(&dev(), vec![lora("kohya.safetensors", None)]).unwrap();
+    m.set_plan(
+        Plan::resident(DType::F32, Some(256))
+            .with_spec("lora=merged")
+            .unwrap(),
+    );
+    assert_eq!(held(&m), held(&plain));
+    // On a packed GGUF base the block-quantized weights keep their LoRAs unmerged (they are not
+    // dense); the weights the file stores dense (biases' layers, small ones) merge.
+    let gguf = ModelSources {
+        flow: fixtures().join("quant/flux1-tiny-dev-Q8_0.gguf"),
+        ..dev()
+    };
+    let mut q8 = with_loras(&gguf, vec![lora("kohya.safetensors", None)]).unwrap();
+    let packed = run_plan(&mut q8, "packed");
+    let packed_merged = run_plan(&mut q8, "packed,lora=merged");
+    let d = max_abs_diff(&packed, &packed_merged);
+    println!("packed Q8_0 base, lora=merged differs from unmerged by {d:e}");
+    assert!(d <= 1e-4 * max_abs(&packed).max(1.0), "{d}");
+}
+
 /// Writes a LoRA with these tensors (values small and finite) and loads it on the dev base.
 fn load_error(tensors: &[(&str, Vec<usize>)], scale: Option<f64>) -> String {
     let dir = tempfile::tempdir().unwrap();
