@@ -26,9 +26,20 @@ Writes tests/fixtures/lora/
   aitoolkit.safetensors    diffusion_model.<BFL name>.lora_A/lora_B.weight, no alpha (ComfyUI / ai-toolkit).
   xlabs.safetensors        double_blocks.0.processor.{qkv,proj}_lora{1,2}.{down,up}.weight and
                            single_blocks.0.processor.qkv_lora.{down,up}.weight.
+  kohya-t5.safetensors     sd-scripts' FLUX text-encoder-2 (T5) layout, prefix lora_te3_ (ComfyUI-compatible;
+                           older sd-scripts files used lora_te2_): lora_te3_<T5EncoderModel module path
+                           with _>.{lora_down,lora_up}.weight and .alpha (rank/2) for all 14 Linears of
+                           the tiny T5 (encoder.block.{0,1}.layer.0.SelfAttention.{q,k,v,o},
+                           encoder.block.{0,1}.layer.1.DenseReluDense.{wi_0,wi_1,wo}); no lora_unet_ keys.
 and tests/fixtures/golden/lora_<case>.{safetensors,json}: final_latents [1,16,12,8] (and for kohya
 `vec`, CLIP's pooled output with the merged text-encoder LoRA, bf16-rounded), for the cases kohya,
-kohya_diffusers, peft, aitoolkit, xlabs, and stacked (kohya at 0.7 + peft at 1.0).
+kohya_diffusers, peft, aitoolkit, xlabs, and stacked (kohya at 0.7 + peft at 1.0);
+and golden/lora_kohya_t5.{safetensors,json}: the tiny T5 encoder's last_hidden_state for e2e_dev's
+T5 token row (`t5_ids` of golden/e2e_dev.json, [1,16], also stored as `input_ids`) with the
+kohya-t5 updates merged into the T5 weights (W + 1.0 * (alpha/rank) * up @ down), transformers'
+T5EncoderModel in f32 with eager attention: `txt_f32` [1,16,32] and `txt`, its bf16 rounding (as
+the pipeline rounds T5's output). Without the LoRA the same computation gives e2e_dev's txt exactly;
+checked against the unmerged update added by forward hooks on the Linears.
 """
 
 import json
@@ -49,11 +60,13 @@ from make_fixtures import bf16r, check_close, gen_for, maxdiff, randn  # noqa: E
 
 import diffusers  # noqa: E402
 from diffusers import FluxPipeline  # noqa: E402
-from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
+from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast  # noqa: E402
 
 OUT = os.path.join(FIX, "lora")
 RANK = 4
 SEED = 1500
+SEED_T5 = 1550
+T5_DIR = os.path.join(DIFF_DIR, "text_encoder_2")
 
 
 def pair(name, fin, fout, r=RANK, seed=SEED):
@@ -138,6 +151,53 @@ def clip_vec(clip, clip_updates, scale, prompt):
         tok = CLIPTokenizer.from_pretrained(os.path.join(DIFF_DIR, "tokenizer"))
         ids = tok([prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt")["input_ids"]
         return bf16r(clip(input_ids=ids).pooler_output)
+
+
+def t5_encoder(attn="eager"):
+    """The tiny T5 encoder in f32. Eager attention is T5's own formulation (transformers 4's only one)
+    and reproduces e2e_dev's txt bit for bit; transformers 5's default sdpa differs by ~1e-6 (checked)."""
+    return T5EncoderModel.from_pretrained(T5_DIR, dtype=torch.float32, attn_implementation=attn).eval()
+
+
+def kohya_t5():
+    """sd-scripts' FLUX text-encoder-2 LoRA: lora_te3_ + the T5EncoderModel module path with '_'
+    (the names sd-scripts' networks/lora_flux.py gives T5Attention / T5DenseGatedActDense Linears),
+    alpha rank/2, on every Linear of the tiny T5 encoder."""
+    sd, updates = {}, []
+    for name, mod in t5_encoder().named_modules():
+        if isinstance(mod, nn.Linear):
+            down, up = pair("te3." + name, mod.in_features, mod.out_features, seed=SEED_T5)
+            key = "lora_te3_" + name.replace(".", "_")
+            sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = down, up
+            sd[f"{key}.alpha"] = torch.tensor(RANK / 2)
+            updates.append((name, 0.5, down, up))
+    return sd, updates
+
+
+def t5_module_of_key():
+    """sd-scripts' own lookup (flux_merge_lora.py): lora_te3_ + T5 file key without .weight, '.' -> '_'."""
+    from safetensors import safe_open
+    with safe_open(os.path.join(T5_DIR, "model.safetensors"), framework="pt") as f:
+        keys = [k[: -len(".weight")] for k in f.keys() if k.endswith(".weight")]
+    return {"lora_te3_" + k.replace(".", "_"): k for k in keys}
+
+
+def t5_txt(ids, updates, scale, merged=True, attn="eager"):
+    """Tiny T5 last_hidden_state (f32, no attention mask, as the pipeline runs it) with each update
+    merged into its Linear's weight, or added unmerged by a forward hook."""
+    t5, hooks = t5_encoder(attn), []
+    with torch.no_grad():
+        for name, s, down, up in updates:
+            lin = t5.get_submodule(name)
+            if merged:
+                lin.weight += scale * s * (up.float() @ down.float())
+            else:
+                hooks.append(lin.register_forward_hook(
+                    lambda m, args, out, k=scale * s, d=down.float(), u=up.float(): out + k * ((args[0] @ d.T) @ u.T)))
+        out = t5(input_ids=ids, attention_mask=None).last_hidden_state
+    for h in hooks:
+        h.remove()
+    return out
 
 
 def kohya_diffusers(ctx):
@@ -285,6 +345,56 @@ def main():
     final = final_of(ctx, merge(ctx.dev_sd, stacked))
     golden(ctx, "stacked", final, {"loras": ["lora/kohya.safetensors:0.7", "lora/peft.safetensors:1.0"],
                                    "rule": "both merged: kohya at 0.7, peft at 1.0"})
+
+    print("kohya_t5")
+    sd, upd = kohya_t5()
+    path = save("kohya-t5.safetensors", sd)
+    back = load_file(path)
+    assert sorted(back) == sorted(sd) and all(torch.equal(back[k].float(), sd[k].float()) for k in sd)
+    # Read the file back as sd-scripts' merge does: module from the T5 file's keys, alpha / rank.
+    key_map = t5_module_of_key()
+    file_upd = []
+    for key in sorted(k for k in back if k.endswith(".lora_down.weight")):
+        lora = key[: -len(".lora_down.weight")]
+        down, up = back[key].float(), back[f"{lora}.lora_up.weight"].float()
+        file_upd.append((key_map[lora], back[f"{lora}.alpha"].item() / down.shape[0], down, up))
+    mem = {u[0]: u for u in upd}
+    assert sorted(mem) == sorted(u[0] for u in file_upd)
+    assert all(s == mem[n][1] and torch.equal(d, mem[n][2]) and torch.equal(u, mem[n][3]) for n, s, d, u in file_upd)
+    ids = torch.tensor([ctx.params["t5_ids"]], dtype=torch.int64)
+    tok = T5TokenizerFast.from_pretrained(os.path.join(DIFF_DIR, "tokenizer_2"))
+    tok_ids = tok([ctx.params["prompt"]], padding="max_length", max_length=ctx.params["t5_max_length"],
+                  truncation=True, return_tensors="pt")["input_ids"]
+    assert torch.equal(tok_ids, ids), (tok_ids, ids)
+    base = t5_txt(ids, [], 1.0)
+    check_close("  no LoRA: bf16(T5) vs e2e_dev txt", bf16r(base), ctx.txt, 0.0)
+    txt_f32 = t5_txt(ids, file_upd, 1.0)
+    unmerged = t5_txt(ids, file_upd, 1.0, merged=False)
+    cross = maxdiff(unmerged, txt_f32)
+    check_close("  merged vs unmerged (forward hooks)", unmerged, txt_f32, 1e-5)
+    txt_sdpa = t5_txt(ids, file_upd, 1.0, attn="sdpa")
+    sdpa = maxdiff(txt_sdpa, txt_f32)
+    check_close("  eager vs sdpa attention (merged)", txt_sdpa, txt_f32, 1e-5)
+    txt = bf16r(txt_f32)
+    moved = maxdiff(txt, ctx.txt)
+    print(f"  LoRA effect: max|txt - e2e_dev txt| = {moved:.3f}")
+    assert moved > 1e-2, moved
+    stats_and_save("lora_kohya_t5", {"input_ids": ids, "txt_f32": txt_f32, "txt": txt}, {
+        "lora": "lora/kohya-t5.safetensors", "lora_scale": 1.0, "rank": RANK, "alpha": RANK / 2,
+        "text_encoder": "tiny-diffusers/text_encoder_2 (transformers T5EncoderModel, float32, eager attention)",
+        "rule": "W + scale*(alpha/rank)*up@down on the T5 Linear named by the key: lora_te3_ + module path "
+                "with '_' for '.'; alpha rank/2",
+        "prompt": ctx.params["prompt"], "t5_max_length": ctx.params["t5_max_length"],
+        "t5_ids": ids[0].tolist(),
+        "input": "golden/e2e_dev.json t5_ids [1,16] (= the prompt through tokenizer_2, max_length 16); "
+                 "last_hidden_state with attention_mask None",
+        "txt": "bf16 rounding of txt_f32, as the pipeline rounds T5's output; with no LoRA it equals "
+               "golden/e2e_dev.safetensors txt",
+        "modules": [u[0] for u in upd],
+        "max_abs_merged_vs_unmerged_f32": cross,
+        "max_abs_eager_vs_sdpa_f32": sdpa,
+        "max_abs_txt_vs_e2e_dev_txt": moved,
+    })
     total = sum(os.path.getsize(os.path.join(OUT, f)) for f in os.listdir(OUT))
     print(f"lora fixtures: {total} bytes")
 

@@ -549,11 +549,24 @@ impl T5Encoder {
             return s.linear(&wo_name, &hidden);
         }
         let wo = s.get(&format!("{wo_name}.weight"))?;
-        if wo.dtype() == DType::F16 {
-            let wo = wo.to_dtype(DType::F32)?;
-            return ops::linear(&hidden.to_dtype(DType::F32)?, &wo, None);
+        if wo.dtype() != DType::F16 {
+            return s.linear(&wo_name, &hidden);
         }
-        ops::linear(&hidden, &wo, None)
+        let f32 = |t: &T| t.to_dtype(DType::F32);
+        let hidden = f32(&hidden)?;
+        let y = ops::linear(&hidden, &f32(&wo)?, None)?;
+        // A LoRA term on `wo`, in f32 like the weight.
+        match s.get_opt(&format!("{wo_name}.lora_A.weight")) {
+            None => Ok(y),
+            Some(a) => {
+                let up = f32(&s.get(&format!("{wo_name}.lora_B.weight"))?)?;
+                y.add(&ops::linear(
+                    &ops::linear(&hidden, &f32(&a)?, None)?,
+                    &up,
+                    None,
+                )?)
+            }
+        }
     }
 }
 

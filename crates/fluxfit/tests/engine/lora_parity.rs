@@ -89,6 +89,28 @@ fn every_layout_matches_the_reference_with_the_lora_merged() {
 }
 
 #[test]
+fn a_kohya_t5_lora_adapts_t5() {
+    // sd-scripts' `lora_te3_` (T5) on every Linear of the tiny T5, against transformers' T5 with
+    // the LoRA merged (golden from make_lora_goldens.py).
+    let model = with_loras(&dev(), vec![lora("kohya-t5.safetensors", None)]).unwrap();
+    assert_eq!(
+        model.loras[0].components,
+        [fluxfit::component::Component::T5]
+    );
+    let prompt = golden_json("e2e_dev.json")["prompt"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (txt, _) = model.encode_text(&prompt, 16).unwrap();
+    let worst = assert_within_bf16_step(
+        "T5 with lora_te3_",
+        &txt,
+        &golden("lora_kohya_t5.safetensors", "txt"),
+    );
+    println!("T5 with the LoRA: worst {worst} bf16 steps");
+}
+
+#[test]
 fn a_kohya_text_encoder_lora_adapts_clip() {
     let model = with_loras(&dev(), vec![lora("kohya.safetensors", None)]).unwrap();
     let json = golden_json("lora_kohya.json");

@@ -15,7 +15,8 @@ pub enum Layout {
     /// `save_lora_weights` write them; alpha from `alpha` tensors or the adapter metadata.
     Diffusers,
     /// kohya sd-scripts: `lora_unet_` + BFL or diffusers names with `_` for `.`, `lora_te1_`
-    /// for CLIP, `lora_te2_` for T5; `lora_down`/`lora_up` scaled by `alpha / rank`.
+    /// for CLIP, `lora_te3_` (older files: `lora_te2_`) for T5; `lora_down`/`lora_up` scaled by
+    /// `alpha / rank`.
     Kohya,
     /// XLabs' attention processors (`double_blocks.0.processor.qkv_lora1.down.weight`),
     /// unscaled.

@@ -44,7 +44,7 @@ pub struct LoraFile {
 pub const CONTROL_SCALE: f64 = 0.85;
 
 /// The stores a LoRA may adapt: the flow model always, CLIP and T5 when a file has
-/// text-encoder layers (kohya's `lora_te1_`/`lora_te2_`, diffusers' `text_encoder.`).
+/// text-encoder layers (kohya's `lora_te1_` for CLIP and `lora_te3_`/`lora_te2_` for T5, diffusers' `text_encoder.`).
 pub struct LoraTargets<'a> {
     pub flow: &'a mut TensorStore,
     pub clip: Option<&'a mut TensorStore>,

@@ -88,7 +88,7 @@ impl<'a> Base<'a> {
         }
         for (store, tags, component) in [
             (clip, ["te_", "te1_"].as_slice(), Component::Clip),
-            (t5, ["te2_"].as_slice(), Component::T5),
+            (t5, ["te2_", "te3_"].as_slice(), Component::T5),
         ] {
             for layer in store.into_iter().flat_map(linear_layers) {
                 for tag in tags {
