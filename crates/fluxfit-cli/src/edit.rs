@@ -11,8 +11,8 @@ use fluxfit::pipeline::{Model, Request};
 
 use crate::generate::check_output;
 use crate::run_args::{
-    file_name, interactive_loop, loop_number, on_event, progress, write_image, LoopEvent, Planning,
-    RunArgs,
+    file_name, interactive_loop, loop_integer, on_event, progress, write_image, LoopEvent,
+    Planning, RunArgs,
 };
 use fluxfit::planner::choice::Quant;
 
@@ -81,10 +81,22 @@ fn conditioning(path: &Path, keep_size: bool, quiet: bool) -> Result<Rgb8> {
 fn target_size(args: &EditArgs, cond: &Rgb8) -> Result<(usize, usize)> {
     Ok(match &args.aspect_ratio {
         Some(ar) => aspect_ratio_size(ar).with_context(|| format!("--aspect-ratio {ar}"))?,
-        None => (
-            args.width.unwrap_or(cond.width) / 16 * 16,
-            args.height.unwrap_or(cond.height) / 16 * 16,
-        ),
+        None => {
+            // The sides as typed (or the image's), before flooring.
+            let (w, h) = (
+                args.width.unwrap_or(cond.width),
+                args.height.unwrap_or(cond.height),
+            );
+            fluxfit::pipeline::request::check_sides(w, h, false).with_context(|| {
+                match (args.width, args.height) {
+                    (None, None) => {
+                        format!("the output takes --image {}'s size", args.image.display())
+                    }
+                    _ => "--width/--height".to_string(),
+                }
+            })?;
+            (w / 16 * 16, h / 16 * 16)
+        }
     })
 }
 
@@ -132,7 +144,8 @@ pub fn run(mut args: EditArgs) -> Result<()> {
                 "w" | "h" => {
                     let side = match value {
                         "auto" => None,
-                        v => loop_number(name, v, "pixels").map(|n| n as usize),
+                        v => loop_integer(name, v, "pixels")
+                            .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
                     };
                     args.aspect_ratio = None;
                     if name == "w" {

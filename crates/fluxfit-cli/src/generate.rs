@@ -13,11 +13,12 @@ use fluxfit::noise::{random_seed, NoiseKind};
 use fluxfit::pipeline::control::canny_control;
 use fluxfit::pipeline::kontext::image_tensor;
 use fluxfit::pipeline::redux::{ReduxImage, MAX_IMAGES as MAX_REDUX_IMAGES};
+use fluxfit::pipeline::request::MIN_SIDE;
 use fluxfit::pipeline::{Event, ImageInit, Model, Request};
 use fluxfit::variant::Variant;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::run_args::{interactive_loop, loop_number, LoopEvent, Planning, RunArgs};
+use crate::run_args::{interactive_loop, loop_integer, LoopEvent, Planning, RunArgs};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -149,6 +150,18 @@ fn floor16(name: &str, v: usize, quiet: bool) -> usize {
 
 /// Fails early, before any compute, if the output cannot be written.
 pub(crate) fn check_output(path: &Path) -> Result<()> {
+    if path.as_os_str() == "-" {
+        bail!(
+            "--out -: images are not written to standard output; give a file name such as out.png"
+        );
+    }
+    if path.is_dir() || path.as_os_str().to_string_lossy().ends_with(['/', '\\']) {
+        bail!(
+            "--out {}: a folder; give a file name inside it, such as {}",
+            path.display(),
+            path.join("fluxfit.png").display()
+        );
+    }
     Format::from_path(path)?;
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -179,11 +192,28 @@ pub(crate) fn check_output(path: &Path) -> Result<()> {
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     check_output(&args.out)?;
+    // The sides as typed, before flooring or planning (a 63 is refused as 63, not as 48).
+    fluxfit::pipeline::request::check_sides(
+        args.width.unwrap_or(MIN_SIDE),
+        args.height.unwrap_or(MIN_SIDE),
+        args.allow_large,
+    )
+    .context("--width/--height")?;
     // A control image sets the default size, which the planner needs before loading.
     let control_size = match &args.control_image {
         Some(path) => {
             let img =
                 read_rgb8(path).with_context(|| format!("--control-image {}", path.display()))?;
+            let sized = args.width.is_some() && args.height.is_some();
+            if !sized && (img.width < MIN_SIDE || img.height < MIN_SIDE) {
+                bail!(
+                    "--control-image {} is {}x{}: the output takes its size, and sides must be at \
+                     least {MIN_SIDE} pixels; give --width and --height, or a larger image",
+                    path.display(),
+                    img.width,
+                    img.height
+                );
+            }
             Some((img.width, img.height))
         }
         None => None,
@@ -350,10 +380,10 @@ fn load_control(
 fn report_memory(report: &MemoryReport, model: &Model, args: &GenerateArgs) -> Result<()> {
     if args.json {
         let v = serde_json::json!({ "plan": model.plan().spec(), "memory": report });
-        println!("{}", serde_json::to_string(&v)?);
+        crate::outln!("{}", serde_json::to_string(&v)?)?;
     } else {
-        println!("plan {}", model.plan().spec());
-        print!("{}", report.table());
+        crate::outln!("plan {}", model.plan().spec())?;
+        crate::out!("{}", report.table())?;
     }
     Ok(())
 }
@@ -435,14 +465,14 @@ fn generate_one(model: &Model, req: &Request, args: &GenerateArgs) -> Result<Pat
         meta.push(("redux_images".into(), images.join(", ")));
     }
     save(&rgb, &path, &meta)?;
-    println!(
+    crate::outln!(
         "wrote {} ({}x{}, seed {}) in {:.1}s",
         path.display(),
         rgb.width,
         rgb.height,
         req.seed,
         start.elapsed().as_secs_f64()
-    );
+    )?;
     if args.report_memory {
         report_memory(&out.memory, model, args)?;
     }
@@ -480,7 +510,7 @@ fn interactive(model: &Model, req: Request, mut args: GenerateArgs) -> Result<()
                 }
                 "w" | "h" => {
                     let word = if name == "w" { "width" } else { "height" };
-                    if let Some(n) = loop_number(name, value, word) {
+                    if let Some(n) = loop_integer(name, value, word) {
                         let side = floor16(word, n as usize, false);
                         if name == "w" {
                             req.width = side;

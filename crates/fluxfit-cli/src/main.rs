@@ -3,6 +3,7 @@
 mod edit;
 mod fill;
 mod generate;
+mod out;
 mod plan;
 mod quantize;
 mod regions;
@@ -65,7 +66,7 @@ enum Command {
 
 /// A library report printed as it is.
 fn print_report(report: fluxfit::Result<String>) -> anyhow::Result<()> {
-    print!("{}", report?);
+    crate::out!("{}", report?)?;
     Ok(())
 }
 

@@ -66,6 +66,10 @@ pub struct PlanArgs {
     /// One JSON object on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Allow sides above 4096 pixels (up to 16384) and T5 lengths above 512 (up to 4096), as
+    /// `generate --allow-large` does.
+    #[arg(long)]
+    pub allow_large: bool,
     /// Also draw peak memory against resolution for each plan, and the picked plan's bars, as
     /// an SVG file.
     #[arg(long, value_name = "FILE.svg")]
@@ -101,6 +105,23 @@ fn model_spec(m: &ModelArgs, options: LoadOptions) -> Result<ModelSpec> {
 }
 
 pub fn run(args: PlanArgs) -> Result<()> {
+    // The bounds `generate` holds a run to, checked before anything is computed.
+    use fluxfit::pipeline::request::{check_sides, check_t5_tokens, MAX_STEPS};
+    let side = |v: Option<usize>| v.unwrap_or(fluxfit::pipeline::request::MIN_SIDE);
+    check_sides(side(args.width), side(args.height), args.allow_large)
+        .context("--width/--height")?;
+    if let Some(t) = args.t5_tokens {
+        check_t5_tokens(t, args.allow_large).context("--t5-tokens")?;
+    }
+    if let Some(n) = args.steps.filter(|&n| n == 0 || n > MAX_STEPS) {
+        bail!("--steps {n}: denoising takes 1 to {MAX_STEPS} steps");
+    }
+    if let Some(path) = args.chart.as_deref().filter(|p| p.exists()) {
+        bail!(
+            "--chart {}: exists; fluxfit never replaces a file: remove it or choose another name",
+            path.display()
+        );
+    }
     let device = DeviceProfile::named(&args.device)?;
     let dtype = crate::run_args::DtypeArg::resolve(args.dtype, device.is_cpu());
     let chunk = (args.attn_chunk > 0).then_some(args.attn_chunk);
@@ -129,9 +150,6 @@ pub fn run(args: PlanArgs) -> Result<()> {
             redux_images: args.redux_images as usize,
         },
     );
-    if req.width < 64 || req.height < 64 {
-        bail!("--width and --height must be at least 64 pixels");
-    }
     let budget = Budget::resolve(args.vram.as_deref(), &device, 0)?;
     let cands = plan_candidates(&spec, &candidates(&device, dtype, chunk), args.quant);
     let view = PlanView::new(spec, req, device, (dtype, chunk), cands, budget);
@@ -169,12 +187,12 @@ pub fn run(args: PlanArgs) -> Result<()> {
                 "error": c.error,
             })).collect::<Vec<_>>(),
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(());
     }
-    print!("{}", view.text());
+    crate::out!("{}", view.text())?;
     if !storage.is_empty() {
-        print!("{}", render_storage(&storage));
+        crate::out!("{}", render_storage(&storage))?;
     }
     if let (Quant::Auto, Some(b)) = (args.quant, budget) {
         if !spec.packable(Component::Flow) {
@@ -186,7 +204,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         }
     }
     if let Some(path) = &args.chart {
-        println!("chart: {}", path.display());
+        crate::outln!("chart: {}", path.display())?;
     }
     Ok(())
 }
@@ -206,5 +224,7 @@ fn write_chart(path: &Path, svg: &str) -> Result<()> {
             path.with_extension("svg").display()
         );
     }
-    std::fs::write(path, svg).with_context(|| format!("--chart {}", path.display()))
+    // Never replaces a file, and appears whole or not at all.
+    fluxfit::image::write_new(path, svg.as_bytes())
+        .with_context(|| format!("--chart {}", path.display()))
 }

@@ -70,7 +70,28 @@ fn gb(bytes: usize) -> String {
 }
 
 pub fn run(args: QuantizeArgs) -> Result<()> {
-    if args.out.exists() {
+    let out = &args.out;
+    if !out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        bail!(
+            "--out {}: fluxfit quantize writes GGUF files; name it *.gguf (standard output is not supported)",
+            out.display()
+        );
+    }
+    let folder = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    if !folder.is_dir() {
+        bail!(
+            "--out {}: folder {} does not exist",
+            out.display(),
+            folder.display()
+        );
+    }
+    if args.out.symlink_metadata().is_ok() {
         bail!(
             "{} exists; fluxfit never replaces a file: remove it or choose another --out",
             args.out.display()

@@ -76,18 +76,43 @@ pub fn run(args: RegionsArgs) -> Result<()> {
         }
         (None, _, _) => bail!("give the canvas size with --width and --height (or --from FILE)"),
     };
-    let (w, h) = (w / 16 * 16, h / 16 * 16);
     const MAX_CANVAS: usize = 16384;
+    // Even with --allow-large: the canvas is held whole (12 bytes a pixel in f32), and 65536²
+    // is 48 GiB of it.
+    const MAX_CANVAS_LARGE: usize = 65536;
+    /// Regions one run may have: beyond it, a typo in --tile or --overlap runs for days.
+    const MAX_REGIONS: usize = 4096;
+    let (what, hint) = match &source {
+        Some(_) => ("--from image scaled by --scale", "a smaller --scale"),
+        None => ("--width/--height", "smaller sides"),
+    };
+    if w < fluxfit::pipeline::request::MIN_SIDE || h < fluxfit::pipeline::request::MIN_SIDE {
+        bail!("{what}: the canvas {w}x{h} is below 64 pixels a side; use {hint}, or larger");
+    }
+    let (w, h) = (w / 16 * 16, h / 16 * 16);
     if (w > MAX_CANVAS || h > MAX_CANVAS) && !args.allow_large {
         bail!(
-            "the canvas {w}x{h} has a side above {MAX_CANVAS} pixels; pass --allow-large if you mean it"
+            "{what}: the canvas {w}x{h} has a side above {MAX_CANVAS} pixels; pass --allow-large if you mean it"
+        );
+    }
+    if w > MAX_CANVAS_LARGE || h > MAX_CANVAS_LARGE {
+        bail!(
+            "{what}: the canvas {w}x{h} has a side above {MAX_CANVAS_LARGE} pixels, the limit even with --allow-large ({} GiB as f32); use {hint}",
+            (12 * w as u128 * h as u128) >> 30
         );
     }
     // The built-in tiny model's default region is smaller, as its default image is.
     let tiny = args.run.model.model == "tiny" && args.run.model.flow.is_none();
     let tile = args.tile.unwrap_or(if tiny { 256 } else { 1024 });
-    let model = args.run.load((tile.min(w), tile.min(h)))?;
     let grid = region_grid(w, h, tile, args.overlap)?;
+    if grid.len() > MAX_REGIONS {
+        bail!(
+            "the canvas {w}x{h} in regions of {tile} with an overlap of {} is {} regions; at most {MAX_REGIONS}: give a larger --tile or a smaller canvas",
+            args.overlap,
+            grid.len()
+        );
+    }
+    let model = args.run.load((tile.min(w), tile.min(h)))?;
     let mode = model.region_mode(source.as_ref().map(|_| args.strength))?;
     let mut canvas = match &source {
         Some(s) => Canvas::from_rgb8(&resize_lanczos(s, w, h))?,
@@ -147,18 +172,18 @@ pub fn run(args: RegionsArgs) -> Result<()> {
         meta.push(("strength".into(), strength.to_string()));
     }
     write_image(&canvas.image()?, &args.out, &meta, &req)?;
-    println!(
+    crate::outln!(
         "{} regions of {}x{}, seeds {}..{}",
         grid.len(),
         grid[0].w,
         grid[0].h,
         req.seed,
         req.seed + grid.len() as u64 - 1
-    );
+    )?;
     if args.report_memory {
-        println!("region  x     y     w     h     peak MiB");
+        crate::outln!("region  x     y     w     h     peak MiB")?;
         for (i, r) in runs.iter().enumerate() {
-            println!(
+            crate::outln!(
                 "{:<7} {:<5} {:<5} {:<5} {:<5} {:.1}",
                 i,
                 r.rect.x,
@@ -166,13 +191,13 @@ pub fn run(args: RegionsArgs) -> Result<()> {
                 r.rect.w,
                 r.rect.h,
                 r.memory.peak as f64 / (1 << 20) as f64
-            );
+            )?;
         }
         let peak = runs.iter().map(|r| r.memory.peak).max().unwrap_or(0);
-        println!(
+        crate::outln!(
             "largest region peak {:.1} MiB",
             peak as f64 / (1 << 20) as f64
-        );
+        )?;
     }
     Ok(())
 }

@@ -102,6 +102,18 @@ impl RunArgs {
     /// another model once its headers are open), else `--plan` over all-resident;
     /// `--vae-tile` overrides either's tile.
     pub fn load_planned(&self, p: Planning) -> Result<Model> {
+        // Bounds no option lifts, checked before planning or loading; the request's own
+        // validation holds the rest.
+        use fluxfit::pipeline::request::{MAX_STEPS, MAX_T5_TOKENS_LARGE};
+        if let Some(n) = self.steps.filter(|&n| n == 0 || n > MAX_STEPS) {
+            bail!("--steps {n}: denoising takes 1 to {MAX_STEPS} steps");
+        }
+        if let Some(n) = self
+            .t5_tokens
+            .filter(|&n| n == 0 || n > MAX_T5_TOKENS_LARGE)
+        {
+            bail!("--t5-tokens {n}: T5 takes 1 to 512 tokens (up to {MAX_T5_TOKENS_LARGE} with --allow-large)");
+        }
         let device = parse_device(&self.device)?;
         let dtype = DtypeArg::resolve(self.dtype, device.is_cpu());
         let options = LoadOptions {
@@ -234,13 +246,13 @@ pub fn write_image(
     let rgb = to_rgb8(image)?;
     let path = next_free_path(out);
     save(&rgb, &path, meta)?;
-    println!(
+    crate::outln!(
         "wrote {} ({}x{}, seed {})",
         path.display(),
         rgb.width,
         rgb.height,
         req.seed
-    );
+    )?;
     Ok(path)
 }
 
@@ -274,25 +286,34 @@ pub fn interactive_loop(
     loop {
         eprint!("> ");
         std::io::stderr().flush().ok();
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 {
+        let mut bytes = Vec::new();
+        if stdin.lock().read_until(b'\n', &mut bytes)? == 0 {
             return Ok(());
         }
+        // A line that is not UTF-8 is refused, not the end of the session.
+        let Ok(line) = String::from_utf8(bytes) else {
+            eprintln!("that line is not valid UTF-8 text; ignored");
+            continue;
+        };
         let line = line.trim();
         if let Some(cmd) = line.strip_prefix('/') {
             let (name, value) = cmd.split_once(' ').unwrap_or((cmd, ""));
             let value = value.trim();
             match name {
                 "q" => return Ok(()),
-                "s" => next_seed = loop_number(name, value, "the seed").map(|n| n as u64),
+                "s" => {
+                    if let Some(n) = loop_integer(name, value, "the seed") {
+                        next_seed = Some(n);
+                    }
+                }
                 "g" => {
                     if let Some(n) = loop_number(name, value, "the guidance") {
                         req.guidance = n as f32;
                     }
                 }
                 "n" => {
-                    if let Some(n) = loop_number(name, value, "the steps") {
-                        req.steps = n as usize;
+                    if let Some(n) = loop_integer(name, value, "the steps") {
+                        req.steps = usize::try_from(n).unwrap_or(usize::MAX);
                     }
                 }
                 "help" => eprintln!("{help}"),
@@ -318,11 +339,24 @@ pub fn interactive_loop(
     }
 }
 
-/// The number a loop command takes, or `None` after saying what was wrong.
+/// The finite number a loop command takes, or `None` after saying what was wrong.
 pub fn loop_number(name: &str, value: &str, what: &str) -> Option<f64> {
-    let n = value.parse::<f64>().ok();
+    let n = value.parse::<f64>().ok().filter(|n| n.is_finite());
     if n.is_none() {
         eprintln!("/{name} needs a number for {what}; got `{value}`");
+    }
+    n
+}
+
+/// The whole number (0 to 2⁶⁴ − 1, read exactly, not through a float) a loop command takes, or
+/// `None` after saying what was wrong.
+pub fn loop_integer(name: &str, value: &str, what: &str) -> Option<u64> {
+    let n = value.parse::<u64>().ok();
+    if n.is_none() {
+        eprintln!(
+            "/{name} needs a whole number from 0 to {} for {what}; got `{value}`",
+            u64::MAX
+        );
     }
     n
 }

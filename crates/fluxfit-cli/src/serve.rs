@@ -93,6 +93,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         grace: Duration::from_secs(args.grace),
         default_steps: args.run.steps,
         default_guidance: args.run.guidance,
+        ..Config::default()
     };
     let name = model.name.clone();
     let plan = model.plan().spec();

@@ -68,9 +68,17 @@ fn parse_lora(s: &str) -> Result<LoraArg, String> {
     })
 }
 
-/// A LoRA strength: a finite number (negative ones invert the update, as in ComfyUI).
+/// The largest LoRA strength accepted: trained strengths are around 1, and past this the
+/// update overflows bf16 (and f32 long before 1e39) into a black image.
+const MAX_LORA_SCALE: f64 = 100.0;
+
+/// A LoRA strength: a finite number (negative ones invert the update, as in ComfyUI) of at
+/// most [`MAX_LORA_SCALE`] in size.
 fn finite_scale(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v.abs() > MAX_LORA_SCALE => Err(format!(
+            "the LoRA scale {v} is beyond ±{MAX_LORA_SCALE}; trained strengths are around 1"
+        )),
         Ok(v) if v.is_finite() => Ok(v),
         Ok(v) => Err(format!(
             "the LoRA scale {v} is not a finite number; give one like 0.8"
@@ -138,9 +146,8 @@ impl ModelArgs {
             ..options
         };
         for lora in &self.lora {
-            if !lora.path.is_file() {
-                bail!("--lora {}: no such file", lora.path.display());
-            }
+            fluxfit::Error::check_regular_file(&lora.path)
+                .with_context(|| format!("--lora {}", lora.path.display()))?;
         }
         let has_parts = self.flow.is_some() || self.vae.is_some();
         let dir = match ModelRef::parse(&self.model, self.variant()?)? {

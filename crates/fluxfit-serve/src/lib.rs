@@ -10,6 +10,7 @@
 //! The library does what `fluxfit generate`, `fill` and `edit` do, with the same plans,
 //! images and metadata; the CLI only parses flags and loads the model.
 
+pub mod conn;
 pub mod error;
 pub mod gallery;
 pub mod http;
@@ -54,6 +55,9 @@ pub struct Config {
     pub preview_every: usize,
     /// On shutdown, how long the running job may take to finish before it is cancelled.
     pub grace: Duration,
+    /// How long a client may take to send a request's line and headers, and its body.
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
     /// Steps and guidance of jobs that give none [default: the model variant's].
     pub default_steps: Option<usize>,
     pub default_guidance: Option<f32>,
@@ -73,6 +77,8 @@ impl Default for Config {
             max_side: fluxfit::pipeline::request::MAX_SIDE,
             preview_every: 1,
             grace: Duration::from_secs(60),
+            header_timeout: conn::HEADER_TIMEOUT,
+            body_timeout: conn::BODY_TIMEOUT,
             default_steps: None,
             default_guidance: None,
         }
@@ -207,14 +213,13 @@ impl Server {
             .spawn(move || runner.run())
             .map_err(|e| ServeError::Other(format!("starting the runner: {e}")))?;
         let (stop_http, stopped) = tokio::sync::oneshot::channel::<()>();
-        let router = http::router(app, config.max_upload);
+        let router = http::router(app, config.max_upload, config.body_timeout);
+        let header_timeout = config.header_timeout;
         let http = runtime.spawn(async move {
-            let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+            conn::serve(listener, router, header_timeout, async move {
                 let _ = stopped.await;
-            });
-            if let Err(e) = serve.await {
-                eprintln!("fluxfit serve: {e}");
-            }
+            })
+            .await;
         });
         Ok(Self {
             addr,

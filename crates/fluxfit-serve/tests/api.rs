@@ -328,7 +328,7 @@ fn bad_requests_are_4xx_json_naming_the_field() {
         e["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("larger than this server accepts"),
+            .contains("larger than accepted here"),
         "{e}"
     );
     assert_eq!(e["error"]["param"], "image");
@@ -794,4 +794,61 @@ fn raw_request(s: &Running, request_line: &str, length: usize) -> (u16, Value) {
         .unwrap_or(0);
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
     (code, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// Reads until the server closes the connection (or `limit` passes): what it sent.
+fn read_until_closed(stream: &mut std::net::TcpStream, limit: Duration) -> (Vec<u8>, bool) {
+    use std::io::Read;
+    stream.set_read_timeout(Some(limit)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return (got, true),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return (got, false),
+        }
+    }
+}
+
+#[test]
+fn slow_clients_are_dropped_at_their_deadlines() {
+    let s = start(Variant::Schnell, |c| {
+        c.header_timeout = Duration::from_secs(1);
+        c.body_timeout = Duration::from_secs(1);
+    });
+    let addr = s.base.trim_start_matches("http://").to_string();
+    // Headers that never end (slowloris): the connection is closed after the header deadline.
+    let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .unwrap();
+    let start = Instant::now();
+    let (_, closed) = read_until_closed(&mut slow, Duration::from_secs(10));
+    assert!(
+        closed,
+        "a half-sent request head held the connection for 10 s"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    // A body that stops short of its length: refused after the body deadline, not waited on.
+    let mut short = std::net::TcpStream::connect(&addr).unwrap();
+    short
+        .write_all(
+            b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"prompt\":",
+        )
+        .unwrap();
+    let start = Instant::now();
+    let (answer, _) = read_until_closed(&mut short, Duration::from_secs(10));
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
+    // The server still answers.
+    assert_eq!(get(&format!("{}/healthz", s.base)).0, 200);
 }

@@ -113,4 +113,20 @@ impl Error {
             error: source,
         }
     }
+
+    /// Refuses what is not a regular file before it is opened (opening a FIFO blocks until a
+    /// writer comes; a device never ends): "no such file", or what it is instead.
+    pub fn check_regular_file(path: &std::path::Path) -> Result<()> {
+        use std::io::{Error as E, ErrorKind};
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if meta.is_file() {
+            return Ok(());
+        }
+        let what = if meta.is_dir() {
+            "a folder, not a file"
+        } else {
+            "not a regular file (a FIFO, socket or device); give the checkpoint file itself"
+        };
+        Err(Error::io(path, E::new(ErrorKind::InvalidInput, what)))
+    }
 }

@@ -43,14 +43,16 @@ pub fn to_rgb8(image: &Tensor) -> Result<Rgb8> {
 
 /// `path` if free, else `stem-1.ext`, `stem-2.ext`, ...: outputs never replace a file.
 pub fn next_free_path(path: &Path) -> PathBuf {
-    if !path.exists() {
+    // A name is taken by anything there, a dangling link included (`exists` follows links).
+    let taken = |p: &Path| p.symlink_metadata().is_ok();
+    if !taken(path) {
         return path.to_path_buf();
     }
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
     let ext = path.extension().and_then(|s| s.to_str()).unwrap_or("png");
     (1..)
         .map(|i| path.with_file_name(format!("{stem}-{i}.{ext}")))
-        .find(|p| !p.exists())
+        .find(|p| !taken(p))
         .expect("an unbounded range finds a free name")
 }
 
@@ -188,24 +190,36 @@ pub fn png_text(path: &Path) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
-/// Reads an image file (PNG or JPEG) as 8-bit RGB (alpha dropped, greyscale expanded).
+/// Largest side and decoded size a file image may have (the server sets its own, smaller).
+pub const FILE_MAX_SIDE: u32 = 32768;
+pub const FILE_MAX_BYTES: u64 = 4 << 30;
+
+/// The bytes of an image file: a regular file only (a FIFO would block the read forever and a
+/// device never ends), at most `FILE_MAX_BYTES`.
+fn read_image_file(path: &Path) -> Result<Vec<u8>> {
+    let bad = |m: String| Error::InvalidRequest(format!("cannot read {}: {m}", path.display()));
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(bad(
+            "not a regular file (a folder, FIFO or device); give an image file".into(),
+        ));
+    }
+    if meta.len() > FILE_MAX_BYTES {
+        return Err(bad(format!(
+            "{} bytes is more than an image fluxfit reads ({} GiB)",
+            meta.len(),
+            FILE_MAX_BYTES >> 30
+        )));
+    }
+    std::fs::read(path).map_err(|e| bad(e.to_string()))
+}
+
+/// Reads an image file (PNG or JPEG) as 8-bit RGB (alpha dropped, greyscale expanded), turned
+/// upright as its EXIF orientation says, under the same checks as [`decode_bytes`].
 pub fn read_rgb8(path: &Path) -> Result<Rgb8> {
-    let img = ::image::ImageReader::open(path)
-        .and_then(|r| r.with_guessed_format())
-        .map_err(|e| Error::InvalidRequest(format!("cannot read {}: {e}", path.display())))?
-        .decode()
-        .map_err(|e| {
-            Error::InvalidRequest(format!(
-                "cannot decode {} as a PNG or JPEG image: {e}",
-                path.display()
-            ))
-        })?
-        .to_rgb8();
-    Ok(Rgb8 {
-        width: img.width() as usize,
-        height: img.height() as usize,
-        data: img.into_raw(),
-    })
+    let bytes = read_image_file(path)?;
+    let what = path.display().to_string();
+    Ok(decode_bytes(&what, &bytes, FILE_MAX_SIDE, FILE_MAX_BYTES)?.rgb)
 }
 
 /// An image decoded from bytes an untrusted client sent: RGB, and the alpha channel as a mask
@@ -215,16 +229,38 @@ pub struct Decoded {
     pub alpha_mask: Option<Vec<u8>>,
 }
 
+/// A JPEG must end in its end-of-image marker (FF D9, maybe followed by padding): decoders
+/// fill a file cut short with grey rows without a word, which would silently change an input.
+fn check_jpeg_complete(bytes: &[u8]) -> std::result::Result<(), String> {
+    let end = bytes
+        .iter()
+        .rposition(|&b| b != 0 && b != b'\n' && b != b'\r' && b != b' ')
+        .map_or(0, |i| i + 1);
+    if end >= 2 && bytes[end - 2..end] == [0xFF, 0xD9] {
+        Ok(())
+    } else {
+        Err(
+            "the JPEG is truncated (no end-of-image marker): the file was cut short, \
+             download or export it again"
+                .into(),
+        )
+    }
+}
+
 /// Decodes a PNG or JPEG from memory under limits checked before pixels are allocated: at most
 /// `max_side` pixels a side and `max_bytes` of decoder memory, so a small file that claims a
-/// huge canvas (a "decompression bomb") is refused. `what` names the input in errors.
+/// huge canvas (a "decompression bomb") is refused. A truncated JPEG is refused; the EXIF
+/// orientation is applied (a phone photo comes out upright, as viewers show it). `what` names
+/// the input in errors.
 pub fn decode_bytes(what: &str, bytes: &[u8], max_side: u32, max_bytes: u64) -> Result<Decoded> {
+    use ::image::ImageDecoder;
     let bad = |message: String| Error::InvalidRequest(format!("{what}: {message}"));
     let mut reader = ::image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| bad(e.to_string()))?;
     match reader.format() {
-        Some(::image::ImageFormat::Png | ::image::ImageFormat::Jpeg) => {}
+        Some(::image::ImageFormat::Png) => {}
+        Some(::image::ImageFormat::Jpeg) => check_jpeg_complete(bytes).map_err(bad)?,
         _ => return Err(bad("not a PNG or JPEG image".into())),
     }
     let mut limits = ::image::Limits::default();
@@ -232,14 +268,18 @@ pub fn decode_bytes(what: &str, bytes: &[u8], max_side: u32, max_bytes: u64) -> 
     limits.max_image_height = Some(max_side);
     limits.max_alloc = Some(max_bytes);
     reader.limits(limits);
-    let img = reader.decode().map_err(|e| match e {
+    let decode_err = |e: ::image::ImageError| match e {
         ::image::ImageError::Limits(_) => bad(format!(
-            "the image is larger than this server accepts (at most {max_side} pixels a side and \
+            "the image is larger than accepted here (at most {max_side} pixels a side and \
              {} MiB decoded); downscale it",
             max_bytes >> 20
         )),
         e => bad(format!("cannot decode as a PNG or JPEG image: {e}")),
-    })?;
+    };
+    let mut decoder = reader.into_decoder().map_err(decode_err)?;
+    let orientation = decoder.orientation().map_err(decode_err)?;
+    let mut img = ::image::DynamicImage::from_decoder(decoder).map_err(decode_err)?;
+    img.apply_orientation(orientation);
     let alpha_mask = img
         .color()
         .has_alpha()
@@ -314,17 +354,9 @@ pub fn read_mask(path: &Path) -> Result<(usize, usize, Vec<u8>)> {
 /// The alpha channel of an image file as a mask (255 − alpha: transparent = generate), or
 /// `None` when the file has no alpha channel.
 pub fn read_alpha_mask(path: &Path) -> Result<Option<Vec<u8>>> {
-    let img = ::image::ImageReader::open(path)
-        .and_then(|r| r.with_guessed_format())
-        .map_err(|e| Error::InvalidRequest(format!("cannot read {}: {e}", path.display())))?
-        .decode()
-        .map_err(|e| Error::InvalidRequest(format!("cannot decode {}: {e}", path.display())))?;
-    if !img.color().has_alpha() {
-        return Ok(None);
-    }
-    Ok(Some(
-        img.to_rgba8().pixels().map(|p| 255 - p.0[3]).collect(),
-    ))
+    let bytes = read_image_file(path)?;
+    let what = path.display().to_string();
+    Ok(decode_bytes(&what, &bytes, FILE_MAX_SIDE, FILE_MAX_BYTES)?.alpha_mask)
 }
 
 /// Resizes as the reference's PIL `Image.resize((w, h), Image.LANCZOS)` does, byte for byte

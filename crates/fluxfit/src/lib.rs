@@ -8,6 +8,8 @@ pub mod canny;
 pub mod checkpoint;
 pub mod component;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod image;
 pub mod memory;
 pub mod model;

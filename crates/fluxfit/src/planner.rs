@@ -496,7 +496,7 @@ fn run_meta(
             cp.placement,
             dtype,
             dev,
-            model.stage_costs(kind, dtype, cpu, cp, plan.lora_merged),
+            model.stage_costs(kind, dtype, cpu, cp, plan.merges_loras(kind)),
         )
     };
     let m = MetaModel {

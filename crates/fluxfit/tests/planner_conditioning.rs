@@ -211,6 +211,7 @@ fn conditioned_runs_are_predicted_within_ten_percent() {
         "phase",
         "stream:1:2",
         "lora=merged",
+        "phase,lora=merged",
         "stream:1:2,lora=merged",
     ];
     worst = worst.max(check_plans(

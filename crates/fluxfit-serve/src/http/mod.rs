@@ -39,7 +39,7 @@ pub struct App {
 
 pub type AppState = State<Arc<App>>;
 
-pub fn router(app: Arc<App>, max_body: usize) -> Router {
+pub fn router(app: Arc<App>, max_body: usize, body_timeout: std::time::Duration) -> Router {
     let api = Router::new()
         .route("/v1/jobs", get(native::list).post(native::submit))
         .route("/v1/jobs/{id}", get(native::status).delete(native::cancel))
@@ -72,6 +72,9 @@ pub fn router(app: Arc<App>, max_body: usize) -> Router {
             too_large(req, next, max_body)
         }))
         .layer(middleware::from_fn(json_rejections))
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            crate::conn::body_deadline(req, next, body_timeout)
+        }))
         .with_state(app)
 }
 

@@ -68,6 +68,11 @@ pub fn dense_dtype(t: GgmlDType) -> Option<DType> {
     }
 }
 
+/// The product of `dims`, or `None` past `usize`.
+fn checked_product(dims: &[usize]) -> Option<usize> {
+    dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+}
+
 /// Bytes of `numel` elements in `t` (`numel` a multiple of the block size).
 pub fn type_bytes(t: GgmlDType, numel: usize) -> usize {
     numel / t.block_size() * t.type_size()
@@ -159,11 +164,16 @@ pub struct GgufFile {
 pub fn is_gguf(path: &Path) -> bool {
     use std::io::Read;
     let mut magic = [0u8; 4];
+    let named = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    // A `.gguf` file is read as one, so a bad magic is reported as a bad GGUF.
     path.is_file()
-        && File::open(path)
-            .and_then(|mut f| f.read_exact(&mut magic))
-            .is_ok()
-        && &magic == b"GGUF"
+        && (named
+            || File::open(path)
+                .and_then(|mut f| f.read_exact(&mut magic))
+                .is_ok()
+                && &magic == b"GGUF")
 }
 
 impl GgufFile {
@@ -173,6 +183,7 @@ impl GgufFile {
             path: path.clone(),
             reason,
         };
+        Error::check_regular_file(&path)?;
         let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
         let content =
             Content::read(&mut BufReader::new(&file)).map_err(|e| corrupt(e.to_string()))?;
@@ -183,7 +194,13 @@ impl GgufFile {
         let mut tensors = BTreeMap::new();
         for (name, info) in &content.tensor_infos {
             let stored_shape = info.shape.dims().to_vec();
-            let numel: usize = stored_shape.iter().product();
+            // Checked: a header's numbers are untrusted, and a wrapped product could pass.
+            let too_big = || {
+                corrupt(format!(
+                    "tensor `{name}` of shape {stored_shape:?} would take more than 2^64 bytes"
+                ))
+            };
+            let numel = checked_product(&stored_shape).ok_or_else(too_big)?;
             let block = info.ggml_dtype.block_size();
             if !numel.is_multiple_of(block) {
                 return Err(corrupt(format!(
@@ -191,14 +208,17 @@ impl GgufFile {
                 )));
             }
             let start = info.offset as usize;
-            let end = start + type_bytes(info.ggml_dtype, numel);
+            let end = (numel / block)
+                .checked_mul(info.ggml_dtype.type_size())
+                .and_then(|b| b.checked_add(start))
+                .ok_or_else(too_big)?;
             if end > data_len {
                 return Err(corrupt(format!(
                     "tensor `{name}` ends at byte {end} but the data section has {data_len} bytes (file truncated?)"
                 )));
             }
             let shape = match orig_shape(&content.metadata, name) {
-                Some(s) if s.iter().product::<usize>() == numel => s,
+                Some(s) if checked_product(&s) == Some(numel) => s,
                 Some(s) => {
                     return Err(corrupt(format!(
                         "tensor `{name}` records original shape {s:?} but holds {numel} elements"

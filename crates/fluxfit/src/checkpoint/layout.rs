@@ -86,6 +86,9 @@ pub fn safetensors_files(path: &Path) -> Result<Vec<Arc<SafetensorsFile>>> {
         return Ok(vec![SafetensorsFile::open(path)?]);
     }
     if !path.is_dir() {
+        if path.exists() {
+            Error::check_regular_file(path)?;
+        }
         return Err(Error::io(
             path,
             std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
@@ -100,22 +103,8 @@ pub fn safetensors_files(path: &Path) -> Result<Vec<Arc<SafetensorsFile>>> {
         .iter()
         .find(|p| p.to_string_lossy().ends_with(".safetensors.index.json"))
     {
-        let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Layout {
-            path: index.clone(),
-            message: format!("not valid JSON: {e}"),
-        })?;
-        let mut shards: Vec<String> = json["weight_map"]
-            .as_object()
-            .ok_or_else(|| Error::Layout {
-                path: index.clone(),
-                message: "no `weight_map` object".into(),
-            })?
-            .values()
-            .filter_map(|v| v.as_str().map(String::from))
-            .collect();
-        shards.sort();
-        shards.dedup();
+        let text = std::fs::read(index).map_err(|e| Error::io(index, e))?;
+        let shards = shard_names(index, &text)?;
         let missing: Vec<&String> = shards.iter().filter(|s| !path.join(s).is_file()).collect();
         if !missing.is_empty() {
             return Err(Error::Layout {
@@ -142,6 +131,45 @@ pub fn safetensors_files(path: &Path) -> Result<Vec<Arc<SafetensorsFile>>> {
         });
     }
     files.into_iter().map(SafetensorsFile::open).collect()
+}
+
+/// The shard files a `*.safetensors.index.json` names (its `weight_map` values), sorted and
+/// deduplicated, each a plain relative name: a file the index names stays in its folder.
+pub fn shard_names(index: &Path, text: &[u8]) -> Result<Vec<String>> {
+    let json: serde_json::Value = serde_json::from_slice(text).map_err(|e| Error::Layout {
+        path: index.to_path_buf(),
+        message: format!("not valid JSON: {e}"),
+    })?;
+    let mut shards: Vec<String> = json["weight_map"]
+        .as_object()
+        .ok_or_else(|| Error::Layout {
+            path: index.to_path_buf(),
+            message: "no `weight_map` object".into(),
+        })?
+        .values()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect();
+    shards.sort();
+    shards.dedup();
+    if let Some(bad) = shards.iter().find(|s| !is_plain_relative(s)) {
+        return Err(Error::Layout {
+            path: index.to_path_buf(),
+            message: format!(
+                "the index names shard `{bad}`, which leaves the folder (absolute, or with \
+                 `..`); shards must be files beside the index"
+            ),
+        });
+    }
+    Ok(shards)
+}
+
+/// A relative path with no `..`, root or prefix: it cannot name a file outside its folder.
+fn is_plain_relative(name: &str) -> bool {
+    use std::path::Component;
+    !name.is_empty()
+        && Path::new(name)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }
 
 fn is_diffusers_flow(files: &[Arc<SafetensorsFile>]) -> bool {

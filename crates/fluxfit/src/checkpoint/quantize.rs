@@ -94,7 +94,7 @@ pub fn write(
     result
 }
 
-fn partial_path(path: &Path) -> PathBuf {
+pub(crate) fn partial_path(path: &Path) -> PathBuf {
     let file = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -103,7 +103,7 @@ fn partial_path(path: &Path) -> PathBuf {
 }
 
 /// Moves the finished file into place without replacing anything there.
-fn publish(tmp: &Path, path: &Path) -> Result<()> {
+pub(crate) fn publish(tmp: &Path, path: &Path) -> Result<()> {
     match std::fs::hard_link(tmp, path) {
         Ok(()) => {
             let _ = std::fs::remove_file(tmp);
@@ -111,7 +111,7 @@ fn publish(tmp: &Path, path: &Path) -> Result<()> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Error::Output {
             path: path.to_path_buf(),
-            message: "appeared while quantizing; not replaced".into(),
+            message: "exists (or appeared while writing); fluxfit never replaces a file".into(),
         }),
         // File systems without hard links: a plain rename, checked first.
         Err(_) if !path.exists() => std::fs::rename(tmp, path).map_err(|e| Error::io(path, e)),

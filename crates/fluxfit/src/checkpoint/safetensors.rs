@@ -83,6 +83,7 @@ fn dtype_from_str(s: &str) -> Option<DType> {
 impl SafetensorsFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Arc<Self>> {
         let path = path.as_ref().to_path_buf();
+        Error::check_regular_file(&path)?;
         let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
         // SAFETY: the map is read-only; a checkpoint modified while we run is outside our contract,
         // as for every program that maps model weights.
@@ -134,18 +135,22 @@ impl SafetensorsFile {
                 dtype: entry.dtype.clone(),
             })?;
             let [start, end] = entry.data_offsets;
-            let numel: usize = entry.shape.iter().product();
+            // Checked: a header's numbers are untrusted, and a wrapped product could pass.
+            let bytes = entry
+                .shape
+                .iter()
+                .try_fold(dtype.size_in_bytes(), |acc, &d| acc.checked_mul(d));
             if end < start || end > data_len {
                 return Err(corrupt(format!(
                     "tensor `{name}` ends at byte {end} but the data section has {data_len} bytes (file truncated?)"
                 )));
             }
-            if numel * dtype.size_in_bytes() != end - start {
+            if bytes != Some(end - start) {
+                let need = bytes.map_or("more than 2^64".to_string(), |b| b.to_string());
                 return Err(corrupt(format!(
-                    "tensor `{name}` of shape {:?} and dtype {} should take {} bytes, takes {}",
+                    "tensor `{name}` of shape {:?} and dtype {} should take {need} bytes, takes {}",
                     entry.shape,
                     entry.dtype,
-                    numel * dtype.size_in_bytes(),
                     end - start
                 )));
             }
@@ -292,29 +297,47 @@ pub fn serialize_f32(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
 
 /// Writes f32 tensors to a safetensors file one at a time, asking `values` for each: the
 /// process never holds more than one tensor (for models made in process and then mapped).
+/// Written under a temporary name and then linked into place: never replaces a file, never
+/// leaves a partial one.
 pub fn write_f32(
     path: &Path,
     shapes: &[(String, Vec<usize>)],
     mut values: impl FnMut(&str, &[usize]) -> Vec<f32>,
 ) -> Result<()> {
     use std::io::Write;
-    let io = |e| Error::io(path, e);
-    let (head, _) = f32_header(shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())));
-    let mut f = std::io::BufWriter::new(File::create(path).map_err(io)?);
-    f.write_all(&head).map_err(io)?;
-    for (name, shape) in shapes {
-        let v = values(name, shape);
-        if v.len() != shape.iter().product::<usize>() {
-            return Err(Error::Config(format!(
-                "{}: {} values for `{name}` of shape {shape:?}",
-                path.display(),
-                v.len()
-            )));
-        }
-        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        f.write_all(&bytes).map_err(io)?;
+    if path.symlink_metadata().is_ok() {
+        return Err(Error::Output {
+            path: path.to_path_buf(),
+            message: "exists; fluxfit never replaces a file: remove it or choose another folder"
+                .into(),
+        });
     }
-    f.flush().map_err(io)
+    let tmp = super::quantize::partial_path(path);
+    let written = (|| -> Result<()> {
+        let io = |e| Error::io(&tmp, e);
+        let (head, _) = f32_header(shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())));
+        let mut f = std::io::BufWriter::new(File::create(&tmp).map_err(io)?);
+        f.write_all(&head).map_err(io)?;
+        for (name, shape) in shapes {
+            let v = values(name, shape);
+            if v.len() != shape.iter().product::<usize>() {
+                return Err(Error::Config(format!(
+                    "{}: {} values for `{name}` of shape {shape:?}",
+                    path.display(),
+                    v.len()
+                )));
+            }
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            f.write_all(&bytes).map_err(io)?;
+        }
+        f.into_inner()
+            .map_err(|e| Error::io(&tmp, e.into_error()))?
+            .sync_all()
+            .map_err(io)
+    })();
+    let out = written.and_then(|()| super::quantize::publish(&tmp, path));
+    let _ = std::fs::remove_file(&tmp);
+    out
 }
 
 /// Writes bf16 tensors to `path` tensor by tensor, `fill` giving each one's values as bf16 bits:

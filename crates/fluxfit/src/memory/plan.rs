@@ -89,6 +89,13 @@ impl Plan {
         }
     }
 
+    /// Whether `kind`'s LoRAs are merged into its weights at load: under `lora=merged`, for
+    /// every placement but streaming, where the merge would repeat at every staging (every
+    /// step) on the loading thread, which costs more than the low-rank term it saves.
+    pub fn merges_loras(&self, kind: Component) -> bool {
+        self.lora_merged && !matches!(self.component(kind).placement, Placement::Stream { .. })
+    }
+
     pub fn component_mut(&mut self, kind: Component) -> &mut ComponentPlan {
         match kind {
             Component::T5 => &mut self.t5,

@@ -510,5 +510,5 @@ fn residency(
     )
     .with_packed(cp.packed)
     .with_qmatmul(cp.qmatmul)
-    .with_lora_merged(plan.lora_merged)
+    .with_lora_merged(plan.merges_loras(kind))
 }

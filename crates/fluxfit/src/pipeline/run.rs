@@ -295,6 +295,12 @@ pub fn denoise_decode<T: Tensor, P: Parts<T>>(
             None => Ok(x),
         };
         let x = sampling::denoise_with(img, &timesteps, velocity, after, |step, total, x| {
+            if !x.all_finite()? {
+                return Err(non_finite(
+                    format!("denoising step {step} of {total}"),
+                    p.dtype(),
+                ));
+            }
             on_event(Event::Step { step, total });
             p.after_step(step, total, x, (lat_h, lat_w))
         })?;
@@ -312,9 +318,21 @@ pub fn denoise_decode<T: Tensor, P: Parts<T>>(
         .to_dtype(DType::F32)?
         .to_device(&dev)?;
         drop(z);
+        if !image.all_finite()? {
+            return Err(non_finite("the VAE decoder".into(), p.dtype()));
+        }
         Ok((latents, image))
     })?;
     Ok((latents, image, timesteps))
+}
+
+/// A run stopped by a NaN or an infinity, which would otherwise end as a black image.
+fn non_finite(where_: String, dtype: DType) -> Error {
+    Error::InvalidRequest(format!(
+        "{where_} produced NaN or infinite values, so the image would be black: the weights \
+         hold non-finite values (a damaged or badly converted checkpoint or LoRA), or the \
+         computation overflowed in {dtype:?} (try --dtype f32, or a lower LoRA scale)"
+    ))
 }
 
 /// The control latent `[1, L, 64]`: encoded, rounded through bf16, packed, in the compute

@@ -104,6 +104,14 @@ fn init(name: &str, shape: &[usize]) -> Vec<f32> {
         .collect()
 }
 
+/// The built-in model's tokenizers (a tiny T5 vocabulary, CLIP's real BPE).
+pub fn tokenizers() -> (T5Tokenizer, ClipTokenizer) {
+    (
+        T5Tokenizer::from_bytes(T5_TOKENIZER).expect("the embedded T5 tokenizer parses"),
+        ClipTokenizer::from_open_clip_bpe_gz(CLIP_BPE).expect("the embedded CLIP BPE parses"),
+    )
+}
+
 fn store(label: &str, shapes: Vec<(String, Vec<usize>)>) -> Result<TensorStore> {
     let tensors: Vec<_> = shapes
         .into_iter()
@@ -227,9 +235,17 @@ pub fn load_with(configs: &TinyConfigs, dir: Option<&Path>, options: LoadOptions
 /// [`load_with`] writes them. For measurements on real shapes where no weights can be had.
 pub fn write_dir(configs: &TinyConfigs, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| crate::error::Error::io(dir, e))?;
-    file_store(dir, "ae", configs.vae.expected_shapes())?;
-    file_store(dir, "t5", configs.t5.expected_shapes())?;
-    file_store(dir, "clip", configs.clip.expected_shapes())?;
+    // A folder left without its flow file by an interrupted run keeps the small files it has
+    // (the same deterministic weights); fluxfit never writes over a file.
+    for (label, shapes) in [
+        ("ae", configs.vae.expected_shapes()),
+        ("t5", configs.t5.expected_shapes()),
+        ("clip", configs.clip.expected_shapes()),
+    ] {
+        if !dir.join(format!("{label}.safetensors")).exists() {
+            file_store(dir, label, shapes)?;
+        }
+    }
     // Last, and renamed into place when whole: its presence says the folder is complete.
     crate::checkpoint::safetensors::write_bf16(
         &dir.join("flow.safetensors"),

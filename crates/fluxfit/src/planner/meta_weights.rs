@@ -42,9 +42,6 @@ struct Held {
     schedule: Option<StreamSchedule>,
     groups: HashMap<usize, Rc<Block>>,
     pending: Option<Rc<Block>>,
-    /// A prefetch's LoRA merges run on the loading thread while the network computes: their
-    /// largest transient is held until the group arrives.
-    merging: Option<Rc<Block>>,
 }
 
 /// A component's weights under a placement, over meta tensors.
@@ -125,22 +122,6 @@ impl MetaWeights {
         block
     }
 
-    /// The largest transient of the merges of stages `range`: the f32 product and sum (and the
-    /// weight's f32 copy when it computes in another dtype), with the factors.
-    fn merge_transient(&self, range: std::ops::Range<usize>) -> Option<Rc<Block>> {
-        let copies = if self.dtype == DType::F32 { 2 } else { 3 };
-        let size = |s: &[usize]| s.iter().product::<usize>();
-        let bytes = self.stages[range]
-            .iter()
-            .flat_map(|s| s.merges.iter())
-            .map(|[w, a, b]| {
-                copies * 4 * size(w) + self.dtype.size_in_bytes() * (size(a) + size(b))
-            })
-            .max()?;
-        let heap = self.device.heap();
-        Some(heap.block(&self.device, Cat::Work, bytes))
-    }
-
     /// Runs the merge of each LoRA the stages fold in (`model::weights::merge_lora`, the
     /// residency's code) over meta tensors: the factors arrive, the f32 product and sum are
     /// made, the merged weight takes its place in the block.
@@ -180,17 +161,13 @@ impl MetaWeights {
                     Step::Evict(h) => drop(st.groups.remove(&h)),
                     Step::Arrive(h) | Step::KeepOldest(h) => {
                         let b = st.pending.take().expect("a prefetch is in flight");
-                        st.merging = None;
                         st.groups.insert(h, b);
                     }
                     Step::Load(h) => {
                         let b = self.materialise(range(h), false);
                         st.groups.insert(h, b);
                     }
-                    Step::Prefetch(h) => {
-                        st.pending = Some(self.materialise(range(h), true));
-                        st.merging = self.merge_transient(range(h));
-                    }
+                    Step::Prefetch(h) => st.pending = Some(self.materialise(range(h), true)),
                 }
             }
         }

@@ -182,6 +182,11 @@ impl Tensor for C {
             .to_dtype(DType::F32)?
             .to_scalar::<f32>()?)
     }
+    fn all_finite(&self) -> Result<bool> {
+        // 0·x is NaN exactly where x is NaN or infinite, and a sum keeps a NaN.
+        let probe = self.to_dtype(DType::F32)?.affine(0.0, 0.0)?.sum_all()?;
+        Ok(!probe.to_scalar::<f32>()?.is_nan())
+    }
     fn fused_kernels(&self) -> bool {
         self.device().is_cuda()
     }

@@ -135,6 +135,8 @@ pub trait Tensor: Clone + Sized {
     fn index_select<D: Dim>(&self, ids: &Self, dim: D) -> Result<Self>;
     /// The largest absolute value, as f32 (0 where there are no values).
     fn max_abs(&self) -> Result<f32>;
+    /// Whether every element is finite (no NaN, no infinity).
+    fn all_finite(&self) -> Result<bool>;
 
     /// Whether the networks use the fused kernels below on this tensor's device (CUDA: one
     /// kernel instead of a chain of element-wise ones and their f32 intermediates). Elsewhere

@@ -12,6 +12,7 @@ mod checkpoint_layouts;
 mod conditioning_parity;
 mod e2e_parity;
 mod fill_parity;
+mod fuzz_corpus;
 mod img2img_parity;
 mod lora_parity;
 mod model_parity;

@@ -14,7 +14,7 @@
 //! `keys` sorts a file's tensors into modules and tells its layout (or the architecture it
 //! really is for); `targets` maps module names onto canonical layers.
 
-mod keys;
+pub mod keys;
 mod targets;
 
 use std::collections::BTreeMap;
