@@ -11,23 +11,6 @@ use std::process::Output;
 use common::*;
 use fluxfit::image::png_text;
 
-fn bfl_flow() -> PathBuf {
-    fixtures().join("tiny-bfl/flux1-tiny-dev.safetensors")
-}
-
-/// `--vae`, `--t5`, `--clip` of the tiny fixtures (BFL autoencoder, diffusers text encoders).
-fn parts() -> Vec<String> {
-    let f = fixtures();
-    [
-        ("--vae", f.join("tiny-bfl/ae.safetensors")),
-        ("--t5", f.join("tiny-diffusers/text_encoder_2")),
-        ("--clip", f.join("tiny-diffusers/text_encoder")),
-    ]
-    .into_iter()
-    .flat_map(|(flag, p)| [flag.to_string(), p.display().to_string()])
-    .collect()
-}
-
 /// Small and fast unless a test overrides a flag (clap refuses repeats, so callers that set
 /// one of these build their own list).
 const SMALL: &[&str] = &["--width", "64", "--height", "64", "--steps", "2"];

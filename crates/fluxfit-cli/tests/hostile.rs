@@ -15,23 +15,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn flow() -> PathBuf {
-    fixtures().join("tiny-bfl/flux1-tiny-dev.safetensors")
-}
-
-/// The tiny fixtures' parts beside a `--flow`.
-fn parts() -> Vec<String> {
-    let f = fixtures();
-    [
-        ("--vae", f.join("tiny-bfl/ae.safetensors")),
-        ("--t5", f.join("tiny-diffusers/text_encoder_2")),
-        ("--clip", f.join("tiny-diffusers/text_encoder")),
-    ]
-    .into_iter()
-    .flat_map(|(flag, p)| [flag.to_string(), s(&p)])
-    .collect()
-}
-
 /// `fluxfit ARGS` must fail cleanly within `limit`, naming each of `names`.
 #[track_caller]
 fn refused_within(dir: &Path, args: &[&str], names: &[&str], limit: Duration) -> String {
@@ -102,7 +85,7 @@ fn outputs_that_are_not_files_are_refused_before_any_work() {
     }
     base.clear();
     // quantize: GGUF names only, into folders that exist.
-    let f = s(&flow());
+    let f = s(&bfl_flow());
     for (out, names) in [
         ("-", &["*.gguf"][..]),
         ("q.png", &["*.gguf"][..]),
@@ -253,7 +236,7 @@ fn sizes_a_user_can_type_are_refused_before_allocating() {
 
 /// The tiny dev flow with one NaN in `img_in.weight`.
 fn nan_checkpoint(dir: &Path) -> PathBuf {
-    let src = flow();
+    let src = bfl_flow();
     let file = fluxfit::checkpoint::safetensors::SafetensorsFile::open(&src).unwrap();
     let info = &file.tensors()["img_in.weight"];
     let mut bytes = std::fs::read(&src).unwrap();
@@ -286,7 +269,7 @@ fn bad_values_are_refused() {
     let dir = tempdir();
     let d = dir.path();
     let lora = s(&fixtures().join("lora/peft.safetensors"));
-    let f = s(&flow());
+    let f = s(&bfl_flow());
     let p = parts();
     let mut args = vec!["generate", "--flow", f.as_str()];
     args.extend(p.iter().map(String::as_str));
@@ -537,7 +520,7 @@ fn a_shard_index_cannot_leave_its_folder() {
             &s(&fixtures().join("tiny-diffusers/text_encoder")),
         ]
         .map(String::from);
-        let f = s(&flow());
+        let f = s(&bfl_flow());
         let t = s(&t5);
         let mut a = vec!["generate", "--flow", &f, "--t5", &t, "--steps", "1"];
         a.extend(p.iter().map(String::as_str));

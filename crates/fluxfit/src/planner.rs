@@ -482,22 +482,23 @@ fn run_meta(
     passes: usize,
 ) -> Result<Vec<PhaseStat>> {
     let heap = Heap::new(device.meta_config());
-    let weights = |kind: Component| {
-        let dtype = effective_dtype(plan, kind, device);
-        let cp = plan.component(kind);
-        let cpu = device.is_cpu() || cp.placement == Placement::Cpu;
-        let dev = if cp.placement == Placement::Cpu {
-            heap.host()
-        } else {
-            heap.device()
+    // A component's weights under the plan, from its stage costs (dtype, on the CPU, plan).
+    let weights_with =
+        |kind: Component, costs: &dyn Fn(DType, bool, &ComponentPlan) -> Vec<StageCost>| {
+            let dtype = effective_dtype(plan, kind, device);
+            let cp = plan.component(kind);
+            let cpu = device.is_cpu() || cp.placement == Placement::Cpu;
+            let dev = if cp.placement == Placement::Cpu {
+                heap.host()
+            } else {
+                heap.device()
+            };
+            MetaWeights::new(kind, cp.placement, dtype, dev, costs(dtype, cpu, cp))
         };
-        MetaWeights::new(
-            kind,
-            cp.placement,
-            dtype,
-            dev,
-            model.stage_costs(kind, dtype, cpu, cp, plan.merges_loras(kind)),
-        )
+    let weights = |kind: Component| {
+        weights_with(kind, &|dtype, cpu, cp| {
+            model.stage_costs(kind, dtype, cpu, cp, plan.merges_loras(kind))
+        })
     };
     let m = MetaModel {
         name: model.name.clone(),
@@ -528,18 +529,12 @@ fn run_meta(
                 )))
             }
             (Some((config, manifest)), _) => {
+                // Redux computes under CLIP's placement (see `pipeline::redux`).
                 let net = ReduxEncoder::new(config.clone());
-                let kind = Component::Clip;
-                let dtype = effective_dtype(plan, kind, device);
-                let cp = plan.component(kind);
-                let cpu = device.is_cpu() || cp.placement == Placement::Cpu;
-                let dev = if cp.placement == Placement::Cpu {
-                    heap.host()
-                } else {
-                    heap.device()
-                };
-                let costs = stage_costs_of(manifest, &net.stages(), dtype, cpu, cp, false);
-                let w = MetaWeights::new(kind, cp.placement, dtype, dev, costs);
+                let stages = net.stages();
+                let w = weights_with(Component::Clip, &|dtype, cpu, cp| {
+                    stage_costs_of(manifest, &stages, dtype, cpu, cp, false)
+                });
                 Some((net, w))
             }
         },

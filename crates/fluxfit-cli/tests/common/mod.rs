@@ -92,3 +92,21 @@ pub fn command_fails(dir: &Path, args: &[&str], names: &[&str]) -> String {
     }
     err
 }
+
+/// The tiny dev flow model (BFL layout).
+pub fn bfl_flow() -> PathBuf {
+    fixtures().join("tiny-bfl/flux1-tiny-dev.safetensors")
+}
+
+/// `--vae`, `--t5`, `--clip` of the tiny fixtures (BFL autoencoder, diffusers text encoders).
+pub fn parts() -> Vec<String> {
+    let f = fixtures();
+    [
+        ("--vae", f.join("tiny-bfl/ae.safetensors")),
+        ("--t5", f.join("tiny-diffusers/text_encoder_2")),
+        ("--clip", f.join("tiny-diffusers/text_encoder")),
+    ]
+    .into_iter()
+    .flat_map(|(flag, p)| [flag.to_string(), p.display().to_string()])
+    .collect()
+}
