@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every fuzz target for a bounded time (default 60 s each) with cargo-fuzz (libFuzzer,
-# nightly toolchain), growing fuzz/corpus/<target>/. A crash leaves its input in
+# nightly toolchain), from the committed seeds in fuzz/corpus/<target>/; what it learns goes to
+# fuzz/corpus-work/<target>/ (not committed). A crash leaves its input in
 # fuzz/artifacts/<target>/: copy it into fuzz/corpus/<target>/ once fixed, so that
 # `cargo test -p fluxfit --test engine fuzz_corpus` keeps checking it on stable.
 #
@@ -20,7 +21,8 @@ status=0
 for t in "${targets[@]}"; do
     echo "== $t (${secs}s)"
     # -rss_limit_mb: a target that allocates past it is a finding (an unbounded allocation).
-    if ! (cd fuzz && cargo +nightly fuzz run "$t" "corpus/$t" -- \
+    mkdir -p "fuzz/corpus-work/$t"
+    if ! (cd fuzz && cargo +nightly fuzz run "$t" "corpus-work/$t" "corpus/$t" -- \
             -max_total_time="$secs" -rss_limit_mb=2048 -max_len=65536 -timeout=10); then
         echo "!! $t found a crash: see fuzz/artifacts/$t/"
         status=1

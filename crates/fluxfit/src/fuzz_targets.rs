@@ -57,7 +57,13 @@ pub fn gguf(data: &[u8]) {
 pub fn shard_index(data: &[u8]) {
     if let Ok(names) = shard_names(Path::new("<fuzz>"), data) {
         for n in names {
-            assert!(!n.contains(".."), "a shard name leaves its folder: {n}");
+            let leaves = Path::new(&n).components().any(|c| {
+                !matches!(
+                    c,
+                    std::path::Component::Normal(_) | std::path::Component::CurDir
+                )
+            });
+            assert!(!leaves, "a shard name leaves its folder: {n}");
         }
     }
 }

@@ -473,7 +473,7 @@ impl T5Tokenizer {
     }
 
     fn from_bytes_at(json: &[u8], source: &Path) -> Result<Self> {
-        let mut inner = tokenizers::Tokenizer::from_bytes(json).map_err(|e| {
+        let bad = |e: String| {
             tok_err(
                 source,
                 format!(
@@ -481,7 +481,12 @@ impl T5Tokenizer {
                      the T5 tokenizer.json (FLUX repos' `tokenizer_2/`) again"
                 ),
             )
-        })?;
+        };
+        // The `tokenizers` crate panics on some malformed files (an `expect` in its decoder
+        // deserializer, found by fuzzing); that is a bad file, not a crash.
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(json))
+            .map_err(|_| bad("its parser failed on a malformed entry".into()))?;
+        let mut inner = parsed.map_err(|e| bad(e.to_string()))?;
         // Truncation and padding are done in `encode`, the way transformers does them; settings
         // stored in the file must not interfere.
         inner.with_padding(None);
