@@ -564,40 +564,35 @@ fn run_meta(
             })
             .collect()
     };
-    if req.redux_images > 0 {
-        // Redux: SigLIP beside the text encoders, then text to image (or img2img) with the
-        // longer text sequence.
-        let cond = || {
-            let tokens = run::redux_tokens(&m, &redux_inputs())?;
-            let z = if req.image_input {
-                Some(run::encode_image(&m, &image(w, h, 3))?)
-            } else {
-                None
-            };
-            Ok((tokens, z))
-        };
-        run::conditioned(
-            &m,
-            &s,
-            None,
-            on_event,
-            cond,
-            |txt, vec, (tokens, z), on_event| {
-                let txt = run::append_tokens(txt, tokens)?;
-                let start = match z {
-                    Some(z) => Start::Img2Img(z, 1.0),
-                    None => Start::Noise,
-                };
-                run::denoise_decode(&m, &s, &txt, vec, start, Cond::None, on_event)
-            },
-        )?;
-        let mut phases = heap.take_phases();
-        if let Some(d) = phases.iter_mut().find(|p| p.name == Phase::Denoise) {
-            d.passes = passes;
-        }
-        return Ok(phases);
-    }
     match (req.image_input, model.variant) {
+        _ if req.redux_images > 0 => {
+            // Redux: SigLIP beside the text encoders, then text to image (or img2img) with the
+            // longer text sequence.
+            let cond = || {
+                let tokens = run::redux_tokens(&m, &redux_inputs())?;
+                let z = if req.image_input {
+                    Some(run::encode_image(&m, &image(w, h, 3))?)
+                } else {
+                    None
+                };
+                Ok((tokens, z))
+            };
+            run::conditioned(
+                &m,
+                &s,
+                None,
+                on_event,
+                cond,
+                |txt, vec, (tokens, z), on_event| {
+                    let txt = run::append_tokens(txt, tokens)?;
+                    let start = match z {
+                        Some(z) => Start::Img2Img(z, 1.0),
+                        None => Start::Noise,
+                    };
+                    run::denoise_decode(&m, &s, &txt, vec, start, Cond::None, on_event)
+                },
+            )?;
+        }
         (false, _) => {
             use Component::{Clip, T5};
             let (txt, vec) = run::phase(&m, Phase::Encode, &[T5, Clip], on_event, |_| {

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::t5::{check_rows, count_blocks, dims, ids_tensor, token_rows};
+use super::t5::{check_rows, count_blocks, dims, from_store_with, ids_tensor, token_rows};
 use crate::checkpoint::store::TensorStore;
 use crate::error::{Error, Result};
 use crate::model::encoder_layer::EncoderLayer;
@@ -73,12 +73,13 @@ impl ClipConfig {
     /// not record (64-wide heads, quick GELU, ε 1e-5, argmax pooling). Every tensor is then
     /// checked against it, naming the key at fault.
     pub fn from_store(store: &TensorStore, config_json: Option<&Path>) -> Result<Self> {
-        let config = match config_json {
-            Some(path) => Self::from_json(path)?,
-            None => Self::from_shapes(store)?,
-        };
-        config.check(store)?;
-        Ok(config)
+        from_store_with(
+            store,
+            config_json,
+            Self::from_json,
+            Self::from_shapes,
+            Self::check,
+        )
     }
 
     fn from_shapes(store: &TensorStore) -> Result<Self> {

@@ -11,7 +11,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use super::encoder_layer::{Activation, EncoderLayer};
-use super::t5::{count_blocks, dims};
+use super::t5::{count_blocks, dims, from_store_with};
 use crate::checkpoint::store::TensorStore;
 use crate::error::{Error, Result};
 use crate::model::ops;
@@ -72,12 +72,13 @@ impl SiglipConfig {
     /// given, else from the shapes, which must then be so400m's (the head count is not in
     /// them). Every tensor is then checked against it, naming the key at fault.
     pub fn from_store(store: &TensorStore, config_json: Option<&Path>) -> Result<Self> {
-        let config = match config_json {
-            Some(path) => Self::from_json(path)?,
-            None => Self::from_shapes(store)?,
-        };
-        config.check(store)?;
-        Ok(config)
+        from_store_with(
+            store,
+            config_json,
+            Self::from_json,
+            Self::from_shapes,
+            Self::check,
+        )
     }
 
     fn from_shapes(store: &TensorStore) -> Result<Self> {

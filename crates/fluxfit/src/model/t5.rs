@@ -64,12 +64,13 @@ impl T5Config {
     /// ε 1e-6). Either way every encoder tensor is then checked against it, so a mismatch is
     /// reported here, naming the key, rather than as a matmul error mid-run.
     pub fn from_store(store: &TensorStore, config_json: Option<&Path>) -> Result<Self> {
-        let config = match config_json {
-            Some(path) => Self::from_json(path)?,
-            None => Self::from_shapes(store)?,
-        };
-        config.check(store)?;
-        Ok(config)
+        from_store_with(
+            store,
+            config_json,
+            Self::from_json,
+            Self::from_shapes,
+            Self::check,
+        )
     }
 
     fn from_shapes(store: &TensorStore) -> Result<Self> {
@@ -283,6 +284,24 @@ pub(crate) fn dims<const N: usize>(store: &TensorStore, key: &str) -> Result<[us
         rank: N,
         found: shape.into(),
     })
+}
+
+/// The rule every encoder's configuration follows: read from `config_json` when the folder
+/// has one, else from the tensor shapes; either way every tensor is then checked against it, so
+/// a mismatch is reported at load, naming the key, rather than as a matmul error mid-run.
+pub(crate) fn from_store_with<C>(
+    store: &TensorStore,
+    config_json: Option<&Path>,
+    from_json: impl FnOnce(&Path) -> Result<C>,
+    from_shapes: impl FnOnce(&TensorStore) -> Result<C>,
+    check: impl FnOnce(&C, &TensorStore) -> Result<()>,
+) -> Result<C> {
+    let config = match config_json {
+        Some(path) => from_json(path)?,
+        None => from_shapes(store)?,
+    };
+    check(&config, store)?;
+    Ok(config)
 }
 
 /// Number of consecutive blocks `prefix0.`, `prefix1.`, ... present in `store`.

@@ -124,31 +124,25 @@ fn redux_matches_the_reference_end_to_end() {
     );
 }
 
-#[test]
-fn bad_redux_inputs_are_refused_with_the_fix() {
-    let mut m = model();
+/// The error of a Redux run on e2e_dev's request and embeddings with `images`.
+fn redux_error(m: &Model, images: &[ReduxImage]) -> String {
     let req = golden_request(&golden_json("e2e_dev.json"));
     let (txt, vec) = (
         golden("e2e_dev.safetensors", "txt"),
         golden("e2e_dev.safetensors", "vec"),
     );
-    let err = m
-        .redux(
-            &req,
-            &[image("redux_a.png", f64::NAN)],
-            None,
-            Some((&txt, &vec)),
-            &mut |_| {},
-        )
-        .err()
-        .unwrap()
-        .to_string();
+    match m.redux(&req, images, None, Some((&txt, &vec)), &mut |_| {}) {
+        Ok(_) => panic!("Redux ran with {} images", images.len()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_redux_inputs_are_refused_with_the_fix() {
+    let mut m = model();
+    let err = redux_error(&m, &[image("redux_a.png", f64::NAN)]);
     assert!(err.contains("strength NaN"), "{err}");
-    let err = m
-        .redux(&req, &[], None, Some((&txt, &vec)), &mut |_| {})
-        .err()
-        .unwrap()
-        .to_string();
+    let err = redux_error(&m, &[]);
     assert!(err.contains("1 to 8 images"), "{err}");
     // A SigLIP folder without the tower's weights, and a projector that is not one.
     let err = ReduxPaths::resolve(&fixtures().join("tiny-bfl"), None)
@@ -173,16 +167,6 @@ fn bad_redux_inputs_are_refused_with_the_fix() {
     let err = redux.net.check_width(4096, "x").err().unwrap().to_string();
     assert!(err.contains("width 32") && err.contains("4096"), "{err}");
     // Without the encoder, Redux says how to attach it.
-    let err = m
-        .redux(
-            &req,
-            &[image("redux_a.png", 1.0)],
-            None,
-            Some((&txt, &vec)),
-            &mut |_| {},
-        )
-        .err()
-        .unwrap()
-        .to_string();
+    let err = redux_error(&m, &[image("redux_a.png", 1.0)]);
     assert!(err.contains("--redux"), "{err}");
 }
