@@ -69,9 +69,10 @@ fn conditioning(path: &Path, keep_size: bool, quiet: bool) -> Result<Rgb8> {
         );
     }
     if (cw, ch) != (src.width, src.height) && !quiet {
-        eprintln!(
+        errln!(
             "conditioning image {}x{} resized to {cw}x{ch}",
-            src.width, src.height
+            src.width,
+            src.height
         );
     }
     Ok(resize_lanczos(&src, cw, ch))
@@ -135,7 +136,7 @@ pub fn run(mut args: EditArgs) -> Result<()> {
                 "ar" => {
                     if value != "auto" {
                         let (w, h) = aspect_ratio_size(value)?;
-                        eprintln!("{w}x{h} ({:.2} MP)", (w * h) as f64 / 1e6);
+                        errln!("{w}x{h} ({:.2} MP)", (w * h) as f64 / 1e6);
                     }
                     args.aspect_ratio = (value != "auto").then(|| value.to_string());
                     args.width = None;
@@ -181,7 +182,7 @@ const LOOP_HELP: &str = "Enter an edit instruction (empty: repeat the last one),
 fn edit_one(model: &Model, req: &Request, args: &EditArgs, cond: &Rgb8) -> Result<PathBuf> {
     let (cw, ch) = (cond.width, cond.height);
     if !args.run.quiet {
-        eprintln!(
+        errln!(
             "{} | {}x{} from a {cw}x{ch} image | {} steps | guidance {} | seed {} | plan {}",
             model.name,
             req.width,

@@ -96,11 +96,14 @@ fn prepare(args: &FillArgs) -> Result<(Rgb8, Vec<u8>, String)> {
     let (canvas, m, desc) = fill_canvas(&src, from, args.keep_size)
         .with_context(|| format!("--image {}", args.image.display()))?;
     if !quiet && desc.starts_with("outpaint") {
-        eprintln!("{desc}");
+        errln!("{desc}");
     } else if (canvas.width, canvas.height) != (src.width, src.height) && !quiet {
-        eprintln!(
+        errln!(
             "image {}x{} resized to {}x{}",
-            src.width, src.height, canvas.width, canvas.height
+            src.width,
+            src.height,
+            canvas.width,
+            canvas.height
         );
     }
     Ok((canvas, m, desc))
@@ -165,9 +168,14 @@ fn fill_one(
     mask_source: &str,
 ) -> Result<PathBuf> {
     if !args.run.quiet {
-        eprintln!(
+        errln!(
             "{} | {}x{} | {} steps | guidance {} | seed {} | mask: {mask_source}",
-            model.name, req.width, req.height, req.steps, req.guidance, req.seed
+            model.name,
+            req.width,
+            req.height,
+            req.steps,
+            req.guidance,
+            req.seed
         );
     }
     let (image, mask_t) = fill_tensors(canvas, mask)?;

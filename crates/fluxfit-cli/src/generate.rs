@@ -143,7 +143,7 @@ pub enum NoiseArg {
 fn floor16(name: &str, v: usize, quiet: bool) -> usize {
     let f = v / 16 * 16;
     if f != v && !quiet {
-        eprintln!("{name} {v} floored to {f} (a multiple of 16)");
+        errln!("{name} {v} floored to {f} (a multiple of 16)");
     }
     f
 }
@@ -295,7 +295,7 @@ fn retry_smaller(
     let Some(smaller) = fluxfit::planner::choice::smaller_plan(model, req, model.plan()) else {
         return Err(e.context("the device ran out of memory and no smaller plan exists"));
     };
-    eprintln!(
+    errln!(
         "out of device memory under plan {} ({e:#}); retrying once with the smaller plan {}",
         model.plan().spec(),
         smaller.spec()
@@ -390,7 +390,7 @@ fn report_memory(report: &MemoryReport, model: &Model, args: &GenerateArgs) -> R
 
 fn generate_one(model: &Model, req: &Request, args: &GenerateArgs) -> Result<PathBuf> {
     if !args.run.quiet {
-        eprintln!(
+        errln!(
             "{} | {}x{} | {} steps | guidance {} | seed {} | {:?} on {:?} | plan {}",
             model.name,
             req.width,
@@ -437,7 +437,7 @@ fn generate_one(model: &Model, req: &Request, args: &GenerateArgs) -> Result<Pat
     let rgb = to_rgb8(&out.image)?;
     let path = next_free_path(&args.out);
     if path != args.out && !args.run.quiet {
-        eprintln!(
+        errln!(
             "{} exists; writing {} instead",
             args.out.display(),
             path.display()
@@ -517,7 +517,7 @@ fn interactive(model: &Model, req: Request, mut args: GenerateArgs) -> Result<()
                         } else {
                             req.height = side;
                         }
-                        eprintln!(
+                        errln!(
                             "{}x{} ({:.2} MP)",
                             req.width,
                             req.height,

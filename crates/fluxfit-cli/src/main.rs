@@ -1,9 +1,12 @@
 //! The `fluxfit` command: parses flags, calls the library, shows progress, writes files.
 
+// First, so that its macros (`outln!`, `errln!`, …) are in scope in every module below.
+#[macro_use]
+mod out;
+
 mod edit;
 mod fill;
 mod generate;
-mod out;
 mod plan;
 mod quantize;
 mod regions;
@@ -87,7 +90,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            errln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }

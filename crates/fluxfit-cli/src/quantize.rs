@@ -118,7 +118,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         }
     }
     if !args.quiet {
-        eprintln!(
+        errln!(
             "{}: {} tensors ({} architecture) → {}",
             args.input.display(),
             choices.len(),
@@ -126,12 +126,12 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
             args.out.display()
         );
         for (t, (n, bytes)) in &by_type {
-            eprintln!("  {t:>5}: {n:>5} tensors, {}", gb(*bytes));
+            errln!("  {t:>5}: {n:>5} tensors, {}", gb(*bytes));
         }
         for ((note, row), keys) in &fallbacks {
             let wanted = note.split(' ').next().unwrap_or_default();
             let block = gguf::parse_type(wanted).map_or(0, |t| t.block_size());
-            eprintln!(
+            errln!(
                 "note: {} tensors stored {note}: their rows of {row} are not a multiple of {block} (e.g. {})",
                 keys.len(),
                 keys[0]
@@ -165,7 +165,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     .with_context(|| format!("writing {}", args.out.display()))?;
     bar.finish_and_clear();
     if !args.quiet {
-        eprintln!(
+        errln!(
             "wrote {}: {} tensors, {} ({:.2} bits per weight) from {} in {:.1} s",
             args.out.display(),
             summary.tensors,

@@ -120,7 +120,7 @@ pub fn run(args: RegionsArgs) -> Result<()> {
     };
     let req = args.run.request(&model, &args.prompt, w, h);
     if !quiet {
-        eprintln!(
+        errln!(
             "{} | canvas {w}x{h} in {} regions of {}x{} ({:?}) | {} steps | guidance {} | seeds {}..{} | plan {}",
             model.name,
             grid.len(),

@@ -282,9 +282,9 @@ pub fn interactive_loop(
     use std::io::{BufRead, Write};
     let stdin = std::io::stdin();
     let mut next_seed = seed;
-    eprintln!("{help}");
+    errln!("{help}");
     loop {
-        eprint!("> ");
+        err!("> ");
         std::io::stderr().flush().ok();
         let mut bytes = Vec::new();
         if stdin.lock().read_until(b'\n', &mut bytes)? == 0 {
@@ -292,7 +292,7 @@ pub fn interactive_loop(
         }
         // A line that is not UTF-8 is refused, not the end of the session.
         let Ok(line) = String::from_utf8(bytes) else {
-            eprintln!("that line is not valid UTF-8 text; ignored");
+            errln!("that line is not valid UTF-8 text; ignored");
             continue;
         };
         let line = line.trim();
@@ -316,15 +316,15 @@ pub fn interactive_loop(
                         req.steps = usize::try_from(n).unwrap_or(usize::MAX);
                     }
                 }
-                "help" => eprintln!("{help}"),
+                "help" => errln!("{help}"),
                 _ => match step(LoopEvent::Command {
                     name,
                     value,
                     req: &mut req,
                 }) {
                     Ok(true) => {}
-                    Ok(false) => eprintln!("{help}"),
-                    Err(e) => eprintln!("error: {e:#}"),
+                    Ok(false) => errln!("{help}"),
+                    Err(e) => errln!("error: {e:#}"),
                 },
             }
             continue;
@@ -334,7 +334,7 @@ pub fn interactive_loop(
         }
         req.seed = next_seed.take().unwrap_or_else(random_seed);
         if let Err(e) = step(LoopEvent::Run(&req)) {
-            eprintln!("error: {e:#}");
+            errln!("error: {e:#}");
         }
     }
 }
@@ -343,7 +343,7 @@ pub fn interactive_loop(
 pub fn loop_number(name: &str, value: &str, what: &str) -> Option<f64> {
     let n = value.parse::<f64>().ok().filter(|n| n.is_finite());
     if n.is_none() {
-        eprintln!("/{name} needs a number for {what}; got `{value}`");
+        errln!("/{name} needs a number for {what}; got `{value}`");
     }
     n
 }
@@ -353,7 +353,7 @@ pub fn loop_number(name: &str, value: &str, what: &str) -> Option<f64> {
 pub fn loop_integer(name: &str, value: &str, what: &str) -> Option<u64> {
     let n = value.parse::<u64>().ok();
     if n.is_none() {
-        eprintln!(
+        errln!(
             "/{name} needs a whole number from 0 to {} for {what}; got `{value}`",
             u64::MAX
         );
@@ -461,7 +461,7 @@ fn pick_plan(spec: &ModelSpec, r: &VramRequest) -> Result<VramChoice> {
         },
     )?;
     if !r.quiet {
-        eprintln!("{}", choice.why);
+        errln!("{}", choice.why);
     }
     Ok((choice.plan, choice.quantize_on_load))
 }

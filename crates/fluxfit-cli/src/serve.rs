@@ -98,7 +98,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let name = model.name.clone();
     let plan = model.plan().spec();
     let server = Server::start(model, config)?;
-    eprintln!(
+    errln!(
         "fluxfit serve: {name} (plan {plan}) on http://{} — the web UI is at that address, the API under /v1",
         server.addr()
     );
