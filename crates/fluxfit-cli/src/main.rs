@@ -32,6 +32,21 @@ static ALLOC: fluxfit::memory::alloc::CountingAlloc = fluxfit::memory::alloc::Co
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// CPU threads for computing (matmuls, kernels, the planner's CPU rates); default: every
+    /// core this process may use.
+    #[arg(long, global = true, env = "FLUXFIT_THREADS", value_parser = clap::value_parser!(u16).range(1..=4096))]
+    threads: Option<u16>,
+}
+
+/// Sizes the compute thread pool before any thread starts: rayon's global pool, and
+/// `RAYON_NUM_THREADS`, which candle reads for its matmuls.
+fn set_threads(n: u16) -> anyhow::Result<()> {
+    // SAFETY: called first thing in `main`, before this process starts any other thread.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n.into())
+        .build_global()
+        .map_err(|e| anyhow::anyhow!("--threads {n}: {e}"))
 }
 
 #[derive(Subcommand)]
@@ -61,6 +76,10 @@ enum Command {
     /// Storage types on a mid-size built-in flow model (CPU): bits per weight, error against
     /// f32, forward time resident and streamed, quantized matmul against dequantize + matmul.
     BenchQuant(fluxfit::bench::quant::BenchQuantArgs),
+    /// The flow model's forward and denoising step in f32 on the CPU on a mid-size model,
+    /// with time by class of operation (--profile), beside PyTorch's figures for the same
+    /// model (--torch, from tools/reference/bench_cpu_vs_torch.py).
+    BenchCpu(fluxfit::bench::cpu::BenchCpuArgs),
     /// On a GPU (a CUDA build): device, upload GB/s pageable vs pinned, the tiny model's image
     /// against the CPU's, and a FLUX.1-dev-shaped model's seconds per step and measured vs
     /// predicted peak under resident, streamed and partly resident plans (tools/device-check.sh).
@@ -75,6 +94,19 @@ fn print_report(report: fluxfit::Result<String>) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Large freed activations are kept for reuse up to this many MiB (default 1024; 0: off):
+    // see `fluxfit::memory::alloc::keep_freed`.
+    let keep_mib = std::env::var("FLUXFIT_KEEP_FREED_MIB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1024);
+    fluxfit::memory::alloc::keep_freed(keep_mib.min(1 << 30) << 20);
+    if let Some(n) = cli.threads {
+        if let Err(e) = set_threads(n) {
+            errln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Fill(args) => fill::run(args),
@@ -85,6 +117,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Quantize(args) => quantize::run(args),
         Command::BenchQuant(args) => print_report(fluxfit::bench::quant::run(&args)),
+        Command::BenchCpu(args) => print_report(fluxfit::bench::cpu::run(&args)),
         Command::DeviceCheck(args) => print_report(fluxfit::bench::device_check::run(&args)),
     };
     match result {

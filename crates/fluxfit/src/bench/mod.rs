@@ -15,6 +15,7 @@ macro_rules! outln {
     }};
 }
 
+pub mod cpu;
 pub mod device_check;
 pub mod plans;
 pub mod quant;

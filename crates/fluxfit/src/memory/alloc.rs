@@ -45,11 +45,15 @@ fn shrank(n: usize) {
     CURRENT.fetch_sub(n as isize, Relaxed);
 }
 
-// SAFETY: every call is forwarded to `System` unchanged; only counters are updated around it.
+// SAFETY: every call is forwarded to `System` unchanged, or served from blocks `System` gave
+// and a `dealloc` handed back (see `kept`); only counters are updated around it.
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded with the caller's guarantees.
-        let p = unsafe { System.alloc(layout) };
+        let p = match kept::take(layout) {
+            Some(p) => p,
+            // SAFETY: forwarded with the caller's guarantees.
+            None => unsafe { System.alloc(layout) },
+        };
         if !p.is_null() {
             grew(layout.size());
         }
@@ -57,8 +61,15 @@ unsafe impl GlobalAlloc for CountingAlloc {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded with the caller's guarantees.
-        let p = unsafe { System.alloc_zeroed(layout) };
+        let p = match kept::take(layout) {
+            Some(p) => {
+                // SAFETY: a kept block of exactly this layout, now the caller's.
+                unsafe { std::ptr::write_bytes(p, 0, layout.size()) };
+                p
+            }
+            // SAFETY: forwarded with the caller's guarantees.
+            None => unsafe { System.alloc_zeroed(layout) },
+        };
         if !p.is_null() {
             grew(layout.size());
         }
@@ -66,8 +77,10 @@ unsafe impl GlobalAlloc for CountingAlloc {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded with the caller's guarantees.
-        unsafe { System.dealloc(ptr, layout) };
+        if !kept::keep(ptr, layout) {
+            // SAFETY: forwarded with the caller's guarantees.
+            unsafe { System.dealloc(ptr, layout) };
+        }
         shrank(layout.size());
     }
 
@@ -83,6 +96,95 @@ unsafe impl GlobalAlloc for CountingAlloc {
         }
         p
     }
+}
+
+/// Large freed blocks kept for the next allocation of the same layout, so that a denoising
+/// step's activations (the same sizes every block and every step) reuse memory that is already
+/// mapped instead of being returned to the kernel and faulted in afresh. Bounded by a byte cap
+/// ([`keep_freed`], off until set); kept bytes are free as far as the counters go, so peaks
+/// measure live memory, and the process's resident memory exceeds them by at most the cap.
+mod kept {
+    use std::alloc::Layout;
+    use std::sync::atomic::{
+        AtomicBool, AtomicUsize,
+        Ordering::{Acquire, Relaxed, Release},
+    };
+
+    /// Blocks smaller than this go straight back to the system allocator (which keeps them).
+    const MIN: usize = 1 << 20;
+    const SLOTS: usize = 64;
+
+    pub static CAP: AtomicUsize = AtomicUsize::new(0);
+    static HELD: AtomicUsize = AtomicUsize::new(0);
+    static LOCK: AtomicBool = AtomicBool::new(false);
+    /// (address, size, align) of each kept block; size 0 = empty slot. Guarded by `LOCK`.
+    static SLOT_ADDR: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
+    static SLOT_SIZE: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
+    static SLOT_ALIGN: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
+
+    fn locked<R>(f: impl FnOnce() -> R) -> R {
+        while LOCK
+            .compare_exchange_weak(false, true, Acquire, Relaxed)
+            .is_err()
+        {
+            std::hint::spin_loop();
+        }
+        let r = f();
+        LOCK.store(false, Release);
+        r
+    }
+
+    /// A kept block of exactly `layout`, if there is one.
+    pub fn take(layout: Layout) -> Option<*mut u8> {
+        if layout.size() < MIN || HELD.load(Relaxed) == 0 {
+            return None;
+        }
+        locked(|| {
+            let i = (0..SLOTS).find(|&i| {
+                SLOT_SIZE[i].load(Relaxed) == layout.size()
+                    && SLOT_ALIGN[i].load(Relaxed) == layout.align()
+            })?;
+            SLOT_SIZE[i].store(0, Relaxed);
+            HELD.fetch_sub(layout.size(), Relaxed);
+            Some(SLOT_ADDR[i].load(Relaxed) as *mut u8)
+        })
+    }
+
+    /// Keeps a freed block if it is large and fits under the cap; false: free it.
+    pub fn keep(ptr: *mut u8, layout: Layout) -> bool {
+        let cap = CAP.load(Relaxed);
+        if layout.size() < MIN || layout.size() > cap {
+            return false;
+        }
+        locked(|| {
+            if HELD.load(Relaxed) + layout.size() > cap {
+                return false;
+            }
+            let Some(i) = (0..SLOTS).find(|&i| SLOT_SIZE[i].load(Relaxed) == 0) else {
+                return false;
+            };
+            SLOT_ADDR[i].store(ptr as usize, Relaxed);
+            SLOT_ALIGN[i].store(layout.align(), Relaxed);
+            SLOT_SIZE[i].store(layout.size(), Relaxed);
+            HELD.fetch_add(layout.size(), Relaxed);
+            true
+        })
+    }
+
+    pub fn held() -> usize {
+        HELD.load(Relaxed)
+    }
+}
+
+/// Keeps up to `bytes` of large freed blocks for reuse (see the `kept` module); 0 turns it off
+/// (blocks already kept stay until reused).
+pub fn keep_freed(bytes: usize) {
+    kept::CAP.store(bytes, Relaxed);
+}
+
+/// Bytes of freed blocks kept for reuse now.
+pub fn kept_bytes() -> usize {
+    kept::held()
 }
 
 /// Whether a [`CountingAlloc`] is this process's global allocator (it has counted something).

@@ -7,6 +7,7 @@
 use candle_core::{DType, D};
 
 use crate::error::Result;
+use crate::tensor::profile::{self, Class};
 use crate::tensor::Tensor;
 
 /// Default query-chunk length: large enough to keep matmuls efficient, small enough to bound memory.
@@ -15,6 +16,10 @@ pub const DEFAULT_CHUNK: usize = 1024;
 /// Softmax attention over `[B, H, L, D]` tensors with no mask, scale 1/√D.
 /// `chunk` = None computes all queries at once.
 pub fn attention<T: Tensor>(q: &T, k: &T, v: &T, chunk: Option<usize>) -> Result<T> {
+    profile::scope(Class::Attention, || attention_steps(q, k, v, chunk))
+}
+
+fn attention_steps<T: Tensor>(q: &T, k: &T, v: &T, chunk: Option<usize>) -> Result<T> {
     let d = q.dim(D::Minus1)?;
     let scale = 1.0 / (d as f64).sqrt();
     let l = q.dim(2)?;
@@ -40,6 +45,18 @@ pub fn attention<T: Tensor>(q: &T, k: &T, v: &T, chunk: Option<usize>) -> Result
         }
         _ => block(q),
     }
+}
+
+/// [`attention`] with the heads merged back: `[B, H, L, D]` in, `[B, L, H·D]` out. With the
+/// CPU kernels, one fused pass that keeps each block of queries' scores in cache and writes the
+/// merged layout directly.
+pub fn attention_merged<T: Tensor>(q: &T, k: &T, v: &T, chunk: Option<usize>) -> Result<T> {
+    if q.cpu_kernels() && k.cpu_kernels() && v.cpu_kernels() {
+        return q.attention_cpu(k, v);
+    }
+    let a = attention(q, k, v, chunk)?;
+    let (b, nh, l, d) = a.dims4()?;
+    a.transpose(1, 2)?.reshape(&[b, l, nh * d])
 }
 
 /// Rotation angles for FLUX's n-axis RoPE: returns (cos, sin), each `[B, 1, L, head_dim/2]` f32.
@@ -75,6 +92,10 @@ pub fn rope_angles<T: Tensor>(
 
 /// Rotates interleaved pairs (2p, 2p+1) of `x` `[B, H, L, D]`; computed in f32 like the reference.
 pub fn apply_rope<T: Tensor>(x: &T, cos: &T, sin: &T) -> Result<T> {
+    profile::scope(Class::Rope, || apply_rope_steps(x, cos, sin))
+}
+
+fn apply_rope_steps<T: Tensor>(x: &T, cos: &T, sin: &T) -> Result<T> {
     let dtype = x.dtype();
     if x.fused_kernels() {
         let (cos, sin) = (cos.squeeze(1)?, sin.squeeze(1)?);

@@ -6,8 +6,8 @@ use candle_core::{DType, Device, D};
 
 use crate::checkpoint::store::TensorStore;
 use crate::error::{Error, Result};
-use crate::model::attention::{apply_rope, attention, rope_angles};
-use crate::model::ops::{gelu_tanh, layer_norm_plain, modulate, rms_norm, silu};
+use crate::model::attention::{apply_rope, attention_merged, rope_angles};
+use crate::model::ops::{ada_norm, gated_add, gelu_tanh, rms_norm, silu};
 use crate::model::t5::dims;
 use crate::model::weights::{Stage, StageSpec, Weights};
 use crate::tensor::Tensor;
@@ -337,10 +337,7 @@ impl Flux {
             m.narrow(D::Minus1, 0, cfg.hidden_size)?,
             m.narrow(D::Minus1, cfg.hidden_size, cfg.hidden_size)?,
         );
-        f.linear(
-            "linear",
-            &modulate(&layer_norm_plain(&x, LN_EPS)?, &shift, &scale)?,
-        )
+        f.linear("linear", &ada_norm(&x, &shift, &scale, LN_EPS)?)
     }
 
     fn double_block<T: Tensor, S: Stage<T>>(
@@ -353,16 +350,8 @@ impl Flux {
     ) -> Result<(T, T)> {
         let im = modulation(b, "img_mod.lin", vec, 6)?;
         let tm = modulation(b, "txt_mod.lin", vec, 6)?;
-        let (iq, ik, iv) = self.qkv(
-            b,
-            "img_attn",
-            &modulate(&layer_norm_plain(img, LN_EPS)?, &im[0], &im[1])?,
-        )?;
-        let (tq, tk, tv) = self.qkv(
-            b,
-            "txt_attn",
-            &modulate(&layer_norm_plain(txt, LN_EPS)?, &tm[0], &tm[1])?,
-        )?;
+        let (iq, ik, iv) = self.qkv(b, "img_attn", &ada_norm(img, &im[0], &im[1], LN_EPS)?)?;
+        let (tq, tk, tv) = self.qkv(b, "txt_attn", &ada_norm(txt, &tm[0], &tm[1], LN_EPS)?)?;
         // Each stream's part is dropped once joined.
         let q = T::cat(&[&tq, &iq], 2)?;
         drop((tq, iq));
@@ -376,11 +365,11 @@ impl Flux {
         let img_a = a.narrow(1, l_txt, img.dim(1)?)?;
 
         let stream = |x: &T, attn: &T, m: &[T], s: &str| -> Result<T> {
-            let x = x.add(&m[2].broadcast_mul(&b.linear(&format!("{s}_attn.proj"), attn)?)?)?;
-            let h = modulate(&layer_norm_plain(&x, LN_EPS)?, &m[3], &m[4])?;
+            let x = gated_add(x, &m[2], &b.linear(&format!("{s}_attn.proj"), attn)?)?;
+            let h = ada_norm(&x, &m[3], &m[4], LN_EPS)?;
             let h = b.linear(&format!("{s}_mlp.0"), &h)?;
             let h = b.linear(&format!("{s}_mlp.2"), &gelu_tanh(&h)?)?;
-            x.add(&m[5].broadcast_mul(&h)?)
+            gated_add(&x, &m[5], &h)
         };
         Ok((
             stream(img, &img_a, &im, "img")?,
@@ -397,7 +386,7 @@ impl Flux {
     ) -> Result<T> {
         let h = self.config.hidden_size;
         let m = modulation(b, "modulation.lin", vec, 3)?;
-        let x_mod = modulate(&layer_norm_plain(x, LN_EPS)?, &m[0], &m[1])?;
+        let x_mod = ada_norm(x, &m[0], &m[1], LN_EPS)?;
         let lin1 = b.linear("linear1", &x_mod)?;
         let qkv = lin1.narrow(D::Minus1, 0, 3 * h)?;
         let mlp = lin1.narrow(D::Minus1, 3 * h, self.config.mlp_hidden)?;
@@ -406,7 +395,7 @@ impl Flux {
         let a = self.attend(&q, &k, &v, pe)?;
         let out = b.linear("linear2", &T::cat(&[&a, &gelu_tanh(&mlp)?], D::Minus1)?)?;
         drop(a);
-        x.add(&m[2].broadcast_mul(&out)?)
+        gated_add(x, &m[2], &out)
     }
 
     /// `qkv` projection, head split and QK-norm of one stream.
@@ -430,9 +419,7 @@ impl Flux {
     fn attend<T: Tensor>(&self, q: &T, k: &T, v: &T, pe: &(T, T)) -> Result<T> {
         let q = apply_rope(q, &pe.0, &pe.1)?;
         let k = apply_rope(k, &pe.0, &pe.1)?;
-        let a = attention(&q, &k, v, self.attn_chunk)?;
-        let (b, nh, l, d) = a.dims4()?;
-        a.transpose(1, 2)?.reshape(&[b, l, nh * d])
+        attention_merged(&q, &k, v, self.attn_chunk)
     }
 }
 

@@ -7,6 +7,7 @@
 use candle_core::{DType, D};
 
 use crate::error::Result;
+use crate::tensor::profile::{self, Class};
 use crate::tensor::Tensor;
 
 /// `x·wᵀ + b` for a PyTorch-layout weight `[out, in]` and any number of leading dims.
@@ -14,10 +15,15 @@ pub fn linear<T: Tensor>(x: &T, w: &T, b: Option<&T>) -> Result<T> {
     let dims = x.dims().to_vec();
     let in_dim = dims[dims.len() - 1];
     let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape(&[rows, in_dim])?.matmul(&w.t()?)?;
-    let y = match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
+    let x2 = x.reshape(&[rows, in_dim])?;
+    let y = if x.cpu_kernels() && w.cpu_kernels() {
+        x2.linear_cpu(w, b)?
+    } else {
+        let y = x2.matmul(&w.t()?)?;
+        match b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        }
     };
     let mut out = dims;
     let last = out.len() - 1;
@@ -27,6 +33,10 @@ pub fn linear<T: Tensor>(x: &T, w: &T, b: Option<&T>) -> Result<T> {
 
 /// LayerNorm over the last dim without affine parameters (the flow model's `elementwise_affine=False`).
 pub fn layer_norm_plain<T: Tensor>(x: &T, eps: f64) -> Result<T> {
+    profile::scope(Class::Norm, || layer_norm_plain_steps(x, eps))
+}
+
+fn layer_norm_plain_steps<T: Tensor>(x: &T, eps: f64) -> Result<T> {
     let dtype = x.dtype();
     if x.fused_kernels() {
         let d = x.dim(D::Minus1)?;
@@ -48,6 +58,10 @@ pub fn layer_norm_plain<T: Tensor>(x: &T, eps: f64) -> Result<T> {
 /// LayerNorm with weight and bias (CLIP).
 /// The affine part is applied in f32 before rounding back, as torch's fused kernel does.
 pub fn layer_norm<T: Tensor>(x: &T, w: &T, b: &T, eps: f64) -> Result<T> {
+    profile::scope(Class::Norm, || layer_norm_steps(x, w, b, eps))
+}
+
+fn layer_norm_steps<T: Tensor>(x: &T, w: &T, b: &T, eps: f64) -> Result<T> {
     if x.fused_kernels() {
         let dtype = x.dtype();
         return x.layer_norm_fused(&w.to_dtype(dtype)?, &b.to_dtype(dtype)?, eps);
@@ -60,6 +74,10 @@ pub fn layer_norm<T: Tensor>(x: &T, w: &T, b: &T, eps: f64) -> Result<T> {
 
 /// RMSNorm computed in f32 then cast back, times `scale` (the reference's QK-norm).
 pub fn rms_norm<T: Tensor>(x: &T, scale: &T, eps: f64) -> Result<T> {
+    profile::scope(Class::Norm, || rms_norm_steps(x, scale, eps))
+}
+
+fn rms_norm_steps<T: Tensor>(x: &T, scale: &T, eps: f64) -> Result<T> {
     let dtype = x.dtype();
     if x.fused_kernels() {
         return x.rms_norm_fused(&scale.to_dtype(dtype)?, eps);
@@ -76,6 +94,9 @@ pub fn rms_norm<T: Tensor>(x: &T, scale: &T, eps: f64) -> Result<T> {
 
 /// GELU with the tanh approximation (PyTorch `approximate="tanh"`, T5's `gelu_new`).
 pub fn gelu_tanh<T: Tensor>(x: &T) -> Result<T> {
+    if x.cpu_kernels() {
+        return x.gelu_cpu();
+    }
     x.gelu()
 }
 
@@ -87,6 +108,23 @@ pub fn silu<T: Tensor>(x: &T) -> Result<T> {
 pub fn modulate<T: Tensor>(x: &T, shift: &T, scale: &T) -> Result<T> {
     x.broadcast_mul(&scale.affine(1.0, 1.0)?)?
         .broadcast_add(shift)
+}
+
+/// AdaLN: LayerNorm without affine parameters, then [`modulate`] by the conditioning's
+/// `shift` and `scale` (`x` `[B, L, H]`, `shift`, `scale` `[B, 1, H]`).
+pub fn ada_norm<T: Tensor>(x: &T, shift: &T, scale: &T, eps: f64) -> Result<T> {
+    if x.cpu_kernels() && shift.cpu_kernels() && scale.cpu_kernels() {
+        return profile::scope(Class::Norm, || x.ada_norm_cpu(shift, scale, eps));
+    }
+    modulate(&layer_norm_plain(x, eps)?, shift, scale)
+}
+
+/// The gated residual `x + gate·h` (`x`, `h` `[B, L, H]`, `gate` `[B, 1, H]`).
+pub fn gated_add<T: Tensor>(x: &T, gate: &T, h: &T) -> Result<T> {
+    if x.cpu_kernels() && gate.cpu_kernels() && h.cpu_kernels() {
+        return x.gated_add_cpu(gate, h);
+    }
+    x.add(&gate.broadcast_mul(h)?)
 }
 
 #[cfg(test)]

@@ -112,7 +112,7 @@ pub fn tokenizers() -> (T5Tokenizer, ClipTokenizer) {
     )
 }
 
-fn store(label: &str, shapes: Vec<(String, Vec<usize>)>) -> Result<TensorStore> {
+pub fn memory_store(label: &str, shapes: Vec<(String, Vec<usize>)>) -> Result<TensorStore> {
     let tensors: Vec<_> = shapes
         .into_iter()
         .map(|(name, shape)| {
@@ -202,7 +202,7 @@ pub fn load_with(configs: &TinyConfigs, dir: Option<&Path>, options: LoadOptions
     let clip_tok = ClipTokenizer::from_open_clip_bpe_gz(CLIP_BPE)?;
     let make = |label: &str, shapes| match dir {
         Some(d) => file_store(d, label, shapes),
-        None => store(label, shapes),
+        None => memory_store(label, shapes),
     };
     let stores = Stores {
         flow: make("flow", configs.flow.expected_shapes())?,

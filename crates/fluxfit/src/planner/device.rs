@@ -248,6 +248,7 @@ impl DeviceProfile {
             gemm_workspace: CPU_GEMM_WORKSPACE,
             host_threads: self.host.threads,
             fused: !self.is_cpu(),
+            cpu_kernels: self.is_cpu() && crate::tensor::cpu_kernels::enabled(),
         }
     }
 }
@@ -275,15 +276,17 @@ fn measure() -> HostProfile {
         threads,
         memory: ram(),
     };
-    let run = || -> candle_core::Result<HostProfile> {
+    let run = || -> crate::Result<HostProfile> {
         let dev = Device::Cpu;
         let n = 384;
         let a = Tensor::ones((n, n), DType::F32, &dev)?;
-        let _ = a.matmul(&a)?; // warm up the thread pool
+        // A Linear layer's matmul, through the kernels the networks use.
+        let linear = || crate::model::ops::linear(&a, &a, None);
+        linear()?; // warm up the thread pool
         let reps = 6;
         let t = Instant::now();
         for _ in 0..reps {
-            let _ = a.matmul(&a)?;
+            linear()?;
         }
         let flops = 2.0 * (n * n * n) as f64 * reps as f64 / t.elapsed().as_secs_f64();
         let v = Tensor::ones(1 << 22, DType::F32, &dev)?;

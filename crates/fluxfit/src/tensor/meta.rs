@@ -57,6 +57,8 @@ pub struct MetaConfig {
     pub host_threads: usize,
     /// The networks use fused norm and RoPE kernels (`Tensor::fused_kernels`; CUDA).
     pub fused: bool,
+    /// The networks use fluxfit's own CPU kernels for f32 (`Tensor::cpu_kernels`).
+    pub cpu_kernels: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -841,7 +843,7 @@ impl Tensor for Meta {
         Ok(true)
     }
     fn fused_kernels(&self) -> bool {
-        self.device.heap().cfg.fused
+        self.device.heap().cfg.fused || self.cpu_kernels()
     }
     fn rms_norm_fused(&self, _scale: &Self, _eps: f64) -> Result<Self> {
         self.contiguous()?.unary()
@@ -851,6 +853,46 @@ impl Tensor for Meta {
     }
     fn rope_interleaved_fused(&self, _cos: &Self, _sin: &Self) -> Result<Self> {
         self.contiguous()?.unary()
+    }
+    fn cpu_kernels(&self) -> bool {
+        self.heap().cfg.cpu_kernels && self.dtype == DType::F32
+    }
+    fn linear_cpu(&self, w: &Self, _b: Option<&Self>) -> Result<Self> {
+        // One matmul whose output starts as the bias: no separate pass, no temporary.
+        self.matmul(&w.t()?)
+    }
+    fn ada_norm_cpu(&self, _shift: &Self, _scale: &Self, _eps: f64) -> Result<Self> {
+        self.contiguous()?.unary()
+    }
+    fn gated_add_cpu(&self, _gate: &Self, h: &Self) -> Result<Self> {
+        self.binary(h)
+    }
+    fn gelu_cpu(&self) -> Result<Self> {
+        self.contiguous()?.unary()
+    }
+    fn attention_cpu(&self, k: &Self, v: &Self) -> Result<Self> {
+        let [b, h, l, d] = self.rank_dims()?;
+        if k.dims() != self.dims() || v.dims() != self.dims() {
+            return Err(candle_core::Error::ShapeMismatchBinaryOp {
+                lhs: Shape::from(self.dims()),
+                rhs: Shape::from(k.dims()),
+                op: "attention_cpu",
+            }
+            .into());
+        }
+        // Scores and values: two matmuls per head; the scores never leave a thread's buffer
+        // of one query block, and the output is written once with its heads merged.
+        self.heap()
+            .flops(4.0 * (b * h) as f64 * (l * l) as f64 * d as f64, false);
+        self.heap()
+            .traffic(4.0 * bytes_of(self.dims(), self.dtype) as f64);
+        let threads = self.heap().cfg.host_threads.max(1);
+        let out = Self::alloc(&[b, l, h * d], self.dtype, &self.device);
+        self.heap().transient(
+            &self.device,
+            threads * crate::tensor::cpu_kernels::QUERY_BLOCK * l * 4,
+        );
+        Ok(out)
     }
 }
 

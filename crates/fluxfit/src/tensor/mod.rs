@@ -14,7 +14,10 @@
 //! methods (`add`, `affine`), which is what candle's operators call.
 
 pub mod candle;
+pub mod cpu_kernels;
+pub mod cpu_ops;
 pub mod meta;
+pub mod profile;
 
 use candle_core::shape::Dim;
 use candle_core::DType;
@@ -150,6 +153,25 @@ pub trait Tensor: Clone + Sized {
     fn layer_norm_fused(&self, w: &Self, b: &Self, eps: f64) -> Result<Self>;
     /// Rotation of interleaved pairs of `[B, H, L, D]` by `cos`/`sin` `[B, L, D/2]` (same dtype).
     fn rope_interleaved_fused(&self, cos: &Self, sin: &Self) -> Result<Self>;
+
+    /// Whether `model::ops` runs fluxfit's own CPU kernels on this tensor (f32 on the CPU, see
+    /// `cpu_kernels`): the methods below, and the fused norms and RoPE above. Elsewhere the
+    /// same math is composed from the ops above.
+    fn cpu_kernels(&self) -> bool {
+        false
+    }
+    /// `x·wᵀ + b` for `x` `[m, k]`, `w` `[n, k]`, the bias the matmul's starting value.
+    fn linear_cpu(&self, w: &Self, b: Option<&Self>) -> Result<Self>;
+    /// LayerNorm without affine over the last dim, then `·(1 + scale) + shift`: `x` `[B, L, H]`,
+    /// `shift`, `scale` `[B, 1, H]`.
+    fn ada_norm_cpu(&self, shift: &Self, scale: &Self, eps: f64) -> Result<Self>;
+    /// The gated residual `x + gate·h`: `x`, `h` `[B, L, H]`, `gate` `[B, 1, H]`.
+    fn gated_add_cpu(&self, gate: &Self, h: &Self) -> Result<Self>;
+    /// GELU, tanh approximation, in one vectorised pass.
+    fn gelu_cpu(&self) -> Result<Self>;
+    /// Softmax attention (scale 1/√D) of `[B, H, L, D]` queries (`self`), keys and values, a
+    /// block of queries at a time, heads merged: `[B, L, H·D]`.
+    fn attention_cpu(&self, k: &Self, v: &Self) -> Result<Self>;
 }
 
 /// A host f32 buffer that weighted tiles are added into, then made a tensor.
