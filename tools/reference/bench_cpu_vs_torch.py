@@ -10,7 +10,9 @@ figures as JSON for `fluxfit bench-cpu --torch FILE` and prints the comparison.
         [--sizes 256,512,1024] [--rounds 3] [--threads N] [--fluxfit target/release/fluxfit] \
         [--out target/bench-cpu/torch.json]
 
-Set FLUXFIT_CPU=avx2 to time fluxfit's AVX2 code path on an AVX-512 machine.
+`--avx2` measures both on their AVX2 code paths on an AVX-512 machine: PyTorch through
+ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS and ONEDNN_MAX_CPU_ISA, fluxfit through
+FLUXFIT_CPU=avx2 (its own kernels; its matmuls are AVX2 unless built with `--features avx512`).
 """
 
 import argparse
@@ -20,8 +22,13 @@ import subprocess
 import sys
 import time
 
-import torch
-from diffusers import FluxTransformer2DModel
+if "--avx2" in sys.argv:
+    # Read by PyTorch, MKL and oneDNN when they load: set before the import.
+    os.environ.update(ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2",
+                      ONEDNN_MAX_CPU_ISA="AVX2", FLUXFIT_CPU="avx2")
+
+import torch  # noqa: E402
+from diffusers import FluxTransformer2DModel  # noqa: E402
 
 
 def build(hidden, heads, depth, depth_single, folder):
@@ -87,6 +94,7 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--fluxfit", default="target/release/fluxfit")
     ap.add_argument("--out", default="target/bench-cpu/torch.json")
+    ap.add_argument("--avx2", action="store_true", help="both on their AVX2 code paths")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     torch.set_num_threads(args.threads)
@@ -131,6 +139,7 @@ def main():
         torch=torch.__version__,
         cpu_capability=torch.backends.cpu.get_cpu_capability(),
         threads=args.threads,
+        avx2=args.avx2,
         params=params,
         txt_tokens=args.txt_tokens,
         rows=list(rows.values()),

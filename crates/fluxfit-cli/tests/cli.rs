@@ -1245,3 +1245,44 @@ fn redux_images_prompt_the_model_and_are_recorded() {
     let none = args(&["--redux-image", &a], "x.png");
     command_fails(d, &strs(&none), &["--redux"]);
 }
+
+/// `bench-cpu` times a (here very small) flow model at each size and prints the profile with
+/// every class of operation.
+#[test]
+fn bench_cpu_prints_its_tables() {
+    let dir = tempdir();
+    let out = succeeds(
+        dir.path(),
+        &[
+            "bench-cpu",
+            "--hidden",
+            "128",
+            "--heads",
+            "2",
+            "--depth",
+            "1",
+            "--depth-single",
+            "1",
+            "--sizes",
+            "32,64",
+            "--txt-tokens",
+            "8",
+            "--rounds",
+            "1",
+            "--profile",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("| 32² | 12 |"), "{text}");
+    assert!(text.contains("| 64² | 24 |"), "{text}");
+    for class in [
+        "matmul",
+        "attention",
+        "norms",
+        "RoPE",
+        "element-wise",
+        "copies",
+    ] {
+        assert!(text.contains(class), "{class} missing: {text}");
+    }
+}

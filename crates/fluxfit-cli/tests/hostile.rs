@@ -144,6 +144,18 @@ fn sizes_a_user_can_type_are_refused_before_allocating() {
     let dir = tempdir();
     let d = dir.path();
     let quick = Duration::from_secs(20);
+    refused_within(
+        d,
+        &["bench-cpu", "--sizes", "100000"],
+        &["--sizes", "100000", "4096"],
+        quick,
+    );
+    refused_within(
+        d,
+        &["bench-cpu", "--hidden", "1000000"],
+        &["--hidden 1000000", "8192"],
+        quick,
+    );
     let g = ["generate", "--steps", "1"];
     let with =
         |extra: &[&'static str]| -> Vec<&'static str> { g.iter().chain(extra).copied().collect() };

@@ -69,6 +69,20 @@ pub struct BenchCpuArgs {
 
 /// The mid-size model's configuration: FLUX.1-dev's in/out widths, the chosen width and depth.
 pub fn config(args: &BenchCpuArgs) -> Result<FlowConfig> {
+    // A benchmark's model is built in memory: bounded so that a typo cannot exhaust it.
+    for (flag, v, max) in [
+        ("--hidden", args.hidden, 8192),
+        ("--depth", args.depth, 64),
+        ("--depth-single", args.depth_single, 64),
+        ("--txt-tokens", args.txt_tokens, 4096),
+        ("--rounds", args.rounds, 1000),
+    ] {
+        if v > max {
+            return Err(Error::InvalidRequest(format!(
+                "{flag} {v} is over this benchmark's bound of {max}"
+            )));
+        }
+    }
     if args.heads == 0 || !args.hidden.is_multiple_of(args.heads) {
         return Err(Error::InvalidRequest(format!(
             "--hidden {} is not a multiple of --heads {}",
@@ -125,8 +139,16 @@ fn fastest(rounds: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(best)
 }
 
-/// Measures every size; returns the rows (the report is [`table`]).
+/// Measures every size; returns the rows ([`run`] prints them).
 pub fn measure(args: &BenchCpuArgs) -> Result<Vec<Row>> {
+    config(args)?;
+    for &side in &args.sizes {
+        if side < 16 || !side.is_multiple_of(16) || side > 4096 {
+            return Err(Error::InvalidRequest(format!(
+                "--sizes: {side} is not a multiple of 16 from 16 to 4096"
+            )));
+        }
+    }
     let store: TensorStore = match &args.flow {
         Some(p) => open_flow(p)?,
         None => tiny::memory_store("flow", config(args)?.expected_shapes())?,
@@ -162,11 +184,6 @@ pub fn measure(args: &BenchCpuArgs) -> Result<Vec<Row>> {
     };
     let mut rows = Vec::new();
     for &side in &args.sizes {
-        if side < 16 || !side.is_multiple_of(16) {
-            return Err(Error::InvalidRequest(format!(
-                "--sizes: {side} is not a positive multiple of 16"
-            )));
-        }
         let sample = FlowSample::seeded(&cfg, side / 16, args.txt_tokens, 0)?;
         let inputs = sample.inputs(&cfg);
         let forward = || flux.forward(&weights, &inputs);

@@ -319,7 +319,7 @@ simd_fn! {
 
 /// Queries per block of the fused attention: the block's scores (`QUERY_BLOCK × L` f32) stay
 /// in a thread's cache.
-pub const QUERY_BLOCK: usize = 64;
+pub const QUERY_BLOCK: usize = 128;
 
 /// A `[B, H, L, D]` tensor's values with its strides (batch, head, position); the last dim is
 /// contiguous.
