@@ -262,34 +262,28 @@ pub fn linear(x: Mat, w: Mat, b: Option<&[f32]>, m: usize, n: usize, k: usize, y
             row.copy_from_slice(&b[..n]);
         }
     }
-    let threads = rayon::current_num_threads();
+    // wᵀ as a k × n operand: element (kk, j) is w[j, kk].
+    let wt = Operand {
+        ptr: w.data.as_ptr(),
+        rs: w.cs,
+        cs: w.rs,
+    };
+    let xo = Operand {
+        ptr: x.data.as_ptr(),
+        rs: x.rs,
+        cs: x.cs,
+    };
     // SAFETY: every index the views imply lies inside their slices (checked by the callers
     // against the tensors' layouts), and `y` holds m·n values.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        matmul_raw(
+            (m, n, k),
             y.as_mut_ptr(),
-            1,
-            n as isize,
+            n,
+            xo,
+            wt,
             b.is_some(),
-            x.data.as_ptr(),
-            x.cs as isize,
-            x.rs as isize,
-            w.data.as_ptr(),
-            w.rs as isize,
-            w.cs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            if threads > 1 {
-                gemm::Parallelism::Rayon(threads)
-            } else {
-                gemm::Parallelism::None
-            },
+            rayon::current_num_threads(),
         )
     }
 }
@@ -358,27 +352,18 @@ pub fn attention(
             let vp = &v.data[bi * v.sb + hi * v.sh..];
             // SAFETY: the views' extents were checked by the caller; `scores` holds rows·l.
             unsafe {
-                gemm::gemm(
-                    rows,
-                    l,
-                    d,
-                    scores.as_mut_ptr(),
-                    1,
-                    l as isize,
-                    false,
-                    qp.as_ptr(),
-                    1,
-                    q.sl as isize,
-                    kp.as_ptr(),
-                    k.sl as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+                // kᵀ as a d × l operand: element (dd, j) is k[j, dd].
+                let kt = Operand {
+                    ptr: kp.as_ptr(),
+                    rs: 1,
+                    cs: k.sl,
+                };
+                let qo = Operand {
+                    ptr: qp.as_ptr(),
+                    rs: q.sl,
+                    cs: 1,
+                };
+                matmul_raw((rows, l, d), scores.as_mut_ptr(), l, qo, kt, false, 1);
             }
             for row in scores[..rows * l].chunks_mut(l) {
                 softmax_row(row, scale);
@@ -388,30 +373,73 @@ pub fn attention(
             let dst = out_ptr.at((bi * l + q0) * h * d + hi * d);
             // SAFETY: as above; tasks write disjoint elements of `out`.
             unsafe {
-                gemm::gemm(
-                    rows,
-                    d,
-                    l,
-                    dst,
-                    1,
-                    (h * d) as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    l as isize,
-                    vp.as_ptr(),
-                    1,
-                    v.sl as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+                let p = Operand {
+                    ptr: scores.as_ptr(),
+                    rs: l,
+                    cs: 1,
+                };
+                let vo = Operand {
+                    ptr: vp.as_ptr(),
+                    rs: v.sl,
+                    cs: 1,
+                };
+                matmul_raw((rows, d, l), dst, h * d, p, vo, false, 1);
             }
         },
     );
+}
+
+/// A matrix operand of [`matmul_raw`]: its first element and its row and column strides.
+#[derive(Clone, Copy)]
+struct Operand {
+    ptr: *const f32,
+    rs: usize,
+    cs: usize,
+}
+
+/// `dst[m×n] = (dst if accumulate) + lhs[m×k]·rhs[k×n]`, `dst` row-major with row stride
+/// `dst_rs`, on `threads` threads (1: the calling thread only).
+///
+/// # Safety
+/// Every element the sizes and strides reach must lie inside its operand's allocation, and no
+/// other thread may touch the `dst` elements they reach.
+unsafe fn matmul_raw(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: Operand,
+    rhs: Operand,
+    accumulate: bool,
+    threads: usize,
+) {
+    // SAFETY: the caller's guarantees are gemm's.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.ptr,
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            },
+        )
+    }
 }
 
 /// A raw pointer the attention tasks share to write disjoint parts of one output.
