@@ -10,6 +10,7 @@
 //! The library does what `fluxfit generate`, `fill` and `edit` do, with the same plans,
 //! images and metadata; the CLI only parses flags and loads the model.
 
+pub mod broker;
 pub mod conn;
 pub mod error;
 pub mod gallery;

@@ -1,0 +1,369 @@
+//! The job stream shared by servers and workers on Redis Streams (`--broker redis://…`).
+//!
+//! One stream, `{ns}:jobs`, holds accepted jobs (`id`, `request` JSON); the consumer group
+//! `workers` hands each to one worker at a time. A worker that dies leaves its delivery pending:
+//! after the visibility timeout another worker takes it over (`XAUTOCLAIM`). A result is written
+//! under its job id only if none is there yet (`SET … NX`) and only then acknowledged, so a job
+//! run twice keeps one result. A job delivered `max_deliveries` times without a result moves
+//! to the dead-letter stream `{ns}:dead` with its last error.
+//!
+//! Blocking connections: a worker's loop is blocking anyway (the model runs on its thread), and
+//! the server calls these from `spawn_blocking`.
+
+use std::time::Duration;
+
+use redis::{Connection, Value};
+
+/// The consumer group every worker reads through.
+const GROUP: &str = "workers";
+
+/// What can go wrong talking to the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("broker {url}: {source}")]
+    Redis {
+        url: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    #[error("broker: unexpected reply to {command}: {reply}")]
+    Reply {
+        command: &'static str,
+        reply: String,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, BrokerError>;
+
+/// Settings of one broker connection.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://…` (TLS).
+    pub url: String,
+    /// Prefix of every key, so that several deployments can share one Redis.
+    pub namespace: String,
+    /// How long a delivery may stay unacknowledged before another worker may take it over.
+    pub visibility: Duration,
+    /// Deliveries after which a job that never produced a result goes to the dead letters.
+    pub max_deliveries: u64,
+}
+
+impl BrokerConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            namespace: "fluxfit".into(),
+            visibility: Duration::from_secs(120),
+            max_deliveries: 3,
+        }
+    }
+}
+
+/// A job handed to a worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// The stream entry (what is acknowledged).
+    pub entry: String,
+    pub job_id: String,
+    pub request: String,
+    /// How many times this entry has been delivered, this one included.
+    pub deliveries: u64,
+}
+
+/// A dead-lettered job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadJob {
+    pub job_id: String,
+    pub request: String,
+    pub error: String,
+}
+
+/// One connection to the broker.
+pub struct Broker {
+    cfg: BrokerConfig,
+    con: Connection,
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Okay => Some("OK".into()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+/// Field `name` of an entry's flat `[k, v, k, v, …]` field list.
+fn field(fields: &[Value], name: &str) -> Option<String> {
+    fields
+        .chunks(2)
+        .find(|kv| text(&kv[0]).as_deref() == Some(name))
+        .and_then(|kv| kv.get(1).and_then(text))
+}
+
+/// `[[entry id, [fields…]], …]` → (entry, fields); entries whose data was deleted are skipped.
+fn entries(v: &Value) -> Vec<(String, Vec<Value>)> {
+    let Value::Array(items) = v else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|e| match e {
+            Value::Array(pair) if pair.len() == 2 => match (&pair[0], &pair[1]) {
+                (id, Value::Array(fields)) => Some((text(id)?, fields.clone())),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+impl Broker {
+    /// Connects (within 10 s) and makes sure the stream and its consumer group exist.
+    pub fn connect(cfg: BrokerConfig) -> Result<Self> {
+        let err = |source| BrokerError::Redis {
+            url: redact(&cfg.url),
+            source,
+        };
+        let client = redis::Client::open(cfg.url.as_str()).map_err(err)?;
+        let con = client
+            .get_connection_with_timeout(Duration::from_secs(10))
+            .map_err(err)?;
+        let mut b = Self { cfg, con };
+        let created: redis::RedisResult<Value> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(b.jobs())
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query(&mut b.con);
+        match created {
+            Ok(_) => {}
+            Err(e) if e.code() == Some("BUSYGROUP") => {}
+            Err(e) => return Err(b.err(e)),
+        }
+        Ok(b)
+    }
+
+    fn err(&self, source: redis::RedisError) -> BrokerError {
+        BrokerError::Redis {
+            url: redact(&self.cfg.url),
+            source,
+        }
+    }
+
+    fn jobs(&self) -> String {
+        format!("{}:jobs", self.cfg.namespace)
+    }
+
+    fn dead(&self) -> String {
+        format!("{}:dead", self.cfg.namespace)
+    }
+
+    fn result_key(&self, job_id: &str) -> String {
+        format!("{}:result:{job_id}", self.cfg.namespace)
+    }
+
+    fn query(&mut self, cmd: &redis::Cmd) -> Result<Value> {
+        cmd.query(&mut self.con).map_err(|e| self.err(e))
+    }
+
+    /// Puts an accepted job on the stream; returns its entry id.
+    pub fn submit(&mut self, job_id: &str, request: &str) -> Result<String> {
+        let mut c = redis::cmd("XADD");
+        c.arg(self.jobs())
+            .arg("*")
+            .arg("id")
+            .arg(job_id)
+            .arg("request")
+            .arg(request);
+        let v = self.query(&c)?;
+        text(&v).ok_or_else(|| BrokerError::Reply {
+            command: "XADD",
+            reply: format!("{v:?}"),
+        })
+    }
+
+    /// The next job for `consumer`: a delivery another worker left unacknowledged past the
+    /// visibility timeout, else a new one, waiting up to `block` for one to arrive.
+    pub fn claim(&mut self, consumer: &str, block: Duration) -> Result<Option<Delivery>> {
+        let mut c = redis::cmd("XAUTOCLAIM");
+        c.arg(self.jobs())
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(self.cfg.visibility.as_millis() as u64)
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(1);
+        let v = self.query(&c)?;
+        let stale = match &v {
+            Value::Array(parts) if parts.len() >= 2 => entries(&parts[1]),
+            _ => Vec::new(),
+        };
+        let (entry, fields) = match stale.into_iter().next() {
+            Some(e) => e,
+            None => {
+                let mut c = redis::cmd("XREADGROUP");
+                c.arg("GROUP")
+                    .arg(GROUP)
+                    .arg(consumer)
+                    .arg("COUNT")
+                    .arg(1)
+                    .arg("BLOCK")
+                    .arg(block.as_millis().max(1) as u64)
+                    .arg("STREAMS")
+                    .arg(self.jobs())
+                    .arg(">");
+                let v = self.query(&c)?;
+                // [[stream, [[entry, fields]]]] (RESP2) or a map (RESP3); nil on timeout.
+                let streams: Vec<Value> = match v {
+                    Value::Array(s) => s,
+                    Value::Map(m) => m
+                        .into_iter()
+                        .map(|(k, v)| Value::Array(vec![k, v]))
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                let found = streams.iter().find_map(|s| match s {
+                    Value::Array(pair) if pair.len() == 2 => entries(&pair[1]).into_iter().next(),
+                    _ => None,
+                });
+                match found {
+                    Some(e) => e,
+                    None => return Ok(None),
+                }
+            }
+        };
+        let deliveries = self.deliveries(&entry)?;
+        Ok(Some(Delivery {
+            job_id: field(&fields, "id").unwrap_or_default(),
+            request: field(&fields, "request").unwrap_or_default(),
+            entry,
+            deliveries,
+        }))
+    }
+
+    /// How many times `entry` has been delivered (XPENDING's counter).
+    fn deliveries(&mut self, entry: &str) -> Result<u64> {
+        let mut c = redis::cmd("XPENDING");
+        c.arg(self.jobs()).arg(GROUP).arg(entry).arg(entry).arg(1);
+        let v = self.query(&c)?;
+        let count = match &v {
+            Value::Array(rows) => rows.first().and_then(|r| match r {
+                Value::Array(cols) if cols.len() == 4 => match &cols[3] {
+                    Value::Int(n) => Some(*n as u64),
+                    _ => None,
+                },
+                _ => None,
+            }),
+            _ => None,
+        };
+        Ok(count.unwrap_or(1))
+    }
+
+    /// Records `result` for the delivery's job unless one is there already, then acknowledges.
+    /// Returns whether this call's result is the one kept.
+    pub fn complete(&mut self, d: &Delivery, result: &str) -> Result<bool> {
+        let mut c = redis::cmd("SET");
+        c.arg(self.result_key(&d.job_id)).arg(result).arg("NX");
+        let kept = !matches!(self.query(&c)?, Value::Nil);
+        self.ack(&d.entry)?;
+        Ok(kept)
+    }
+
+    /// A failed attempt: after `max_deliveries` the job goes to the dead letters with `error`
+    /// and is acknowledged; before, it stays pending for another worker after the visibility
+    /// timeout. Returns whether it was dead-lettered.
+    pub fn fail(&mut self, d: &Delivery, error: &str) -> Result<bool> {
+        if d.deliveries < self.cfg.max_deliveries {
+            return Ok(false);
+        }
+        let mut c = redis::cmd("XADD");
+        c.arg(self.dead())
+            .arg("*")
+            .arg("id")
+            .arg(&d.job_id)
+            .arg("request")
+            .arg(&d.request)
+            .arg("error")
+            .arg(error);
+        self.query(&c)?;
+        self.ack(&d.entry)?;
+        Ok(true)
+    }
+
+    fn ack(&mut self, entry: &str) -> Result<()> {
+        let mut c = redis::cmd("XACK");
+        c.arg(self.jobs()).arg(GROUP).arg(entry);
+        self.query(&c)?;
+        Ok(())
+    }
+
+    /// The result recorded for `job_id`, if any.
+    pub fn result(&mut self, job_id: &str) -> Result<Option<String>> {
+        let mut c = redis::cmd("GET");
+        c.arg(self.result_key(job_id));
+        Ok(text(&self.query(&c)?))
+    }
+
+    /// Jobs delivered and not yet acknowledged.
+    pub fn pending(&mut self) -> Result<u64> {
+        let mut c = redis::cmd("XPENDING");
+        c.arg(self.jobs()).arg(GROUP);
+        match self.query(&c)? {
+            Value::Array(parts) => Ok(match parts.first() {
+                Some(Value::Int(n)) => *n as u64,
+                _ => 0,
+            }),
+            v => Err(BrokerError::Reply {
+                command: "XPENDING",
+                reply: format!("{v:?}"),
+            }),
+        }
+    }
+
+    /// The dead letters, oldest first.
+    pub fn dead_letters(&mut self) -> Result<Vec<DeadJob>> {
+        let mut c = redis::cmd("XRANGE");
+        c.arg(self.dead()).arg("-").arg("+");
+        let v = self.query(&c)?;
+        Ok(entries(&v)
+            .into_iter()
+            .map(|(_, f)| DeadJob {
+                job_id: field(&f, "id").unwrap_or_default(),
+                request: field(&f, "request").unwrap_or_default(),
+                error: field(&f, "error").unwrap_or_default(),
+            })
+            .collect())
+    }
+}
+
+/// A broker URL with its password hidden, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_are_hidden_in_messages() {
+        assert_eq!(
+            redact("redis://user:secret@host:6379/0"),
+            "redis://user:***@host:6379/0"
+        );
+        assert_eq!(redact("redis://host:6379"), "redis://host:6379");
+        assert_eq!(redact("rediss://:pw@h"), "rediss://:***@h");
+    }
+}

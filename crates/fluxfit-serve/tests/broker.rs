@@ -1,0 +1,231 @@
+//! The job stream against a real Redis (`redis-server`, started here on a free port in a
+//! temporary folder): every job completes once, a worker that dies mid-job loses nothing,
+//! repeated failures are dead-lettered, and accepted jobs survive a Redis restart.
+//!
+//! Without `redis-server` on the PATH the tests are skipped, unless `FLUXFIT_REQUIRE_REDIS=1`
+//! (as CI sets), where they fail.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fluxfit_serve::broker::{Broker, BrokerConfig};
+
+struct Redis {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Redis {
+    /// A redis-server on a Unix socket in `dir` (no port to race for between tests), with
+    /// append-only persistence there, or None where there is no redis-server.
+    fn start(dir: &Path) -> Option<Self> {
+        let socket = dir.join("redis.sock");
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--unixsocket"])
+            .arg(&socket)
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                assert!(
+                    std::env::var("FLUXFIT_REQUIRE_REDIS").as_deref() != Ok("1"),
+                    "redis-server is required (FLUXFIT_REQUIRE_REDIS=1) but cannot start: {e}"
+                );
+                eprintln!("no redis-server here ({e}): skipped");
+                return None;
+            }
+        };
+        let r = Self { child, socket };
+        let start = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&r.socket).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(r)
+    }
+
+    fn cfg(&self, visibility_ms: u64) -> BrokerConfig {
+        BrokerConfig {
+            visibility: Duration::from_millis(visibility_ms),
+            max_deliveries: 3,
+            ..BrokerConfig::new(format!("redis+unix://{}", self.socket.display()))
+        }
+    }
+
+    fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const NONE: Duration = Duration::from_millis(50);
+
+#[test]
+fn concurrent_workers_complete_every_job_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(redis) = Redis::start(dir.path()) else {
+        return;
+    };
+    let cfg = redis.cfg(60_000);
+    let mut server = Broker::connect(cfg.clone()).unwrap();
+    let n = 40;
+    for i in 0..n {
+        server
+            .submit(&format!("job-{i}"), &format!("{{\"n\":{i}}}"))
+            .unwrap();
+    }
+    let workers: Vec<_> = (0..3)
+        .map(|w| {
+            let cfg = cfg.clone();
+            std::thread::spawn(move || {
+                let mut b = Broker::connect(cfg).unwrap();
+                let mut done = Vec::new();
+                while let Some(d) = b.claim(&format!("w{w}"), NONE).unwrap() {
+                    assert!(b.complete(&d, &format!("result of {}", d.request)).unwrap());
+                    done.push(d.job_id);
+                }
+                done
+            })
+        })
+        .collect();
+    let mut all: Vec<String> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), n, "every job exactly once");
+    for i in 0..n {
+        assert_eq!(
+            server.result(&format!("job-{i}")).unwrap().as_deref(),
+            Some(format!("result of {{\"n\":{i}}}").as_str())
+        );
+    }
+    assert_eq!(server.pending().unwrap(), 0);
+}
+
+#[test]
+fn a_job_left_by_a_dead_worker_is_taken_over_and_kept_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(redis) = Redis::start(dir.path()) else {
+        return;
+    };
+    let cfg = redis.cfg(300);
+    let mut server = Broker::connect(cfg.clone()).unwrap();
+    server.submit("j1", "{}").unwrap();
+    // Worker a takes the job and dies without acknowledging.
+    let mut a = Broker::connect(cfg.clone()).unwrap();
+    let first = a.claim("a", NONE).unwrap().expect("a gets the job");
+    assert_eq!(first.deliveries, 1);
+    let mut b = Broker::connect(cfg).unwrap();
+    assert_eq!(
+        b.claim("b", NONE).unwrap(),
+        None,
+        "not before the visibility timeout"
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    let again = b.claim("b", NONE).unwrap().expect("b takes it over");
+    assert_eq!((again.job_id.as_str(), again.deliveries), ("j1", 2));
+    assert!(b.complete(&again, "from b").unwrap());
+    // a was only slow: its late result does not replace b's.
+    assert!(!a.complete(&first, "from a").unwrap());
+    assert_eq!(server.result("j1").unwrap().as_deref(), Some("from b"));
+    assert_eq!(server.pending().unwrap(), 0);
+}
+
+#[test]
+fn a_job_that_keeps_failing_is_dead_lettered_with_its_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(redis) = Redis::start(dir.path()) else {
+        return;
+    };
+    let cfg = redis.cfg(100);
+    let mut b = Broker::connect(cfg).unwrap();
+    b.submit("bad", "{\"prompt\":\"x\"}").unwrap();
+    let mut attempts = 0;
+    loop {
+        std::thread::sleep(Duration::from_millis(150));
+        let Some(d) = b.claim("w", NONE).unwrap() else {
+            break;
+        };
+        attempts += 1;
+        assert_eq!(d.deliveries, attempts);
+        if b.fail(&d, &format!("out of memory, attempt {attempts}"))
+            .unwrap()
+        {
+            break;
+        }
+    }
+    assert_eq!(attempts, 3);
+    let dead = b.dead_letters().unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].job_id, "bad");
+    assert_eq!(dead[0].error, "out of memory, attempt 3");
+    assert_eq!(b.pending().unwrap(), 0);
+    std::thread::sleep(Duration::from_millis(150));
+    assert_eq!(b.claim("w", NONE).unwrap(), None, "not delivered again");
+}
+
+#[test]
+fn accepted_jobs_survive_a_redis_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(redis) = Redis::start(dir.path()) else {
+        return;
+    };
+    let cfg = redis.cfg(60_000);
+    let mut server = Broker::connect(cfg.clone()).unwrap();
+    for i in 0..5 {
+        server.submit(&format!("j{i}"), "{}").unwrap();
+    }
+    drop(server);
+    redis.stop();
+    let redis = Redis::start(dir.path()).unwrap();
+    let mut w = Broker::connect(redis.cfg(60_000)).unwrap();
+    let mut got = Vec::new();
+    while let Some(d) = w.claim("w", NONE).unwrap() {
+        w.complete(&d, "ok").unwrap();
+        got.push(d.job_id);
+    }
+    assert_eq!(got, ["j0", "j1", "j2", "j3", "j4"]);
+}
+
+#[test]
+fn an_unreachable_broker_is_a_clear_error() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let err = Broker::connect(BrokerConfig::new(format!(
+        "redis://user:hunter2@127.0.0.1:{port}/"
+    )))
+    .err()
+    .expect("nothing listens there")
+    .to_string();
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(!err.contains("hunter2"), "the password is not shown: {err}");
+}
