@@ -339,6 +339,146 @@ impl Broker {
     }
 }
 
+/// A live worker's advertisement: its name and what it serves (free-form JSON the router
+/// reads: the model, its budget, the sizes and modes its planner fits).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerInfo {
+    pub name: String,
+    pub serves: String,
+}
+
+impl Broker {
+    fn worker_key(&self, name: &str) -> String {
+        format!("{}:worker:{name}", self.cfg.namespace)
+    }
+
+    fn events_key(&self, job_id: &str) -> String {
+        format!("{}:events:{job_id}", self.cfg.namespace)
+    }
+
+    fn cancel_key(&self, job_id: &str) -> String {
+        format!("{}:cancel:{job_id}", self.cfg.namespace)
+    }
+
+    /// A worker's heartbeat: its advertisement, alive for `ttl` unless renewed (a worker
+    /// renews it well within `ttl`; one that dies drops out when it lapses).
+    pub fn heartbeat(&mut self, name: &str, serves: &str, ttl: Duration) -> Result<()> {
+        let mut c = redis::cmd("SET");
+        c.arg(self.worker_key(name))
+            .arg(serves)
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64);
+        self.query(&c)?;
+        Ok(())
+    }
+
+    /// Workers whose heartbeat has not lapsed, by name.
+    pub fn live_workers(&mut self) -> Result<Vec<WorkerInfo>> {
+        let prefix = self.worker_key("");
+        let mut names = Vec::new();
+        let mut cursor = "0".to_string();
+        loop {
+            let mut c = redis::cmd("SCAN");
+            c.arg(&cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}*"))
+                .arg("COUNT")
+                .arg(100);
+            let v = self.query(&c)?;
+            let Value::Array(parts) = v else { break };
+            cursor = parts.first().and_then(text).unwrap_or_else(|| "0".into());
+            if let Some(Value::Array(keys)) = parts.get(1) {
+                names.extend(keys.iter().filter_map(text));
+            }
+            if cursor == "0" {
+                break;
+            }
+        }
+        names.sort();
+        let mut out = Vec::new();
+        for key in names {
+            let mut c = redis::cmd("GET");
+            c.arg(&key);
+            // A heartbeat that lapsed between the scan and the read is not live.
+            if let Some(serves) = text(&self.query(&c)?) {
+                out.push(WorkerInfo {
+                    name: key[prefix.len()..].to_string(),
+                    serves,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Appends a progress event to the job's event stream (kept to its last `keep` events).
+    pub fn publish_event(&mut self, job_id: &str, event: &str, keep: usize) -> Result<String> {
+        let mut c = redis::cmd("XADD");
+        c.arg(self.events_key(job_id))
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(keep.max(1))
+            .arg("*")
+            .arg("event")
+            .arg(event);
+        let v = self.query(&c)?;
+        text(&v).ok_or_else(|| BrokerError::Reply {
+            command: "XADD",
+            reply: format!("{v:?}"),
+        })
+    }
+
+    /// A job's events after `after` (`"0"` for all), waiting up to `block` for the first:
+    /// (event id, event) pairs in order.
+    pub fn events(
+        &mut self,
+        job_id: &str,
+        after: &str,
+        block: Duration,
+    ) -> Result<Vec<(String, String)>> {
+        let mut c = redis::cmd("XREAD");
+        c.arg("BLOCK")
+            .arg(block.as_millis().max(1) as u64)
+            .arg("STREAMS")
+            .arg(self.events_key(job_id))
+            .arg(after);
+        let streams = match self.query(&c)? {
+            Value::Array(s) => s,
+            Value::Map(m) => m
+                .into_iter()
+                .map(|(k, v)| Value::Array(vec![k, v]))
+                .collect(),
+            _ => Vec::new(),
+        };
+        Ok(streams
+            .iter()
+            .flat_map(|s| match s {
+                Value::Array(pair) if pair.len() == 2 => entries(&pair[1]),
+                _ => Vec::new(),
+            })
+            .map(|(id, f)| (id, field(&f, "event").unwrap_or_default()))
+            .collect())
+    }
+
+    /// Asks whichever worker runs `job_id` to stop (it checks between steps); the request
+    /// lapses after `ttl`.
+    pub fn cancel(&mut self, job_id: &str, why: &str, ttl: Duration) -> Result<()> {
+        let mut c = redis::cmd("SET");
+        c.arg(self.cancel_key(job_id))
+            .arg(why)
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64);
+        self.query(&c)?;
+        Ok(())
+    }
+
+    /// Why `job_id` was cancelled, if it was.
+    pub fn cancelled(&mut self, job_id: &str) -> Result<Option<String>> {
+        let mut c = redis::cmd("GET");
+        c.arg(self.cancel_key(job_id));
+        Ok(text(&self.query(&c)?))
+    }
+}
+
 /// A broker URL with its password hidden, for messages.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {

@@ -229,3 +229,66 @@ fn an_unreachable_broker_is_a_clear_error() {
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
     assert!(!err.contains("hunter2"), "the password is not shown: {err}");
 }
+
+#[test]
+fn workers_heartbeat_and_lapse() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(redis) = Redis::start(dir.path()) else {
+        return;
+    };
+    let mut b = Broker::connect(redis.cfg(60_000)).unwrap();
+    b.heartbeat("gpu-24g", "{\"budget\":\"24GB\"}", Duration::from_secs(30))
+        .unwrap();
+    b.heartbeat(
+        "gpu-12g",
+        "{\"budget\":\"12GB\"}",
+        Duration::from_millis(200),
+    )
+    .unwrap();
+    let names = |b: &mut Broker| -> Vec<String> {
+        b.live_workers()
+            .unwrap()
+            .into_iter()
+            .map(|w| w.name)
+            .collect()
+    };
+    assert_eq!(names(&mut b), ["gpu-12g", "gpu-24g"]);
+    assert_eq!(b.live_workers().unwrap()[1].serves, "{\"budget\":\"24GB\"}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(names(&mut b), ["gpu-24g"], "a lapsed heartbeat is not live");
+}
+
+#[test]
+fn progress_events_and_cancellation_reach_the_other_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(redis) = Redis::start(dir.path()) else {
+        return;
+    };
+    let cfg = redis.cfg(60_000);
+    let mut worker = Broker::connect(cfg.clone()).unwrap();
+    let mut server = Broker::connect(cfg).unwrap();
+    for step in 1..=3 {
+        worker
+            .publish_event("j", &format!("{{\"step\":{step}}}"), 100)
+            .unwrap();
+    }
+    let got = server.events("j", "0", NONE).unwrap();
+    assert_eq!(
+        got.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(),
+        ["{\"step\":1}", "{\"step\":2}", "{\"step\":3}"]
+    );
+    // Reading on from the last id: nothing new yet, then the next event.
+    let last = got.last().unwrap().0.clone();
+    assert!(server.events("j", &last, NONE).unwrap().is_empty());
+    worker.publish_event("j", "done", 100).unwrap();
+    assert_eq!(server.events("j", &last, NONE).unwrap()[0].1, "done");
+
+    assert_eq!(worker.cancelled("j").unwrap(), None);
+    server
+        .cancel("j", "cancelled by the user", Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(
+        worker.cancelled("j").unwrap().as_deref(),
+        Some("cancelled by the user")
+    );
+}
