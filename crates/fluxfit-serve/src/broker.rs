@@ -119,6 +119,26 @@ fn entries(v: &Value) -> Vec<(String, Vec<Value>)> {
         .collect()
 }
 
+/// The entries of an `XREAD`/`XREADGROUP` reply, all streams together: `[[stream, entries]]`
+/// in RESP2, a map in RESP3, nil when the wait ran out.
+fn read_entries(v: Value) -> Vec<(String, Vec<Value>)> {
+    let streams: Vec<Value> = match v {
+        Value::Array(s) => s,
+        Value::Map(m) => m
+            .into_iter()
+            .map(|(k, v)| Value::Array(vec![k, v]))
+            .collect(),
+        _ => Vec::new(),
+    };
+    streams
+        .iter()
+        .flat_map(|s| match s {
+            Value::Array(pair) if pair.len() == 2 => entries(&pair[1]),
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
 impl Broker {
     /// Connects (within 10 s) and makes sure the stream and its consumer group exist.
     pub fn connect(cfg: BrokerConfig) -> Result<Self> {
@@ -169,6 +189,24 @@ impl Broker {
         cmd.query(&mut self.con).map_err(|e| self.err(e))
     }
 
+    /// `GET key`.
+    fn get(&mut self, key: &str) -> Result<Option<String>> {
+        let mut c = redis::cmd("GET");
+        c.arg(key);
+        Ok(text(&self.query(&c)?))
+    }
+
+    /// `SET key value PX ttl`.
+    fn set_for(&mut self, key: &str, value: &str, ttl: Duration) -> Result<()> {
+        let mut c = redis::cmd("SET");
+        c.arg(key)
+            .arg(value)
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64);
+        self.query(&c)?;
+        Ok(())
+    }
+
     /// Puts an accepted job on the stream; returns its entry id.
     pub fn submit(&mut self, job_id: &str, request: &str) -> Result<String> {
         let mut c = redis::cmd("XADD");
@@ -215,20 +253,7 @@ impl Broker {
                     .arg("STREAMS")
                     .arg(self.jobs())
                     .arg(">");
-                let v = self.query(&c)?;
-                // [[stream, [[entry, fields]]]] (RESP2) or a map (RESP3); nil on timeout.
-                let streams: Vec<Value> = match v {
-                    Value::Array(s) => s,
-                    Value::Map(m) => m
-                        .into_iter()
-                        .map(|(k, v)| Value::Array(vec![k, v]))
-                        .collect(),
-                    _ => Vec::new(),
-                };
-                let found = streams.iter().find_map(|s| match s {
-                    Value::Array(pair) if pair.len() == 2 => entries(&pair[1]).into_iter().next(),
-                    _ => None,
-                });
+                let found = read_entries(self.query(&c)?).into_iter().next();
                 match found {
                     Some(e) => e,
                     None => return Ok(None),
@@ -302,9 +327,7 @@ impl Broker {
 
     /// The result recorded for `job_id`, if any.
     pub fn result(&mut self, job_id: &str) -> Result<Option<String>> {
-        let mut c = redis::cmd("GET");
-        c.arg(self.result_key(job_id));
-        Ok(text(&self.query(&c)?))
+        self.get(&self.result_key(job_id))
     }
 
     /// Jobs delivered and not yet acknowledged.
@@ -363,13 +386,7 @@ impl Broker {
     /// A worker's heartbeat: its advertisement, alive for `ttl` unless renewed (a worker
     /// renews it well within `ttl`; one that dies drops out when it lapses).
     pub fn heartbeat(&mut self, name: &str, serves: &str, ttl: Duration) -> Result<()> {
-        let mut c = redis::cmd("SET");
-        c.arg(self.worker_key(name))
-            .arg(serves)
-            .arg("PX")
-            .arg(ttl.as_millis().max(1) as u64);
-        self.query(&c)?;
-        Ok(())
+        self.set_for(&self.worker_key(name), serves, ttl)
     }
 
     /// Workers whose heartbeat has not lapsed, by name.
@@ -397,10 +414,8 @@ impl Broker {
         names.sort();
         let mut out = Vec::new();
         for key in names {
-            let mut c = redis::cmd("GET");
-            c.arg(&key);
             // A heartbeat that lapsed between the scan and the read is not live.
-            if let Some(serves) = text(&self.query(&c)?) {
+            if let Some(serves) = self.get(&key)? {
                 out.push(WorkerInfo {
                     name: key[prefix.len()..].to_string(),
                     serves,
@@ -441,20 +456,8 @@ impl Broker {
             .arg("STREAMS")
             .arg(self.events_key(job_id))
             .arg(after);
-        let streams = match self.query(&c)? {
-            Value::Array(s) => s,
-            Value::Map(m) => m
-                .into_iter()
-                .map(|(k, v)| Value::Array(vec![k, v]))
-                .collect(),
-            _ => Vec::new(),
-        };
-        Ok(streams
-            .iter()
-            .flat_map(|s| match s {
-                Value::Array(pair) if pair.len() == 2 => entries(&pair[1]),
-                _ => Vec::new(),
-            })
+        Ok(read_entries(self.query(&c)?)
+            .into_iter()
             .map(|(id, f)| (id, field(&f, "event").unwrap_or_default()))
             .collect())
     }
@@ -462,20 +465,12 @@ impl Broker {
     /// Asks whichever worker runs `job_id` to stop (it checks between steps); the request
     /// lapses after `ttl`.
     pub fn cancel(&mut self, job_id: &str, why: &str, ttl: Duration) -> Result<()> {
-        let mut c = redis::cmd("SET");
-        c.arg(self.cancel_key(job_id))
-            .arg(why)
-            .arg("PX")
-            .arg(ttl.as_millis().max(1) as u64);
-        self.query(&c)?;
-        Ok(())
+        self.set_for(&self.cancel_key(job_id), why, ttl)
     }
 
     /// Why `job_id` was cancelled, if it was.
     pub fn cancelled(&mut self, job_id: &str) -> Result<Option<String>> {
-        let mut c = redis::cmd("GET");
-        c.arg(self.cancel_key(job_id));
-        Ok(text(&self.query(&c)?))
+        self.get(&self.cancel_key(job_id))
     }
 }
 
