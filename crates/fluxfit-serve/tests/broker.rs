@@ -75,6 +75,13 @@ impl Redis {
     }
 }
 
+/// A Redis of its own in a new temporary folder (None: skipped, see the module doc).
+fn fresh_redis() -> Option<(tempfile::TempDir, Redis)> {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path())?;
+    Some((dir, redis))
+}
+
 impl Drop for Redis {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -86,8 +93,7 @@ const NONE: Duration = Duration::from_millis(50);
 
 #[test]
 fn concurrent_workers_complete_every_job_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(redis) = Redis::start(dir.path()) else {
+    let Some((_dir, redis)) = fresh_redis() else {
         return;
     };
     let cfg = redis.cfg(60_000);
@@ -130,8 +136,7 @@ fn concurrent_workers_complete_every_job_once() {
 
 #[test]
 fn a_job_left_by_a_dead_worker_is_taken_over_and_kept_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(redis) = Redis::start(dir.path()) else {
+    let Some((_dir, redis)) = fresh_redis() else {
         return;
     };
     let cfg = redis.cfg(300);
@@ -159,8 +164,7 @@ fn a_job_left_by_a_dead_worker_is_taken_over_and_kept_once() {
 
 #[test]
 fn a_job_that_keeps_failing_is_dead_lettered_with_its_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(redis) = Redis::start(dir.path()) else {
+    let Some((_dir, redis)) = fresh_redis() else {
         return;
     };
     let cfg = redis.cfg(100);
@@ -192,8 +196,7 @@ fn a_job_that_keeps_failing_is_dead_lettered_with_its_error() {
 
 #[test]
 fn accepted_jobs_survive_a_redis_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(redis) = Redis::start(dir.path()) else {
+    let Some((dir, redis)) = fresh_redis() else {
         return;
     };
     let cfg = redis.cfg(60_000);
@@ -232,8 +235,7 @@ fn an_unreachable_broker_is_a_clear_error() {
 
 #[test]
 fn workers_heartbeat_and_lapse() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(redis) = Redis::start(dir.path()) else {
+    let Some((_dir, redis)) = fresh_redis() else {
         return;
     };
     let mut b = Broker::connect(redis.cfg(60_000)).unwrap();
@@ -260,8 +262,7 @@ fn workers_heartbeat_and_lapse() {
 
 #[test]
 fn progress_events_and_cancellation_reach_the_other_side() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(redis) = Redis::start(dir.path()) else {
+    let Some((_dir, redis)) = fresh_redis() else {
         return;
     };
     let cfg = redis.cfg(60_000);
