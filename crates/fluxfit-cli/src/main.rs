@@ -13,6 +13,7 @@ mod regions;
 mod run_args;
 mod serve;
 mod source;
+mod worker;
 
 use std::process::ExitCode;
 
@@ -67,6 +68,9 @@ enum Command {
     /// Serve the HTTP API (native jobs with live progress, OpenAI's images API) and the web UI,
     /// with the model loaded once.
     Serve(serve::ServeArgs),
+    /// Run the jobs of a `fluxfit serve --broker` from the broker, with the model loaded once
+    /// (any number of workers, on any machines).
+    Worker(worker::WorkerArgs),
     /// Which residency plans fit a memory budget for a request, predicted without weights:
     /// peak per phase, time relative to all-resident, the fastest that fits.
     Plan(plan::PlanArgs),
@@ -115,6 +119,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => print_report(fluxfit::bench::plans::run(&args)),
         Command::Plan(args) => plan::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Worker(args) => worker::run(args),
         Command::Quantize(args) => quantize::run(args),
         Command::BenchQuant(args) => print_report(fluxfit::bench::quant::run(&args)),
         Command::BenchCpu(args) => print_report(fluxfit::bench::cpu::run(&args)),

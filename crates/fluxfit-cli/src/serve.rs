@@ -9,7 +9,8 @@ use anyhow::{bail, Result};
 use clap::Args;
 use fluxfit::planner::choice::{gpu_index, Quant};
 use fluxfit::planner::{Budget, DeviceProfile};
-use fluxfit_serve::{Config, Server};
+use fluxfit_serve::broker::{redact, BrokerConfig};
+use fluxfit_serve::{Config, Runs, Server};
 
 use crate::run_args::{Planning, RunArgs};
 
@@ -43,6 +44,19 @@ pub struct ServeArgs {
     /// On SIGTERM, seconds the running job may take to finish before it is cancelled.
     #[arg(long, default_value_t = 60)]
     pub grace: u64,
+    /// Put jobs on this broker for `fluxfit worker`s instead of running them here: the
+    /// server loads no model (redis://[user:password@]host:port[/db], rediss:// for TLS,
+    /// redis+unix:///path). --queue then bounds the jobs in flight on the workers.
+    #[arg(
+        long,
+        env = "FLUXFIT_BROKER",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    pub broker: Option<String>,
+    /// Prefix of the broker's keys: deployments sharing one Redis each take their own.
+    #[arg(long, default_value = "fluxfit", requires = "broker")]
+    pub namespace: String,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -60,6 +74,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     }
     if args.queue == 0 {
         bail!("--queue 0: the queue must hold at least one job");
+    }
+    if let Some(url) = &args.broker {
+        return serve_broker(&args, url);
     }
     let model = args.run.load_planned(Planning {
         width: None,
@@ -79,12 +96,26 @@ pub fn run(args: ServeArgs) -> Result<()> {
         )?,
         None => None,
     };
-    let config = Config {
+    let config = config(&args, budget);
+    let name = model.name.clone();
+    let plan = model.plan().spec();
+    let server = Server::start(model, config)?;
+    errln!(
+        "fluxfit serve: {name} (plan {plan}) on http://{} — the web UI is at that address, the API under /v1",
+        server.addr()
+    );
+    server.run_until_signal();
+    Ok(())
+}
+
+/// The server's settings from its flags.
+fn config(args: &ServeArgs, budget: Option<Budget>) -> Config {
+    Config {
         listen: args.listen,
-        api_key: args.api_key.filter(|k| !k.is_empty()),
+        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         insecure: args.insecure,
         queue: args.queue,
-        output_dir: args.output_dir,
+        output_dir: args.output_dir.clone(),
         budget,
         vae_tile: args.run.vae_tile,
         max_upload: args.max_upload_mib << 20,
@@ -94,12 +125,33 @@ pub fn run(args: ServeArgs) -> Result<()> {
         default_steps: args.run.steps,
         default_guidance: args.run.guidance,
         ..Config::default()
+    }
+}
+
+/// `serve --broker`: no model here; jobs go to the workers.
+fn serve_broker(args: &ServeArgs, url: &str) -> Result<()> {
+    let m = &args.run.model;
+    let model_flags = m.model != "tiny"
+        || m.flow.is_some()
+        || m.vae.is_some()
+        || m.t5.is_some()
+        || m.clip.is_some()
+        || !m.lora.is_empty()
+        || args.run.vram.is_some()
+        || args.run.plan.is_some()
+        || args.run.steps.is_some()
+        || args.run.guidance.is_some();
+    if model_flags {
+        bail!("--broker: this server runs no model, its workers do: give the model flags (--model, --flow, --lora, --vram, --steps, …) to `fluxfit worker`");
+    }
+    let broker = BrokerConfig {
+        namespace: args.namespace.clone(),
+        ..BrokerConfig::new(url)
     };
-    let name = model.name.clone();
-    let plan = model.plan().spec();
-    let server = Server::start(model, config)?;
+    let server = Server::start_with(Runs::Broker(broker), config(args, None))?;
     errln!(
-        "fluxfit serve: {name} (plan {plan}) on http://{} — the web UI is at that address, the API under /v1",
+        "fluxfit serve: jobs go to the workers of {} on http://{} — the web UI is at that address, the API under /v1",
+        redact(url),
         server.addr()
     );
     server.run_until_signal();

@@ -1,7 +1,9 @@
 //! The job stream shared by servers and workers on Redis Streams (`--broker redis://…`).
 //!
-//! One stream, `{ns}:jobs`, holds accepted jobs (`id`, `request` JSON); the consumer group
-//! `workers` hands each to one worker at a time. A worker that dies leaves its delivery pending:
+//! Accepted jobs go on the stream of a *pool*, `{ns}:jobs:{pool}` (`id`, `request` JSON): the
+//! workers that load the same model under the same budget, so that any of them can run any
+//! job routed there. The pool's consumer group `workers` hands each job to one worker at a
+//! time. A worker that dies leaves its delivery pending:
 //! after the visibility timeout another worker takes it over (`XAUTOCLAIM`). A result is written
 //! under its job id only if none is there yet (`SET … NX`) and only then acknowledged, so a job
 //! run twice keeps one result. A job delivered `max_deliveries` times without a result moves
@@ -46,6 +48,10 @@ pub struct BrokerConfig {
     pub visibility: Duration,
     /// Deliveries after which a job that never produced a result goes to the dead letters.
     pub max_deliveries: u64,
+    /// The pool whose stream this connection's worker reads (see the module doc).
+    pub pool: String,
+    /// How long a result stays in Redis for the server to collect.
+    pub result_ttl: Duration,
 }
 
 impl BrokerConfig {
@@ -55,6 +61,8 @@ impl BrokerConfig {
             namespace: "fluxfit".into(),
             visibility: Duration::from_secs(120),
             max_deliveries: 3,
+            pool: "default".into(),
+            result_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -68,6 +76,8 @@ pub struct Delivery {
     pub request: String,
     /// How many times this entry has been delivered, this one included.
     pub deliveries: u64,
+    /// Taken over from a worker that left it past the visibility timeout.
+    pub reclaimed: bool,
 }
 
 /// A dead-lettered job.
@@ -82,6 +92,8 @@ pub struct DeadJob {
 pub struct Broker {
     cfg: BrokerConfig,
     con: Connection,
+    /// Pools whose stream and group this connection has made sure of.
+    groups: std::collections::HashSet<String>,
 }
 
 fn text(v: &Value) -> Option<String> {
@@ -119,6 +131,21 @@ fn entries(v: &Value) -> Vec<(String, Vec<Value>)> {
         .collect()
 }
 
+/// A reply's `name → value` pairs: a flat `[k, v, k, v, …]` array (RESP2) or a map (RESP3).
+fn pairs(v: Value) -> Vec<(String, Value)> {
+    match v {
+        Value::Array(flat) => flat
+            .chunks(2)
+            .filter_map(|kv| Some((text(&kv[0])?, kv.get(1)?.clone())))
+            .collect(),
+        Value::Map(m) => m
+            .into_iter()
+            .filter_map(|(k, v)| Some((text(&k)?, v)))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// The entries of an `XREAD`/`XREADGROUP` reply, all streams together: `[[stream, entries]]`
 /// in RESP2, a map in RESP3, nil when the wait ran out.
 fn read_entries(v: Value) -> Vec<(String, Vec<Value>)> {
@@ -150,20 +177,40 @@ impl Broker {
         let con = client
             .get_connection_with_timeout(Duration::from_secs(10))
             .map_err(err)?;
-        let mut b = Self { cfg, con };
+        let mut b = Self {
+            cfg,
+            con,
+            groups: Default::default(),
+        };
+        let pool = b.cfg.pool.clone();
+        b.ensure_group(&pool)?;
+        Ok(b)
+    }
+
+    /// Creates `pool`'s stream and consumer group unless they exist. From the stream's start
+    /// (`0`): jobs put there before the first worker came are delivered too.
+    fn ensure_group(&mut self, pool: &str) -> Result<()> {
+        if self.groups.contains(pool) {
+            return Ok(());
+        }
         let created: redis::RedisResult<Value> = redis::cmd("XGROUP")
             .arg("CREATE")
-            .arg(b.jobs())
+            .arg(self.stream(pool))
             .arg(GROUP)
             .arg("0")
             .arg("MKSTREAM")
-            .query(&mut b.con);
+            .query(&mut self.con);
         match created {
             Ok(_) => {}
             Err(e) if e.code() == Some("BUSYGROUP") => {}
-            Err(e) => return Err(b.err(e)),
+            Err(e) => return Err(self.err(e)),
         }
-        Ok(b)
+        self.groups.insert(pool.to_string());
+        Ok(())
+    }
+
+    pub fn config(&self) -> &BrokerConfig {
+        &self.cfg
     }
 
     fn err(&self, source: redis::RedisError) -> BrokerError {
@@ -173,8 +220,16 @@ impl Broker {
         }
     }
 
+    fn stream(&self, pool: &str) -> String {
+        format!("{}:jobs:{pool}", self.cfg.namespace)
+    }
+
     fn jobs(&self) -> String {
-        format!("{}:jobs", self.cfg.namespace)
+        self.stream(&self.cfg.pool)
+    }
+
+    fn stats_key(&self) -> String {
+        format!("{}:stats", self.cfg.namespace)
     }
 
     fn dead(&self) -> String {
@@ -207,10 +262,17 @@ impl Broker {
         Ok(())
     }
 
-    /// Puts an accepted job on the stream; returns its entry id.
+    /// Puts an accepted job on this connection's pool's stream; returns its entry id.
     pub fn submit(&mut self, job_id: &str, request: &str) -> Result<String> {
+        let pool = self.cfg.pool.clone();
+        self.submit_to(&pool, job_id, request)
+    }
+
+    /// Puts an accepted job on `pool`'s stream; returns its entry id.
+    pub fn submit_to(&mut self, pool: &str, job_id: &str, request: &str) -> Result<String> {
+        self.ensure_group(pool)?;
         let mut c = redis::cmd("XADD");
-        c.arg(self.jobs())
+        c.arg(self.stream(pool))
             .arg("*")
             .arg("id")
             .arg(job_id)
@@ -239,8 +301,12 @@ impl Broker {
             Value::Array(parts) if parts.len() >= 2 => entries(&parts[1]),
             _ => Vec::new(),
         };
+        let reclaimed = !stale.is_empty();
         let (entry, fields) = match stale.into_iter().next() {
-            Some(e) => e,
+            Some(e) => {
+                self.count("reclaimed")?;
+                e
+            }
             None => {
                 let mut c = redis::cmd("XREADGROUP");
                 c.arg("GROUP")
@@ -266,7 +332,74 @@ impl Broker {
             request: field(&fields, "request").unwrap_or_default(),
             entry,
             deliveries,
+            reclaimed,
         }))
+    }
+
+    /// Keeps a delivery this consumer is still working on from being taken over: resets its
+    /// idle time (`XCLAIM … JUSTID`, which does not count a delivery).
+    pub fn touch(&mut self, consumer: &str, entry: &str) -> Result<()> {
+        let mut c = redis::cmd("XCLAIM");
+        c.arg(self.jobs())
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(0)
+            .arg(entry)
+            .arg("JUSTID");
+        self.query(&c)?;
+        Ok(())
+    }
+
+    /// Adds one to a deployment-wide counter (`reclaimed`, `dead`) for `/metrics`.
+    fn count(&mut self, what: &str) -> Result<()> {
+        let mut c = redis::cmd("HINCRBY");
+        c.arg(self.stats_key()).arg(what).arg(1);
+        self.query(&c)?;
+        Ok(())
+    }
+
+    /// The deployment-wide counters: (`reclaimed`, `dead`).
+    pub fn counters(&mut self) -> Result<(u64, u64)> {
+        let mut c = redis::cmd("HMGET");
+        c.arg(self.stats_key()).arg("reclaimed").arg("dead");
+        let v = self.query(&c)?;
+        let n = |i: usize| match &v {
+            Value::Array(a) => a
+                .get(i)
+                .and_then(text)
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0),
+            _ => 0,
+        };
+        Ok((n(0), n(1)))
+    }
+
+    /// `pool`'s backlog: entries no worker has been handed yet (the group's `lag`), and entries
+    /// handed out and not yet acknowledged (`pending`).
+    pub fn backlog(&mut self, pool: &str) -> Result<(u64, u64)> {
+        let mut c = redis::cmd("XINFO");
+        c.arg("GROUPS").arg(self.stream(pool));
+        let v = match c.query::<Value>(&mut self.con) {
+            Ok(v) => v,
+            // No stream yet: nothing waits.
+            Err(e) if e.code() == Some("ERR") => return Ok((0, 0)),
+            Err(e) => return Err(self.err(e)),
+        };
+        let groups: Vec<Vec<(String, Value)>> = match v {
+            Value::Array(gs) => gs.into_iter().map(pairs).collect(),
+            _ => Vec::new(),
+        };
+        for g in groups {
+            let get = |k: &str| g.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+            if get("name").as_ref().and_then(text).as_deref() == Some(GROUP) {
+                let int = |k: &str| match get(k) {
+                    Some(Value::Int(n)) => n.max(0) as u64,
+                    _ => 0,
+                };
+                return Ok((int("lag"), int("pending")));
+            }
+        }
+        Ok((0, 0))
     }
 
     /// How many times `entry` has been delivered (XPENDING's counter).
@@ -290,11 +423,20 @@ impl Broker {
     /// Records `result` for the delivery's job unless one is there already, then acknowledges.
     /// Returns whether this call's result is the one kept.
     pub fn complete(&mut self, d: &Delivery, result: &str) -> Result<bool> {
-        let mut c = redis::cmd("SET");
-        c.arg(self.result_key(&d.job_id)).arg(result).arg("NX");
-        let kept = !matches!(self.query(&c)?, Value::Nil);
+        let kept = self.record(&d.job_id, result)?;
         self.ack(&d.entry)?;
         Ok(kept)
+    }
+
+    /// Records `result` for `job_id` unless one is there already (kept `result_ttl`).
+    pub fn record(&mut self, job_id: &str, result: &str) -> Result<bool> {
+        let mut c = redis::cmd("SET");
+        c.arg(self.result_key(job_id))
+            .arg(result)
+            .arg("NX")
+            .arg("PX")
+            .arg(self.cfg.result_ttl.as_millis().max(1) as u64);
+        Ok(!matches!(self.query(&c)?, Value::Nil))
     }
 
     /// A failed attempt: after `max_deliveries` the job goes to the dead letters with `error`
@@ -304,6 +446,13 @@ impl Broker {
         if d.deliveries < self.cfg.max_deliveries {
             return Ok(false);
         }
+        self.dead_letter(d, error)?;
+        Ok(true)
+    }
+
+    /// Moves the delivery's job to the dead letters with `error` and acknowledges it.
+    pub fn dead_letter(&mut self, d: &Delivery, error: &str) -> Result<()> {
+        self.count("dead")?;
         let mut c = redis::cmd("XADD");
         c.arg(self.dead())
             .arg("*")
@@ -314,8 +463,7 @@ impl Broker {
             .arg("error")
             .arg(error);
         self.query(&c)?;
-        self.ack(&d.entry)?;
-        Ok(true)
+        self.ack(&d.entry)
     }
 
     fn ack(&mut self, entry: &str) -> Result<()> {
@@ -460,6 +608,66 @@ impl Broker {
             .into_iter()
             .map(|(id, f)| (id, field(&f, "event").unwrap_or_default()))
             .collect())
+    }
+
+    /// The events of several jobs after the last id seen of each (`"0"` for all), waiting up
+    /// to `block` for the first: (job id, event id, event) in order per job.
+    pub fn events_of(
+        &mut self,
+        after: &[(String, String)],
+        block: Duration,
+    ) -> Result<Vec<(String, String, String)>> {
+        if after.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut c = redis::cmd("XREAD");
+        c.arg("BLOCK")
+            .arg(block.as_millis().max(1) as u64)
+            .arg("STREAMS");
+        for (job, _) in after {
+            c.arg(self.events_key(job));
+        }
+        for (_, id) in after {
+            c.arg(id);
+        }
+        let prefix = self.events_key("");
+        let streams: Vec<Value> = match self.query(&c)? {
+            Value::Array(s) => s,
+            Value::Map(m) => m
+                .into_iter()
+                .map(|(k, v)| Value::Array(vec![k, v]))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let mut out = Vec::new();
+        for s in &streams {
+            let Value::Array(pair) = s else { continue };
+            let (Some(key), Some(list)) = (pair.first().and_then(text), pair.get(1)) else {
+                continue;
+            };
+            let job = key.strip_prefix(&prefix).unwrap_or(&key).to_string();
+            for (id, f) in entries(list) {
+                out.push((job.clone(), id, field(&f, "event").unwrap_or_default()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Lets a finished job's event stream lapse after `ttl` (a late reader still finds it).
+    pub fn expire_events(&mut self, job_id: &str, ttl: Duration) -> Result<()> {
+        let mut c = redis::cmd("PEXPIRE");
+        c.arg(self.events_key(job_id))
+            .arg(ttl.as_millis().max(1) as u64);
+        self.query(&c)?;
+        Ok(())
+    }
+
+    /// A worker's heartbeat removed: it stopped cleanly and serves no more.
+    pub fn retire(&mut self, name: &str) -> Result<()> {
+        let mut c = redis::cmd("DEL");
+        c.arg(self.worker_key(name));
+        self.query(&c)?;
+        Ok(())
     }
 
     /// Asks whichever worker runs `job_id` to stop (it checks between steps); the request

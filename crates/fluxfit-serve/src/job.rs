@@ -176,7 +176,7 @@ fn default_mode() -> Mode {
 }
 
 /// What the server knows of its model when it checks a job.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelInfo {
     pub name: String,
     pub variant: Variant,
@@ -188,6 +188,40 @@ pub struct ModelInfo {
     pub max_side: usize,
     /// The LoRAs the model was loaded with: file name, scale, short hash.
     pub loras: Vec<(String, f64, String)>,
+}
+
+impl ModelInfo {
+    /// A loaded model as jobs are checked against it: `max_side` and the defaults of
+    /// `--steps`/`--guidance` (else the variant's).
+    pub fn of(
+        model: &fluxfit::pipeline::Model,
+        max_side: usize,
+        default_steps: Option<usize>,
+        default_guidance: Option<f32>,
+    ) -> Self {
+        let tiny = model.name.starts_with("tiny");
+        let v = model.variant;
+        ModelInfo {
+            loras: model
+                .loras
+                .iter()
+                .map(|l| {
+                    let name = l.path.file_name().map_or_else(
+                        || l.path.display().to_string(),
+                        |n| n.to_string_lossy().into_owned(),
+                    );
+                    (name, l.scale, l.hash.clone())
+                })
+                .collect(),
+            name: model.name.clone(),
+            variant: v,
+            default_size: if tiny { (256, 256) } else { (1024, 1024) },
+            default_steps: default_steps.unwrap_or(v.default_steps()),
+            default_guidance: default_guidance.unwrap_or(v.default_guidance()),
+            t5_tokens: v.t5_tokens(),
+            max_side,
+        }
+    }
 }
 
 /// Limits on uploaded images.
@@ -227,6 +261,32 @@ pub enum Input {
 }
 
 impl Work {
+    /// What the job asks of a worker's memory: its kind of input and its image tokens (a
+    /// 16×16-pixel patch each; for an edit, the output's and the conditioning image's
+    /// together; for regions, one region's), compared with what a worker advertises.
+    pub fn demand(&self) -> (crate::wire::FitKind, usize) {
+        use crate::wire::FitKind;
+        let t = |w: usize, h: usize| (w / 16) * (h / 16);
+        let out = t(self.req.width, self.req.height);
+        match &self.input {
+            Input::None => (FitKind::Text, out),
+            Input::Regions { grid, refine, .. } => {
+                let r = grid.first().map_or(out, |g| t(g.w, g.h));
+                let kind = if refine.is_some() {
+                    FitKind::Image
+                } else {
+                    FitKind::Text
+                };
+                (kind, r)
+            }
+            Input::Edit(c) => {
+                let d = c.dims();
+                (FitKind::Edit, out + t(d[3], d[2]))
+            }
+            _ => (FitKind::Image, out),
+        }
+    }
+
     /// Whether an image is encoded in the encode phase, and the conditioning image's size
     /// where it is not the output's: what the planner needs to know.
     pub fn shape(&self) -> (bool, Option<(usize, usize)>) {

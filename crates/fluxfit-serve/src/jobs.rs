@@ -72,6 +72,8 @@ pub struct JobState {
 
 pub struct Job {
     pub id: String,
+    /// Run by a worker through the broker, not by this server's runner.
+    pub remote: bool,
     pub mode: Mode,
     /// The request as submitted (without its images), for `GET /v1/jobs/{id}`.
     pub params: serde_json::Value,
@@ -151,6 +153,10 @@ struct Queue {
     /// Finished jobs, oldest first: forgotten beyond [`KEEP_FINISHED`] (their images stay).
     finished: VecDeque<String>,
     running: Option<Arc<Job>>,
+    /// Jobs on the broker, not finished yet (`--broker`), oldest first.
+    remote: Vec<Arc<Job>>,
+    /// Cancellations of remote jobs for the broker to pass on: (job id, reason).
+    cancels: Vec<(String, String)>,
     accepting: bool,
 }
 
@@ -178,6 +184,8 @@ impl Jobs {
                 all: HashMap::new(),
                 finished: VecDeque::new(),
                 running: None,
+                remote: Vec::new(),
+                cancels: Vec::new(),
                 accepting: true,
             }),
             wake: Condvar::new(),
@@ -214,12 +222,17 @@ impl Jobs {
         if let Some(j) = &q.running {
             out.push(j.view(None));
         }
+        for j in &q.remote {
+            out.push(j.view(None));
+        }
         for (i, j) in q.waiting.iter().enumerate() {
             out.push(j.view(Some(i + 1)));
         }
         for id in q.finished.iter().rev() {
             if let Some(j) = q.all.get(id) {
-                if q.running.as_ref().is_none_or(|r| r.id != j.id) {
+                if q.running.as_ref().is_none_or(|r| r.id != j.id)
+                    && !q.remote.iter().any(|r| r.id == j.id)
+                {
                     out.push(j.view(None));
                 }
             }
@@ -259,33 +272,11 @@ impl Jobs {
             e.retry_after = Some(self.retry_after.load(Ordering::Relaxed));
             return Err(e);
         }
-        let created = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
         let mut out = Vec::with_capacity(works.len());
         for (mode, params, work) in works {
-            let n = self.next.fetch_add(1, Ordering::Relaxed);
-            let id = format!("{}-{:04x}-{n:04}", crate::names::stamp(), self.run);
-            let job = Arc::new(Job {
-                id: id.clone(),
-                mode,
-                params,
-                created,
-                state: Mutex::new(JobState {
-                    status: Status::Queued,
-                    step: 0,
-                    total: work.req.steps,
-                    events: Vec::new(),
-                    image: None,
-                    error: None,
-                    work: Some(work),
-                    watch: None,
-                    started: None,
-                    seconds: None,
-                    peak_bytes: None,
-                }),
-                changed: tokio::sync::watch::channel(0).0,
-            });
+            let total = work.req.steps;
+            let job = self.new_job(mode, params, total, Some(work));
+            let id = job.id.clone();
             job.push(
                 "queued",
                 serde_json::json!({ "position": q.waiting.len() + 1 }),
@@ -299,6 +290,100 @@ impl Jobs {
         Ok(out)
     }
 
+    fn new_job(
+        &self,
+        mode: Mode,
+        params: serde_json::Value,
+        total: usize,
+        work: Option<Work>,
+    ) -> Arc<Job> {
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        Arc::new(Job {
+            id: format!("{}-{:04x}-{n:04}", crate::names::stamp(), self.run),
+            remote: work.is_none(),
+            mode,
+            params,
+            created,
+            state: Mutex::new(JobState {
+                status: Status::Queued,
+                step: 0,
+                total,
+                events: Vec::new(),
+                image: None,
+                error: None,
+                work,
+                watch: None,
+                started: None,
+                seconds: None,
+                peak_bytes: None,
+            }),
+            changed: tokio::sync::watch::channel(0).0,
+        })
+    }
+
+    /// Records `n` jobs that workers will run (`--broker`), or none: the queue's capacity
+    /// bounds the jobs in flight on the broker. `works` are (mode, params, steps).
+    pub fn submit_remote(
+        &self,
+        works: Vec<(Mode, serde_json::Value, usize)>,
+    ) -> Result<Vec<Arc<Job>>, ApiError> {
+        let mut q = self.lock();
+        if !q.accepting {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server is stopping and takes no new jobs",
+            ));
+        }
+        if q.remote.len() + works.len() > self.capacity {
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "{} of {} jobs are in flight on the workers; retry later",
+                    q.remote.len(),
+                    self.capacity
+                ),
+            );
+            e.retry_after = Some(self.retry_after.load(Ordering::Relaxed));
+            return Err(e);
+        }
+        let mut out = Vec::with_capacity(works.len());
+        for (mode, params, total) in works {
+            let job = self.new_job(mode, params, total, None);
+            q.remote.push(job.clone());
+            q.all.insert(job.id.clone(), job.clone());
+            out.push(job);
+        }
+        Ok(out)
+    }
+
+    /// A remote job has ended (or will no longer be followed).
+    pub fn finished_remote(&self, job: &Arc<Job>) {
+        let mut q = self.lock();
+        if let Some(i) = q.remote.iter().position(|j| j.id == job.id) {
+            q.remote.remove(i);
+            remember(&mut q, &job.id);
+        }
+    }
+
+    /// Remote jobs in flight: (queued on the broker, running on a worker).
+    pub fn remote_depth(&self) -> (usize, usize) {
+        let q = self.lock();
+        let running = q
+            .remote
+            .iter()
+            .filter(|j| j.state().status == Status::Running)
+            .count();
+        (q.remote.len() - running, running)
+    }
+
+    /// The cancellations of remote jobs asked since the last call, for the broker.
+    pub fn take_cancels(&self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.lock().cancels)
+    }
+
     pub fn get(&self, id: &str) -> Option<(Arc<Job>, Option<usize>)> {
         let q = self.lock();
         let job = q.all.get(id)?.clone();
@@ -310,6 +395,28 @@ impl Jobs {
     /// step in progress. Returns false when the job had already finished.
     pub fn cancel(&self, job: &Arc<Job>, why: &str) -> bool {
         let mut q = self.lock();
+        if job.remote {
+            if job.state().status.is_final() {
+                return false;
+            }
+            // The worker that runs it (or will be handed it) is told through the broker; one
+            // not started yet ends now.
+            q.cancels.push((job.id.clone(), why.to_string()));
+            let queued = job.state().status == Status::Queued;
+            if queued {
+                if let Some(i) = q.remote.iter().position(|j| j.id == job.id) {
+                    q.remote.remove(i);
+                    remember(&mut q, &job.id);
+                }
+                drop(q);
+                self.metrics.outcome(Status::Cancelled);
+                job.finish(
+                    Status::Cancelled,
+                    serde_json::json!({ "reason": why, "step": 0 }),
+                );
+            }
+            return true;
+        }
         if let Some(i) = q.waiting.iter().position(|j| j.id == job.id) {
             q.waiting.remove(i);
             remember(&mut q, &job.id);

@@ -19,7 +19,10 @@ pub mod job;
 pub mod jobs;
 pub mod metrics;
 pub mod names;
+pub mod remote;
 pub mod runner;
+pub mod wire;
+pub mod worker;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fluxfit::pipeline::Model;
-use fluxfit::planner::{Budget, DeviceProfile, ModelSpec};
+use fluxfit::planner::Budget;
 
 use crate::job::{ImageLimits, ModelInfo};
 use crate::jobs::Jobs;
@@ -109,13 +112,29 @@ pub struct Server {
     stop_http: Option<tokio::sync::oneshot::Sender<()>>,
     http: Option<tokio::task::JoinHandle<()>>,
     runner: Option<std::thread::JoinHandle<()>>,
+    /// Behind a broker: the watcher and collector.
+    remote: Option<Arc<remote::Remote>>,
     jobs: Arc<Jobs>,
     grace: Duration,
+}
+
+/// Who runs a server's jobs, before the server starts.
+pub enum Runs {
+    /// The server's own model.
+    Model(Box<Model>),
+    /// Workers behind a broker (`--broker`): the server loads no model.
+    Broker(broker::BrokerConfig),
 }
 
 impl Server {
     /// Binds, starts the runner with `model`, and serves until [`Server::shutdown`].
     pub fn start(model: Model, config: Config) -> Result<Self, ServeError> {
+        Self::start_with(Runs::Model(Box::new(model)), config)
+    }
+
+    /// Binds, starts what runs the jobs (the runner with a model, or the broker's watcher
+    /// and collector), and serves until [`Server::shutdown`].
+    pub fn start_with(runs: Runs, config: Config) -> Result<Self, ServeError> {
         if let Some(k) = &config.api_key {
             if k.is_empty() || k.trim() != k {
                 return Err(ServeError::Other(
@@ -138,52 +157,60 @@ impl Server {
         })?;
         let _ = std::fs::remove_file(&probe);
 
-        let tiny = model.name.starts_with("tiny");
-        let v = model.variant;
-        let info = ModelInfo {
-            loras: model
-                .loras
-                .iter()
-                .map(|l| {
-                    let name = l.path.file_name().map_or_else(
-                        || l.path.display().to_string(),
-                        |n| n.to_string_lossy().into_owned(),
-                    );
-                    (name, l.scale, l.hash.clone())
-                })
-                .collect(),
-            name: model.name.clone(),
-            variant: v,
-            default_size: if tiny { (256, 256) } else { (1024, 1024) },
-            default_steps: config.default_steps.unwrap_or(v.default_steps()),
-            default_guidance: config.default_guidance.unwrap_or(v.default_guidance()),
-            t5_tokens: v.t5_tokens(),
-            max_side: config.max_side,
-        };
-        let planning = Planning {
-            spec: ModelSpec::from_model(&model),
-            device: DeviceProfile::for_device(model.device()),
-            budget: config.budget,
-            dtype: model.dtype(),
-            attn_chunk: model.plan().attn_chunk,
-            vae_tile: config.vae_tile,
-        };
         let metrics = Arc::new(Metrics::default());
         let jobs = Arc::new(Jobs::new(config.queue, metrics.clone()));
+        let (backend, runner) = match runs {
+            Runs::Model(model) => {
+                let model = *model;
+                let info = ModelInfo::of(
+                    &model,
+                    config.max_side,
+                    config.default_steps,
+                    config.default_guidance,
+                );
+                let planning = Planning::of(&model, config.budget, config.vae_tile);
+                let backend = http::Backend::Local(Box::new(http::LocalModel {
+                    info,
+                    planning: planning.clone(),
+                    plan_spec: model.plan().spec(),
+                }));
+                let runner = Runner {
+                    model,
+                    jobs: jobs.clone(),
+                    metrics: metrics.clone(),
+                    planning,
+                    output_dir: config.output_dir.clone(),
+                    preview_every: config.preview_every,
+                };
+                (backend, Some(runner))
+            }
+            Runs::Broker(cfg) => {
+                let remote = remote::Remote::start(
+                    cfg,
+                    jobs.clone(),
+                    metrics.clone(),
+                    config.output_dir.clone(),
+                )
+                .map_err(|e| ServeError::Other(format!("--broker: {e}")))?;
+                (http::Backend::Broker(remote), None)
+            }
+        };
         let app = Arc::new(http::App {
             jobs: jobs.clone(),
             metrics: metrics.clone(),
-            info,
-            planning: planning.clone(),
+            backend,
             output_dir: config.output_dir.clone(),
             api_key: config.api_key.clone(),
             limits: ImageLimits {
                 max_side: config.max_side as u32 * 2,
                 max_decoded_bytes: 1 << 30,
             },
-            plan_spec: model.plan().spec(),
             preparing: tokio::sync::Semaphore::new(2),
         });
+        let remote = match &app.backend {
+            http::Backend::Broker(r) => Some(r.clone()),
+            http::Backend::Local(_) => None,
+        };
 
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -201,18 +228,15 @@ impl Server {
             addr: config.listen,
             error,
         })?;
-        let runner = Runner {
-            model,
-            jobs: jobs.clone(),
-            metrics,
-            planning,
-            output_dir: config.output_dir.clone(),
-            preview_every: config.preview_every,
+        let runner = match runner {
+            Some(runner) => Some(
+                std::thread::Builder::new()
+                    .name("fluxfit-runner".into())
+                    .spawn(move || runner.run())
+                    .map_err(|e| ServeError::Other(format!("starting the runner: {e}")))?,
+            ),
+            None => None,
         };
-        let runner = std::thread::Builder::new()
-            .name("fluxfit-runner".into())
-            .spawn(move || runner.run())
-            .map_err(|e| ServeError::Other(format!("starting the runner: {e}")))?;
         let (stop_http, stopped) = tokio::sync::oneshot::channel::<()>();
         let router = http::router(app, config.max_upload, config.body_timeout);
         let header_timeout = config.header_timeout;
@@ -227,7 +251,8 @@ impl Server {
             runtime,
             stop_http: Some(stop_http),
             http: Some(http),
-            runner: Some(runner),
+            runner,
+            remote,
             jobs,
             grace: config.grace,
         })
@@ -253,6 +278,15 @@ impl Server {
     /// finished before is on disk whole.
     pub fn shutdown(mut self) {
         let running = self.jobs.stop();
+        if let Some(remote) = self.remote.take() {
+            // Jobs on workers go on there; their results are collected while the grace
+            // period lasts, and stay in the broker after it.
+            let deadline = Instant::now() + self.grace;
+            while self.jobs.remote_depth() != (0, 0) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            remote.stop();
+        }
         if let Some(runner) = self.runner.take() {
             let deadline = Instant::now() + self.grace;
             while !runner.is_finished() && Instant::now() < deadline {
@@ -286,7 +320,7 @@ impl Server {
     }
 }
 
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     #[cfg(unix)]
     {
         let mut term =

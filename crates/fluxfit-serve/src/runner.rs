@@ -1,8 +1,9 @@
 //! The one thread that computes: it owns the model, takes jobs from the queue one at a time,
 //! lets the planner pick each job's plan (size and mode change it), runs the job with a
 //! [`Watch`] for cancellation and previews, and writes the image with the CLI's metadata.
+//! [`execute`] is that run alone, shared with `fluxfit worker` ([`crate::worker`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -36,6 +37,19 @@ pub struct Planning {
 }
 
 impl Planning {
+    /// How jobs on `model` are planned: under `budget` when there is one, with `--vae-tile`'s
+    /// tile kept over the planner's.
+    pub fn of(model: &Model, budget: Option<Budget>, vae_tile: Option<usize>) -> Self {
+        Self {
+            spec: ModelSpec::from_model(model),
+            device: DeviceProfile::for_device(model.device()),
+            budget,
+            dtype: model.dtype(),
+            attn_chunk: model.plan().attn_chunk,
+            vae_tile,
+        }
+    }
+
     /// Under a budget, the fastest plan that fits `w` (an error naming the nearest
     /// alternatives when none does); without one, `None`: the model keeps its plan.
     pub fn choose(&self, w: &Work) -> fluxfit::Result<Option<Plan>> {
@@ -129,120 +143,189 @@ impl Runner {
             s.watch = Some(watch.clone());
             (work, watch)
         };
-        if let Err(e) = self.plan_for(&work) {
-            let message = format!("{e:#}");
-            job.state().error = Some(message.clone());
-            self.metrics.outcome(Status::Failed);
-            job.finish(Status::Failed, serde_json::json!({ "error": message }));
-            return;
-        }
-        job.push(
-            "started",
-            serde_json::json!({ "plan": self.model.plan().spec(), "width": work.req.width,
-                                "height": work.req.height, "steps": work.req.steps,
-                                "seed": work.req.seed }),
-        );
         self.model.set_watch(Some(watch));
-        let started = Instant::now();
-        let mut last = started;
+        let mut last = Instant::now();
         let metrics = self.metrics.clone();
-        let mut on_event = |e: Event| match e {
-            Event::Phase(p) => job.push("phase", serde_json::json!({ "phase": p.name() })),
-            Event::Step { step, total } => {
+        let mut report = |kind: &'static str, data: serde_json::Value| {
+            if kind == "step" {
                 let now = Instant::now();
                 metrics.step(now.duration_since(last).as_secs_f64());
                 last = now;
-                let per_step = started.elapsed().as_secs_f64() / step as f64;
-                {
-                    let mut s = job.state();
-                    s.step = step;
-                    s.total = total;
-                }
-                job.push(
-                    "step",
-                    serde_json::json!({
-                        "step": step, "total": total,
-                        "rate": 1.0 / per_step.max(1e-9),
-                        "eta_s": per_step * (total - step) as f64,
-                    }),
-                );
+                let mut s = job.state();
+                s.step = data["step"].as_u64().unwrap_or(0) as usize;
+                s.total = data["total"].as_u64().unwrap_or(0) as usize;
             }
+            job.push(kind, data);
         };
-        let result = run_mode(&self.model, &mut work, &mut on_event);
+        let outcome = execute(
+            &mut self.model,
+            &self.planning,
+            &mut work,
+            &job.id,
+            &mut report,
+        );
         self.model.set_watch(None);
-        match result.and_then(|g| self.write(job, &work, &g).map(|r| (r, g))) {
-            Ok((image, g)) => {
-                let seconds = job.state().started.map(|t| t.elapsed().as_secs_f64());
-                self.metrics.peak(g.peak as u64);
-                if let Some(s) = seconds {
-                    self.jobs.set_retry_after(s.ceil() as u64);
+        match outcome {
+            Outcome::Done(made) => match save_png(&self.output_dir, &job.id, &made.png) {
+                Ok(name) => {
+                    let seconds = job.state().started.map(|t| t.elapsed().as_secs_f64());
+                    if let Some(s) = seconds {
+                        self.jobs.set_retry_after(s.ceil() as u64);
+                    }
+                    finish_done(job, &self.metrics, made.image_ref(name), made.peak, seconds);
                 }
-                {
-                    let mut s = job.state();
-                    s.image = Some(image.clone());
-                    s.peak_bytes = Some(g.peak as u64);
-                }
-                // Counted first: a client that sees the result then finds it in /metrics.
-                self.metrics.outcome(Status::Done);
-                job.finish(
-                    Status::Done,
-                    serde_json::json!({ "image": image, "seconds": seconds,
-                                        "peak_bytes": g.peak }),
-                );
-            }
-            Err(fluxfit::Error::Cancelled { step, total }) => {
+                Err(e) => finish_failed(job, &self.metrics, e.to_string()),
+            },
+            Outcome::Cancelled { step, total } => {
                 self.metrics.outcome(Status::Cancelled);
                 job.finish(
                     Status::Cancelled,
                     serde_json::json!({ "reason": "cancelled", "step": step, "total": total }),
                 );
             }
-            Err(e) => {
-                let message = e.to_string();
-                job.state().error = Some(message.clone());
-                self.metrics.outcome(Status::Failed);
-                job.finish(Status::Failed, serde_json::json!({ "error": message }));
-            }
+            Outcome::Failed(message) => finish_failed(job, &self.metrics, message),
         }
     }
+}
 
-    /// Under a budget, the fastest plan that fits this job.
-    fn plan_for(&mut self, work: &Work) -> fluxfit::Result<()> {
-        if let Some(plan) = self.planning.choose(work)? {
-            if plan.spec() != self.model.plan().spec() {
-                self.model.set_plan(plan);
-            }
-        }
-        Ok(())
+/// Ends `job` with its image: counted first, so a client that sees the result then finds it
+/// in `/metrics`.
+pub fn finish_done(
+    job: &Job,
+    metrics: &Metrics,
+    image: ImageRef,
+    peak: usize,
+    seconds: Option<f64>,
+) {
+    metrics.peak(peak as u64);
+    {
+        let mut s = job.state();
+        s.image = Some(image.clone());
+        s.peak_bytes = Some(peak as u64);
     }
+    metrics.outcome(Status::Done);
+    job.finish(
+        Status::Done,
+        serde_json::json!({ "image": image, "seconds": seconds, "peak_bytes": peak }),
+    );
+}
 
-    /// Writes the image (never replacing a file) with the CLI's metadata.
-    fn write(&self, job: &Job, work: &Work, g: &Made) -> fluxfit::Result<ImageRef> {
-        let rgb = to_rgb8(&g.image)?;
-        let mut meta = fluxfit::pipeline::metadata::metadata(&self.model, &work.req);
-        meta.extend(work.meta.iter().cloned());
-        meta.push(("job".into(), job.id.clone()));
-        let bytes = encode(&rgb, Format::Png, &meta)?;
-        // The id is unique to this server's run; another process writing into the same
-        // folder could still take the name, so the next free one is used then.
-        let mut name = format!("{}.png", job.id);
-        let mut n = 0;
-        loop {
-            match write_new(&self.output_dir.join(&name), &bytes) {
-                Err(_) if n < 100 && self.output_dir.join(&name).exists() => {
-                    n += 1;
-                    name = format!("{}-{n}.png", job.id);
-                }
-                other => break other?,
-            }
-        }
-        Ok(ImageRef {
+/// Ends `job` with an error.
+pub fn finish_failed(job: &Job, metrics: &Metrics, message: String) {
+    job.state().error = Some(message.clone());
+    metrics.outcome(Status::Failed);
+    job.finish(Status::Failed, serde_json::json!({ "error": message }));
+}
+
+/// How one run of a job ended.
+pub enum Outcome {
+    Done(Encoded),
+    Cancelled { step: usize, total: usize },
+    Failed(String),
+}
+
+/// A finished job's image, encoded as the PNG the CLI writes (its metadata and the job id).
+pub struct Encoded {
+    pub png: Vec<u8>,
+    pub width: usize,
+    pub height: usize,
+    pub seed: u64,
+    /// Peak device memory of the run.
+    pub peak: usize,
+}
+
+impl Encoded {
+    /// The image as the API shows it, once written as `name`.
+    pub fn image_ref(&self, name: String) -> ImageRef {
+        ImageRef {
             url: format!("/v1/images/{name}"),
             name,
+            width: self.width,
+            height: self.height,
+            seed: self.seed,
+        }
+    }
+}
+
+/// Runs one checked job on `model`, wherever it was submitted: the plan the planner picks for
+/// it under `planning`'s budget, then its mode, telling `report` each event (`started`,
+/// `phase`, `step`), then the PNG with the CLI's metadata and the job id. The caller sets the
+/// model's [`Watch`] (cancellation, previews) around it. The server's runner and
+/// `fluxfit worker` both run jobs through here, so they give the same image.
+pub fn execute(
+    model: &mut Model,
+    planning: &Planning,
+    work: &mut Work,
+    job_id: &str,
+    report: &mut dyn FnMut(&'static str, serde_json::Value),
+) -> Outcome {
+    match planning.choose(work) {
+        Ok(Some(plan)) if plan.spec() != model.plan().spec() => model.set_plan(plan),
+        Ok(_) => {}
+        Err(e) => return Outcome::Failed(format!("{e:#}")),
+    }
+    report(
+        "started",
+        serde_json::json!({ "plan": model.plan().spec(), "width": work.req.width,
+                            "height": work.req.height, "steps": work.req.steps,
+                            "seed": work.req.seed }),
+    );
+    let started = Instant::now();
+    let mut on_event = |e: Event| match e {
+        Event::Phase(p) => report("phase", serde_json::json!({ "phase": p.name() })),
+        Event::Step { step, total } => {
+            let per_step = started.elapsed().as_secs_f64() / step as f64;
+            report(
+                "step",
+                serde_json::json!({
+                    "step": step, "total": total,
+                    "rate": 1.0 / per_step.max(1e-9),
+                    "eta_s": per_step * (total - step) as f64,
+                }),
+            );
+        }
+    };
+    let made = match run_mode(model, work, &mut on_event) {
+        Ok(m) => m,
+        Err(fluxfit::Error::Cancelled { step, total }) => {
+            return Outcome::Cancelled { step, total }
+        }
+        Err(e) => return Outcome::Failed(e.to_string()),
+    };
+    let encoded = (|| {
+        let rgb = to_rgb8(&made.image)?;
+        let mut meta = fluxfit::pipeline::metadata::metadata(model, &work.req);
+        meta.extend(work.meta.iter().cloned());
+        meta.push(("job".into(), job_id.to_string()));
+        let png = encode(&rgb, Format::Png, &meta)?;
+        Ok::<_, fluxfit::Error>(Encoded {
+            png,
             width: rgb.width,
             height: rgb.height,
             seed: work.req.seed,
+            peak: made.peak,
         })
+    })();
+    match encoded {
+        Ok(e) => Outcome::Done(e),
+        Err(e) => Outcome::Failed(e.to_string()),
+    }
+}
+
+/// Writes a job's PNG into `dir` as `{job id}.png`, never replacing a file; returns the name.
+/// The id is unique to a server's run; another process writing into the same folder could
+/// still take the name, so the next free one is used then.
+pub fn save_png(dir: &Path, job_id: &str, bytes: &[u8]) -> fluxfit::Result<String> {
+    let mut name = format!("{job_id}.png");
+    let mut n = 0;
+    loop {
+        match write_new(&dir.join(&name), bytes) {
+            Err(_) if n < 100 && dir.join(&name).exists() => {
+                n += 1;
+                name = format!("{job_id}-{n}.png");
+            }
+            other => break other.map(|()| name),
+        }
     }
 }
 
@@ -301,7 +384,7 @@ fn run_mode(
     }
 }
 
-fn preview_event(p: &Preview) -> serde_json::Value {
+pub fn preview_event(p: &Preview) -> serde_json::Value {
     let png = encode(&p.image, Format::Png, &[]).unwrap_or_default();
     serde_json::json!({
         "step": p.step,

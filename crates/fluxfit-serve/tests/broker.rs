@@ -1,4 +1,4 @@
-//! The job stream against a real Redis (`redis-server`, started here on a free port in a
+//! The job stream against a real Redis (`redis-server`, started here on a Unix socket in a
 //! temporary folder): every job completes once, a worker that dies mid-job loses nothing,
 //! repeated failures are dead-lettered, and accepted jobs survive a Redis restart.
 //!
@@ -6,88 +6,12 @@
 //! (as CI sets), where they fail.
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fluxfit_serve::broker::{Broker, BrokerConfig};
 
-struct Redis {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Redis {
-    /// A redis-server on a Unix socket in `dir` (no port to race for between tests), with
-    /// append-only persistence there, or None where there is no redis-server.
-    fn start(dir: &Path) -> Option<Self> {
-        let socket = dir.join("redis.sock");
-        let child = Command::new("redis-server")
-            .args(["--port", "0", "--unixsocket"])
-            .arg(&socket)
-            .args([
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-            ])
-            .arg("--dir")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let child = match child {
-            Ok(c) => c,
-            Err(e) => {
-                assert!(
-                    std::env::var("FLUXFIT_REQUIRE_REDIS").as_deref() != Ok("1"),
-                    "redis-server is required (FLUXFIT_REQUIRE_REDIS=1) but cannot start: {e}"
-                );
-                eprintln!("no redis-server here ({e}): skipped");
-                return None;
-            }
-        };
-        let r = Self { child, socket };
-        let start = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&r.socket).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(r)
-    }
-
-    fn cfg(&self, visibility_ms: u64) -> BrokerConfig {
-        BrokerConfig {
-            visibility: Duration::from_millis(visibility_ms),
-            max_deliveries: 3,
-            ..BrokerConfig::new(format!("redis+unix://{}", self.socket.display()))
-        }
-    }
-
-    fn stop(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A Redis of its own in a new temporary folder (None: skipped, see the module doc).
-fn fresh_redis() -> Option<(tempfile::TempDir, Redis)> {
-    let dir = tempfile::tempdir().unwrap();
-    let redis = Redis::start(dir.path())?;
-    Some((dir, redis))
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+mod redis_server;
+use redis_server::{fresh_redis, Redis};
 
 const NONE: Duration = Duration::from_millis(50);
 

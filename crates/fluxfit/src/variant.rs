@@ -3,7 +3,7 @@
 use crate::error::{Error, Result};
 use crate::model::flow::FlowConfig;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Variant {
     Schnell,
     Dev,

@@ -10,7 +10,7 @@ use fluxfit::planner::report::PlanView;
 use fluxfit::planner::{candidates, Budget, Row, Workload};
 use serde::Deserialize;
 
-use super::{png_response, AppState};
+use super::{png_response, AppState, Backend, LocalModel};
 use crate::error::ApiError;
 use crate::gallery;
 use crate::names::is_image_name;
@@ -20,17 +20,26 @@ pub async fn healthz() -> Json<serde_json::Value> {
 }
 
 pub async fn metrics(State(app): AppState) -> Response {
-    let (queued, running) = app.jobs.depth();
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        app.metrics.render(queued, running, app.jobs.capacity()),
-    )
-        .into_response()
+    let text = match &app.backend {
+        Backend::Local(_) => {
+            let (queued, running) = app.jobs.depth();
+            app.metrics.render(queued, running, app.jobs.capacity())
+        }
+        Backend::Broker(r) => {
+            let (queued, running) = app.jobs.remote_depth();
+            app.metrics.render(queued, running > 0, app.jobs.capacity()) + &r.render_metrics()
+        }
+    };
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 pub async fn info(State(app): AppState) -> Json<serde_json::Value> {
+    let m = match &app.backend {
+        Backend::Local(m) => m,
+        Backend::Broker(r) => return Json(broker_info(&app, r)),
+    };
     let (queued, running) = app.jobs.depth();
-    let i = &app.info;
+    let i = &m.info;
     Json(serde_json::json!({
         "model": i.name,
         "variant": i.variant.name(),
@@ -43,11 +52,56 @@ pub async fn info(State(app): AppState) -> Json<serde_json::Value> {
             "steps": i.default_steps, "guidance": i.default_guidance,
         },
         "max_side": i.max_side,
-        "device": app.planning.device.name,
-        "budget": app.planning.budget.map(|b| b.bytes),
+        "device": m.planning.device.name,
+        "budget": m.planning.budget.map(|b| b.bytes),
         "queue": { "waiting": queued, "running": running, "capacity": app.jobs.capacity() },
         "version": fluxfit::version(),
     }))
+}
+
+/// `/v1/info` behind a broker: the first live worker's model as the one model of a single
+/// server (what the web UI reads), the modes of every live pool, and the workers.
+fn broker_info(app: &super::App, r: &crate::remote::Remote) -> serde_json::Value {
+    let live = r.live();
+    let (queued, running) = app.jobs.remote_depth();
+    let mut all_modes: Vec<&str> = Vec::new();
+    for a in &live {
+        for m in modes(a.model.variant) {
+            if !all_modes.contains(&m) {
+                all_modes.push(m);
+            }
+        }
+    }
+    let workers: Vec<_> = live
+        .iter()
+        .map(|a| {
+            serde_json::json!({
+                "name": a.name, "pool": a.pool, "model": a.model.name,
+                "variant": a.model.variant.name(), "device": a.device, "budget": a.budget,
+                "fits": a.fits, "busy": a.busy, "done": a.done,
+            })
+        })
+        .collect();
+    let first = live.first();
+    serde_json::json!({
+        "model": first.map(|a| a.model.name.clone()),
+        "variant": first.map(|a| a.model.variant.name()),
+        "modes": all_modes,
+        "loras": first.map_or_else(Vec::new, |a| a.model.loras.iter().map(|(name, scale, hash)| {
+            serde_json::json!({ "file": name, "scale": scale, "hash": hash })
+        }).collect::<Vec<_>>()),
+        "defaults": first.map(|a| serde_json::json!({
+            "width": a.model.default_size.0, "height": a.model.default_size.1,
+            "steps": a.model.default_steps, "guidance": a.model.default_guidance,
+        })),
+        "max_side": first.map(|a| a.model.max_side),
+        "device": null,
+        "budget": null,
+        "broker": true,
+        "workers": workers,
+        "queue": { "waiting": queued, "running": running, "capacity": app.jobs.capacity() },
+        "version": fluxfit::version(),
+    })
 }
 
 /// The modes this model runs.
@@ -61,12 +115,18 @@ fn modes(v: fluxfit::variant::Variant) -> Vec<&'static str> {
     }
 }
 
-/// OpenAI's model list: the one model this server runs.
+/// OpenAI's model list: the one model this server runs, or the live workers' models.
 pub async fn models(State(app): AppState) -> Json<serde_json::Value> {
-    Json(serde_json::json!({
-        "object": "list",
-        "data": [{ "id": app.info.name, "object": "model", "owned_by": "fluxfit" }],
-    }))
+    let mut names: Vec<String> = match &app.backend {
+        Backend::Local(m) => vec![m.info.name.clone()],
+        Backend::Broker(r) => r.live().into_iter().map(|a| a.model.name).collect(),
+    };
+    names.dedup();
+    let data: Vec<_> = names
+        .iter()
+        .map(|n| serde_json::json!({ "id": n, "object": "model", "owned_by": "fluxfit" }))
+        .collect();
+    Json(serde_json::json!({ "object": "list", "data": data }))
 }
 
 #[derive(Deserialize)]
@@ -84,7 +144,7 @@ pub struct PlanQuery {
     format: Option<String>,
 }
 
-fn row_json(r: &Row, budget: Option<Budget>, app: &super::App) -> serde_json::Value {
+fn row_json(r: &Row, budget: Option<Budget>, m: &LocalModel) -> serde_json::Value {
     serde_json::json!({
         "label": r.prediction.label,
         "spec": r.prediction.spec,
@@ -93,15 +153,21 @@ fn row_json(r: &Row, budget: Option<Budget>, app: &super::App) -> serde_json::Va
         "warm_time_s": r.prediction.warm_time_s,
         "relative": r.relative,
         "needs": r.needs,
-        "fits": budget.map(|b| b.fits(&r.prediction, &app.planning.device)),
+        "fits": budget.map(|b| b.fits(&r.prediction, &m.planning.device)),
     })
 }
 
 /// The planner's table for a request: every plan's predicted peak and time, the one picked
 /// for the budget, and the plan the server would run it with.
 pub async fn plan(State(app): AppState, Query(q): Query<PlanQuery>) -> Result<Response, ApiError> {
-    let p = &app.planning;
-    let max = app.info.max_side;
+    let Backend::Local(m) = &app.backend else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "this server runs no model (--broker): each worker plans its own jobs; `fluxfit plan` with a worker's model flags and --vram shows its table",
+        ));
+    };
+    let p = &m.planning;
+    let max = m.info.max_side;
     for (name, v) in [("width", q.width), ("height", q.height)] {
         if let Some(v) = v {
             if !(64..=max).contains(&v) {
@@ -139,9 +205,8 @@ pub async fn plan(State(app): AppState, Query(q): Query<PlanQuery>) -> Result<Re
     );
     // Planning runs the networks over meta tensors: about a second for a large model, off the
     // HTTP threads.
-    let a = app.clone();
+    let p = p.clone();
     let view = tokio::task::spawn_blocking(move || {
-        let p = &a.planning;
         let cands = plan_candidates(
             &p.spec,
             &candidates(&p.device, p.dtype, p.attn_chunk),
@@ -165,17 +230,17 @@ pub async fn plan(State(app): AppState, Query(q): Query<PlanQuery>) -> Result<Re
         .table
         .rows
         .iter()
-        .map(|r| row_json(r, budget, &app))
+        .map(|r| row_json(r, budget, m))
         .collect();
     let current = match view.pick() {
-        Some(r) => Some(row_json(r, budget, &app)),
+        Some(r) => Some(row_json(r, budget, m)),
         None if budget.is_none() => view
             .table
             .rows
             .iter()
-            .find(|r| r.prediction.spec == app.plan_spec)
+            .find(|r| r.prediction.spec == m.plan_spec)
             .or_else(|| view.table.rows.first())
-            .map(|r| row_json(r, budget, &app)),
+            .map(|r| row_json(r, budget, m)),
         None => None,
     };
     Ok(Json(serde_json::json!({

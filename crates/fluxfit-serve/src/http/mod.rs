@@ -26,15 +26,45 @@ use crate::runner::Planning;
 pub struct App {
     pub jobs: Arc<Jobs>,
     pub metrics: Arc<Metrics>,
-    pub info: ModelInfo,
-    pub planning: Planning,
+    pub backend: Backend,
     pub output_dir: std::path::PathBuf,
     pub api_key: Option<String>,
     pub limits: ImageLimits,
-    /// The model's plan at start, the one kept when there is no budget.
-    pub plan_spec: String,
     /// Jobs being checked and decoded at once.
     pub preparing: tokio::sync::Semaphore,
+}
+
+/// Who runs the jobs.
+pub enum Backend {
+    /// This server's own model, on its runner thread.
+    Local(Box<LocalModel>),
+    /// Workers behind a broker (`--broker`).
+    Broker(Arc<crate::remote::Remote>),
+}
+
+pub struct LocalModel {
+    pub info: ModelInfo,
+    pub planning: Planning,
+    /// The model's plan at start, the one kept when there is no budget.
+    pub plan_spec: String,
+}
+
+impl App {
+    /// The model jobs are checked against: this server's, or the first live worker's.
+    pub fn model_info(&self) -> Option<ModelInfo> {
+        match &self.backend {
+            Backend::Local(m) => Some(m.info.clone()),
+            Backend::Broker(r) => r.live().into_iter().next().map(|a| a.model),
+        }
+    }
+
+    /// The model variants that can run jobs now.
+    pub fn variants(&self) -> Vec<fluxfit::variant::Variant> {
+        match &self.backend {
+            Backend::Local(m) => vec![m.info.variant],
+            Backend::Broker(r) => r.live().into_iter().map(|a| a.model.variant).collect(),
+        }
+    }
 }
 
 pub type AppState = State<Arc<App>>;
@@ -176,15 +206,38 @@ pub async fn prepare_and_submit(
         app.preparing.acquire().await.map_err(|_| {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the server is stopping")
         })?;
+    if let Backend::Broker(remote) = &app.backend {
+        let (a, remote) = (app.clone(), remote.clone());
+        return tokio::task::spawn_blocking(move || {
+            remote.submit(&a.jobs, specs, a.limits).inspect_err(|e| {
+                if e.status == StatusCode::TOO_MANY_REQUESTS {
+                    a.metrics.rejected();
+                }
+            })
+        })
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "submitting the job failed",
+            )
+        })?;
+    }
     let a = app.clone();
     let works = tokio::task::spawn_blocking(move || {
+        let Backend::Local(m) = &a.backend else {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "no local model to run the job",
+            ));
+        };
         specs
             .into_iter()
             .map(|(spec, image, mask)| {
                 let work: Work =
-                    spec.prepare(&a.info, image, mask, a.limits, crate::random_seed())?;
+                    spec.prepare(&m.info, image, mask, a.limits, crate::random_seed())?;
                 // Under a budget, a job no plan fits is refused now, not failed later.
-                a.planning.choose(&work).map_err(|e| {
+                m.planning.choose(&work).map_err(|e| {
                     ApiError::invalid(
                         "width",
                         format!(

@@ -193,7 +193,12 @@ pub async fn edits(
     let format = parse_format(text.get("response_format").map(String::as_str))?;
     let prompt = text.get("prompt").cloned().unwrap_or_default();
     // With a mask, or on a Fill model, it is inpainting; otherwise Kontext editing.
-    let mode = if mask.is_some() || app.info.variant == fluxfit::variant::Variant::DevFill {
+    // Behind a broker, Kontext workers take it when there are any.
+    let variants = app.variants();
+    let mode = if mask.is_some()
+        || (variants.contains(&fluxfit::variant::Variant::DevFill)
+            && !variants.contains(&fluxfit::variant::Variant::DevKontext))
+    {
         Mode::Fill
     } else {
         Mode::Edit
