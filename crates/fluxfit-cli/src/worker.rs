@@ -55,7 +55,11 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             bail!("--name `{n}`: 1 to 128 characters, no spaces")
         }
         Some(n) => n.clone(),
-        None => format!("{}-{}", hostname(), std::process::id()),
+        None => format!(
+            "{}-{}",
+            fluxfit_serve::names::hostname(),
+            std::process::id()
+        ),
     };
     let model = args.run.load_planned(Planning {
         width: None,
@@ -116,14 +120,4 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     worker.run(&stop)?;
     errln!("fluxfit worker {name}: stopped");
     Ok(())
-}
-
-/// The machine's name, for the default worker name.
-fn hostname() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "worker".into())
 }

@@ -173,6 +173,7 @@ fn text(url: &str) -> String {
 /// Waits until `n` workers are live in the server's view.
 fn until_workers(base: &str, n: usize) {
     let t = Instant::now();
+    // Before the first, /v1/info is a 503 (no model to describe).
     while get(&format!("{base}/v1/info"))["workers"]
         .as_array()
         .map_or(0, Vec::len)
@@ -474,7 +475,7 @@ fn until_status(jobs: &str, id: &str, status: &str) -> Value {
 }
 
 #[test]
-fn cancellation_the_openai_api_and_a_redis_restart_work_through_the_broker() {
+fn cancellation_the_openai_api_and_redis_and_server_restarts_work_through_the_broker() {
     let Some((redis_dir, redis)) = redis_server::fresh_redis() else {
         return;
     };
@@ -547,10 +548,31 @@ fn cancellation_the_openai_api_and_a_redis_restart_work_through_the_broker() {
     }
     redis.stop();
     let redis = redis_server::Redis::start(redis_dir.path()).unwrap();
-    let _w = worker(dir.path(), &url, "w1", &[]);
+    let mut w = worker(dir.path(), &url, "w1", &[]);
     for id in &accepted {
         until_status(&jobs, id, "done");
     }
+
+    // The server is killed with jobs on the broker; started again on the same output
+    // folder, it follows them under their ids and collects their images.
+    w.signal("-TERM");
+    assert!(w.wait_exit(Duration::from_secs(30)).success());
+    let mut pending = Vec::new();
+    for i in 0..2 {
+        let (_, v) = post(
+            &jobs,
+            &json!({ "prompt": format!("while down {i}"), "width": 64, "height": 64, "steps": 2 }),
+        );
+        pending.push(v["id"].as_str().unwrap().to_string());
+    }
     drop(server);
+    let (_server, base) = serve(dir.path(), &url, &["--output-dir", "out"]);
+    let jobs = format!("{base}/v1/jobs");
+    let _w = worker(dir.path(), &url, "w1", &[]);
+    for id in &pending {
+        let v = until_status(&jobs, id, "done");
+        let name = v["image"]["name"].as_str().unwrap();
+        assert!(dir.path().join("out").join(name).is_file(), "{v}");
+    }
     drop(redis);
 }

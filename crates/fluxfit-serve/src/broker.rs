@@ -268,6 +268,60 @@ impl Broker {
         self.submit_to(&pool, job_id, request)
     }
 
+    /// Puts an accepted job on `pool`'s stream together with the server's record of it
+    /// (`{ns}:job:{id}`, kept `result_ttl`), in one transaction: a server that restarts finds
+    /// every job it had put on a stream and not yet collected ([`Broker::records`]).
+    pub fn submit_recorded(
+        &mut self,
+        pool: &str,
+        job_id: &str,
+        request: &str,
+        record: &str,
+    ) -> Result<()> {
+        self.ensure_group(pool)?;
+        let mut p = redis::pipe();
+        p.atomic()
+            .cmd("SET")
+            .arg(self.record_key(job_id))
+            .arg(record)
+            .arg("PX")
+            .arg(self.cfg.result_ttl.as_millis().max(1) as u64)
+            .ignore()
+            .cmd("XADD")
+            .arg(self.stream(pool))
+            .arg("*")
+            .arg("id")
+            .arg(job_id)
+            .arg("request")
+            .arg(request)
+            .ignore();
+        p.query::<()>(&mut self.con).map_err(|e| self.err(e))
+    }
+
+    fn record_key(&self, job_id: &str) -> String {
+        format!("{}:job:{job_id}", self.cfg.namespace)
+    }
+
+    /// The server's records of jobs it put on a stream and has not collected: (id, record).
+    pub fn records(&mut self) -> Result<Vec<(String, String)>> {
+        let prefix = self.record_key("");
+        let mut out = Vec::new();
+        for key in self.keys(&prefix)? {
+            if let Some(r) = self.get(&key)? {
+                out.push((key[prefix.len()..].to_string(), r));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The job is collected (or given up): its record goes.
+    pub fn drop_record(&mut self, job_id: &str) -> Result<()> {
+        let mut c = redis::cmd("DEL");
+        c.arg(self.record_key(job_id));
+        self.query(&c)?;
+        Ok(())
+    }
+
     /// Puts an accepted job on `pool`'s stream; returns its entry id.
     pub fn submit_to(&mut self, pool: &str, job_id: &str, request: &str) -> Result<String> {
         self.ensure_group(pool)?;
@@ -537,9 +591,8 @@ impl Broker {
         self.set_for(&self.worker_key(name), serves, ttl)
     }
 
-    /// Workers whose heartbeat has not lapsed, by name.
-    pub fn live_workers(&mut self) -> Result<Vec<WorkerInfo>> {
-        let prefix = self.worker_key("");
+    /// Every key that starts with `prefix` (`SCAN … MATCH`), sorted.
+    fn keys(&mut self, prefix: &str) -> Result<Vec<String>> {
         let mut names = Vec::new();
         let mut cursor = "0".to_string();
         loop {
@@ -560,6 +613,13 @@ impl Broker {
             }
         }
         names.sort();
+        Ok(names)
+    }
+
+    /// Workers whose heartbeat has not lapsed, by name.
+    pub fn live_workers(&mut self) -> Result<Vec<WorkerInfo>> {
+        let prefix = self.worker_key("");
+        let names = self.keys(&prefix)?;
         let mut out = Vec::new();
         for key in names {
             // A heartbeat that lapsed between the scan and the read is not live.

@@ -85,6 +85,38 @@ pub struct Job {
 }
 
 impl Job {
+    /// A queued job; without `work` it is remote (a worker runs it).
+    fn new(
+        id: String,
+        mode: Mode,
+        params: serde_json::Value,
+        created: u64,
+        total: usize,
+        work: Option<Work>,
+    ) -> Arc<Self> {
+        Arc::new(Job {
+            id,
+            remote: work.is_none(),
+            mode,
+            params,
+            created,
+            state: Mutex::new(JobState {
+                status: Status::Queued,
+                step: 0,
+                total,
+                events: Vec::new(),
+                image: None,
+                error: None,
+                work,
+                watch: None,
+                started: None,
+                seconds: None,
+                peak_bytes: None,
+            }),
+            changed: tokio::sync::watch::channel(0).0,
+        })
+    }
+
     pub fn state(&self) -> MutexGuard<'_, JobState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -301,27 +333,8 @@ impl Jobs {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        Arc::new(Job {
-            id: format!("{}-{:04x}-{n:04}", crate::names::stamp(), self.run),
-            remote: work.is_none(),
-            mode,
-            params,
-            created,
-            state: Mutex::new(JobState {
-                status: Status::Queued,
-                step: 0,
-                total,
-                events: Vec::new(),
-                image: None,
-                error: None,
-                work,
-                watch: None,
-                started: None,
-                seconds: None,
-                peak_bytes: None,
-            }),
-            changed: tokio::sync::watch::channel(0).0,
-        })
+        let id = format!("{}-{:04x}-{n:04}", crate::names::stamp(), self.run);
+        Job::new(id, mode, params, created, total, work)
     }
 
     /// Records `n` jobs that workers will run (`--broker`), or none: the queue's capacity
@@ -357,6 +370,26 @@ impl Jobs {
             out.push(job);
         }
         Ok(out)
+    }
+
+    /// A remote job this server put on the broker before it restarted, under its old id:
+    /// followed again, its result collected into this run's gallery. None when known already.
+    pub fn adopt(
+        &self,
+        id: &str,
+        mode: Mode,
+        params: serde_json::Value,
+        created: u64,
+        total: usize,
+    ) -> Option<Arc<Job>> {
+        let mut q = self.lock();
+        if q.all.contains_key(id) {
+            return None;
+        }
+        let job = Job::new(id.to_string(), mode, params, created, total, None);
+        q.remote.push(job.clone());
+        q.all.insert(job.id.clone(), job.clone());
+        Some(job)
     }
 
     /// A remote job has ended (or will no longer be followed).

@@ -3,6 +3,17 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// This machine's name (`HOSTNAME`, else `/etc/hostname`), for worker names and a server's
+/// tag on the broker.
+pub fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
 /// `YYYYMMDD-HHMMSS` in UTC.
 pub fn stamp() -> String {
     let secs = SystemTime::now()

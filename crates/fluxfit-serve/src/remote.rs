@@ -52,6 +52,9 @@ struct Seen {
 
 pub struct Remote {
     cfg: BrokerConfig,
+    /// This server's tag on its job records: its machine and output folder, so that a
+    /// restarted server adopts its own jobs and no other server's.
+    tag: String,
     seen: RwLock<Seen>,
     /// The connection jobs are submitted on.
     submitter: Mutex<Option<Broker>>,
@@ -72,9 +75,34 @@ impl Remote {
         metrics: Arc<Metrics>,
         output_dir: PathBuf,
     ) -> Result<Arc<Self>, BrokerError> {
-        let submitter = Broker::connect(cfg.clone())?;
+        let mut submitter = Broker::connect(cfg.clone())?;
         let (tx, rx) = channel();
+        let folder = std::fs::canonicalize(&output_dir).unwrap_or_else(|_| output_dir.clone());
+        let tag = format!("{}:{}", crate::names::hostname(), folder.display());
+        // Jobs this server put on the broker before it stopped, not collected yet.
+        let mut adopted = Vec::new();
+        for (id, record) in submitter.records()? {
+            let Ok(r) = serde_json::from_str::<Record>(&record) else {
+                continue;
+            };
+            if r.server != tag {
+                continue;
+            }
+            if let Some(job) = jobs.adopt(&id, r.mode, r.params, r.created, r.steps) {
+                adopted.push(job);
+            }
+        }
+        if !adopted.is_empty() {
+            log(format_args!(
+                "fluxfit serve: following {} job(s) this server put on the broker before it restarted",
+                adopted.len()
+            ));
+        }
+        for job in adopted {
+            let _ = tx.send(job);
+        }
         let remote = Arc::new(Self {
+            tag,
             cfg: cfg.clone(),
             seen: RwLock::default(),
             submitter: Mutex::new(Some(submitter)),
@@ -187,7 +215,15 @@ impl Remote {
             .collect();
         let made = jobs.submit_remote(works)?;
         for (job, r) in made.iter().zip(&routed) {
-            if let Err(e) = self.put(&r.pool, &job.id, &r.payload) {
+            let record = serde_json::to_string(&Record {
+                server: self.tag.clone(),
+                mode: r.spec.mode,
+                params: r.params.clone(),
+                created: job.created,
+                steps: r.steps,
+            })
+            .unwrap_or_default();
+            if let Err(e) = self.put(&r.pool, &job.id, &r.payload, &record) {
                 // Neither this job nor the rest are on the broker: they end here.
                 for j in &made {
                     j.finish(
@@ -214,19 +250,20 @@ impl Remote {
         Ok(made)
     }
 
-    /// `XADD` on the submitting connection, connecting again once if it broke.
-    fn put(&self, pool: &str, id: &str, payload: &str) -> Result<String, BrokerError> {
+    /// The job and its record onto the broker, on the submitting connection, connecting
+    /// again once if it broke.
+    fn put(&self, pool: &str, id: &str, payload: &str, record: &str) -> Result<(), BrokerError> {
         let mut slot = self.submitter.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(b) = slot.as_mut() {
-            if let Ok(entry) = b.submit_to(pool, id, payload) {
-                return Ok(entry);
+            if b.submit_recorded(pool, id, payload, record).is_ok() {
+                return Ok(());
             }
         }
         *slot = None;
         let mut b = Broker::connect(self.cfg.clone())?;
-        let entry = b.submit_to(pool, id, payload)?;
+        b.submit_recorded(pool, id, payload, record)?;
         *slot = Some(b);
-        Ok(entry)
+        Ok(())
     }
 
     /// The pool for one job: the least loaded whose model runs it and whose budget fits it.
@@ -395,6 +432,16 @@ fn thread_error(e: std::io::Error) -> BrokerError {
     }
 }
 
+/// A server's record of a job it put on the broker and has not collected.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Record {
+    server: String,
+    mode: crate::job::Mode,
+    params: serde_json::Value,
+    created: u64,
+    steps: usize,
+}
+
 /// A job routed to a pool.
 struct Routed {
     spec: crate::job::JobSpec,
@@ -433,8 +480,6 @@ fn collect(
                 },
             );
         }
-        // Jobs cancelled before a worker took them ended here already.
-        followed.retain(|_, f| !f.job.state().status.is_final());
         let b = match broker.as_mut() {
             Some(b) => b,
             None => match Broker::connect(remote.cfg.clone()) {
@@ -449,6 +494,16 @@ fn collect(
         let mut ok = true;
         for (id, why) in jobs.take_cancels() {
             ok &= b.cancel(&id, &why, CANCEL_TTL).is_ok();
+        }
+        // Jobs cancelled before a worker took them ended here already.
+        let ended: Vec<String> = followed
+            .iter()
+            .filter(|(_, f)| f.job.state().status.is_final())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ended {
+            ok &= b.drop_record(&id).is_ok();
+            followed.remove(&id);
         }
         if followed.is_empty() {
             if let Ok(job) = rx.recv_timeout(Duration::from_millis(200)) {

@@ -33,14 +33,14 @@ pub async fn metrics(State(app): AppState) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
-pub async fn info(State(app): AppState) -> Json<serde_json::Value> {
+pub async fn info(State(app): AppState) -> Result<Json<serde_json::Value>, ApiError> {
     let m = match &app.backend {
         Backend::Local(m) => m,
-        Backend::Broker(r) => return Json(broker_info(&app, r)),
+        Backend::Broker(r) => return broker_info(&app, r).map(Json),
     };
     let (queued, running) = app.jobs.depth();
     let i = &m.info;
-    Json(serde_json::json!({
+    Ok(Json(serde_json::json!({
         "model": i.name,
         "variant": i.variant.name(),
         "modes": modes(i.variant),
@@ -56,13 +56,20 @@ pub async fn info(State(app): AppState) -> Json<serde_json::Value> {
         "budget": m.planning.budget.map(|b| b.bytes),
         "queue": { "waiting": queued, "running": running, "capacity": app.jobs.capacity() },
         "version": fluxfit::version(),
-    }))
+    })))
 }
 
 /// `/v1/info` behind a broker: the first live worker's model as the one model of a single
-/// server (what the web UI reads), the modes of every live pool, and the workers.
-fn broker_info(app: &super::App, r: &crate::remote::Remote) -> serde_json::Value {
+/// server (what the web UI reads), the modes of every live pool, and the workers. With no
+/// live worker there is no model to describe: 503, saying what to start.
+fn broker_info(app: &super::App, r: &crate::remote::Remote) -> Result<serde_json::Value, ApiError> {
     let live = r.live();
+    let Some(first) = live.first() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no worker is serving this server's broker yet: start `fluxfit worker --broker URL` with a model",
+        ));
+    };
     let (queued, running) = app.jobs.remote_depth();
     let mut all_modes: Vec<&str> = Vec::new();
     for a in &live {
@@ -82,26 +89,26 @@ fn broker_info(app: &super::App, r: &crate::remote::Remote) -> serde_json::Value
             })
         })
         .collect();
-    let first = live.first();
-    serde_json::json!({
-        "model": first.map(|a| a.model.name.clone()),
-        "variant": first.map(|a| a.model.variant.name()),
+    let m = &first.model;
+    Ok(serde_json::json!({
+        "model": m.name,
+        "variant": m.variant.name(),
         "modes": all_modes,
-        "loras": first.map_or_else(Vec::new, |a| a.model.loras.iter().map(|(name, scale, hash)| {
+        "loras": m.loras.iter().map(|(name, scale, hash)| {
             serde_json::json!({ "file": name, "scale": scale, "hash": hash })
-        }).collect::<Vec<_>>()),
-        "defaults": first.map(|a| serde_json::json!({
-            "width": a.model.default_size.0, "height": a.model.default_size.1,
-            "steps": a.model.default_steps, "guidance": a.model.default_guidance,
-        })),
-        "max_side": first.map(|a| a.model.max_side),
-        "device": null,
+        }).collect::<Vec<_>>(),
+        "defaults": {
+            "width": m.default_size.0, "height": m.default_size.1,
+            "steps": m.default_steps, "guidance": m.default_guidance,
+        },
+        "max_side": m.max_side,
+        "device": format!("{} worker{}", live.len(), if live.len() == 1 { "" } else { "s" }),
         "budget": null,
         "broker": true,
         "workers": workers,
         "queue": { "waiting": queued, "running": running, "capacity": app.jobs.capacity() },
         "version": fluxfit::version(),
-    })
+    }))
 }
 
 /// The modes this model runs.
