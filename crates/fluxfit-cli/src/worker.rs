@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use fluxfit::planner::choice::{gpu_index, Quant};
 use fluxfit::planner::{Budget, DeviceProfile};
-use fluxfit_serve::broker::{redact, BrokerConfig};
+use fluxfit_serve::broker::{redact, Broker, BrokerConfig};
 use fluxfit_serve::worker::{stop_on_signal, Worker, WorkerConfig};
 
 use crate::run_args::{Planning, RunArgs};
@@ -61,6 +61,16 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             std::process::id()
         ),
     };
+    let visibility = Duration::from_secs(args.visibility);
+    let broker = BrokerConfig {
+        namespace: args.namespace.clone(),
+        visibility,
+        max_deliveries: args.max_deliveries,
+        ..BrokerConfig::new(args.broker.clone())
+    };
+    // An unreachable broker or a wrong password is said before the model loads (minutes, for
+    // a large one).
+    Broker::connect(broker.clone())?;
     let model = args.run.load_planned(Planning {
         width: None,
         height: None,
@@ -78,13 +88,6 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             gpu_index(model.device()),
         )?,
         None => None,
-    };
-    let visibility = Duration::from_secs(args.visibility);
-    let broker = BrokerConfig {
-        namespace: args.namespace.clone(),
-        visibility,
-        max_deliveries: args.max_deliveries,
-        ..BrokerConfig::new(args.broker.clone())
     };
     let worker = Worker::new(
         model,

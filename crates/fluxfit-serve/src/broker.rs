@@ -173,6 +173,10 @@ impl Broker {
             url: redact(&cfg.url),
             source,
         };
+        if cfg.url.starts_with("rediss://") {
+            // Once per process; a provider already installed stays.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
         let client = redis::Client::open(cfg.url.as_str()).map_err(err)?;
         let con = client
             .get_connection_with_timeout(Duration::from_secs(10))

@@ -217,3 +217,79 @@ fn progress_events_and_cancellation_reach_the_other_side() {
         Some("cancelled by the user")
     );
 }
+
+/// `rediss://` with a password, against a `redis-server` with TLS on (a self-signed
+/// certificate made with `openssl`; skipped where there is none): the certificate is checked
+/// unless the URL ends in `#insecure`, and a wrong password is an error that does not show it.
+#[test]
+fn tls_and_passwords() {
+    let dir = tempfile::tempdir().unwrap();
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+        ])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    if !made.is_ok_and(|s| s.success()) {
+        eprintln!("no openssl here: skipped");
+        return;
+    }
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let Some(redis) = Redis::start_with(
+        dir.path(),
+        &[
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            "cert.pem",
+            "--tls-key-file",
+            "key.pem",
+            "--tls-ca-cert-file",
+            "cert.pem",
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            "s3cret",
+        ],
+    ) else {
+        return;
+    };
+    let url =
+        |pw: &str, tail: &str| BrokerConfig::new(format!("rediss://:{pw}@127.0.0.1:{port}/{tail}"));
+    let t = std::time::Instant::now();
+    let mut b = loop {
+        match Broker::connect(url("s3cret", "#insecure")) {
+            Ok(b) => break b,
+            Err(e) => {
+                assert!(t.elapsed() < Duration::from_secs(10), "{e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    b.submit("j1", "{}").unwrap();
+    let e = Broker::connect(url("wrong", "#insecure"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("rediss://:***@") && !e.contains("wrong"), "{e}");
+    let e = Broker::connect(url("s3cret", ""))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("certificate") && !e.contains("s3cret"), "{e}");
+    drop(redis);
+}

@@ -21,8 +21,14 @@ impl Redis {
     /// A redis-server on a Unix socket in `dir` (no port to race for between tests), with
     /// append-only persistence there, or None where there is no redis-server.
     pub fn start(dir: &Path) -> Option<Self> {
+        Self::start_with(dir, &[])
+    }
+
+    /// The same with more `redis-server` arguments (paths in them relative to `dir`).
+    pub fn start_with(dir: &Path, extra: &[&str]) -> Option<Self> {
         let socket = dir.join("redis.sock");
         let child = Command::new("redis-server")
+            .current_dir(dir)
             .args(["--port", "0", "--unixsocket"])
             .arg(&socket)
             .args([
@@ -35,6 +41,7 @@ impl Redis {
             ])
             .arg("--dir")
             .arg(dir)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn();
