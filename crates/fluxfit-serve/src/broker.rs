@@ -131,21 +131,6 @@ fn entries(v: &Value) -> Vec<(String, Vec<Value>)> {
         .collect()
 }
 
-/// A reply's `name → value` pairs: a flat `[k, v, k, v, …]` array (RESP2) or a map (RESP3).
-fn pairs(v: Value) -> Vec<(String, Value)> {
-    match v {
-        Value::Array(flat) => flat
-            .chunks(2)
-            .filter_map(|kv| Some((text(&kv[0])?, kv.get(1)?.clone())))
-            .collect(),
-        Value::Map(m) => m
-            .into_iter()
-            .filter_map(|(k, v)| Some((text(&k)?, v)))
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
 /// The entries of an `XREAD`/`XREADGROUP` reply, all streams together: `[[stream, entries]]`
 /// in RESP2, a map in RESP3, nil when the wait ran out.
 fn read_entries(v: Value) -> Vec<(String, Vec<Value>)> {
@@ -395,8 +380,20 @@ impl Broker {
     }
 
     /// Keeps a delivery this consumer is still working on from being taken over: resets its
-    /// idle time (`XCLAIM … JUSTID`, which does not count a delivery).
-    pub fn touch(&mut self, consumer: &str, entry: &str) -> Result<()> {
+    /// idle time (`XCLAIM … JUSTID`, which does not count a delivery). Only while the
+    /// consumer still holds it (a delivery another worker took over is not taken back);
+    /// returns whether it does.
+    pub fn touch(&mut self, consumer: &str, entry: &str) -> Result<bool> {
+        let mut c = redis::cmd("XPENDING");
+        c.arg(self.jobs())
+            .arg(GROUP)
+            .arg(entry)
+            .arg(entry)
+            .arg(1)
+            .arg(consumer);
+        if !matches!(self.query(&c)?, Value::Array(rows) if !rows.is_empty()) {
+            return Ok(false);
+        }
         let mut c = redis::cmd("XCLAIM");
         c.arg(self.jobs())
             .arg(GROUP)
@@ -405,7 +402,48 @@ impl Broker {
             .arg(entry)
             .arg("JUSTID");
         self.query(&c)?;
-        Ok(())
+        Ok(true)
+    }
+
+    /// The deliveries `consumer` held when it stopped (a worker restarted under its name),
+    /// taken back at once rather than after the visibility timeout; each counts as a new
+    /// delivery.
+    pub fn reclaim_own(&mut self, consumer: &str) -> Result<Vec<Delivery>> {
+        let mut c = redis::cmd("XPENDING");
+        c.arg(self.jobs())
+            .arg(GROUP)
+            .arg("-")
+            .arg("+")
+            .arg(100)
+            .arg(consumer);
+        let ids: Vec<String> = match self.query(&c)? {
+            Value::Array(rows) => rows
+                .iter()
+                .filter_map(|r| match r {
+                    Value::Array(cols) => cols.first().and_then(text),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let mut out = Vec::new();
+        for id in ids {
+            let mut c = redis::cmd("XCLAIM");
+            c.arg(self.jobs()).arg(GROUP).arg(consumer).arg(0).arg(&id);
+            let v = self.query(&c)?;
+            for (entry, fields) in entries(&v) {
+                self.count("reclaimed")?;
+                let deliveries = self.deliveries(&entry)?;
+                out.push(Delivery {
+                    job_id: field(&fields, "id").unwrap_or_default(),
+                    request: field(&fields, "request").unwrap_or_default(),
+                    entry,
+                    deliveries,
+                    reclaimed: true,
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// Adds one to a deployment-wide counter (`reclaimed`, `dead`) for `/metrics`.
@@ -432,32 +470,18 @@ impl Broker {
         Ok((n(0), n(1)))
     }
 
-    /// `pool`'s backlog: entries no worker has been handed yet (the group's `lag`), and entries
-    /// handed out and not yet acknowledged (`pending`).
+    /// `pool`'s backlog: entries no worker has been handed yet, and entries handed out and
+    /// not yet acknowledged. (An acknowledged entry is deleted, so the stream's length is the
+    /// two together.)
     pub fn backlog(&mut self, pool: &str) -> Result<(u64, u64)> {
-        let mut c = redis::cmd("XINFO");
-        c.arg("GROUPS").arg(self.stream(pool));
-        let v = match c.query::<Value>(&mut self.con) {
-            Ok(v) => v,
-            // No stream yet: nothing waits.
-            Err(e) if e.code() == Some("ERR") => return Ok((0, 0)),
-            Err(e) => return Err(self.err(e)),
+        let mut c = redis::cmd("XLEN");
+        c.arg(self.stream(pool));
+        let len = match self.query(&c)? {
+            Value::Int(n) => n.max(0) as u64,
+            _ => 0,
         };
-        let groups: Vec<Vec<(String, Value)>> = match v {
-            Value::Array(gs) => gs.into_iter().map(pairs).collect(),
-            _ => Vec::new(),
-        };
-        for g in groups {
-            let get = |k: &str| g.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-            if get("name").as_ref().and_then(text).as_deref() == Some(GROUP) {
-                let int = |k: &str| match get(k) {
-                    Some(Value::Int(n)) => n.max(0) as u64,
-                    _ => 0,
-                };
-                return Ok((int("lag"), int("pending")));
-            }
-        }
-        Ok((0, 0))
+        let pending = self.pending_of(pool)?;
+        Ok((len.saturating_sub(pending), pending))
     }
 
     /// How many times `entry` has been delivered (XPENDING's counter).
@@ -524,11 +548,21 @@ impl Broker {
         self.ack(&d.entry)
     }
 
+    /// Acknowledges the entry and deletes it: a finished job's request (its uploads with it)
+    /// does not stay in Redis.
     fn ack(&mut self, entry: &str) -> Result<()> {
-        let mut c = redis::cmd("XACK");
-        c.arg(self.jobs()).arg(GROUP).arg(entry);
-        self.query(&c)?;
-        Ok(())
+        let mut p = redis::pipe();
+        p.atomic()
+            .cmd("XACK")
+            .arg(self.jobs())
+            .arg(GROUP)
+            .arg(entry)
+            .ignore()
+            .cmd("XDEL")
+            .arg(self.jobs())
+            .arg(entry)
+            .ignore();
+        p.query::<()>(&mut self.con).map_err(|e| self.err(e))
     }
 
     /// The result recorded for `job_id`, if any.
@@ -538,8 +572,14 @@ impl Broker {
 
     /// Jobs delivered and not yet acknowledged.
     pub fn pending(&mut self) -> Result<u64> {
+        let pool = self.cfg.pool.clone();
+        self.pending_of(&pool)
+    }
+
+    /// Jobs of `pool` delivered and not yet acknowledged.
+    pub fn pending_of(&mut self, pool: &str) -> Result<u64> {
         let mut c = redis::cmd("XPENDING");
-        c.arg(self.jobs()).arg(GROUP);
+        c.arg(self.stream(pool)).arg(GROUP);
         match self.query(&c)? {
             Value::Array(parts) => Ok(match parts.first() {
                 Some(Value::Int(n)) => *n as u64,

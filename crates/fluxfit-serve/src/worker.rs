@@ -138,6 +138,18 @@ impl Worker {
                     reply: format!("starting its thread: {e}"),
                 })?
         };
+        // What this worker's name held when it last stopped, first.
+        match broker.reclaim_own(&self.cfg.name) {
+            Ok(own) => {
+                for d in own {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    self.handle(&mut broker, d);
+                }
+            }
+            Err(e) => log(format_args!("fluxfit worker: {e}")),
+        }
         while !stop.load(Ordering::SeqCst) {
             match broker.claim(&self.cfg.name, Duration::from_secs(1)) {
                 Ok(Some(d)) => self.handle(&mut broker, d),
@@ -431,6 +443,7 @@ fn heartbeat(
     stop: &AtomicBool,
 ) {
     let mut broker: Option<Broker> = None;
+    let mut lost: Option<String> = None;
     while !stop.load(Ordering::SeqCst) {
         if broker.is_none() {
             broker = Broker::connect(cfg.clone()).ok();
@@ -446,8 +459,20 @@ fn heartbeat(
             };
             let text = serde_json::to_string(&advert).unwrap_or_default();
             let mut ok = b.heartbeat(&advert.name, &text, every * 3).is_ok();
-            if let Some((_, entry)) = busy {
-                ok &= b.touch(&advert.name, &entry).is_ok();
+            if let Some((job, entry)) = busy {
+                match b.touch(&advert.name, &entry) {
+                    Ok(true) => {}
+                    // Taken over (this worker stalled past the visibility timeout): the first
+                    // result stored is kept, whichever finishes first.
+                    Ok(false) if lost.as_ref() != Some(&job) => {
+                        log(format_args!(
+                            "fluxfit worker: job {job}: another worker took it over"
+                        ));
+                        lost = Some(job);
+                    }
+                    Ok(false) => {}
+                    Err(_) => ok = false,
+                }
             }
             if !ok {
                 broker = None;

@@ -28,6 +28,7 @@ fn concurrent_workers_complete_every_job_once() {
             .submit(&format!("job-{i}"), &format!("{{\"n\":{i}}}"))
             .unwrap();
     }
+    assert_eq!(server.backlog("default").unwrap(), (n as u64, 0));
     let workers: Vec<_> = (0..3)
         .map(|w| {
             let cfg = cfg.clone();
@@ -56,6 +57,8 @@ fn concurrent_workers_complete_every_job_once() {
         );
     }
     assert_eq!(server.pending().unwrap(), 0);
+    // Acknowledged entries are deleted: nothing of a finished job stays on the stream.
+    assert_eq!(server.backlog("default").unwrap(), (0, 0));
 }
 
 #[test]
@@ -292,4 +295,37 @@ fn tls_and_passwords() {
         .to_string();
     assert!(e.contains("certificate") && !e.contains("s3cret"), "{e}");
     drop(redis);
+}
+
+/// A worker keeps its running job claimed, but does not take back one another worker took
+/// over; a worker restarted under its name takes back what it held at once.
+#[test]
+fn keeping_a_claim_and_taking_back_after_a_restart() {
+    let Some((_dir, redis)) = fresh_redis() else {
+        return;
+    };
+    let cfg = redis.cfg(200);
+    let mut server = Broker::connect(cfg.clone()).unwrap();
+    server.submit("a", "{}").unwrap();
+    let mut w1 = Broker::connect(cfg.clone()).unwrap();
+    let mut w2 = Broker::connect(cfg.clone()).unwrap();
+    let d = w1.claim("w1", NONE).unwrap().unwrap();
+    // Touched more often than the visibility timeout, it is not taken over.
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(w1.touch("w1", &d.entry).unwrap());
+        assert!(w2.claim("w2", NONE).unwrap().is_none());
+    }
+    // Left alone past it, it is; and w1's touch no longer takes it back.
+    std::thread::sleep(Duration::from_millis(300));
+    let taken = w2.claim("w2", NONE).unwrap().unwrap();
+    assert_eq!((taken.job_id.as_str(), taken.deliveries), ("a", 2));
+    assert!(!w1.touch("w1", &d.entry).unwrap());
+    // w2 "restarts": under its name, it takes the job back without waiting.
+    let mut w2 = Broker::connect(cfg).unwrap();
+    let own = w2.reclaim_own("w2").unwrap();
+    assert_eq!(own.len(), 1);
+    assert_eq!((own[0].job_id.as_str(), own[0].deliveries), ("a", 3));
+    assert!(w2.complete(&own[0], "ok").unwrap());
+    assert!(w2.reclaim_own("w2").unwrap().is_empty());
 }
