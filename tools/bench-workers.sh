@@ -2,9 +2,10 @@
 # Jobs per minute through `fluxfit serve --broker` with 1, 2, 3 … `fluxfit worker`s on this
 # machine, on the built-in tiny model: a fresh redis-server, server and workers per row, the
 # same jobs submitted at once by concurrent clients, timed from the first submission to the
-# last result.
+# last result. The row `alone` is `fluxfit serve` with its own model and no broker: the same
+# work without the broker's cost.
 #
-#   tools/bench-workers.sh [--workers 1,2,3] [--jobs 60] [--size 256] [--steps 4]
+#   tools/bench-workers.sh [--workers alone,1,2,3] [--jobs 60] [--size 256] [--steps 4]
 #                          [--threads N] [--bin target/release/fluxfit]
 #
 # --threads gives each worker N compute threads (default: every core, as `fluxfit worker`
@@ -12,7 +13,7 @@
 # the figure shows the broker's overhead and the CPU's limit, not what N GPUs give.
 set -euo pipefail
 
-workers=1,2,3 jobs=60 size=256 steps=4 threads="" bin=""
+workers=alone,1,2,3 jobs=60 size=256 steps=4 threads="" bin=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --workers) workers=$2; shift 2 ;;
@@ -38,7 +39,7 @@ trap cleanup EXIT
 
 metric() { curl -s "$1/metrics" | awk -v m="$2" 'index($0, m " ") == 1 { print $2 }'; }
 
-printf '| workers | jobs | seconds | jobs/min | vs 1 worker |\n|---|---|---|---|---|\n'
+printf '| workers | jobs | seconds | jobs/min | vs the first row |\n|---|---|---|---|---|\n'
 base_rate=""
 IFS=, read -ra counts <<<"$workers"
 for n in "${counts[@]}"; do
@@ -47,19 +48,26 @@ for n in "${counts[@]}"; do
     >/dev/null 2>&1 & pids+=($!)
   for _ in $(seq 100); do [ -S "$dir/r.sock" ] && break; sleep 0.05; done
   url="redis+unix://$dir/r.sock"
-  "$bin" serve --broker "$url" --listen 127.0.0.1:0 --queue 1000 --preview-every 0 \
-    --output-dir "$dir/out" 2>"$dir/serve.log" & pids+=($!)
+  if [ "$n" = alone ]; then
+    "$bin" ${threads:+--threads "$threads"} serve --model tiny --listen 127.0.0.1:0 \
+      --queue 1000 --preview-every 0 --output-dir "$dir/out" 2>"$dir/serve.log" & pids+=($!)
+  else
+    "$bin" serve --broker "$url" --listen 127.0.0.1:0 --queue 1000 --preview-every 0 \
+      --output-dir "$dir/out" 2>"$dir/serve.log" & pids+=($!)
+  fi
   for _ in $(seq 200); do grep -q "on http://" "$dir/serve.log" 2>/dev/null && break; sleep 0.05; done
   base="http://$(sed -n 's/.* on http:\/\/\([^ ]*\).*/\1/p' "$dir/serve.log" | head -1)"
-  for w in $(seq "$n"); do
-    "$bin" ${threads:+--threads "$threads"} worker --broker "$url" --model tiny --name "w$w" \
-      --preview-every 0 2>"$dir/w$w.log" & pids+=($!)
-  done
-  for _ in $(seq 600); do
-    [ "$(metric "$base" fluxfit_broker_up)" = 1 ] &&
-      [ "$(curl -s "$base/metrics" | grep -c '^fluxfit_worker_up.* 1$')" = "$n" ] && break
-    sleep 0.1
-  done
+  if [ "$n" != alone ]; then
+    for w in $(seq "$n"); do
+      "$bin" ${threads:+--threads "$threads"} worker --broker "$url" --model tiny --name "w$w" \
+        --preview-every 0 2>"$dir/w$w.log" & pids+=($!)
+    done
+    for _ in $(seq 600); do
+      [ "$(metric "$base" fluxfit_broker_up)" = 1 ] &&
+        [ "$(curl -s "$base/metrics" | grep -c '^fluxfit_worker_up.* 1$')" = "$n" ] && break
+      sleep 0.1
+    done
+  fi
   start=$(date +%s.%N)
   seq "$jobs" | xargs -P 8 -I{} curl -s -o /dev/null -X POST "$base/v1/jobs" \
     -d "{\"prompt\":\"job {}\",\"width\":$size,\"height\":$size,\"steps\":$steps,\"seed\":{}}"

@@ -109,14 +109,15 @@ impl Remote {
             track: Mutex::new(tx),
             stop: AtomicBool::new(false),
         });
-        remote.watch_once();
+        let mut watching = None;
+        remote.watch_once(&mut watching);
         let r = remote.clone();
         std::thread::Builder::new()
             .name("fluxfit-watcher".into())
             .spawn(move || {
                 while !r.stop.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_secs(1));
-                    r.watch_once();
+                    r.watch_once(&mut watching);
                 }
             })
             .map_err(thread_error)?;
@@ -148,18 +149,24 @@ impl Remote {
             .collect()
     }
 
-    /// Reads the heartbeats, the backlogs and the counters once.
-    fn watch_once(&self) {
-        let Ok(mut b) = Broker::connect(self.cfg.clone()) else {
-            self.seen
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .reachable = false;
-            return;
+    /// Reads the heartbeats, the backlogs and the counters once, on the watcher's connection
+    /// (made again after an error).
+    fn watch_once(&self, con: &mut Option<Broker>) {
+        if con.is_none() {
+            *con = Broker::connect(self.cfg.clone()).ok();
+        }
+        let workers = match con.as_mut().map(Broker::live_workers) {
+            Some(Ok(w)) => w,
+            _ => {
+                *con = None;
+                self.seen
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .reachable = false;
+                return;
+            }
         };
-        let Ok(workers) = b.live_workers() else {
-            return;
-        };
+        let Some(b) = con.as_mut() else { return };
         let adverts: Vec<Advert> = workers
             .iter()
             .filter_map(|w| serde_json::from_str(&w.serves).ok())

@@ -243,17 +243,16 @@ impl Worker {
                 data["worker"] = name.clone().into();
             }
             let _ = publish(broker, &id, kind, data);
-            if kind == "step" {
-                let ready: Vec<_> = previews
-                    .lock()
-                    .map(|mut v| v.drain(..).collect())
-                    .unwrap_or_default();
-                for p in ready {
-                    let _ = publish(broker, &id, "preview", p);
-                }
-                if matches!(broker.cancelled(&id), Ok(Some(_))) {
-                    watch.cancel();
-                }
+            // Previews made since the last event (the model hands them out between steps).
+            let ready: Vec<_> = previews
+                .lock()
+                .map(|mut v| v.drain(..).collect())
+                .unwrap_or_default();
+            for p in ready {
+                let _ = publish(broker, &id, "preview", p);
+            }
+            if kind == "step" && matches!(broker.cancelled(&id), Ok(Some(_))) {
+                watch.cancel();
             }
         };
         let outcome = execute(&mut self.model, &self.planning, &mut work, &id, &mut report);
