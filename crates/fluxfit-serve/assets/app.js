@@ -241,12 +241,18 @@
     tabRunnable.generate = m.has('generate') || m.has('control');
     tabRunnable.fill = m.has('fill') || m.has('outpaint');
     tabRunnable.edit = m.has('edit');
-    tabRunnable.plan = tabRunnable.gallery = true;
+    // Behind a broker each worker plans its own jobs: there is no one table to show.
+    tabRunnable.plan = !i.broker;
+    tabRunnable.gallery = true;
     const needs = {
       generate: 'needs a text-to-image model (schnell, dev) or a Canny/Depth model',
       fill: 'needs the FLUX.1 Fill model',
       edit: 'needs the FLUX.1 Kontext model',
     };
+    if (i.broker) {
+      $('tab-plan').disabled = true;
+      $('tab-plan').title = 'this server runs its jobs on workers, each planning its own: run `fluxfit plan` with a worker\'s flags';
+    }
     for (const t of JOB_TABS) {
       const b = $(`tab-${t}`);
       b.disabled = !tabRunnable[t];
@@ -254,7 +260,7 @@
     }
     if (m.has('control')) $('tab-generate').textContent = 'Control';
     const hash = location.hash.slice(1);
-    const first = JOB_TABS.find((t) => tabRunnable[t]) || 'plan';
+    const first = JOB_TABS.find((t) => tabRunnable[t]) || (tabRunnable.plan ? 'plan' : 'gallery');
     showTab(TABS.includes(hash) && tabRunnable[hash] ? hash : first);
   }
 
@@ -815,6 +821,10 @@
     const estimates = new Map();
     async function estimate() {
       if (!tabRunnable.generate) return;
+      if (info && info.broker) {
+        estimateEl.hidden = true;
+        return;
+      }
       const seq = ++estimateSeq;
       const w = Number(widthIn.value);
       const hh = Number(heightIn.value);

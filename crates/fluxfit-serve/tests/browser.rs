@@ -15,7 +15,11 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use fluxfit::pipeline::{tiny, LoadOptions};
 use fluxfit::variant::Variant;
-use fluxfit_serve::{Config, Server};
+use fluxfit_serve::broker::BrokerConfig;
+use fluxfit_serve::worker::{Worker, WorkerConfig};
+use fluxfit_serve::{Config, Runs, Server};
+
+mod redis_server;
 use serde_json::{json, Value};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -372,8 +376,9 @@ fn get_json(url: &str) -> Value {
     r.body_mut().read_json().expect("JSON")
 }
 
-#[test]
-fn web_ui_generates_fills_and_lists_images() {
+/// Whether Chromium and its driver are here; without them the test says so (and fails where
+/// `FLUXFIT_REQUIRE_BROWSER=1`).
+fn browser_available() -> bool {
     if !Path::new(CHROMEDRIVER).exists() || !Path::new(CHROMIUM).exists() {
         let msg = format!(
             "{CHROMEDRIVER} or {CHROMIUM} is missing: the browser test of the web UI did NOT run \
@@ -387,6 +392,14 @@ fn web_ui_generates_fills_and_lists_images() {
             "*".repeat(78),
             "*".repeat(78)
         );
+        return false;
+    }
+    true
+}
+
+#[test]
+fn web_ui_generates_fills_and_lists_images() {
+    if !browser_available() {
         return;
     }
     let started = Instant::now();
@@ -618,4 +631,103 @@ fn web_ui_generates_fills_and_lists_images() {
         started.elapsed().as_secs_f64(),
         screenshot_dir().display()
     );
+}
+
+/// The same page behind `serve --broker`, a worker (in process, on the tiny model) running
+/// the job: the header names the model and the workers, the planner's table and estimate are
+/// off (each worker plans its own), and a generation shows its progress, its image and the
+/// gallery entry.
+#[test]
+fn web_ui_runs_jobs_through_a_broker() {
+    if !browser_available() {
+        return;
+    }
+    let Some((_redis_dir, redis)) = redis_server::fresh_redis() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("a temp folder");
+    let out = tmp.path().join("out");
+    let cfg = BrokerConfig::new(redis.url());
+    let server = Server::start_with(
+        Runs::Broker(cfg.clone()),
+        Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            output_dir: out.clone(),
+            ..Default::default()
+        },
+    )
+    .expect("the server starts");
+    let model = tiny::load(LoadOptions::default()).expect("the tiny model");
+    let worker = Worker::new(
+        model,
+        WorkerConfig {
+            broker: cfg,
+            name: "w1".into(),
+            budget: None,
+            vae_tile: None,
+            max_side: 4096,
+            default_steps: None,
+            default_guidance: None,
+            preview_every: 1,
+            heartbeat: Duration::from_millis(500),
+        },
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let worker = std::thread::spawn(move || worker.run(&s));
+    let base = format!("http://{}", server.addr());
+    let t = Instant::now();
+    while agent()
+        .get(&format!("{base}/v1/info"))
+        .call()
+        .map(|r| r.status().as_u16())
+        .ok()
+        != Some(200)
+    {
+        assert!(t.elapsed() < WAIT, "the worker never showed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let b = Browser::start();
+    b.goto(&format!("{base}/"));
+    b.wait_js(
+        "the page to load /v1/info",
+        "return document.body.dataset.ready === '1'",
+    );
+    assert_eq!(
+        b.js("return ['info-model', 'info-device'].map(id => document.getElementById(id).textContent)"),
+        json!(["tiny (flux-schnell)", "1 worker"])
+    );
+    assert_eq!(
+        b.js("return [document.getElementById('tab-plan').disabled, document.getElementById('plan-estimate').hidden]"),
+        json!([true, true]),
+        "no planner's table behind a broker"
+    );
+    b.fill("#prompt", "a lighthouse at dusk");
+    b.fill("#steps", "4");
+    b.click("#generate");
+    b.wait_js(
+        "the result from the worker",
+        "const r = document.getElementById('result'); return r.complete && r.naturalWidth === 256",
+    );
+    assert_eq!(
+        b.js("return document.getElementById('progress').dataset.steps"),
+        json!("1,2,3,4"),
+        "the worker's steps moved the bar"
+    );
+    let name = b.js("return document.getElementById('download').download");
+    let name = name.as_str().unwrap_or_default().to_string();
+    b.click("#tab-gallery");
+    b.wait_js(
+        "the image in the gallery",
+        &format!("return !!document.querySelector('#gallery .gallery-item[data-name=\"{name}\"] img[src]')"),
+    );
+    assert_eq!(pngs_in(&out), vec![name]);
+    let errors = b.script_errors();
+    assert!(errors.is_empty(), "the page's scripts failed: {errors:#?}");
+    drop(b);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    worker.join().unwrap().expect("the worker stops cleanly");
+    server.shutdown();
+    drop(redis);
 }
