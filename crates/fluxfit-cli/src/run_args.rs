@@ -97,6 +97,30 @@ impl RunArgs {
         })
     }
 
+    /// Opens the model for a server or worker, which plan each job for itself: planned for
+    /// the variant's default run, and `--vram`'s budget resolved for the jobs.
+    pub fn load_for_jobs(&self) -> Result<(Model, Option<Budget>)> {
+        let model = self.load_planned(Planning {
+            width: None,
+            height: None,
+            image_input: false,
+            cond_size: None,
+            redux: None,
+            redux_images: 0,
+            quant: Quant::Stored,
+            attn_chunk: Some(fluxfit::model::attention::DEFAULT_CHUNK),
+        })?;
+        let budget = match &self.vram {
+            Some(v) => Budget::resolve(
+                Some(v),
+                &DeviceProfile::for_device(model.device()),
+                gpu_index(model.device()),
+            )?,
+            None => None,
+        };
+        Ok((model, budget))
+    }
+
     /// Opens the model under the plan `--vram` picks for the run `p` describes (a published
     /// variant is planned from its built-in manifests before anything is downloaded or loaded,
     /// another model once its headers are open), else `--plan` over all-resident;

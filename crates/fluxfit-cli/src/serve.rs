@@ -7,12 +7,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use fluxfit::planner::choice::{gpu_index, Quant};
-use fluxfit::planner::{Budget, DeviceProfile};
+use fluxfit::planner::Budget;
 use fluxfit_serve::broker::{redact, BrokerConfig};
 use fluxfit_serve::{Config, Runs, Server};
 
-use crate::run_args::{Planning, RunArgs};
+use crate::run_args::RunArgs;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -78,24 +77,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if let Some(url) = &args.broker {
         return serve_broker(&args, url);
     }
-    let model = args.run.load_planned(Planning {
-        width: None,
-        height: None,
-        image_input: false,
-        cond_size: None,
-        redux: None,
-        redux_images: 0,
-        quant: Quant::Stored,
-        attn_chunk: Some(fluxfit::model::attention::DEFAULT_CHUNK),
-    })?;
-    let budget = match &args.run.vram {
-        Some(v) => Budget::resolve(
-            Some(v),
-            &DeviceProfile::for_device(model.device()),
-            gpu_index(model.device()),
-        )?,
-        None => None,
-    };
+    let (model, budget) = args.run.load_for_jobs()?;
     let config = config(&args, budget);
     let name = model.name.clone();
     let plan = model.plan().spec();

@@ -5,12 +5,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use fluxfit::planner::choice::{gpu_index, Quant};
-use fluxfit::planner::{Budget, DeviceProfile};
 use fluxfit_serve::broker::{redact, Broker, BrokerConfig};
 use fluxfit_serve::worker::{stop_on_signal, Worker, WorkerConfig};
 
-use crate::run_args::{Planning, RunArgs};
+use crate::run_args::RunArgs;
 
 #[derive(Args, Debug)]
 pub struct WorkerArgs {
@@ -71,24 +69,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     // An unreachable broker or a wrong password is said before the model loads (minutes, for
     // a large one).
     Broker::connect(broker.clone())?;
-    let model = args.run.load_planned(Planning {
-        width: None,
-        height: None,
-        image_input: false,
-        cond_size: None,
-        redux: None,
-        redux_images: 0,
-        quant: Quant::Stored,
-        attn_chunk: Some(fluxfit::model::attention::DEFAULT_CHUNK),
-    })?;
-    let budget = match &args.run.vram {
-        Some(v) => Budget::resolve(
-            Some(v),
-            &DeviceProfile::for_device(model.device()),
-            gpu_index(model.device()),
-        )?,
-        None => None,
-    };
+    let (model, budget) = args.run.load_for_jobs()?;
     let worker = Worker::new(
         model,
         WorkerConfig {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use common::*;
 use fluxfit::image::png_text;
-use serde_json::{json, Value};
+use serde_json::json;
 
 struct Serve {
     child: Child,
@@ -55,30 +55,6 @@ fn serve(dir: &std::path::Path, args: &[&str]) -> (Serve, f64) {
     (Serve { child, base }, t.elapsed().as_secs_f64())
 }
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::new_with_config(
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(120)))
-            .build(),
-    )
-}
-
-fn post(url: &str, body: Value) -> (u16, Value) {
-    let mut r = agent().post(url).send_json(body).unwrap();
-    (r.status().as_u16(), r.body_mut().read_json().unwrap())
-}
-
-fn get(url: &str) -> Value {
-    agent()
-        .get(url)
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_json()
-        .unwrap()
-}
-
 #[test]
 fn openai_generation_equals_fluxfit_generate() {
     let dir = tempdir();
@@ -88,7 +64,7 @@ fn openai_generation_equals_fluxfit_generate() {
     let prompt = "a red fox in the snow";
     let (code, body) = post(
         &format!("{}/v1/images/generations", s.base),
-        json!({ "prompt": prompt, "size": "256x256", "steps": 4, "guidance": 3.5,
+        &json!({ "prompt": prompt, "size": "256x256", "steps": 4, "guidance": 3.5,
                 "seed": 42, "response_format": "b64_json" }),
     );
     assert_eq!(code, 200, "{body}");
@@ -167,7 +143,7 @@ fn sigterm_finishes_the_running_job_and_cancels_the_queue() {
     let job = |steps: usize| {
         let (code, v) = post(
             &format!("{}/v1/jobs", s.base),
-            json!({ "prompt": "x", "width": 64, "height": 64, "steps": steps }),
+            &json!({ "prompt": "x", "width": 64, "height": 64, "steps": steps }),
         );
         assert_eq!(code, 202, "{v}");
         v["id"].as_str().unwrap().to_string()
@@ -200,7 +176,7 @@ fn sigterm_past_the_grace_period_cancels_and_leaves_no_file() {
     );
     let (code, v) = post(
         &format!("{}/v1/jobs", s.base),
-        json!({ "prompt": "x", "width": 128, "height": 128, "steps": 1000 }),
+        &json!({ "prompt": "x", "width": 128, "height": 128, "steps": 1000 }),
     );
     assert_eq!(code, 202, "{v}");
     until_running(&s.base, v["id"].as_str().unwrap());

@@ -136,40 +136,6 @@ fn worker(dir: &Path, url: &str, name: &str, extra: &[&str]) -> Proc {
     p
 }
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::new_with_config(
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(60)))
-            .build(),
-    )
-}
-
-fn post(url: &str, body: &Value) -> (u16, Value) {
-    let mut r = agent().post(url).send_json(body).unwrap();
-    (r.status().as_u16(), r.body_mut().read_json().unwrap())
-}
-
-fn get(url: &str) -> Value {
-    agent()
-        .get(url)
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_json()
-        .unwrap()
-}
-
-fn text(url: &str) -> String {
-    agent()
-        .get(url)
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap()
-}
-
 /// Waits until `n` workers are live in the server's view.
 fn until_workers(base: &str, n: usize) {
     let t = Instant::now();

@@ -279,6 +279,29 @@ impl Jobs {
             .store(secs.clamp(1, 600), Ordering::Relaxed);
     }
 
+    /// Whether `n` more jobs fit beside the `held` ones: a stopping server is a 503, a full
+    /// queue a 429 with `Retry-After` and `full(held, capacity)` as its message.
+    fn room(
+        &self,
+        q: &Queue,
+        held: usize,
+        n: usize,
+        full: impl FnOnce(usize, usize) -> String,
+    ) -> Result<(), ApiError> {
+        if !q.accepting {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server is stopping and takes no new jobs",
+            ));
+        }
+        if held + n > self.capacity {
+            let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, full(held, self.capacity));
+            e.retry_after = Some(self.retry_after.load(Ordering::Relaxed));
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Queues `n` jobs at once, or none: a full queue (or a stopping server) answers 429 /
     /// 503 for all of them.
     pub fn submit(
@@ -286,24 +309,9 @@ impl Jobs {
         works: Vec<(Mode, serde_json::Value, Work)>,
     ) -> Result<Vec<Arc<Job>>, ApiError> {
         let mut q = self.lock();
-        if !q.accepting {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the server is stopping and takes no new jobs",
-            ));
-        }
-        if q.waiting.len() + works.len() > self.capacity {
-            let mut e = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!(
-                    "the queue is full ({} of {} waiting); retry later",
-                    q.waiting.len(),
-                    self.capacity
-                ),
-            );
-            e.retry_after = Some(self.retry_after.load(Ordering::Relaxed));
-            return Err(e);
-        }
+        self.room(&q, q.waiting.len(), works.len(), |held, cap| {
+            format!("the queue is full ({held} of {cap} waiting); retry later")
+        })?;
         let mut out = Vec::with_capacity(works.len());
         for (mode, params, work) in works {
             let total = work.req.steps;
@@ -344,24 +352,9 @@ impl Jobs {
         works: Vec<(Mode, serde_json::Value, usize)>,
     ) -> Result<Vec<Arc<Job>>, ApiError> {
         let mut q = self.lock();
-        if !q.accepting {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the server is stopping and takes no new jobs",
-            ));
-        }
-        if q.remote.len() + works.len() > self.capacity {
-            let mut e = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!(
-                    "{} of {} jobs are in flight on the workers; retry later",
-                    q.remote.len(),
-                    self.capacity
-                ),
-            );
-            e.retry_after = Some(self.retry_after.load(Ordering::Relaxed));
-            return Err(e);
-        }
+        self.room(&q, q.remote.len(), works.len(), |held, cap| {
+            format!("{held} of {cap} jobs are in flight on the workers; retry later")
+        })?;
         let mut out = Vec::with_capacity(works.len());
         for (mode, params, total) in works {
             let job = self.new_job(mode, params, total, None);

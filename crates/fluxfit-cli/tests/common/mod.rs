@@ -110,3 +110,41 @@ pub fn parts() -> Vec<String> {
     .flat_map(|(flag, p)| [flag.to_string(), p.display().to_string()])
     .collect()
 }
+
+/// An HTTP client for the server tests: statuses as values, not errors.
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(120)))
+            .build(),
+    )
+}
+
+/// POSTs JSON; the status and the JSON answer.
+pub fn post(url: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let mut r = agent().post(url).send_json(body).unwrap();
+    (r.status().as_u16(), r.body_mut().read_json().unwrap())
+}
+
+/// The JSON answer of a GET.
+pub fn get(url: &str) -> serde_json::Value {
+    agent()
+        .get(url)
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_json()
+        .unwrap()
+}
+
+/// The text answer of a GET (`/metrics`).
+pub fn text(url: &str) -> String {
+    agent()
+        .get(url)
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap()
+}
