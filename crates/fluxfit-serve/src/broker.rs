@@ -131,18 +131,23 @@ fn entries(v: &Value) -> Vec<(String, Vec<Value>)> {
         .collect()
 }
 
-/// The entries of an `XREAD`/`XREADGROUP` reply, all streams together: `[[stream, entries]]`
-/// in RESP2, a map in RESP3, nil when the wait ran out.
-fn read_entries(v: Value) -> Vec<(String, Vec<Value>)> {
-    let streams: Vec<Value> = match v {
+/// The `[stream, entries]` pairs of an `XREAD`/`XREADGROUP` reply: an array in RESP2, a map
+/// in RESP3, nil when the wait ran out.
+fn streams(v: Value) -> Vec<Value> {
+    match v {
         Value::Array(s) => s,
         Value::Map(m) => m
             .into_iter()
             .map(|(k, v)| Value::Array(vec![k, v]))
             .collect(),
         _ => Vec::new(),
-    };
-    streams
+    }
+}
+
+/// The entries of an `XREAD`/`XREADGROUP` reply, all streams together: `[[stream, entries]]`
+/// in RESP2, a map in RESP3, nil when the wait ran out.
+fn read_entries(v: Value) -> Vec<(String, Vec<Value>)> {
+    streams(v)
         .iter()
         .flat_map(|s| match s {
             Value::Array(pair) if pair.len() == 2 => entries(&pair[1]),
@@ -735,16 +740,8 @@ impl Broker {
             c.arg(id);
         }
         let prefix = self.events_key("");
-        let streams: Vec<Value> = match self.query(&c)? {
-            Value::Array(s) => s,
-            Value::Map(m) => m
-                .into_iter()
-                .map(|(k, v)| Value::Array(vec![k, v]))
-                .collect(),
-            _ => Vec::new(),
-        };
         let mut out = Vec::new();
-        for s in &streams {
+        for s in &streams(self.query(&c)?) {
             let Value::Array(pair) = s else { continue };
             let (Some(key), Some(list)) = (pair.first().and_then(text), pair.get(1)) else {
                 continue;

@@ -466,6 +466,18 @@ struct Followed {
     heard: Instant,
 }
 
+/// Starts following `job`'s events from the first.
+fn follow(followed: &mut BTreeMap<String, Followed>, job: Arc<Job>) {
+    followed.insert(
+        job.id.clone(),
+        Followed {
+            job,
+            after: "0".into(),
+            heard: Instant::now(),
+        },
+    );
+}
+
 /// The collector's loop: see the module doc.
 fn collect(
     remote: &Remote,
@@ -478,14 +490,7 @@ fn collect(
     let mut followed: BTreeMap<String, Followed> = BTreeMap::new();
     while !remote.stop.load(Ordering::SeqCst) {
         while let Ok(job) = rx.try_recv() {
-            followed.insert(
-                job.id.clone(),
-                Followed {
-                    job,
-                    after: "0".into(),
-                    heard: Instant::now(),
-                },
-            );
+            follow(&mut followed, job);
         }
         let b = match broker.as_mut() {
             Some(b) => b,
@@ -514,14 +519,7 @@ fn collect(
         }
         if followed.is_empty() {
             if let Ok(job) = rx.recv_timeout(Duration::from_millis(200)) {
-                followed.insert(
-                    job.id.clone(),
-                    Followed {
-                        job,
-                        after: "0".into(),
-                        heard: Instant::now(),
-                    },
-                );
+                follow(&mut followed, job);
             }
             continue;
         }

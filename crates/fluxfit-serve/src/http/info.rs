@@ -44,13 +44,8 @@ pub async fn info(State(app): AppState) -> Result<Json<serde_json::Value>, ApiEr
         "model": i.name,
         "variant": i.variant.name(),
         "modes": modes(i.variant),
-        "loras": i.loras.iter().map(|(name, scale, hash)| {
-            serde_json::json!({ "file": name, "scale": scale, "hash": hash })
-        }).collect::<Vec<_>>(),
-        "defaults": {
-            "width": i.default_size.0, "height": i.default_size.1,
-            "steps": i.default_steps, "guidance": i.default_guidance,
-        },
+        "loras": loras(i),
+        "defaults": defaults(i),
         "max_side": i.max_side,
         "device": m.planning.device.name,
         "budget": m.planning.budget.map(|b| b.bytes),
@@ -94,13 +89,8 @@ fn broker_info(app: &super::App, r: &crate::remote::Remote) -> Result<serde_json
         "model": m.name,
         "variant": m.variant.name(),
         "modes": all_modes,
-        "loras": m.loras.iter().map(|(name, scale, hash)| {
-            serde_json::json!({ "file": name, "scale": scale, "hash": hash })
-        }).collect::<Vec<_>>(),
-        "defaults": {
-            "width": m.default_size.0, "height": m.default_size.1,
-            "steps": m.default_steps, "guidance": m.default_guidance,
-        },
+        "loras": loras(m),
+        "defaults": defaults(m),
         "max_side": m.max_side,
         "device": format!("{} worker{}", live.len(), if live.len() == 1 { "" } else { "s" }),
         "budget": null,
@@ -109,6 +99,24 @@ fn broker_info(app: &super::App, r: &crate::remote::Remote) -> Result<serde_json
         "queue": { "waiting": queued, "running": running, "capacity": app.jobs.capacity() },
         "version": fluxfit::version(),
     }))
+}
+
+/// The model's LoRAs as `/v1/info` lists them.
+fn loras(i: &crate::job::ModelInfo) -> Vec<serde_json::Value> {
+    i.loras
+        .iter()
+        .map(
+            |(name, scale, hash)| serde_json::json!({ "file": name, "scale": scale, "hash": hash }),
+        )
+        .collect()
+}
+
+/// What a job that gives no size, steps or guidance gets.
+fn defaults(i: &crate::job::ModelInfo) -> serde_json::Value {
+    serde_json::json!({
+        "width": i.default_size.0, "height": i.default_size.1,
+        "steps": i.default_steps, "guidance": i.default_guidance,
+    })
 }
 
 /// The modes this model runs.
