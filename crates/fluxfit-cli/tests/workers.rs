@@ -410,6 +410,29 @@ fn a_job_no_live_worker_fits_is_refused_with_the_reason() {
     );
     assert_eq!(code, 400, "{v}");
     assert_eq!(v["error"]["param"], "mode", "{v}");
+    // An entry no server wrote (corrupt, or from another version) is dead-lettered with the
+    // reason, and the worker goes on.
+    let pool = get(&format!("{base}/v1/info"))["workers"][0]["pool"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut b = fluxfit_serve::broker::Broker::connect(redis.cfg(60_000)).unwrap();
+    b.submit_to(&pool, "bogus", "{not json").unwrap();
+    let t = Instant::now();
+    let dead = loop {
+        let d = b.dead_letters().unwrap();
+        if !d.is_empty() {
+            break d;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "never dead-lettered");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(dead[0].job_id, "bogus");
+    assert!(
+        dead[0].error.contains("not one this worker reads"),
+        "{}",
+        dead[0].error
+    );
     // What it fits runs.
     let (code, v) = post(&jobs, &job);
     assert_eq!(code, 202, "{v}");
