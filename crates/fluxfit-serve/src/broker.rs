@@ -22,11 +22,12 @@ const GROUP: &str = "workers";
 /// What can go wrong talking to the broker.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("broker {url}: {source}")]
+    // The cause is in the message, not also a `source`: printed with its chain it would
+    // repeat.
+    #[error("broker {url}: {error}")]
     Redis {
         url: String,
-        #[source]
-        source: redis::RedisError,
+        error: redis::RedisError,
     },
     #[error("broker: unexpected reply to {command}: {reply}")]
     Reply {
@@ -159,9 +160,9 @@ fn read_entries(v: Value) -> Vec<(String, Vec<Value>)> {
 impl Broker {
     /// Connects (within 10 s) and makes sure the stream and its consumer group exist.
     pub fn connect(cfg: BrokerConfig) -> Result<Self> {
-        let err = |source| BrokerError::Redis {
+        let err = |error| BrokerError::Redis {
             url: redact(&cfg.url),
-            source,
+            error,
         };
         if cfg.url.starts_with("rediss://") {
             // Once per process; a provider already installed stays.
@@ -207,10 +208,10 @@ impl Broker {
         &self.cfg
     }
 
-    fn err(&self, source: redis::RedisError) -> BrokerError {
+    fn err(&self, error: redis::RedisError) -> BrokerError {
         BrokerError::Redis {
             url: redact(&self.cfg.url),
-            source,
+            error,
         }
     }
 

@@ -24,6 +24,7 @@ pub mod runner;
 pub mod wire;
 pub mod worker;
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -266,9 +267,16 @@ impl Server {
     /// Serves until SIGTERM or Ctrl-C, then shuts down.
     pub fn run_until_signal(self) {
         self.runtime.block_on(wait_for_signal());
-        eprintln!(
-            "stopping: no new jobs; the running one finishes (or is cancelled after {}s)",
-            self.grace.as_secs()
+        let what = if self.remote.is_some() {
+            "jobs on the workers go on there; their results are collected for up to"
+        } else {
+            "the running one finishes (or is cancelled after"
+        };
+        let _ = writeln!(
+            std::io::stderr(),
+            "stopping: no new jobs; {what} {}s{}",
+            self.grace.as_secs(),
+            if self.remote.is_some() { "" } else { ")" }
         );
         self.shutdown();
     }
@@ -306,7 +314,7 @@ impl Server {
             if runner.is_finished() {
                 let _ = runner.join();
             } else {
-                eprintln!("fluxfit serve: the running job did not stop within 10 s of its cancellation; exiting without it");
+                let _ = writeln!(std::io::stderr(), "fluxfit serve: the running job did not stop within 10 s of its cancellation; exiting without it");
             }
         }
         if let Some(tx) = self.stop_http.take() {
