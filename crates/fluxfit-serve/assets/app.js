@@ -208,8 +208,11 @@
     try {
       i = await api('/v1/info');
     } catch (e) {
-      setChip('info-model', e.status === 401 ? 'API key needed' : 'offline');
+      // 503: a server behind a broker with no worker yet; asked again until one comes.
+      const waiting = e.status === 503;
+      setChip('info-model', e.status === 401 ? 'API key needed' : waiting ? 'waiting for a worker' : 'offline');
       if (e.status !== 401) showError($('global-error'), e.message);
+      if (waiting) setTimeout(loadInfo, 3000);
       return;
     }
     info = i;

@@ -657,6 +657,14 @@ fn web_ui_runs_jobs_through_a_broker() {
         },
     )
     .expect("the server starts");
+    // The page opened before any worker says so, and waits for one.
+    let b = Browser::start();
+    let base = format!("http://{}", server.addr());
+    b.goto(&format!("{base}/"));
+    b.wait_js(
+        "the page to wait for a worker",
+        "return document.getElementById('info-model').textContent === 'waiting for a worker'",
+    );
     let model = tiny::load(LoadOptions::default()).expect("the tiny model");
     let worker = Worker::new(
         model,
@@ -675,21 +683,6 @@ fn web_ui_runs_jobs_through_a_broker() {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let s = stop.clone();
     let worker = std::thread::spawn(move || worker.run(&s));
-    let base = format!("http://{}", server.addr());
-    let t = Instant::now();
-    while agent()
-        .get(&format!("{base}/v1/info"))
-        .call()
-        .map(|r| r.status().as_u16())
-        .ok()
-        != Some(200)
-    {
-        assert!(t.elapsed() < WAIT, "the worker never showed");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-
-    let b = Browser::start();
-    b.goto(&format!("{base}/"));
     b.wait_js(
         "the page to load /v1/info",
         "return document.body.dataset.ready === '1'",
