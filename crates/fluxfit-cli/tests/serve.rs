@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -13,57 +11,17 @@ use common::*;
 use fluxfit::image::png_text;
 use serde_json::json;
 
-struct Serve {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `fluxfit serve ARGS` on a free port; returns it once it listens, and the seconds
-/// that took.
-fn serve(dir: &std::path::Path, args: &[&str]) -> (Serve, f64) {
-    let t = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fluxfit"))
-        .current_dir(dir)
-        .arg("serve")
-        .args(["--listen", "127.0.0.1:0"])
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run fluxfit serve");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let base = loop {
-        let line = lines
-            .next()
-            .expect("fluxfit serve printed its address")
-            .unwrap();
-        if let Some(rest) = line.split("on http://").nth(1) {
-            break format!("http://{}", rest.split_whitespace().next().unwrap());
-        }
-    };
-    // Keep draining stderr so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (Serve { child, base }, t.elapsed().as_secs_f64())
-}
-
 #[test]
 fn openai_generation_equals_fluxfit_generate() {
     let dir = tempdir();
-    let (s, seconds) = serve(dir.path(), &["--model", "tiny", "--output-dir", "out"]);
+    let t = Instant::now();
+    let (_s, base) = serve(dir.path(), &["--model", "tiny", "--output-dir", "out"]);
+    let seconds = t.elapsed().as_secs_f64();
     eprintln!("fluxfit serve --model tiny listened after {seconds:.2} s");
     assert!(seconds < 30.0, "{seconds} s to start");
     let prompt = "a red fox in the snow";
     let (code, body) = post(
-        &format!("{}/v1/images/generations", s.base),
+        &format!("{base}/v1/images/generations"),
         &json!({ "prompt": prompt, "size": "256x256", "steps": 4, "guidance": 3.5,
                 "seed": 42, "response_format": "b64_json" }),
     );
@@ -116,33 +74,13 @@ fn until_running(base: &str, id: &str) {
     }
 }
 
-fn sigterm(child: &Child) {
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill -TERM");
-}
-
-fn wait_exit(mut s: Serve, limit: Duration) -> std::process::ExitStatus {
-    let t = Instant::now();
-    loop {
-        if let Some(status) = s.child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(t.elapsed() < limit, "fluxfit serve did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn sigterm_finishes_the_running_job_and_cancels_the_queue() {
     let dir = tempdir();
-    let (s, _) = serve(dir.path(), &["--model", "tiny", "--output-dir", "out"]);
+    let (mut s, base) = serve(dir.path(), &["--model", "tiny", "--output-dir", "out"]);
     let job = |steps: usize| {
         let (code, v) = post(
-            &format!("{}/v1/jobs", s.base),
+            &format!("{base}/v1/jobs"),
             &json!({ "prompt": "x", "width": 64, "height": 64, "steps": steps }),
         );
         assert_eq!(code, 202, "{v}");
@@ -150,9 +88,9 @@ fn sigterm_finishes_the_running_job_and_cancels_the_queue() {
     };
     let running = job(60);
     let _queued = job(1);
-    until_running(&s.base, &running);
-    sigterm(&s.child);
-    let status = wait_exit(s, Duration::from_secs(60));
+    until_running(&base, &running);
+    s.signal("-TERM");
+    let status = s.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "{status}");
     let files: Vec<_> = std::fs::read_dir(dir.path().join("out"))
         .unwrap()
@@ -170,18 +108,18 @@ fn sigterm_finishes_the_running_job_and_cancels_the_queue() {
 #[test]
 fn sigterm_past_the_grace_period_cancels_and_leaves_no_file() {
     let dir = tempdir();
-    let (s, _) = serve(
+    let (mut s, base) = serve(
         dir.path(),
         &["--model", "tiny", "--output-dir", "out", "--grace", "1"],
     );
     let (code, v) = post(
-        &format!("{}/v1/jobs", s.base),
+        &format!("{base}/v1/jobs"),
         &json!({ "prompt": "x", "width": 128, "height": 128, "steps": 1000 }),
     );
     assert_eq!(code, 202, "{v}");
-    until_running(&s.base, v["id"].as_str().unwrap());
-    sigterm(&s.child);
-    let status = wait_exit(s, Duration::from_secs(30));
+    until_running(&base, v["id"].as_str().unwrap());
+    s.signal("-TERM");
+    let status = s.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "{status}");
     let left: Vec<_> = std::fs::read_dir(dir.path().join("out")).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");

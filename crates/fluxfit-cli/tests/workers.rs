@@ -10,111 +10,16 @@ mod redis_server;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
 
-/// A `fluxfit` process whose stderr is kept (and read on, so it never blocks).
-struct Proc {
-    child: Child,
-    log: Arc<Mutex<String>>,
-    lines: Receiver<String>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn start(dir: &Path, args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fluxfit"))
-            .current_dir(dir)
-            .args(args)
-            .env("HF_HUB_OFFLINE", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run fluxfit");
-        let err = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, lines) = channel();
-        let l = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                l.lock().unwrap().push_str(&format!("{line}\n"));
-                let _ = tx.send(line);
-            }
-        });
-        Self { child, log, lines }
-    }
-
-    /// The first line of its stderr that contains `what`.
-    fn wait_for(&self, what: &str) -> String {
-        loop {
-            match self.lines.recv_timeout(Duration::from_secs(60)) {
-                Ok(line) if line.contains(what) => return line,
-                Ok(_) => {}
-                Err(_) => panic!(
-                    "no `{what}` from fluxfit; its stderr:\n{}",
-                    self.log.lock().unwrap()
-                ),
-            }
-        }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig}");
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let t = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                t.elapsed() < limit,
-                "the process did not stop:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
 /// `fluxfit serve --broker URL` on a free port, and its base URL.
 fn serve(dir: &Path, url: &str, extra: &[&str]) -> (Proc, String) {
-    let mut args = vec!["serve", "--broker", url, "--listen", "127.0.0.1:0"];
+    let mut args = vec!["--broker", url];
     args.extend_from_slice(extra);
-    let p = Proc::start(dir, &args);
-    let line = p.wait_for("on http://");
-    let base = format!(
-        "http://{}",
-        line.split("on http://")
-            .nth(1)
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-    );
-    (p, base)
+    common::serve(dir, &args)
 }
 
 /// `fluxfit worker` on the tiny model, once it serves its pool.

@@ -132,6 +132,14 @@ fn entries(v: &Value) -> Vec<(String, Vec<Value>)> {
         .collect()
 }
 
+/// The entry id an `XADD` answers.
+fn added(v: Value) -> Result<String> {
+    text(&v).ok_or_else(|| BrokerError::Reply {
+        command: "XADD",
+        reply: format!("{v:?}"),
+    })
+}
+
 /// The `[stream, entries]` pairs of an `XREAD`/`XREADGROUP` reply: an array in RESP2, a map
 /// in RESP3, nil when the wait ran out.
 fn streams(v: Value) -> Vec<Value> {
@@ -327,11 +335,7 @@ impl Broker {
             .arg(job_id)
             .arg("request")
             .arg(request);
-        let v = self.query(&c)?;
-        text(&v).ok_or_else(|| BrokerError::Reply {
-            command: "XADD",
-            reply: format!("{v:?}"),
-        })
+        added(self.query(&c)?)
     }
 
     /// The next job for `consumer`: a delivery another worker left unacknowledged past the
@@ -693,11 +697,7 @@ impl Broker {
             .arg("*")
             .arg("event")
             .arg(event);
-        let v = self.query(&c)?;
-        text(&v).ok_or_else(|| BrokerError::Reply {
-            command: "XADD",
-            reply: format!("{v:?}"),
-        })
+        added(self.query(&c)?)
     }
 
     /// A job's events after `after` (`"0"` for all), waiting up to `block` for the first:

@@ -2,8 +2,12 @@
 #![allow(dead_code)]
 
 use std::io::Write;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -111,15 +115,10 @@ pub fn parts() -> Vec<String> {
     .collect()
 }
 
-/// An HTTP client for the server tests: statuses as values, not errors.
-pub fn agent() -> ureq::Agent {
-    ureq::Agent::new_with_config(
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(std::time::Duration::from_secs(120)))
-            .build(),
-    )
-}
+#[path = "../../../fluxfit-serve/tests/http_client/mod.rs"]
+mod http_client;
+#[allow(unused_imports)]
+pub use http_client::{agent, text};
 
 /// POSTs JSON; the status and the JSON answer.
 pub fn post(url: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
@@ -138,13 +137,101 @@ pub fn get(url: &str) -> serde_json::Value {
         .unwrap()
 }
 
-/// The text answer of a GET (`/metrics`).
-pub fn text(url: &str) -> String {
-    agent()
-        .get(url)
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap()
+/// A `fluxfit` process whose stderr is kept (and read on, so it never blocks).
+pub struct Proc {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    lines: Receiver<String>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    pub fn start(dir: &Path, args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fluxfit"))
+            .current_dir(dir)
+            .args(args)
+            .env("HF_HUB_OFFLINE", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run fluxfit");
+        let err = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, lines) = channel();
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                l.lock().unwrap().push_str(&format!("{line}\n"));
+                let _ = tx.send(line);
+            }
+        });
+        Self { child, log, lines }
+    }
+
+    /// The first line of its stderr that contains `what`.
+    pub fn wait_for(&self, what: &str) -> String {
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) if line.contains(what) => return line,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "no `{what}` from fluxfit; its stderr:\n{}",
+                    self.log.lock().unwrap()
+                ),
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let t = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                t.elapsed() < limit,
+                "the process did not stop:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// `fluxfit serve --listen 127.0.0.1:0 ARGS`, once it listens, and its base URL.
+pub fn serve(dir: &Path, args: &[&str]) -> (Proc, String) {
+    let mut all = vec!["serve", "--listen", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    let p = Proc::start(dir, &all);
+    let line = p.wait_for("on http://");
+    let base = format!(
+        "http://{}",
+        line.split("on http://")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+    );
+    (p, base)
 }

@@ -9,6 +9,11 @@ use fluxfit::variant::Variant;
 use fluxfit_serve::{Config, Server};
 use serde_json::Value;
 
+#[path = "../http_client/mod.rs"]
+mod http_client;
+#[allow(unused_imports)]
+pub use http_client::{agent, text};
+
 /// A server on the tiny model of `variant`, writing into a fresh temporary folder.
 pub struct Running {
     pub server: Option<Server>,
@@ -77,15 +82,6 @@ pub fn start_in(
     }
 }
 
-pub fn agent() -> ureq::Agent {
-    ureq::Agent::new_with_config(
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(120)))
-            .build(),
-    )
-}
-
 /// Status and JSON body (Null when the body is not JSON).
 pub fn json_of(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> (u16, Value) {
     let mut r = r.expect("the server answers");
@@ -100,17 +96,6 @@ pub fn get(url: &str) -> (u16, Value) {
 
 pub fn post(url: &str, body: Value) -> (u16, Value) {
     json_of(agent().post(url).send_json(body))
-}
-
-/// A body as text (`/metrics`, the page).
-pub fn text(url: &str) -> String {
-    agent()
-        .get(url)
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap()
 }
 
 pub fn delete(url: &str) -> (u16, Value) {
